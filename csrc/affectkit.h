@@ -1,0 +1,5 @@
+// affectkit: the C++ core. Include this to use every kernel family from C++.
+#pragma once
+
+#include "core/core.h"
+#include "pooling/pooling.h"

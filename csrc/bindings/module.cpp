@@ -1,0 +1,83 @@
+// affectkit._C: the Python face of the C++ core. No libtorch: tensors arrive as data
+// pointers (ints), sizes, dtype/device codes and a CUDA stream handle; the GIL is
+// released while kernels run.
+#include <pybind11/pybind11.h>
+
+#include "../affectkit.h"
+
+namespace py = pybind11;
+using namespace affectkit;
+
+namespace {
+
+template <typename T>
+const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+template <typename T>
+T* mptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+py::dict build_info_dict() {
+  BuildInfo info = build_info();
+  py::dict d;
+  d["version"] = info.version;
+  d["cuda_compiled"] = info.cuda_compiled;
+  d["cuda_architectures"] = info.cuda_architectures;
+  d["cuda_runtime_version"] = info.cuda_runtime_version;
+  d["compiler"] = info.compiler;
+  d["openmp"] = info.openmp;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "affectkit C++/CUDA core (torch-free: pointers, sizes, dtype codes, streams)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const affectkit::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+
+  py::dict dtypes;
+  for (int code = 0; code <= static_cast<int>(DType::Bool); ++code)
+    dtypes[dtype_name(static_cast<DType>(code))] = code;
+  m.attr("DTYPE_CODES") = dtypes;
+  m.attr("DEVICE_CPU") = static_cast<int>(Device::CPU);
+  m.attr("DEVICE_CUDA") = static_cast<int>(Device::CUDA);
+  m.attr("__version__") = build_info().version;
+
+  m.def("build_info", &build_info_dict, "Version and build configuration of the core.");
+  m.def("cpu_simd_level", &cpu_simd_level, "SIMD instruction set detected at run time.");
+  m.def("num_threads", &num_threads, "OpenMP threads used by CPU kernels.");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("cuda_device_count", &cuda_device_count, "CUDA devices usable now (0 without CUDA).");
+
+  // --- pooling ---------------------------------------------------------------------
+  m.def(
+      "masked_mean_forward",
+      [](int device, int dtype, uintptr_t x, uintptr_t lengths, uintptr_t out, int64_t B,
+         int64_t L, int64_t F, uintptr_t stream) {
+        pooling::masked_mean_forward(device_from_code(device, "device"),
+                                     dtype_from_code(dtype, "dtype"), cptr<void>(x),
+                                     cptr<int64_t>(lengths), mptr<void>(out), B, L, F, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("x"), py::arg("lengths"), py::arg("out"),
+      py::arg("B"), py::arg("L"), py::arg("F"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "out[b, f] = mean of x[b, t, f] over t < lengths[b] (x: (B, L, F), lengths int64).");
+  m.def(
+      "masked_mean_backward",
+      [](int device, int dtype, uintptr_t grad_out, uintptr_t lengths, uintptr_t grad_x,
+         int64_t B, int64_t L, int64_t F, uintptr_t stream) {
+        pooling::masked_mean_backward(device_from_code(device, "device"),
+                                      dtype_from_code(dtype, "dtype"), cptr<void>(grad_out),
+                                      cptr<int64_t>(lengths), mptr<void>(grad_x), B, L, F,
+                                      stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("grad_out"), py::arg("lengths"),
+      py::arg("grad_x"), py::arg("B"), py::arg("L"), py::arg("F"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Gradient of masked_mean_forward with respect to x.");
+}

@@ -1,0 +1,26 @@
+"""affectkit: fast, correct building blocks for emotion recognition.
+
+`affectkit._C` is the compiled core (no torch needed to import it); `affectkit.ops`
+exposes its kernels as torch custom ops (imported lazily, so `import affectkit`
+works without torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ._info import info
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "info", "ops"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import ops
+
+
+def __getattr__(name: str):
+    # Submodules that need torch load on first use.
+    if name in {"ops"}:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'affectkit' has no attribute {name!r}")
