@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "info", "ops"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import ops
+    from . import index, nn, ops
 
 
 def __getattr__(name: str):
     # Submodules that need torch load on first use.
-    if name in {"ops"}:
+    if name in {"ops", "nn", "index"}:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'affectkit' has no attribute {name!r}")

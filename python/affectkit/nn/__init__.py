@@ -1,0 +1,3 @@
+"""torch.nn modules built on affectkit's ops."""
+
+__all__: list[str] = []
