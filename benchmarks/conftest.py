@@ -34,11 +34,23 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @pytest.fixture
 def bench(benchmark):
-    """benchmark with the group/impl convention: bench(group, impl, fn, *args)."""
+    """benchmark with the group/impl convention: bench(group, impl, fn, *args).
+
+    With CUDA tensors among the arguments, each timed call ends with a synchronize, so the
+    time is the GPU's, not the launch's."""
 
     def run(group, impl, fn, *args):
         benchmark.group = group
         benchmark.extra_info["impl"] = impl
+        if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            inner = fn
+
+            def fn(*a):
+                out = inner(*a)
+                torch.cuda.synchronize()
+                return out
+
         return benchmark(fn, *args)
 
     return run
+
