@@ -4,7 +4,8 @@
 #   scripts/dev.sh test    set up .venv, build affectkit, run the C++ and Python test suites
 #   scripts/dev.sh bench   set up .venv, build affectkit, run the benchmarks for real
 # Environment: PYTHON (interpreter for the venv, default python3), AFFECTKIT_VENV (default
-# .venv), AFFECTKIT_TORCH (pip spec, default torch==2.13.0), AFFECTKIT_CUDA (AUTO|ON|OFF).
+# .venv), AFFECTKIT_TORCH (pip spec, default torch==2.13.0), AFFECTKIT_TORCH_INDEX (a wheel
+# index URL to take torch from, e.g. a CPU-only one), AFFECTKIT_CUDA (AUTO|ON|OFF).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,8 @@ VPY="$VENV/bin/python"
 setup() {
   [ -x "$VPY" ] || "$PY" -m venv "$VENV"
   # torch first and pinned: an unpinned torch on a fresh machine pulls a multi-GB CUDA build.
-  "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  "$VPY" -m pip install -q --disable-pip-version-check \
+    ${AFFECTKIT_TORCH_INDEX:+--index-url "$AFFECTKIT_TORCH_INDEX"} "$TORCH_SPEC"
   "$VPY" -m pip install -q --disable-pip-version-check -r scripts/requirements-build.txt
   # No build isolation: reuse the build tools above and the incremental build/ folder.
   "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test]"
