@@ -67,20 +67,21 @@ void attention_backward(Device device, DType dtype, const Problem& p, View q, Vi
                         Mask mask, View out, View grad_out, View lse, MutView grad_q,
                         MutView grad_k, MutView grad_v, uintptr_t stream = 0);
 
-// Head-averaged attention probabilities (after dropout) into weights (B, Lq, Lk), contiguous,
-// in the input dtype; zeros outside the valid rows and keys.
+// Attention probabilities (after dropout) recomputed from lse, in the input dtype, contiguous:
+// head-averaged (B, Lq, Lk) when average_heads, else per head (B, H, Lq, Lk); zeros outside
+// the valid rows and keys.
 void attention_weights(Device device, DType dtype, const Problem& p, View q, View k, Mask mask,
-                       View lse, void* weights, uintptr_t stream = 0);
+                       View lse, void* weights, bool average_heads = true, uintptr_t stream = 0);
 
 namespace detail {
 void forward_cpu(DType, const Problem&, View, View, View, Mask, MutView, MutView);
 void backward_cpu(DType, const Problem&, View, View, View, Mask, View, View, View, MutView,
                   MutView, MutView);
-void weights_cpu(DType, const Problem&, View, View, Mask, View, void*);
+void weights_cpu(DType, const Problem&, View, View, Mask, View, void*, bool);
 void forward_cuda(DType, const Problem&, View, View, View, Mask, MutView, MutView, uintptr_t);
 void backward_cuda(DType, const Problem&, View, View, View, Mask, View, View, View, MutView,
                    MutView, MutView, uintptr_t);
-void weights_cuda(DType, const Problem&, View, View, Mask, View, void*, uintptr_t);
+void weights_cuda(DType, const Problem&, View, View, Mask, View, void*, bool, uintptr_t);
 }  // namespace detail
 
 }  // namespace affectkit::attention

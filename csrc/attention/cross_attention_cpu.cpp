@@ -363,13 +363,13 @@ void backward(const Problem& p, View q, View k, View v, Mask mask, View out, Vie
 }
 
 template <typename T>
-void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w) {
+void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w, bool average_heads) {
   const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk;
   const int64_t qtiles = (Lq + kBQ - 1) / kBQ;
   const T scale = static_cast<T>(p.scale);
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const T inv_keep = p.dropout_p > 0 ? static_cast<T>(1.0 / (1.0 - p.dropout_p)) : T(1);
-  const T inv_heads = p.H > 0 ? T(1) / static_cast<T>(p.H) : T(0);
+  const T factor = average_heads && p.H > 0 ? T(1) / static_cast<T>(p.H) : T(1);
 #pragma omp parallel
   {
     std::vector<T> kt(kMaxDim * kBK), pt(kBQ * kBK);
@@ -380,10 +380,15 @@ void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w) {
         const int64_t i0 = qt * kBQ;
         const int64_t rows = std::min<int64_t>(kBQ, Lq - i0);
         const int64_t mq = clamp64(sq.qlen - i0, 0, kBQ);
-        T* wt = w + (b * Lq + i0) * Lk;
-        std::fill(wt, wt + rows * Lk, T(0));
         const int64_t kend = mq > 0 ? key_end(p, sq, i0 + mq - 1) : 0;
+        // (B, Lq, Lk) summed over heads, or (B, H, Lq, Lk) one slab per head.
+        auto tile = [&](int64_t h) {
+          return average_heads ? w + (b * Lq + i0) * Lk : w + ((b * p.H + h) * Lq + i0) * Lk;
+        };
+        if (average_heads) std::fill(tile(0), tile(0) + rows * Lk, T(0));
         for (int64_t h = 0; h < p.H; ++h) {
+          T* wt = tile(h);
+          if (!average_heads) std::fill(wt, wt + rows * Lk, T(0));
           for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
             const int64_t nk = std::min<int64_t>(kBK, kend - j0);
             pack_transposed(k, b, h, sq.k0 + j0, nk, D, kt.data());
@@ -395,7 +400,7 @@ void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w) {
               if (threshold > 0)
                 apply_dropout(prow, nk, j0, dropout_row_key(p.seed, b, h, i0 + r), threshold, inv_keep);
               T* wrow = wt + r * Lk + j0;
-              for (int64_t j = 0; j < nk; ++j) wrow[j] += prow[j] * inv_heads;
+              for (int64_t j = 0; j < nk; ++j) wrow[j] += prow[j] * factor;
             }
           }
         }
@@ -496,9 +501,10 @@ void backward_cpu(DType dtype, const Problem& p, View q, View k, View v, Mask ma
     backward<T>(p, q, k, v, mask, out, gout, lse, gq, gk, gv);
   });
 }
-void weights_cpu(DType dtype, const Problem& p, View q, View k, Mask mask, View lse, void* w) {
+void weights_cpu(DType dtype, const Problem& p, View q, View k, Mask mask, View lse, void* w,
+                 bool average_heads) {
   AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] {
-    weights<T>(p, q, k, mask, lse, static_cast<T*>(w));
+    weights<T>(p, q, k, mask, lse, static_cast<T*>(w), average_heads);
   });
 }
 }  // namespace detail
@@ -547,21 +553,21 @@ void attention_backward(Device device, DType dtype, const Problem& p, View q, Vi
 }
 
 void attention_weights(Device device, DType dtype, const Problem& p, View q, View k, Mask mask,
-                       View lse, void* weights, uintptr_t stream) {
+                       View lse, void* weights, bool average_heads, uintptr_t stream) {
   validate("attention_weights", device, dtype, p, mask);
   const int64_t nq = rows_q(p) * p.H, nk = rows_k(p) * p.H;
   check_pointer("q", q.data, nq * p.D);
   check_pointer("k", k.data, nk * p.D);
   check_pointer("lse", lse.data, nq);
-  check_pointer("weights", weights, p.B * p.Lq * p.Lk);
+  check_pointer("weights", weights, p.B * (average_heads ? 1 : p.H) * p.Lq * p.Lk);
   if (device == Device::CUDA) {
 #ifdef AFFECTKIT_WITH_CUDA
-    detail::weights_cuda(dtype, p, q, k, mask, lse, weights, stream);
+    detail::weights_cuda(dtype, p, q, k, mask, lse, weights, average_heads, stream);
 #endif
     return;
   }
   (void)stream;
-  detail::weights_cpu(dtype, p, q, k, mask, lse, weights);
+  detail::weights_cpu(dtype, p, q, k, mask, lse, weights, average_heads);
 }
 
 }  // namespace affectkit::attention

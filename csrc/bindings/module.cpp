@@ -150,15 +150,16 @@ PYBIND11_MODULE(_C, m) {
       "attention_weights",
       [=](int device, int dtype, AttnDims dims, AttnIndex index, bool causal, double scale,
           double dropout_p, uint64_t seed, AttnView q, AttnView k, AttnMask mask, AttnView lse,
-          uintptr_t weights, uintptr_t stream) {
+          uintptr_t weights, bool average_heads, uintptr_t stream) {
         attention::attention_weights(device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
                                      attn_problem(dims, index, causal, scale, dropout_p, seed),
                                      attn_view(q), attn_view(k), attn_mask(mask), attn_view(lse),
-                                     mptr<void>(weights), stream);
+                                     mptr<void>(weights), average_heads, stream);
       },
       py::arg("device"), py::arg("dtype"), py::arg("dims"), py::arg("index"), py::arg("causal"),
       py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("q"), py::arg("k"),
-      py::arg("mask"), py::arg("lse"), py::arg("weights"), py::arg("stream") = 0,
+      py::arg("mask"), py::arg("lse"), py::arg("weights"), py::arg("average_heads") = true,
+      py::arg("stream") = 0,
       py::call_guard<py::gil_scoped_release>(),
-      "Head-averaged attention probabilities (B, Lq, Lk) recomputed from the saved lse.");
+      "Attention probabilities recomputed from the saved lse: (B, Lq, Lk) head-averaged, or (B, H, Lq, Lk).");
 }

@@ -60,7 +60,7 @@ def cross_modal_attention(
             hash of a seed drawn from torch's default generator (torch.manual_seed makes it
             reproducible) and of (b, h, i, j), identical in forward and backward.
         need_weights: also return the head-averaged probabilities (B, Lq, Lk) (after dropout,
-            not differentiable).
+            not differentiable); "per_head" returns them per head, (B, H, Lq, Lk).
 
     A query row with no visible key gives zeros (never NaN) and zero gradients.
 
@@ -82,7 +82,7 @@ def cross_modal_attention(
         return out
     weights = torch.ops.affectkit.cross_modal_attention_weights(
         q.detach(), k.detach(), lse.detach(), kv_lengths, q_lengths, None, None, Lq, Lk, mask, bool(causal),
-        scale, float(dropout_p), seed,
+        scale, float(dropout_p), seed, _average_heads(need_weights),
     )
     return out, weights
 
@@ -144,9 +144,17 @@ def cross_modal_attention_varlen(
         return out
     weights = torch.ops.affectkit.cross_modal_attention_weights(
         q.detach(), k.detach(), lse.detach(), None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        mask, bool(causal), scale, float(dropout_p), seed,
+        mask, bool(causal), scale, float(dropout_p), seed, _average_heads(need_weights),
     )
     return out, weights
+
+
+def _average_heads(need_weights) -> bool:
+    if need_weights is True:
+        return True
+    if need_weights == "per_head":
+        return False
+    raise ValueError(f"need_weights: expected False, True or 'per_head', got {need_weights!r}")
 
 
 def _check_qkv(q, k, v, *, packed: bool) -> None:
@@ -399,17 +407,18 @@ def _attention_weights(
     q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kv_lengths: Optional[torch.Tensor],
     q_lengths: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[torch.Tensor], causal: bool, scale: float,
-    dropout_p: float, seed: Optional[torch.Tensor],
+    dropout_p: float, seed: Optional[torch.Tensor], average_heads: bool = True,
 ) -> torch.Tensor:
     q, k = _feature_contiguous(q), _feature_contiguous(k)
     lse = lse.contiguous()
     packed, dims, index, keep = _problem(q, k, k, kv_lengths, q_lengths, cu_seqlens_q, cu_seqlens_k,
                                          max_seqlen_q, max_seqlen_k)
-    weights = q.new_empty((dims[0], max_seqlen_q, max_seqlen_k))
+    heads = () if average_heads else (dims[1],)
+    weights = q.new_empty((dims[0], *heads, max_seqlen_q, max_seqlen_k))
     _C.attention_weights(
         device_code(q), dtype_code(q), dims, index, causal, scale, dropout_p, _seed_value(seed, dropout_p),
         _view(q, packed), _view(k, packed), _mask_view(attn_mask, *dims[:4]), _lse_view(lse, packed),
-        ptr(weights), stream_handle(q),
+        ptr(weights), average_heads, stream_handle(q),
     )
     del keep
     return weights
@@ -417,6 +426,7 @@ def _attention_weights(
 
 @_attention_weights.register_fake
 def _(q, k, lse, kv_lengths, q_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, causal,
-      scale, dropout_p, seed):
+      scale, dropout_p, seed, average_heads=True):
     B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
-    return q.new_empty((B, max_seqlen_q, max_seqlen_k))
+    heads = () if average_heads else (q.shape[-2] if cu_seqlens_q is not None else q.shape[1],)
+    return q.new_empty((B, *heads, max_seqlen_q, max_seqlen_k))
