@@ -208,6 +208,12 @@ def test_need_weights_returns_head_averaged_probabilities(gen):
     assert w.shape == (3, 20, 75)
     assert rel_error(out, reference(q, k, v, **kw)) <= 2e-5
     assert rel_error(w, _reference_weights(q, k, **kw)) <= 2e-5
+    out_h, w_h = ops.cross_modal_attention(q, k, v, need_weights="per_head", **kw)
+    assert torch.equal(out_h, out) and w_h.shape == (3, 5, 20, 75)
+    eye = torch.eye(75, dtype=torch.float64).expand(3, 5, 75, 75)
+    assert rel_error(w_h, reference(q, k, eye, **kw)) <= 2e-5
+    with pytest.raises(ValueError, match="need_weights: expected False, True or 'per_head', got 'mean'"):
+        ops.cross_modal_attention(q, k, v, need_weights="mean")
 
 
 def test_gradcheck_float64(gen):

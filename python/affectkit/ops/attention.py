@@ -43,7 +43,7 @@ def cross_modal_attention(
     causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
-    need_weights: bool = False,
+    need_weights: bool | str = False,
 ):
     """softmax(scale * q k^T + masks) v for every batch element and head, fused.
 
@@ -68,6 +68,8 @@ def cross_modal_attention(
         out (B, H, Lq, Dv), or (out, weights) when need_weights.
     """
     _check_qkv(q, k, v, packed=False)
+    if need_weights:
+        _average_heads(need_weights)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     kv_lengths = _check_lengths("kv_lengths", kv_lengths, q, B)
@@ -100,7 +102,7 @@ def cross_modal_attention_varlen(
     causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
-    need_weights: bool = False,
+    need_weights: bool | str = False,
 ):
     """The packed form of :func:`cross_modal_attention`: sequences laid end to end, no padding.
 
@@ -117,6 +119,8 @@ def cross_modal_attention_varlen(
         out (total_q, H, Dv), or (out, weights (B, max_seqlen_q, max_seqlen_k)) when need_weights.
     """
     _check_qkv(q, k, v, packed=True)
+    if need_weights:
+        _average_heads(need_weights)
     H, D = q.shape[1], q.shape[2]
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         check_tensor(name, cu, ndim=1, dtypes=INDEX_DTYPES)
