@@ -1,0 +1,499 @@
+// CPU kernels of the fused attention (float32 and float64).
+//
+// Forward: one task per (b, h, tile of kBQ query rows); online softmax over tiles of up to kBK
+// keys. Scores S = Q K^T and the update O += P V are small register-blocked matmuls
+// (gemm_acc). Each task body is compiled per instruction set (AFFECTKIT_SIMD_CLONES) with
+// its helpers inlined, so all of it is vectorised for the CPU it runs on.
+// Backward: one task per (b, h), which owns dq, dk and dv of that head outright, so the
+// summation order is fixed and gradients are bit-identical run to run (no atomics).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../core/dispatch.h"
+#include "attention.h"
+#include "attention_common.h"
+
+#define AFFECTKIT_INLINE inline __attribute__((always_inline))
+
+namespace affectkit::attention {
+namespace {
+
+constexpr int64_t kBQ = 64;   // query rows per tile
+constexpr int64_t kBK = 64;   // keys per tile
+constexpr int64_t kCW = 16;   // column granularity of score tiles and padded features
+constexpr int64_t kMaxDim = 256;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+// C[r, 0:W] (+)= sum_k a_r[k * sak] * B[k, 0:W] for the first `rows` of 4 rows a0..a3.
+// 4 x W accumulators stay in vector registers; each step loads one row of B.
+template <typename T, int W>
+AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* a0, const T* a1, const T* a2,
+                                 const T* a3, int64_t sak, const T* __restrict B, int64_t ldb,
+                                 T* __restrict C, int64_t ldc, bool accumulate) {
+  T c0[W] = {}, c1[W] = {}, c2[W] = {}, c3[W] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    const T x0 = a0[k * sak], x1 = a1[k * sak], x2 = a2[k * sak], x3 = a3[k * sak];
+    for (int c = 0; c < W; ++c) {
+      c0[c] += x0 * b[c];
+      c1[c] += x1 * b[c];
+      c2[c] += x2 * b[c];
+      c3[c] += x3 * b[c];
+    }
+  }
+  auto put = [&](T* dst, const T* acc) {
+    if (accumulate)
+      for (int c = 0; c < W; ++c) dst[c] += acc[c];
+    else
+      for (int c = 0; c < W; ++c) dst[c] = acc[c];
+  };
+  put(C, c0);
+  if (rows > 1) put(C + ldc, c1);
+  if (rows > 2) put(C + 2 * ldc, c2);
+  if (rows > 3) put(C + 3 * ldc, c3);
+}
+
+// C[m, 0:N] (+)= sum_k A(m, k) * B[k, 0:N] for m < M, with A(m, k) = A[m*sam + k*sak].
+// N is a multiple of kCW; B and C rows are contiguous with leading dims ldb and ldc.
+template <typename T>
+AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam,
+                               int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc,
+                               bool accumulate) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, M - m0);
+    const T* a0 = A + m0 * sam;  // rows past M repeat the last one (computed, not stored)
+    const T* a1 = A + std::min(m0 + 1, M - 1) * sam;
+    const T* a2 = A + std::min(m0 + 2, M - 1) * sam;
+    const T* a3 = A + std::min(m0 + 3, M - 1) * sam;
+    T* c = C + m0 * ldc;
+    int64_t n0 = 0;
+    for (; n0 + 2 * kCW <= N; n0 += 2 * kCW)
+      micro_tile<T, 2 * kCW>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+    if (n0 < N)
+      micro_tile<T, kCW>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+  }
+}
+
+// exp for float32 (Cephes-style polynomial, ~1 ulp), written so loops over it vectorise;
+// exactly 0 below the float range, which includes -inf (masked scores).
+AFFECTKIT_INLINE float exp_fast(float x) {
+  const float lo = -87.3365478515625f, hi = 88.3762626647949f;
+  const float xc = std::min(std::max(x, lo), hi);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  return x < lo ? 0.0f : y * pow2;
+}
+AFFECTKIT_INLINE double exp_fast(double x) { return std::exp(x); }
+
+// The mask row of query i (key index 0), or null without a mask.
+AFFECTKIT_INLINE const void* mask_row(const Mask& mask, int64_t b, int64_t h, int64_t i) {
+  if (mask.data == nullptr) return nullptr;
+  const int64_t off = b * mask.sb + h * mask.sh + i * mask.si;
+  if (mask.dtype == DType::Bool) return static_cast<const uint8_t*>(mask.data) + off;
+  if (mask.dtype == DType::Float64) return static_cast<const double*>(mask.data) + off;
+  return static_cast<const float*>(mask.data) + off;
+}
+
+// Raw dot products s[0:ncols] of one query row against keys j0.. become scaled, masked
+// scores: keys at or past `jlim` (absolute) and masked keys become -inf.
+template <typename T>
+AFFECTKIT_INLINE void finish_scores(T* __restrict s, int64_t ncols, int64_t j0, int64_t jlim,
+                                    T scale, const Mask& mask, const void* mrow) {
+  const int64_t valid = clamp64(jlim - j0, 0, ncols);
+  for (int64_t j = 0; j < ncols; ++j) s[j] = j < valid ? s[j] * scale : neg_inf<T>();
+  if (mrow == nullptr) return;
+  const int64_t sj = mask.sj;
+  if (mask.dtype == DType::Bool) {
+    const uint8_t* m = static_cast<const uint8_t*>(mrow) + j0 * sj;
+    for (int64_t j = 0; j < valid; ++j) s[j] = m[j * sj] ? s[j] : neg_inf<T>();
+  } else if (mask.dtype == DType::Float64) {
+    const double* m = static_cast<const double*>(mrow) + j0 * sj;
+    for (int64_t j = 0; j < valid; ++j) s[j] += static_cast<T>(m[j * sj]);
+  } else {
+    const float* m = static_cast<const float*>(mrow) + j0 * sj;
+    for (int64_t j = 0; j < valid; ++j) s[j] += static_cast<T>(m[j * sj]);
+  }
+}
+
+// s[j] <- exp(s[j] - shift) (0 where s is -inf) for j < ncols (a multiple of kCW); the sum.
+template <typename T>
+AFFECTKIT_INLINE T exp_row(T* __restrict s, int64_t ncols, T shift) {
+  T part[kCW] = {};  // lane-wise partial sums: a reduction the compiler vectorises
+  for (int64_t j0 = 0; j0 < ncols; j0 += kCW)
+    for (int c = 0; c < kCW; ++c) {
+      const T e = exp_fast(s[j0 + c] - shift);
+      s[j0 + c] = e;
+      part[c] += e;
+    }
+  for (int w = kCW / 2; w > 0; w /= 2)  // tree reduction: vector shuffles, fixed order
+    for (int c = 0; c < w; ++c) part[c] += part[c + w];
+  return part[0];
+}
+
+template <typename T>
+AFFECTKIT_INLINE T max_row(const T* __restrict s, int64_t ncols) {
+  T part[kCW];
+  for (int c = 0; c < kCW; ++c) part[c] = neg_inf<T>();
+  for (int64_t j0 = 0; j0 < ncols; j0 += kCW)
+    for (int c = 0; c < kCW; ++c) part[c] = part[c] > s[j0 + c] ? part[c] : s[j0 + c];
+  for (int w = kCW / 2; w > 0; w /= 2)
+    for (int c = 0; c < w; ++c) part[c] = part[c] > part[c + w] ? part[c] : part[c + w];
+  return part[0];
+}
+
+// Multiply p[j] by the dropout factor of key j0 + j (0 or 1 / (1 - p)).
+template <typename T>
+AFFECTKIT_INLINE void apply_dropout(T* p, int64_t nk, int64_t j0, uint64_t row_key,
+                                    uint32_t threshold, T inv_keep) {
+  for (int64_t j = 0; j < nk; ++j)
+    p[j] = dropout_keep(row_key, j0 + j, threshold) ? p[j] * inv_keep : T(0);
+}
+
+template <typename T>
+AFFECTKIT_INLINE const T* row_ptr(const View& t, int64_t b, int64_t h, int64_t row) {
+  return static_cast<const T*>(t.data) + b * t.sb + h * t.sh + row * t.sr;
+}
+template <typename T>
+AFFECTKIT_INLINE T* row_ptr(const MutView& t, int64_t b, int64_t h, int64_t row) {
+  return static_cast<T*>(t.data) + b * t.sb + h * t.sh + row * t.sr;
+}
+
+// dst[f, j] = t[row0 + j, f] (F x ld, transposed), zero for j in [n, ld).
+template <typename T>
+AFFECTKIT_INLINE void pack_transposed(const View& t, int64_t b, int64_t h, int64_t row0,
+                                      int64_t n, int64_t F, int64_t ld, T* dst) {
+  for (int64_t f = 0; f < F; ++f) std::fill(dst + f * ld + n, dst + (f + 1) * ld, T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = row_ptr<T>(t, b, h, row0 + j);
+    for (int64_t f = 0; f < F; ++f) dst[f * ld + j] = src[f];
+  }
+}
+
+// dst[r, 0:ld] = row row0 + r of t for r < n, zero-padded to ld columns.
+template <typename T>
+AFFECTKIT_INLINE void pack_rows(const View& t, int64_t b, int64_t h, int64_t row0, int64_t n,
+                                int64_t width, int64_t ld, T* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* src = row_ptr<T>(t, b, h, row0 + r);
+    std::copy(src, src + width, dst + r * ld);
+    std::fill(dst + r * ld + width, dst + (r + 1) * ld, T(0));
+  }
+}
+
+template <typename T>
+struct Params {  // what every task needs, computed once per call
+  T scale, inv_keep;
+  uint32_t threshold;
+  explicit Params(const Problem& p)
+      : scale(static_cast<T>(p.scale)),
+        inv_keep(p.dropout_p > 0 ? static_cast<T>(1.0 / (1.0 - p.dropout_p)) : T(1)),
+        threshold(dropout_threshold(p.dropout_p)) {}
+};
+
+// ---------------------------------------------------------------------------------- forward
+
+template <typename T>
+struct ForwardScratch {
+  std::vector<T> kt, vp, s, o, m, l;
+  ForwardScratch(int64_t Dvp)
+      : kt(kMaxDim * kBK), vp(kBK * Dvp), s(kBQ * kBK), o(kBQ * Dvp), m(kBQ), l(kBQ) {}
+};
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, const View& q,
+                                        const View& k, const View& v, const Mask& mask,
+                                        const MutView& out, const MutView& lse, int64_t b,
+                                        int64_t h, int64_t qt, T* kt, T* vp, T* s, T* o,
+                                        T* mrun, T* lrun) {
+  const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kCW);
+  const Seq sq = seq_info(p, b);
+  const int64_t i0 = qt * kBQ;
+  const int64_t present = clamp64(sq.qrows - i0, 0, kBQ);
+  const int64_t mv = clamp64(sq.qlen - i0, 0, kBQ);
+  if (present == 0) return;
+  const int64_t kend = mv > 0 ? key_end(p, sq, i0 + mv - 1) : 0;
+  std::fill(o, o + mv * Dvp, T(0));
+  std::fill(mrun, mrun + mv, neg_inf<T>());
+  std::fill(lrun, lrun + mv, T(0));
+  const T* qrow0 = mv > 0 ? row_ptr<T>(q, b, h, sq.q0 + i0) : nullptr;
+  for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+    const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+    const int64_t ncols = round_up(nk, kCW);
+    pack_transposed(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
+    pack_rows(v, b, h, sq.k0 + j0, nk, Dv, Dvp, vp);
+    gemm_acc<T>(mv, ncols, D, qrow0, q.sr, 1, kt, ncols, s, kBK, false);
+    for (int64_t r = 0; r < mv; ++r) {
+      const int64_t i = i0 + r;
+      T* srow = s + r * kBK;
+      finish_scores<T>(srow, ncols, j0, key_end(p, sq, i), pr.scale, mask, mask_row(mask, b, h, i));
+      const T mnew = std::max(mrun[r], max_row<T>(srow, ncols));
+      if (mnew == neg_inf<T>()) {  // nothing visible yet: contributes nothing
+        std::fill(srow, srow + ncols, T(0));
+        continue;
+      }
+      const T alpha = exp_fast(mrun[r] - mnew);
+      lrun[r] = lrun[r] * alpha + exp_row<T>(srow, ncols, mnew);
+      mrun[r] = mnew;
+      if (pr.threshold > 0)
+        apply_dropout(srow, nk, j0, dropout_row_key(p.seed, b, h, i), pr.threshold, pr.inv_keep);
+      if (alpha != T(1)) {
+        T* orow = o + r * Dvp;
+        for (int64_t c = 0; c < Dvp; ++c) orow[c] *= alpha;
+      }
+    }
+    gemm_acc<T>(mv, Dvp, nk, s, kBK, 1, vp, Dvp, o, Dvp, true);
+  }
+  for (int64_t r = 0; r < present; ++r) {
+    T* dst = row_ptr<T>(out, b, h, sq.q0 + i0 + r);
+    T* l = row_ptr<T>(lse, b, h, sq.q0 + i0 + r);
+    if (r < mv && lrun[r] > T(0)) {
+      const T inv = T(1) / lrun[r];
+      for (int64_t c = 0; c < Dv; ++c) dst[c] = o[r * Dvp + c] * inv;
+      *l = mrun[r] + std::log(lrun[r]);
+    } else {  // past q_length, or no visible key: zeros, and P = exp(s - inf) = 0 later
+      std::fill(dst, dst + Dv, T(0));
+      *l = std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+template <typename T>
+void forward(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse) {
+  const int64_t qtiles = (p.Lq + kBQ - 1) / kBQ;
+  const Params<T> pr(p);
+  const int64_t Dvp = round_up(p.Dv, kCW);
+#pragma omp parallel
+  {
+    ForwardScratch<T> w(Dvp);
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h)
+        for (int64_t qt = 0; qt < qtiles; ++qt)
+          forward_task<T>(p, pr, q, k, v, mask, out, lse, b, h, qt, w.kt.data(), w.vp.data(),
+                          w.s.data(), w.o.data(), w.m.data(), w.l.data());
+  }
+}
+
+// --------------------------------------------------------------------------------- backward
+
+// Recompute one tile of probabilities in place: s[r, j] = exp(score - lse_r) for query rows
+// i0 + r (r < mq) and keys j0 + j (j < ncols), from the raw dot products in s.
+template <typename T>
+AFFECTKIT_INLINE void probabilities(const Problem& p, const Params<T>& pr, const Seq& sq,
+                                    int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0,
+                                    int64_t ncols, const Mask& mask, const View& lse, T* s) {
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    T* row = s + r * kBK;
+    finish_scores<T>(row, ncols, j0, key_end(p, sq, i), pr.scale, mask, mask_row(mask, b, h, i));
+    const T l = *row_ptr<T>(lse, b, h, sq.q0 + i);
+    if (std::isinf(l)) std::fill(row, row + ncols, T(0));  // no visible key: P = 0
+    else exp_row<T>(row, ncols, l);
+  }
+}
+
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> kt, vt, kp, pt, dpt, dk, dv, qp, gop, dq, delta;
+  BackwardScratch(int64_t Dp, int64_t Dvp)
+      : kt(kMaxDim * kBK), vt(kMaxDim * kBK), kp(kBK * Dp), pt(kBQ * kBK), dpt(kBQ * kBK),
+        dk(kBK * Dp), dv(kBK * Dvp) {}
+};
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, const View& q,
+                                         const View& k, const View& v, const Mask& mask,
+                                         const View& out, const View& gout, const View& lse,
+                                         const MutView& gq, const MutView& gk,
+                                         const MutView& gv, int64_t b, int64_t h,
+                                         BackwardScratch<T>& w) {
+  const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, kCW), Dvp = round_up(Dv, kCW);
+  const Seq sq = seq_info(p, b);
+  const int64_t qlen = sq.qlen;
+  w.qp.resize(qlen * Dp);
+  w.gop.resize(qlen * Dvp);
+  w.dq.assign(qlen * Dp, T(0));
+  w.delta.resize(qlen);
+  T *qp = w.qp.data(), *gop = w.gop.data(), *dq = w.dq.data(), *delta = w.delta.data();
+  T *kt = w.kt.data(), *vt = w.vt.data(), *kp = w.kp.data(), *pt = w.pt.data();
+  T *dpt = w.dpt.data(), *dk = w.dk.data(), *dv = w.dv.data();
+  pack_rows(q, b, h, sq.q0, qlen, D, Dp, qp);
+  pack_rows(gout, b, h, sq.q0, qlen, Dv, Dvp, gop);
+  for (int64_t i = 0; i < qlen; ++i) {  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
+    const T* o = row_ptr<T>(out, b, h, sq.q0 + i);
+    T acc = 0;
+    for (int64_t c = 0; c < Dv; ++c) acc += gop[i * Dvp + c] * o[c];
+    delta[i] = acc;
+  }
+  const int64_t kend = qlen > 0 ? key_end(p, sq, qlen - 1) : 0;
+  for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+    const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+    const int64_t ncols = round_up(nk, kCW);
+    pack_transposed(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
+    pack_transposed(v, b, h, sq.k0 + j0, nk, Dv, ncols, vt);
+    pack_rows(k, b, h, sq.k0 + j0, nk, D, Dp, kp);
+    std::fill(dk, dk + nk * Dp, T(0));
+    std::fill(dv, dv + nk * Dvp, T(0));
+    // Causal: queries before j0 - offset see none of these keys.
+    const int64_t ifirst = p.causal ? clamp64(j0 - sq.offset, 0, qlen) : 0;
+    for (int64_t i0 = ifirst; i0 < qlen; i0 += kBQ) {
+      const int64_t mq = std::min<int64_t>(kBQ, qlen - i0);
+      gemm_acc<T>(mq, ncols, D, qp + i0 * Dp, Dp, 1, kt, ncols, pt, kBK, false);
+      probabilities<T>(p, pr, sq, b, h, i0, mq, j0, ncols, mask, lse, pt);
+      gemm_acc<T>(mq, ncols, Dv, gop + i0 * Dvp, Dvp, 1, vt, ncols, dpt, kBK, false);
+      // pt <- dS = P * (dP * z - delta); dpt <- P * z (dropped probabilities, for dV).
+      for (int64_t r = 0; r < mq; ++r) {
+        T* prow = pt + r * kBK;
+        T* dprow = dpt + r * kBK;
+        const T di = delta[i0 + r];
+        if (pr.threshold > 0) {
+          const uint64_t key = dropout_row_key(p.seed, b, h, i0 + r);
+          for (int64_t j = 0; j < ncols; ++j) {
+            const T z = j < nk && dropout_keep(key, j0 + j, pr.threshold) ? pr.inv_keep : T(0);
+            const T pj = prow[j];
+            prow[j] = pj * (dprow[j] * z - di);
+            dprow[j] = pj * z;
+          }
+        } else {
+          for (int64_t j = 0; j < ncols; ++j) {
+            const T pj = prow[j];
+            prow[j] = pj * (dprow[j] - di);
+            dprow[j] = pj;
+          }
+        }
+      }
+      // dV += (P z)^T dO; dK += dS^T Q; dQ += dS K  (scale applied at the end).
+      gemm_acc<T>(nk, Dvp, mq, dpt, 1, kBK, gop + i0 * Dvp, Dvp, dv, Dvp, true);
+      gemm_acc<T>(nk, Dp, mq, pt, 1, kBK, qp + i0 * Dp, Dp, dk, Dp, true);
+      gemm_acc<T>(mq, Dp, nk, pt, kBK, 1, kp, Dp, dq + i0 * Dp, Dp, true);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      T* dkr = row_ptr<T>(gk, b, h, sq.k0 + j0 + j);
+      T* dvr = row_ptr<T>(gv, b, h, sq.k0 + j0 + j);
+      for (int64_t c = 0; c < D; ++c) dkr[c] = dk[j * Dp + c] * pr.scale;
+      for (int64_t c = 0; c < Dv; ++c) dvr[c] = dv[j * Dvp + c];
+    }
+  }
+  for (int64_t j = kend; j < sq.krows; ++j) {  // keys no query sees
+    T* dkr = row_ptr<T>(gk, b, h, sq.k0 + j);
+    T* dvr = row_ptr<T>(gv, b, h, sq.k0 + j);
+    std::fill(dkr, dkr + D, T(0));
+    std::fill(dvr, dvr + Dv, T(0));
+  }
+  for (int64_t i = 0; i < sq.qrows; ++i) {
+    T* dqr = row_ptr<T>(gq, b, h, sq.q0 + i);
+    if (i < qlen)
+      for (int64_t c = 0; c < D; ++c) dqr[c] = dq[i * Dp + c] * pr.scale;
+    else
+      std::fill(dqr, dqr + D, T(0));
+  }
+}
+
+template <typename T>
+void backward(const Problem& p, View q, View k, View v, Mask mask, View out, View gout, View lse,
+              MutView gq, MutView gk, MutView gv) {
+  const Params<T> pr(p);
+  const int64_t Dp = round_up(p.D, kCW), Dvp = round_up(p.Dv, kCW);
+#pragma omp parallel
+  {
+    BackwardScratch<T> w(Dp, Dvp);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h)
+        backward_task<T>(p, pr, q, k, v, mask, out, gout, lse, gq, gk, gv, b, h, w);
+  }
+}
+
+// ---------------------------------------------------------------------------------- weights
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void weights_task(const Problem& p, const Params<T>& pr, const View& q,
+                                        const View& k, const Mask& mask, const View& lse, T* w,
+                                        bool average_heads, int64_t b, int64_t qt, T* kt, T* pt) {
+  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk;
+  const T factor = average_heads && p.H > 0 ? T(1) / static_cast<T>(p.H) : T(1);
+  const Seq sq = seq_info(p, b);
+  const int64_t i0 = qt * kBQ;
+  const int64_t rows = std::min<int64_t>(kBQ, Lq - i0);
+  const int64_t mq = clamp64(sq.qlen - i0, 0, kBQ);
+  const int64_t kend = mq > 0 ? key_end(p, sq, i0 + mq - 1) : 0;
+  // (B, Lq, Lk) summed over heads, or (B, H, Lq, Lk) one slab per head.
+  auto tile = [&](int64_t h) {
+    return average_heads ? w + (b * Lq + i0) * Lk : w + ((b * p.H + h) * Lq + i0) * Lk;
+  };
+  if (average_heads) std::fill(tile(0), tile(0) + rows * Lk, T(0));
+  for (int64_t h = 0; h < p.H; ++h) {
+    T* wt = tile(h);
+    if (!average_heads) std::fill(wt, wt + rows * Lk, T(0));
+    for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+      const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+      const int64_t ncols = round_up(nk, kCW);
+      pack_transposed(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
+      gemm_acc<T>(mq, ncols, D, row_ptr<T>(q, b, h, sq.q0 + i0), q.sr, 1, kt, ncols, pt, kBK, false);
+      probabilities<T>(p, pr, sq, b, h, i0, mq, j0, ncols, mask, lse, pt);
+      for (int64_t r = 0; r < mq; ++r) {
+        T* prow = pt + r * kBK;
+        if (pr.threshold > 0)
+          apply_dropout(prow, nk, j0, dropout_row_key(p.seed, b, h, i0 + r), pr.threshold, pr.inv_keep);
+        T* wrow = wt + r * Lk + j0;
+        for (int64_t j = 0; j < nk; ++j) wrow[j] += prow[j] * factor;
+      }
+    }
+  }
+}
+
+template <typename T>
+void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w, bool average_heads) {
+  const int64_t qtiles = (p.Lq + kBQ - 1) / kBQ;
+  const Params<T> pr(p);
+#pragma omp parallel
+  {
+    std::vector<T> kt(kMaxDim * kBK), pt(kBQ * kBK);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t qt = 0; qt < qtiles; ++qt)
+        weights_task<T>(p, pr, q, k, mask, lse, w, average_heads, b, qt, kt.data(), pt.data());
+  }
+}
+
+}  // namespace
+
+namespace detail {
+void forward_cpu(DType dtype, const Problem& p, View q, View k, View v, Mask mask, MutView out,
+                 MutView lse) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] { forward<T>(p, q, k, v, mask, out, lse); });
+}
+void backward_cpu(DType dtype, const Problem& p, View q, View k, View v, Mask mask, View out,
+                  View gout, View lse, MutView gq, MutView gk, MutView gv) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] {
+    backward<T>(p, q, k, v, mask, out, gout, lse, gq, gk, gv);
+  });
+}
+void weights_cpu(DType dtype, const Problem& p, View q, View k, Mask mask, View lse, void* w,
+                 bool average_heads) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] {
+    weights<T>(p, q, k, mask, lse, static_cast<T*>(w), average_heads);
+  });
+}
+}  // namespace detail
+
+}  // namespace affectkit::attention
