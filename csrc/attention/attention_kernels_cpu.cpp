@@ -211,56 +211,105 @@ struct Params {  // what every task needs, computed once per call
 
 // ---------------------------------------------------------------------------------- forward
 
+// The forward works on transposed score tiles St[j, i] (keys x queries): each vector holds
+// 16 query rows, so the softmax's max and sum over keys are plain vector ops (no horizontal
+// reductions), K is read in place (broadcast operand) and only Q is transposed, once per task.
 template <typename T>
 struct ForwardScratch {
-  std::vector<T> kt, vp, s, o, m, l;
-  ForwardScratch(int64_t Dvp)
-      : kt(kMaxDim * kBK), vp(kBK * Dvp), s(kBQ * kBK), o(kBQ * Dvp), m(kBQ), l(kBQ) {}
+  std::vector<T> qt, st, vp, o, m, l, alpha;
+  std::vector<uint64_t> keys;
+  explicit ForwardScratch(int64_t Dvp)
+      : qt(kMaxDim * kBQ), st(kBK * kBQ), vp(kBK * Dvp), o(kBQ * Dvp), m(kBQ), l(kBQ),
+        alpha(kBQ), keys(kBQ) {}
 };
 
 template <typename T>
 AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, const View& q,
                                         const View& k, const View& v, const Mask& mask,
                                         const MutView& out, const MutView& lse, int64_t b,
-                                        int64_t h, int64_t qt, T* kt, T* vp, T* s, T* o,
-                                        T* mrun, T* lrun) {
+                                        int64_t h, int64_t qtile, ForwardScratch<T>& w) {
   const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kCW);
   const Seq sq = seq_info(p, b);
-  const int64_t i0 = qt * kBQ;
+  const int64_t i0 = qtile * kBQ;
   const int64_t present = clamp64(sq.qrows - i0, 0, kBQ);
   const int64_t mv = clamp64(sq.qlen - i0, 0, kBQ);
   if (present == 0) return;
+  const int64_t npad = round_up(mv, kCW);  // query lanes, padded to whole vectors
   const int64_t kend = mv > 0 ? key_end(p, sq, i0 + mv - 1) : 0;
+  T *qt = w.qt.data(), *st = w.st.data(), *o = w.o.data(), *mrun = w.m.data();
+  T *lrun = w.l.data(), *alpha = w.alpha.data();
   std::fill(o, o + mv * Dvp, T(0));
-  std::fill(mrun, mrun + mv, neg_inf<T>());
-  std::fill(lrun, lrun + mv, T(0));
-  const T* qrow0 = mv > 0 ? row_ptr<T>(q, b, h, sq.q0 + i0) : nullptr;
+  std::fill(mrun, mrun + npad, neg_inf<T>());
+  std::fill(lrun, lrun + npad, T(0));
+  if (kend > 0) pack_transposed(q, b, h, sq.q0 + i0, mv, D, npad, qt);
+  if (pr.threshold > 0)
+    for (int64_t r = 0; r < mv; ++r) w.keys[r] = dropout_row_key(p.seed, b, h, i0 + r);
+  const bool direct_v = Dv % kCW == 0;  // V rows usable in place as the B operand
   for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
     const int64_t nk = std::min<int64_t>(kBK, kend - j0);
-    const int64_t ncols = round_up(nk, kCW);
-    pack_transposed(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
-    pack_rows(v, b, h, sq.k0 + j0, nk, Dv, Dvp, vp);
-    gemm_acc<T>(mv, ncols, D, qrow0, q.sr, 1, kt, ncols, s, kBK, false);
-    for (int64_t r = 0; r < mv; ++r) {
-      const int64_t i = i0 + r;
-      T* srow = s + r * kBK;
-      finish_scores<T>(srow, ncols, j0, key_end(p, sq, i), pr.scale, mask, mask_row(mask, b, h, i));
-      const T mnew = std::max(mrun[r], max_row<T>(srow, ncols));
-      if (mnew == neg_inf<T>()) {  // nothing visible yet: contributes nothing
-        std::fill(srow, srow + ncols, T(0));
-        continue;
-      }
-      const T alpha = exp_fast(mrun[r] - mnew);
-      lrun[r] = lrun[r] * alpha + exp_row<T>(srow, ncols, mnew);
-      mrun[r] = mnew;
-      if (pr.threshold > 0)
-        apply_dropout(srow, nk, j0, dropout_row_key(p.seed, b, h, i), pr.threshold, pr.inv_keep);
-      if (alpha != T(1)) {
-        T* orow = o + r * Dvp;
-        for (int64_t c = 0; c < Dvp; ++c) orow[c] *= alpha;
+    // St = K Q^T (scores before scale and masks).
+    gemm_acc<T>(nk, npad, D, row_ptr<T>(k, b, h, sq.k0 + j0), k.sr, 1, qt, npad, st, kBQ, false);
+    // Scale and mask; lane c (query i0 + c) sees key j0 + j iff j0 + j <= i0 + c + offset.
+    for (int64_t j = 0; j < nk; ++j) {
+      T* row = st + j * kBQ;
+      const int64_t first = p.causal ? j0 + j - sq.offset - i0 : std::numeric_limits<int64_t>::min();
+      for (int64_t c = 0; c < npad; ++c) row[c] = c >= first && c < mv ? row[c] * pr.scale : neg_inf<T>();
+      if (mask.data != nullptr) {
+        for (int64_t c = 0; c < mv; ++c) {
+          const void* mr = mask_row(mask, b, h, i0 + c);
+          if (mask.dtype == DType::Bool) {
+            if (!static_cast<const uint8_t*>(mr)[(j0 + j) * mask.sj]) row[c] = neg_inf<T>();
+          } else if (mask.dtype == DType::Float64) {
+            row[c] += static_cast<T>(static_cast<const double*>(mr)[(j0 + j) * mask.sj]);
+          } else {
+            row[c] += static_cast<T>(static_cast<const float*>(mr)[(j0 + j) * mask.sj]);
+          }
+        }
       }
     }
-    gemm_acc<T>(mv, Dvp, nk, s, kBK, 1, vp, Dvp, o, Dvp, true);
+    // Online softmax, 16 queries per vector: new running max, rescale factor, exp and sum.
+    for (int64_t c = 0; c < npad; ++c) alpha[c] = mrun[c];
+    for (int64_t j = 0; j < nk; ++j) {
+      const T* row = st + j * kBQ;
+      for (int64_t c = 0; c < npad; ++c) alpha[c] = alpha[c] > row[c] ? alpha[c] : row[c];
+    }
+    for (int64_t c = 0; c < npad; ++c) {  // alpha <- exp(m_old - m_new); mrun <- m_new
+      const T mnew = alpha[c];
+      const bool none = mnew == neg_inf<T>();  // nothing visible yet: keep 0 / 1
+      alpha[c] = none ? T(1) : exp_fast(mrun[c] - mnew);
+      mrun[c] = mnew;
+      lrun[c] *= alpha[c];
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      T* row = st + j * kBQ;
+      for (int64_t c = 0; c < npad; ++c) {
+        const T shift = mrun[c] == neg_inf<T>() ? T(0) : mrun[c];
+        const T e = exp_fast(row[c] - shift);
+        row[c] = e;
+        lrun[c] += e;
+      }
+    }
+    if (pr.threshold > 0)
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t c = 0; c < mv; ++c) {
+          T& e = st[j * kBQ + c];
+          e = dropout_keep(w.keys[c], j0 + j, pr.threshold) ? e * pr.inv_keep : T(0);
+        }
+    for (int64_t r = 0; r < mv; ++r)
+      if (alpha[r] != T(1)) {
+        T* orow = o + r * Dvp;
+        for (int64_t c = 0; c < Dvp; ++c) orow[c] *= alpha[r];
+      }
+    // O += P V with P(i, j) = St[j, i].
+    const T* vb = w.vp.data();
+    int64_t ldv = Dvp;
+    if (direct_v) {
+      vb = row_ptr<T>(v, b, h, sq.k0 + j0);
+      ldv = v.sr;
+    } else {
+      pack_rows(v, b, h, sq.k0 + j0, nk, Dv, Dvp, w.vp.data());
+    }
+    gemm_acc<T>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, true);
   }
   for (int64_t r = 0; r < present; ++r) {
     T* dst = row_ptr<T>(out, b, h, sq.q0 + i0 + r);
@@ -288,8 +337,7 @@ void forward(const Problem& p, View q, View k, View v, Mask mask, MutView out, M
     for (int64_t b = 0; b < p.B; ++b)
       for (int64_t h = 0; h < p.H; ++h)
         for (int64_t qt = 0; qt < qtiles; ++qt)
-          forward_task<T>(p, pr, q, k, v, mask, out, lse, b, h, qt, w.kt.data(), w.vp.data(),
-                          w.s.data(), w.o.data(), w.m.data(), w.l.data());
+          forward_task<T>(p, pr, q, k, v, mask, out, lse, b, h, qt, w);
   }
 }
 
