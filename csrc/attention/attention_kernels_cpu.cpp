@@ -10,13 +10,21 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "../core/dispatch.h"
 #include "attention.h"
 #include "attention_common.h"
 
 #define AFFECTKIT_INLINE inline __attribute__((always_inline))
+
+// 64-byte vector types only live inside inlined helpers: no ABI crosses a function boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace affectkit::attention {
 namespace {
@@ -31,33 +39,62 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
-// C[r, 0:W] (+)= sum_k a_r[k * sak] * B[k, 0:W] for the first `rows` of 4 rows a0..a3.
-// 4 x W accumulators stay in vector registers; each step loads one row of B.
-template <typename T, int W>
+// 64-byte vectors (GCC vector extensions): one zmm, two ymm or four xmm registers depending
+// on the instruction set each clone is compiled for. Named vector variables stay in registers
+// where arrays of accumulators would be spilled.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int n = 64 / sizeof(T);
+};
+
+template <typename T>
+AFFECTKIT_INLINE typename Vec<T>::type load_vec(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+AFFECTKIT_INLINE void store_vec(T* p, typename Vec<T>::type v, bool accumulate) {
+  if (accumulate) v += load_vec(p);
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C[r, 0:NV*n] (+)= sum_k a_r[k * sak] * B[k, 0:NV*n] for the first `rows` of 4 rows a0..a3
+// (NV = 1 or 2 vectors per row): 4 * NV accumulators in registers, B read once per step.
+template <typename T, int NV>
 AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* a0, const T* a1, const T* a2,
                                  const T* a3, int64_t sak, const T* __restrict B, int64_t ldb,
                                  T* __restrict C, int64_t ldc, bool accumulate) {
-  T c0[W] = {}, c1[W] = {}, c2[W] = {}, c3[W] = {};
+  using V = typename Vec<T>::type;
+  constexpr int n = Vec<T>::n;
+  V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
   for (int64_t k = 0; k < K; ++k) {
     const T* b = B + k * ldb;
+    const V b0 = load_vec(b);
     const T x0 = a0[k * sak], x1 = a1[k * sak], x2 = a2[k * sak], x3 = a3[k * sak];
-    for (int c = 0; c < W; ++c) {
-      c0[c] += x0 * b[c];
-      c1[c] += x1 * b[c];
-      c2[c] += x2 * b[c];
-      c3[c] += x3 * b[c];
+    c00 += x0 * b0;
+    c10 += x1 * b0;
+    c20 += x2 * b0;
+    c30 += x3 * b0;
+    if constexpr (NV == 2) {
+      const V b1 = load_vec(b + n);
+      c01 += x0 * b1;
+      c11 += x1 * b1;
+      c21 += x2 * b1;
+      c31 += x3 * b1;
     }
   }
-  auto put = [&](T* dst, const T* acc) {
-    if (accumulate)
-      for (int c = 0; c < W; ++c) dst[c] += acc[c];
-    else
-      for (int c = 0; c < W; ++c) dst[c] = acc[c];
-  };
-  put(C, c0);
-  if (rows > 1) put(C + ldc, c1);
-  if (rows > 2) put(C + 2 * ldc, c2);
-  if (rows > 3) put(C + 3 * ldc, c3);
+  store_vec(C, c00, accumulate);
+  if (rows > 1) store_vec(C + ldc, c10, accumulate);
+  if (rows > 2) store_vec(C + 2 * ldc, c20, accumulate);
+  if (rows > 3) store_vec(C + 3 * ldc, c30, accumulate);
+  if constexpr (NV == 2) {
+    store_vec(C + n, c01, accumulate);
+    if (rows > 1) store_vec(C + ldc + n, c11, accumulate);
+    if (rows > 2) store_vec(C + 2 * ldc + n, c21, accumulate);
+    if (rows > 3) store_vec(C + 3 * ldc + n, c31, accumulate);
+  }
 }
 
 // C[m, 0:N] (+)= sum_k A(m, k) * B[k, 0:N] for m < M, with A(m, k) = A[m*sam + k*sak].
@@ -66,6 +103,8 @@ template <typename T>
 AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam,
                                int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc,
                                bool accumulate) {
+  constexpr int64_t n = Vec<T>::n;
+  static_assert(kCW % n == 0, "kCW must be a whole number of vectors");
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const int64_t rows = std::min<int64_t>(4, M - m0);
     const T* a0 = A + m0 * sam;  // rows past M repeat the last one (computed, not stored)
@@ -74,10 +113,10 @@ AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int6
     const T* a3 = A + std::min(m0 + 3, M - 1) * sam;
     T* c = C + m0 * ldc;
     int64_t n0 = 0;
-    for (; n0 + 2 * kCW <= N; n0 += 2 * kCW)
-      micro_tile<T, 2 * kCW>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+    for (; n0 + 2 * n <= N; n0 += 2 * n)
+      micro_tile<T, 2>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
     if (n0 < N)
-      micro_tile<T, kCW>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+      micro_tile<T, 1>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
   }
 }
 
@@ -177,10 +216,65 @@ AFFECTKIT_INLINE T* row_ptr(const MutView& t, int64_t b, int64_t h, int64_t row)
   return static_cast<T*>(t.data) + b * t.sb + h * t.sh + row * t.sr;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AFFECTKIT_AVX512_TRANSPOSE 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
+// dst[f * ld + j] = rows[j][f] for f < F, j < ld (rows j >= n read as zeros): 16 x 16 blocks
+// transposed in registers. ld is a multiple of 16. Called only when the CPU has AVX-512F.
+__attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64_t sr, int64_t n,
+                                                         int64_t F, int64_t ld, float* dst) {
+  for (int64_t f0 = 0; f0 < F; f0 += 16) {
+    const int64_t fw = std::min<int64_t>(16, F - f0);
+    const __mmask16 fmask = static_cast<__mmask16>((1u << fw) - 1u);
+    for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < n ? _mm512_maskz_loadu_ps(fmask, src + (j0 + i) * sr + f0) : _mm512_setzero_ps();
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      }
+      for (int i = 0; i < 16; i += 8)
+        for (int c = 0; c < 4; ++c) {
+          t[i + c] = _mm512_shuffle_f32x4(r[i + c], r[i + c + 4], 0x88);
+          t[i + c + 4] = _mm512_shuffle_f32x4(r[i + c], r[i + c + 4], 0xdd);
+        }
+      for (int c = 0; c < 8; ++c) {
+        r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
+        r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
+      }
+      for (int64_t f = 0; f < fw; ++f) _mm512_storeu_ps(dst + (f0 + f) * ld + j0, r[f]);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+bool cpu_has_avx512f() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
 // dst[f, j] = t[row0 + j, f] (F x ld, transposed), zero for j in [n, ld).
 template <typename T>
 AFFECTKIT_INLINE void pack_transposed(const View& t, int64_t b, int64_t h, int64_t row0,
                                       int64_t n, int64_t F, int64_t ld, T* dst) {
+#ifdef AFFECTKIT_AVX512_TRANSPOSE
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512f()) {
+      transpose_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, F, ld, dst);
+      return;
+    }
+  }
+#endif
   for (int64_t f = 0; f < F; ++f) std::fill(dst + f * ld + n, dst + (f + 1) * ld, T(0));
   for (int64_t j = 0; j < n; ++j) {
     const T* src = row_ptr<T>(t, b, h, row0 + j);
@@ -238,7 +332,6 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
   const int64_t kend = mv > 0 ? key_end(p, sq, i0 + mv - 1) : 0;
   T *qt = w.qt.data(), *st = w.st.data(), *o = w.o.data(), *mrun = w.m.data();
   T *lrun = w.l.data(), *alpha = w.alpha.data();
-  std::fill(o, o + mv * Dvp, T(0));
   std::fill(mrun, mrun + npad, neg_inf<T>());
   std::fill(lrun, lrun + npad, T(0));
   if (kend > 0) pack_transposed(q, b, h, sq.q0 + i0, mv, D, npad, qt);
@@ -295,7 +388,7 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
           T& e = st[j * kBQ + c];
           e = dropout_keep(w.keys[c], j0 + j, pr.threshold) ? e * pr.inv_keep : T(0);
         }
-    for (int64_t r = 0; r < mv; ++r)
+    for (int64_t r = 0; r < mv && j0 > 0; ++r)  // the first tile overwrites o below
       if (alpha[r] != T(1)) {
         T* orow = o + r * Dvp;
         for (int64_t c = 0; c < Dvp; ++c) orow[c] *= alpha[r];
@@ -309,7 +402,7 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
     } else {
       pack_rows(v, b, h, sq.k0 + j0, nk, Dv, Dvp, w.vp.data());
     }
-    gemm_acc<T>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, true);
+    gemm_acc<T>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, j0 > 0);
   }
   for (int64_t r = 0; r < present; ++r) {
     T* dst = row_ptr<T>(out, b, h, sq.q0 + i0 + r);
