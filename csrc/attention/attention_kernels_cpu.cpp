@@ -228,6 +228,10 @@ __attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64
     const int64_t fw = std::min<int64_t>(16, F - f0);
     const __mmask16 fmask = static_cast<__mmask16>((1u << fw) - 1u);
     for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+      if (j0 >= n) {  // padding columns only
+        for (int64_t f = 0; f < fw; ++f) _mm512_storeu_ps(dst + (f0 + f) * ld + j0, _mm512_setzero_ps());
+        continue;
+      }
       __m512 r[16], t[16];
       for (int i = 0; i < 16; ++i)
         r[i] = j0 + i < n ? _mm512_maskz_loadu_ps(fmask, src + (j0 + i) * sr + f0) : _mm512_setzero_ps();
@@ -452,12 +456,12 @@ AFFECTKIT_INLINE void probabilities(const Problem& p, const Params<T>& pr, const
   }
 }
 
+// The backward also works on transposed tiles (keys x queries): Q and dO are transposed once
+// per (b, h); K, V, Q and dO rows are read in place as matmul operands when their width is a
+// whole number of vectors (else packed, zero-padded).
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> kt, vt, kp, pt, dpt, dk, dv, qp, gop, dq, delta;
-  BackwardScratch(int64_t Dp, int64_t Dvp)
-      : kt(kMaxDim * kBK), vt(kMaxDim * kBK), kp(kBK * Dp), pt(kBQ * kBK), dpt(kBQ * kBK),
-        dk(kBK * Dp), dv(kBK * Dvp) {}
+  std::vector<T> qt, gt, qp, gop, kp, st, dpt, dk, dv, dq, lse, delta;
 };
 
 template <typename T>
@@ -470,66 +474,128 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
   const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, kCW), Dvp = round_up(Dv, kCW);
   const Seq sq = seq_info(p, b);
   const int64_t qlen = sq.qlen;
-  w.qp.resize(qlen * Dp);
-  w.gop.resize(qlen * Dvp);
-  w.dq.assign(qlen * Dp, T(0));
-  w.delta.resize(qlen);
-  T *qp = w.qp.data(), *gop = w.gop.data(), *dq = w.dq.data(), *delta = w.delta.data();
-  T *kt = w.kt.data(), *vt = w.vt.data(), *kp = w.kp.data(), *pt = w.pt.data();
-  T *dpt = w.dpt.data(), *dk = w.dk.data(), *dv = w.dv.data();
-  pack_rows(q, b, h, sq.q0, qlen, D, Dp, qp);
-  pack_rows(gout, b, h, sq.q0, qlen, Dv, Dvp, gop);
-  for (int64_t i = 0; i < qlen; ++i) {  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
-    const T* o = row_ptr<T>(out, b, h, sq.q0 + i);
-    T acc = 0;
-    for (int64_t c = 0; c < Dv; ++c) acc += gop[i * Dvp + c] * o[c];
-    delta[i] = acc;
-  }
   const int64_t kend = qlen > 0 ? key_end(p, sq, qlen - 1) : 0;
+  const int64_t ldq = round_up(qlen, kCW) + kCW;  // room for a tile starting anywhere
+  w.dq.assign(qlen * Dp, T(0));
+  if (kend > 0) {
+    w.qt.resize(D * ldq);
+    w.gt.resize(Dv * ldq);
+    w.lse.resize(ldq);
+    w.delta.resize(ldq);
+    w.st.resize(kBK * kBQ);
+    w.dpt.resize(kBK * kBQ);
+    w.dk.resize(kBK * Dp);
+    w.dv.resize(kBK * Dvp);
+    pack_transposed(q, b, h, sq.q0, qlen, D, ldq, w.qt.data());
+    pack_transposed(gout, b, h, sq.q0, qlen, Dv, ldq, w.gt.data());
+    for (int64_t i = 0; i < ldq; ++i) {  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
+      T acc = 0, l = std::numeric_limits<T>::infinity();
+      if (i < qlen) {
+        const T* o = row_ptr<T>(out, b, h, sq.q0 + i);
+        const T* g = row_ptr<T>(gout, b, h, sq.q0 + i);
+        for (int64_t c = 0; c < Dv; ++c) acc += g[c] * o[c];
+        l = *row_ptr<T>(lse, b, h, sq.q0 + i);
+      }
+      w.delta[i] = acc;
+      w.lse[i] = l;
+    }
+  }
+  // Row operands: in place when a whole number of vectors wide, else packed.
+  const T* qrows = nullptr;
+  const T* grows = nullptr;
+  int64_t ldqr = Dp, ldgr = Dvp;
+  if (kend > 0) {
+    if (D % kCW == 0) {
+      qrows = row_ptr<T>(q, b, h, sq.q0);
+      ldqr = q.sr;
+    } else {
+      w.qp.resize(qlen * Dp);
+      pack_rows(q, b, h, sq.q0, qlen, D, Dp, w.qp.data());
+      qrows = w.qp.data();
+    }
+    if (Dv % kCW == 0) {
+      grows = row_ptr<T>(gout, b, h, sq.q0);
+      ldgr = gout.sr;
+    } else {
+      w.gop.resize(qlen * Dvp);
+      pack_rows(gout, b, h, sq.q0, qlen, Dv, Dvp, w.gop.data());
+      grows = w.gop.data();
+    }
+  }
+  T *st = w.st.data(), *dpt = w.dpt.data(), *dk = w.dk.data(), *dv = w.dv.data(), *dq = w.dq.data();
+  const T *lse_all = w.lse.data(), *delta_all = w.delta.data();
   for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
     const int64_t nk = std::min<int64_t>(kBK, kend - j0);
-    const int64_t ncols = round_up(nk, kCW);
-    pack_transposed(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
-    pack_transposed(v, b, h, sq.k0 + j0, nk, Dv, ncols, vt);
-    pack_rows(k, b, h, sq.k0 + j0, nk, D, Dp, kp);
-    std::fill(dk, dk + nk * Dp, T(0));
-    std::fill(dv, dv + nk * Dvp, T(0));
+    const T* krows = row_ptr<T>(k, b, h, sq.k0 + j0);
+    const T* vrows = row_ptr<T>(v, b, h, sq.k0 + j0);
+    const T* kb = krows;
+    int64_t ldk = k.sr;
+    if (D % kCW != 0) {
+      w.kp.resize(kBK * Dp);
+      pack_rows(k, b, h, sq.k0 + j0, nk, D, Dp, w.kp.data());
+      kb = w.kp.data();
+      ldk = Dp;
+    }
     // Causal: queries before j0 - offset see none of these keys.
     const int64_t ifirst = p.causal ? clamp64(j0 - sq.offset, 0, qlen) : 0;
+    bool first = true;
     for (int64_t i0 = ifirst; i0 < qlen; i0 += kBQ) {
       const int64_t mq = std::min<int64_t>(kBQ, qlen - i0);
-      gemm_acc<T>(mq, ncols, D, qp + i0 * Dp, Dp, 1, kt, ncols, pt, kBK, false);
-      probabilities<T>(p, pr, sq, b, h, i0, mq, j0, ncols, mask, lse, pt);
-      gemm_acc<T>(mq, ncols, Dv, gop + i0 * Dvp, Dvp, 1, vt, ncols, dpt, kBK, false);
-      // pt <- dS = P * (dP * z - delta); dpt <- P * z (dropped probabilities, for dV).
-      for (int64_t r = 0; r < mq; ++r) {
-        T* prow = pt + r * kBK;
-        T* dprow = dpt + r * kBK;
-        const T di = delta[i0 + r];
+      const int64_t mpad = round_up(mq, kCW);
+      // St = K Q^T and dPt = V dO^T for keys j0.. and queries i0.. (lanes).
+      gemm_acc<T>(nk, mpad, D, krows, k.sr, 1, w.qt.data() + i0, ldq, st, kBQ, false);
+      gemm_acc<T>(nk, mpad, Dv, vrows, v.sr, 1, w.gt.data() + i0, ldq, dpt, kBQ, false);
+      // st <- dS = P * (dP * z - delta), dpt <- P * z, with P = exp(score - lse).
+      for (int64_t j = 0; j < nk; ++j) {
+        T* srow = st + j * kBQ;
+        T* drow = dpt + j * kBQ;
+        const int64_t jabs = j0 + j;
+        const int64_t lo = p.causal ? jabs - sq.offset - i0 : std::numeric_limits<int64_t>::min();
+        for (int64_t c = 0; c < mpad; ++c) srow[c] = c >= lo && c < mq ? srow[c] * pr.scale : neg_inf<T>();
+        if (mask.data != nullptr) {
+          for (int64_t c = 0; c < mq; ++c) {
+            const void* mr = mask_row(mask, b, h, i0 + c);
+            if (mask.dtype == DType::Bool) {
+              if (!static_cast<const uint8_t*>(mr)[jabs * mask.sj]) srow[c] = neg_inf<T>();
+            } else if (mask.dtype == DType::Float64) {
+              srow[c] += static_cast<T>(static_cast<const double*>(mr)[jabs * mask.sj]);
+            } else {
+              srow[c] += static_cast<T>(static_cast<const float*>(mr)[jabs * mask.sj]);
+            }
+          }
+        }
+        const T* lse_t = lse_all + i0;
+        const T* delta_t = delta_all + i0;
         if (pr.threshold > 0) {
-          const uint64_t key = dropout_row_key(p.seed, b, h, i0 + r);
-          for (int64_t j = 0; j < ncols; ++j) {
-            const T z = j < nk && dropout_keep(key, j0 + j, pr.threshold) ? pr.inv_keep : T(0);
-            const T pj = prow[j];
-            prow[j] = pj * (dprow[j] * z - di);
-            dprow[j] = pj * z;
+          for (int64_t c = 0; c < mpad; ++c) {
+            const T pj = exp_fast(srow[c] - lse_t[c]);  // -inf or lse = +inf give 0
+            const T z = c < mq && dropout_keep(dropout_row_key(p.seed, b, h, i0 + c), jabs, pr.threshold)
+                            ? pr.inv_keep : T(0);
+            srow[c] = pj * (drow[c] * z - delta_t[c]);
+            drow[c] = pj * z;
           }
         } else {
-          for (int64_t j = 0; j < ncols; ++j) {
-            const T pj = prow[j];
-            prow[j] = pj * (dprow[j] - di);
-            dprow[j] = pj;
+          for (int64_t c = 0; c < mpad; ++c) {
+            const T pj = exp_fast(srow[c] - lse_t[c]);
+            srow[c] = pj * (drow[c] - delta_t[c]);
+            drow[c] = pj;
           }
         }
       }
       // dV += (P z)^T dO; dK += dS^T Q; dQ += dS K  (scale applied at the end).
-      gemm_acc<T>(nk, Dvp, mq, dpt, 1, kBK, gop + i0 * Dvp, Dvp, dv, Dvp, true);
-      gemm_acc<T>(nk, Dp, mq, pt, 1, kBK, qp + i0 * Dp, Dp, dk, Dp, true);
-      gemm_acc<T>(mq, Dp, nk, pt, kBK, 1, kp, Dp, dq + i0 * Dp, Dp, true);
+      gemm_acc<T>(nk, Dvp, mq, dpt, kBQ, 1, grows + i0 * ldgr, ldgr, dv, Dvp, !first);
+      gemm_acc<T>(nk, Dp, mq, st, kBQ, 1, qrows + i0 * ldqr, ldqr, dk, Dp, !first);
+      gemm_acc<T>(mq, Dp, nk, st, 1, kBQ, kb, ldk, dq + i0 * Dp, Dp, true);
+      first = false;
     }
     for (int64_t j = 0; j < nk; ++j) {
       T* dkr = row_ptr<T>(gk, b, h, sq.k0 + j0 + j);
       T* dvr = row_ptr<T>(gv, b, h, sq.k0 + j0 + j);
+      if (first) {  // no query sees this tile
+        std::fill(dkr, dkr + D, T(0));
+        std::fill(dvr, dvr + Dv, T(0));
+        continue;
+      }
       for (int64_t c = 0; c < D; ++c) dkr[c] = dk[j * Dp + c] * pr.scale;
       for (int64_t c = 0; c < Dv; ++c) dvr[c] = dv[j * Dvp + c];
     }
@@ -553,10 +619,9 @@ template <typename T>
 void backward(const Problem& p, View q, View k, View v, Mask mask, View out, View gout, View lse,
               MutView gq, MutView gk, MutView gv) {
   const Params<T> pr(p);
-  const int64_t Dp = round_up(p.D, kCW), Dvp = round_up(p.Dv, kCW);
 #pragma omp parallel
   {
-    BackwardScratch<T> w(Dp, Dvp);
+    BackwardScratch<T> w;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < p.B; ++b)
       for (int64_t h = 0; h < p.H; ++h)
