@@ -488,16 +488,26 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
     w.dv.resize(kBK * Dvp);
     pack_transposed(q, b, h, sq.q0, qlen, D, ldq, w.qt.data());
     pack_transposed(gout, b, h, sq.q0, qlen, Dv, ldq, w.gt.data());
-    for (int64_t i = 0; i < ldq; ++i) {  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
-      T acc = 0, l = std::numeric_limits<T>::infinity();
-      if (i < qlen) {
-        const T* o = row_ptr<T>(out, b, h, sq.q0 + i);
-        const T* g = row_ptr<T>(gout, b, h, sq.q0 + i);
+    std::fill(w.delta.begin(), w.delta.end(), T(0));  // padding lanes: P = 0
+    std::fill(w.lse.begin(), w.lse.end(), std::numeric_limits<T>::infinity());
+    for (int64_t i = 0; i < qlen; ++i) {  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
+      const T* o = row_ptr<T>(out, b, h, sq.q0 + i);
+      const T* g = row_ptr<T>(gout, b, h, sq.q0 + i);
+      T acc = 0;
+      if (Dv >= kCW) {  // lane-wise partial sums, then a tree: vectorised, fixed order
+        T part[kCW] = {};
+        int64_t c0 = 0;
+        for (; c0 + kCW <= Dv; c0 += kCW)
+          for (int64_t c = 0; c < kCW; ++c) part[c] += g[c0 + c] * o[c0 + c];
+        for (int64_t c = c0; c < Dv; ++c) part[c - c0] += g[c] * o[c];
+        for (int64_t s = kCW / 2; s > 0; s /= 2)
+          for (int64_t c = 0; c < s; ++c) part[c] += part[c + s];
+        acc = part[0];
+      } else {
         for (int64_t c = 0; c < Dv; ++c) acc += g[c] * o[c];
-        l = *row_ptr<T>(lse, b, h, sq.q0 + i);
       }
       w.delta[i] = acc;
-      w.lse[i] = l;
+      w.lse[i] = *row_ptr<T>(lse, b, h, sq.q0 + i);
     }
   }
   // Row operands: in place when a whole number of vectors wide, else packed.
