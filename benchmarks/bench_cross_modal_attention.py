@@ -6,12 +6,17 @@ affectkit receives the key padding as kv_lengths; SDPA receives the equivalent b
 attn_mask (B, 1, 1, Lk); the "bool mask" groups give affectkit the same boolean mask.
 
 Floor, per call: forward 4*B*H*Lq*Lk*D flops (QK^T and PV, 2 each) over full lengths, and
-backward about 10*B*H*Lq*Lk*D (recomputed QK^T, dO V^T, dV, dK, dQ); bytes moved are
-4*B*H*(2*Lq*D + 2*Lk*D) for float32 q, k, v, out (a few MB): every shape here is compute
-bound. At B=64 H=8 33x33 D=64: 143 MFLOP forward, i.e. 0.8 ms at the ~180 GFLOP/s a large
-2-core float32 GEMM reaches on an unloaded machine; padded keys (about half, with the random
-lengths used here) need not be computed at all, which SDPA cannot skip. With D=6 the flops
-are tiny (13 MFLOP) and the softmax (exp per score) dominates.
+backward about 10*B*H*Lq*Lk*D (recomputed QK^T, dO V^T, dV, dK, dQ); bytes: q, k, v read and
+out written once, 4*B*H*(2*Lq*D + 2*Lk*D) in float32 (backward about twice that).
+- B=64 H=8 33x33 D=64: 143 MFLOP and 17.3 MB forward, 8 flop/byte: on 2 cores (~180 GFLOP/s
+  GEMM, some 20 GB/s of DRAM bandwidth unloaded) the bytes set the floor, ~0.9 ms, and the
+  flops ~0.8 ms. Padded keys (about half here) are skipped, which SDPA cannot do.
+- MulT B=32 H=8 50x375 D=32: 614 MFLOP, 28 MB: compute bound, ~3.4 ms at GEMM speed.
+- D=6: 13 MFLOP (33x33) with 1.6 MB: neither; one exp per score and per-row bookkeeping set
+  the time.
+On the shared development machine (load average 6-10 on 2 cores during measurement) the
+single-thread kernel reaches ~50-80 GFLOP/s nominal at 33x33 D=64 and ~95 at MulT; see
+benchmarks/RESULTS.md and benchmarks/attention_cpu_time.py for steadier CPU-time ratios.
 """
 
 import pytest
