@@ -240,6 +240,56 @@ def test_backward_is_deterministic(gen):
             assert torch.equal(a, b)
 
 
+def test_backward_is_bit_identical_across_thread_counts(gen):
+    import affectkit._C as C
+
+    q, k, v = _inputs(gen, 3, 5, 70, 45, 16, 24)
+    g = torch.randn(3, 5, 70, 24, generator=gen)
+    kw = dict(kv_lengths=torch.tensor([45, 20, 3]), causal=True)
+    before = C.num_threads()
+    try:
+        C.set_num_threads(1)
+        one = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g)
+        C.set_num_threads(2)
+        two = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g)
+    finally:
+        C.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_packed_kernel_writes_every_output_row(gen):
+    # Packed form through the core directly, buffers poisoned: every row must be written.
+    import affectkit._C as C
+    from affectkit.ops._bridge import ptr
+
+    lq, lk = torch.tensor([5, 0, 70, 1]), torch.tensor([9, 4, 0, 33])
+    H, D, Dv = 3, 7, 20
+    q = torch.randn(int(lq.sum()), H, D, generator=gen)
+    k = torch.randn(int(lk.sum()), H, D, generator=gen)
+    v = torch.randn(int(lk.sum()), H, Dv, generator=gen)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    out = torch.full((q.shape[0], H, Dv), float("nan"))
+    lse = torch.full((q.shape[0], H), float("nan"))
+    view = lambda t: (ptr(t), 0, t.stride(1), t.stride(0))  # noqa: E731
+    dims = (4, H, 70, 33, D, Dv)
+    index = (0, 0, ptr(cu_q), ptr(cu_k), q.shape[0], k.shape[0])
+    no_mask = (0, C.DTYPE_CODES["bool"], 0, 0, 0, 0)
+    f32 = C.DTYPE_CODES["float32"]
+    C.attention_forward(C.DEVICE_CPU, f32, dims, index, True, 0.3, 0.0, 0, view(q), view(k), view(v), no_mask,
+                        view(out), view(lse))
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    want = ops.cross_modal_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, 70, 33, causal=True,
+                                            scale=0.3)
+    assert rel_error(out, want) <= 2e-5
+    g = torch.randn(out.shape, generator=gen)
+    grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
+    C.attention_backward(C.DEVICE_CPU, f32, dims, index, True, 0.3, 0.0, 0, view(q), view(k), view(v), no_mask,
+                         view(out), view(g), (ptr(lse), 0, lse.stride(1), lse.stride(0)), *(view(t) for t in grads))
+    for t in grads:
+        assert torch.isfinite(t).all()
+
+
 def test_dropout_is_reproducible_and_consistent(gen):
     q, k, v = _inputs(gen, 2, 3, 19, 23, 8, 8, dtype=torch.float64)
     kw = dict(dropout_p=0.3, kv_lengths=torch.tensor([23, 9]))
@@ -367,8 +417,8 @@ def test_torch_compile_dropout_and_varlen_no_graph_break(gen):
     torch._dynamo.reset()
 
     def step(q, k, v, cu_q, cu_k):
-        out = ops.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, 6, 7, dropout_p=0.1)
-        return out.sum()
+        out, w = ops.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, 6, 7, dropout_p=0.1, need_weights=True)
+        return out.sum() + w.sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
     q = torch.randn(10, 2, 4, generator=gen, requires_grad=True)
