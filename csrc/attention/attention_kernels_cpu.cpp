@@ -143,6 +143,34 @@ AFFECTKIT_INLINE float exp_fast(float x) {
 }
 AFFECTKIT_INLINE double exp_fast(double x) { return std::exp(x); }
 
+// log for positive, normal float32 (Cephes-style, ~1 ulp), vectorisable like exp_fast.
+AFFECTKIT_INLINE float log_fast(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  const int32_t mbits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+AFFECTKIT_INLINE double log_fast(double x) { return std::log(x); }
+
 // The mask row of query i (key index 0), or null without a mask.
 AFFECTKIT_INLINE const void* mask_row(const Mask& mask, int64_t b, int64_t h, int64_t i) {
   if (mask.data == nullptr) return nullptr;
@@ -290,10 +318,10 @@ AFFECTKIT_INLINE void pack_transposed(const View& t, int64_t b, int64_t h, int64
 template <typename T>
 AFFECTKIT_INLINE void pack_rows(const View& t, int64_t b, int64_t h, int64_t row0, int64_t n,
                                 int64_t width, int64_t ld, T* dst) {
-  for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r = 0; r < n; ++r) {  // a plain loop: rows are short, a libc call each costs more
     const T* src = row_ptr<T>(t, b, h, row0 + r);
-    std::copy(src, src + width, dst + r * ld);
-    std::fill(dst + r * ld + width, dst + (r + 1) * ld, T(0));
+    T* out = dst + r * ld;
+    for (int64_t f = 0; f < ld; ++f) out[f] = f < width ? src[f] : T(0);
   }
 }
 
@@ -408,16 +436,22 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
     }
     gemm_acc<T>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, j0 > 0);
   }
+  // Row sums are >= 1 where a key is visible (the max contributes exp(0)), else 0: then the
+  // row is zeros and lse = +inf, so the backward's P = exp(s - lse) is 0. Vector pass first.
+  for (int64_t r = 0; r < npad; ++r) {
+    const bool any = lrun[r] > T(0);
+    const T l = any ? lrun[r] : T(1);
+    alpha[r] = any ? T(1) / l : T(0);  // reused as 1 / l
+    mrun[r] = any ? mrun[r] + log_fast(l) : std::numeric_limits<T>::infinity();
+  }
   for (int64_t r = 0; r < present; ++r) {
     T* dst = row_ptr<T>(out, b, h, sq.q0 + i0 + r);
-    T* l = row_ptr<T>(lse, b, h, sq.q0 + i0 + r);
-    if (r < mv && lrun[r] > T(0)) {
-      const T inv = T(1) / lrun[r];
+    *row_ptr<T>(lse, b, h, sq.q0 + i0 + r) = r < mv ? mrun[r] : std::numeric_limits<T>::infinity();
+    if (r < mv && alpha[r] > T(0)) {
+      const T inv = alpha[r];
       for (int64_t c = 0; c < Dv; ++c) dst[c] = o[r * Dvp + c] * inv;
-      *l = mrun[r] + std::log(lrun[r]);
-    } else {  // past q_length, or no visible key: zeros, and P = exp(s - inf) = 0 later
-      std::fill(dst, dst + Dv, T(0));
-      *l = std::numeric_limits<T>::infinity();
+    } else {  // past q_length, or no visible key
+      for (int64_t c = 0; c < Dv; ++c) dst[c] = T(0);
     }
   }
 }
