@@ -1,9 +1,11 @@
 // CPU kernels of the fused attention (float32 and float64).
 //
 // Forward: one task per (b, h, tile of kBQ query rows); online softmax over tiles of up to kBK
-// keys. Scores S = Q K^T and the update O += P V are small register-blocked matmuls
-// (gemm_acc). Each task body is compiled per instruction set (AFFECTKIT_SIMD_CLONES) with
-// its helpers inlined, so all of it is vectorised for the CPU it runs on.
+// keys, on transposed score tiles St = K Q^T (keys x queries, 16 queries per vector), so the
+// softmax needs no horizontal reductions. St and O += P V are small register-blocked matmuls
+// (gemm_acc). Each task body is compiled per instruction set (AFFECTKIT_SIMD_CLONES) with its
+// helpers inlined, so all of it is vectorised for the CPU it runs on; 16 x 16 transposes use
+// AVX-512 intrinsics when the CPU has them (run-time check).
 // Backward: one task per (b, h), which owns dq, dk and dv of that head outright, so the
 // summation order is fixed and gradients are bit-identical run to run (no atomics).
 #include <algorithm>
@@ -213,17 +215,6 @@ AFFECTKIT_INLINE T exp_row(T* __restrict s, int64_t ncols, T shift) {
     }
   for (int w = kCW / 2; w > 0; w /= 2)  // tree reduction: vector shuffles, fixed order
     for (int c = 0; c < w; ++c) part[c] += part[c + w];
-  return part[0];
-}
-
-template <typename T>
-AFFECTKIT_INLINE T max_row(const T* __restrict s, int64_t ncols) {
-  T part[kCW];
-  for (int c = 0; c < kCW; ++c) part[c] = neg_inf<T>();
-  for (int64_t j0 = 0; j0 < ncols; j0 += kCW)
-    for (int c = 0; c < kCW; ++c) part[c] = part[c] > s[j0 + c] ? part[c] : s[j0 + c];
-  for (int w = kCW / 2; w > 0; w /= 2)
-    for (int c = 0; c < w; ++c) part[c] = part[c] > part[c + w] ? part[c] : part[c + w];
   return part[0];
 }
 

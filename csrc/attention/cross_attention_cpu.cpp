@@ -2,10 +2,7 @@
 // CPU kernels (attention_kernels_cpu.cpp) or the CUDA kernels (cross_attention.cu).
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <limits>
 #include <string>
-#include <vector>
 
 #include "../core/dispatch.h"
 #include "attention.h"
