@@ -2,6 +2,7 @@
 // pointers (ints), sizes, dtype/device codes and a CUDA stream handle; the GIL is
 // released while kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "../affectkit.h"
 
@@ -80,4 +81,85 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_x"), py::arg("B"), py::arg("L"), py::arg("F"), py::arg("stream") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "Gradient of masked_mean_forward with respect to x.");
+
+  // --- attention ---------------------------------------------------------------------
+  // Tensors travel as (data_ptr, stride_b, stride_h, stride_row) in elements, the mask as
+  // (data_ptr, dtype_code, stride_b, stride_h, stride_i, stride_j), the problem as
+  // dims = (B, H, Lq, Lk, D, Dv), index = (q_lengths, kv_lengths, cu_seqlens_q,
+  // cu_seqlens_k, total_q, total_k) with 0 for absent pointers.
+  using AttnView = std::array<int64_t, 4>;
+  using AttnMask = std::array<int64_t, 6>;
+  using AttnDims = std::array<int64_t, 6>;
+  using AttnIndex = std::array<int64_t, 6>;
+  auto attn_view = [](const AttnView& t) {
+    return attention::View{reinterpret_cast<const void*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3]};
+  };
+  auto attn_mut = [](const AttnView& t) {
+    return attention::MutView{reinterpret_cast<void*>(static_cast<uintptr_t>(t[0])), t[1], t[2], t[3]};
+  };
+  auto attn_mask = [](const AttnMask& m) {
+    return attention::Mask{reinterpret_cast<const void*>(static_cast<uintptr_t>(m[0])),
+                           dtype_from_code(static_cast<int32_t>(m[1]), "attn_mask"), m[2], m[3], m[4], m[5]};
+  };
+  auto attn_problem = [](const AttnDims& d, const AttnIndex& ix, bool causal, double scale,
+                         double dropout_p, uint64_t seed) {
+    attention::Problem p;
+    p.B = d[0], p.H = d[1], p.Lq = d[2], p.Lk = d[3], p.D = d[4], p.Dv = d[5];
+    p.q_lengths = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(ix[0]));
+    p.kv_lengths = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(ix[1]));
+    p.cu_seqlens_q = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(ix[2]));
+    p.cu_seqlens_k = reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(ix[3]));
+    p.total_q = ix[4], p.total_k = ix[5];
+    p.causal = causal, p.scale = scale, p.dropout_p = dropout_p, p.seed = seed;
+    return p;
+  };
+  m.def(
+      "attention_forward",
+      [=](int device, int dtype, AttnDims dims, AttnIndex index, bool causal, double scale,
+          double dropout_p, uint64_t seed, AttnView q, AttnView k, AttnView v, AttnMask mask,
+          AttnView out, AttnView lse, uintptr_t stream) {
+        attention::attention_forward(device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
+                                     attn_problem(dims, index, causal, scale, dropout_p, seed),
+                                     attn_view(q), attn_view(k), attn_view(v), attn_mask(mask),
+                                     attn_mut(out), attn_mut(lse), stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("dims"), py::arg("index"), py::arg("causal"),
+      py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("q"), py::arg("k"),
+      py::arg("v"), py::arg("mask"), py::arg("out"), py::arg("lse"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused attention forward: out = softmax(scale q k^T + masks) v, and the row logsumexp.");
+  m.def(
+      "attention_backward",
+      [=](int device, int dtype, AttnDims dims, AttnIndex index, bool causal, double scale,
+          double dropout_p, uint64_t seed, AttnView q, AttnView k, AttnView v, AttnMask mask,
+          AttnView out, AttnView grad_out, AttnView lse, AttnView grad_q, AttnView grad_k,
+          AttnView grad_v, uintptr_t stream) {
+        attention::attention_backward(device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
+                                      attn_problem(dims, index, causal, scale, dropout_p, seed),
+                                      attn_view(q), attn_view(k), attn_view(v), attn_mask(mask),
+                                      attn_view(out), attn_view(grad_out), attn_view(lse),
+                                      attn_mut(grad_q), attn_mut(grad_k), attn_mut(grad_v), stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("dims"), py::arg("index"), py::arg("causal"),
+      py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("q"), py::arg("k"),
+      py::arg("v"), py::arg("mask"), py::arg("out"), py::arg("grad_out"), py::arg("lse"),
+      py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused attention backward (deterministic): grad_q, grad_k, grad_v from grad_out and lse.");
+  m.def(
+      "attention_weights",
+      [=](int device, int dtype, AttnDims dims, AttnIndex index, bool causal, double scale,
+          double dropout_p, uint64_t seed, AttnView q, AttnView k, AttnMask mask, AttnView lse,
+          uintptr_t weights, bool average_heads, uintptr_t stream) {
+        attention::attention_weights(device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
+                                     attn_problem(dims, index, causal, scale, dropout_p, seed),
+                                     attn_view(q), attn_view(k), attn_mask(mask), attn_view(lse),
+                                     mptr<void>(weights), average_heads, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("dims"), py::arg("index"), py::arg("causal"),
+      py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("q"), py::arg("k"),
+      py::arg("mask"), py::arg("lse"), py::arg("weights"), py::arg("average_heads") = true,
+      py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Attention probabilities recomputed from the saved lse: (B, Lq, Lk) head-averaged, or (B, H, Lq, Lk).");
 }

@@ -48,8 +48,25 @@ def _check_masked_mean(device: str, dtype: torch.dtype, gen: torch.Generator) ->
     return rel_error(got.cpu(), want)
 
 
+def _check_cross_modal_attention(device: str, dtype: torch.dtype, gen: torch.Generator) -> float:
+    from .ops import cross_modal_attention
+
+    B, H, Lq, Lk, D = 3, 2, 11, 19, 16
+    q = torch.randn(B, H, Lq, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, H, Lk, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, H, Lk, D, generator=gen, dtype=torch.float64)
+    kv_lengths = torch.tensor([Lk, 1, 7])
+    s = (q @ k.transpose(-1, -2)) / D**0.5
+    s = s.masked_fill(torch.arange(Lk)[None, None, None, :] >= kv_lengths[:, None, None, None], float("-inf"))
+    want = torch.softmax(s, -1) @ v
+    got = cross_modal_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype),
+                                kv_lengths=kv_lengths.to(device))
+    return rel_error(got.cpu(), want)
+
+
 CHECKS: dict[str, Callable[[str, torch.dtype, torch.Generator], float]] = {
     "masked_mean": _check_masked_mean,
+    "cross_modal_attention": _check_cross_modal_attention,
 }
 
 

@@ -2,6 +2,7 @@
 // and that bad input throws instead of crashing.
 #include <affectkit/affectkit.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -69,6 +70,70 @@ void test_masked_mean(int64_t B, int64_t L, int64_t F, std::mt19937_64& rng) {
   expect(ok, "masked_mean_backward matches the formula");
 }
 
+// Cross-modal attention: forward against a double softmax(scale q k^T) v with key padding.
+void test_attention(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, std::mt19937_64& rng) {
+  using namespace affectkit;
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int64_t> len(0, Lk);
+  std::vector<float> q(B * H * Lq * D), k(B * H * Lk * D), v(B * H * Lk * D);
+  std::vector<float> out(B * H * Lq * D, std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(B * H * Lq, std::numeric_limits<float>::quiet_NaN());
+  std::vector<int64_t> kv_lengths(B);
+  for (auto* t : {&q, &k, &v})
+    for (auto& x : *t) x = normal(rng);
+  for (auto& n : kv_lengths) n = len(rng);
+  attention::Problem p;
+  p.B = B, p.H = H, p.Lq = Lq, p.Lk = Lk, p.D = D, p.Dv = D;
+  p.kv_lengths = kv_lengths.data();
+  p.scale = 1.0 / std::sqrt(double(D));
+  auto view = [&](std::vector<float>& t, int64_t L) {
+    return attention::View{t.data(), H * L * D, L * D, D};
+  };
+  auto mut = [&](std::vector<float>& t, int64_t L, int64_t F) {
+    return attention::MutView{t.data(), H * L * F, L * F, F};
+  };
+  attention::attention_forward(Device::CPU, DType::Float32, p, view(q, Lq), view(k, Lk),
+                               view(v, Lk), attention::Mask{}, mut(out, Lq, D), mut(lse, Lq, 1));
+  double err = 0, ref_norm = 0;
+  std::vector<double> s(Lk), o(D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < Lq; ++i) {
+        const int64_t n = kv_lengths[b];
+        const float* qi = &q[((b * H + h) * Lq + i) * D];
+        double m = -1e300, sum = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const float* kj = &k[((b * H + h) * Lk + j) * D];
+          s[j] = 0;
+          for (int64_t d = 0; d < D; ++d) s[j] += double(qi[d]) * kj[d];
+          s[j] *= p.scale;
+          m = std::max(m, s[j]);
+        }
+        std::fill(o.begin(), o.end(), 0.0);
+        for (int64_t j = 0; j < n; ++j) {
+          const double e = std::exp(s[j] - m);
+          sum += e;
+          for (int64_t d = 0; d < D; ++d) o[d] += e * v[((b * H + h) * Lk + j) * D + d];
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const double ref = n > 0 ? o[d] / sum : 0.0;
+          const double got = out[((b * H + h) * Lq + i) * D + d];
+          err += (got - ref) * (got - ref);
+          ref_norm += ref * ref;
+        }
+      }
+  expect(std::isfinite(err) && std::sqrt(err) <= 2e-5 * std::sqrt(ref_norm) + 1e-30,
+         "attention_forward matches the double reference");
+  p.D = 300;
+  expect_throws<ValueError>(
+      [&] {
+        attention::attention_forward(Device::CPU, DType::Float32, p, view(q, Lq), view(k, Lk),
+                                     view(v, Lk), attention::Mask{}, mut(out, Lq, D),
+                                     mut(lse, Lq, 1));
+      },
+      "attention_forward rejects D > 256");
+}
+
 }  // namespace
 
 int main() {
@@ -76,6 +141,8 @@ int main() {
   std::mt19937_64 rng(std::random_device{}());
   const int64_t shapes[][3] = {{1, 1, 1}, {3, 7, 5}, {13, 31, 257}, {2, 1, 300}, {0, 4, 4}};
   for (auto& s : shapes) test_masked_mean(s[0], s[1], s[2], rng);
+  const int64_t attention_shapes[][5] = {{1, 1, 1, 1, 1}, {3, 2, 33, 33, 64}, {2, 3, 50, 97, 6}};
+  for (auto& s : attention_shapes) test_attention(s[0], s[1], s[2], s[3], s[4], rng);
 
   float x[8] = {}, out[2];
   int64_t bad_lengths[2] = {1, 9};

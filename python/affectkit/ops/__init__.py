@@ -6,5 +6,7 @@ that runs on ``torch.cuda.current_stream()``.
 """
 
 from .pooling import masked_mean
+from .attention import cross_modal_attention, cross_modal_attention_varlen
 
 __all__ = ["masked_mean"]
+__all__ += ["cross_modal_attention", "cross_modal_attention_varlen"]

@@ -1,0 +1,64 @@
+"""Interleaved CPU-time comparison of cross_modal_attention and torch SDPA (key padding).
+
+On a shared, overloaded machine wall-clock medians mostly measure the other tenants; the
+minimum CPU time of the calling thread over interleaved repetitions, with one thread, is a
+steadier estimate of the work each implementation does. Usage:
+
+    python benchmarks/attention_cpu_time.py          # 1 thread, thread CPU time
+    python benchmarks/attention_cpu_time.py 2        # 2 threads, wall clock
+"""
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import affectkit.ops as ops
+
+SHAPES = [(64, 8, 33, 33, 64), (32, 8, 50, 375, 32), (64, 8, 33, 33, 6), (32, 8, 50, 375, 6)]
+
+
+def _best(fns, rounds, clock):
+    for f in fns:
+        f()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            start = clock()
+            f()
+            best[i] = min(best[i], clock() - start)
+    return [b * 1e3 for b in best]
+
+
+def main(threads: int) -> None:
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    for B, H, Lq, Lk, D in SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, generator=g, requires_grad=True) for L in (Lq, Lk, Lk))
+        lengths = torch.randint(1, Lk + 1, (B,), generator=g)
+        mask = (torch.arange(Lk)[None, :] < lengths[:, None])[:, None, None, :]
+
+        def fwd(fn):
+            def run():
+                with torch.no_grad():
+                    fn()
+            return run
+
+        def fwd_bwd(fn):
+            def run():
+                fn().sum().backward()
+                q.grad = k.grad = v.grad = None
+            return run
+
+        ours = lambda: ops.cross_modal_attention(q, k, v, kv_lengths=lengths)  # noqa: E731
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+        a, b = _best([fwd(ours), fwd(sdpa)], 15, clock)
+        c, d = _best([fwd_bwd(ours), fwd_bwd(sdpa)], 8, clock)
+        print(f"B={B} H={H} {Lq}x{Lk} D={D}: fwd {a:.2f} vs SDPA {b:.2f} ms = {b / a:.2f}x | "
+              f"fwd+bwd {c:.2f} vs {d:.2f} ms = {d / c:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)

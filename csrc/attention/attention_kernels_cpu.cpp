@@ -1,0 +1,740 @@
+// CPU kernels of the fused attention (float32 and float64).
+//
+// Forward: one task per (b, h, tile of kBQ query rows); online softmax over tiles of up to kBK
+// keys, on transposed score tiles St = K Q^T (keys x queries, 16 queries per vector), so the
+// softmax needs no horizontal reductions. St and O += P V are small register-blocked matmuls
+// (gemm_acc). Each task body is compiled per instruction set (AFFECTKIT_SIMD_CLONES) with its
+// helpers inlined, so all of it is vectorised for the CPU it runs on; 16 x 16 transposes use
+// AVX-512 intrinsics when the CPU has them (run-time check).
+// Backward: one task per (b, h), which owns dq, dk and dv of that head outright, so the
+// summation order is fixed and gradients are bit-identical run to run (no atomics).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+#include "../core/dispatch.h"
+#include "attention.h"
+#include "attention_common.h"
+
+#define AFFECTKIT_INLINE inline __attribute__((always_inline))
+
+// 64-byte vector types only live inside inlined helpers: no ABI crosses a function boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace affectkit::attention {
+namespace {
+
+constexpr int64_t kBQ = 64;   // query rows per tile
+constexpr int64_t kBK = 64;   // keys per tile
+constexpr int64_t kCW = 16;   // column granularity of score tiles and padded features
+constexpr int64_t kMaxDim = 256;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+// 64-byte vectors (GCC vector extensions): one zmm, two ymm or four xmm registers depending
+// on the instruction set each clone is compiled for. Named vector variables stay in registers
+// where arrays of accumulators would be spilled.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int n = 64 / sizeof(T);
+};
+
+template <typename T>
+AFFECTKIT_INLINE typename Vec<T>::type load_vec(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+AFFECTKIT_INLINE void store_vec(T* p, typename Vec<T>::type v, bool accumulate) {
+  if (accumulate) v += load_vec(p);
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C[r, 0:NV*n] (+)= sum_k a_r[k * sak] * B[k, 0:NV*n] for the first `rows` of 4 rows a0..a3
+// (NV = 1 or 2 vectors per row): 4 * NV accumulators in registers, B read once per step.
+template <typename T, int NV>
+AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* a0, const T* a1, const T* a2,
+                                 const T* a3, int64_t sak, const T* __restrict B, int64_t ldb,
+                                 T* __restrict C, int64_t ldc, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int n = Vec<T>::n;
+  V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    const V b0 = load_vec(b);
+    const T x0 = a0[k * sak], x1 = a1[k * sak], x2 = a2[k * sak], x3 = a3[k * sak];
+    c00 += x0 * b0;
+    c10 += x1 * b0;
+    c20 += x2 * b0;
+    c30 += x3 * b0;
+    if constexpr (NV == 2) {
+      const V b1 = load_vec(b + n);
+      c01 += x0 * b1;
+      c11 += x1 * b1;
+      c21 += x2 * b1;
+      c31 += x3 * b1;
+    }
+  }
+  store_vec(C, c00, accumulate);
+  if (rows > 1) store_vec(C + ldc, c10, accumulate);
+  if (rows > 2) store_vec(C + 2 * ldc, c20, accumulate);
+  if (rows > 3) store_vec(C + 3 * ldc, c30, accumulate);
+  if constexpr (NV == 2) {
+    store_vec(C + n, c01, accumulate);
+    if (rows > 1) store_vec(C + ldc + n, c11, accumulate);
+    if (rows > 2) store_vec(C + 2 * ldc + n, c21, accumulate);
+    if (rows > 3) store_vec(C + 3 * ldc + n, c31, accumulate);
+  }
+}
+
+// C[m, 0:N] (+)= sum_k A(m, k) * B[k, 0:N] for m < M, with A(m, k) = A[m*sam + k*sak].
+// N is a multiple of kCW; B and C rows are contiguous with leading dims ldb and ldc.
+template <typename T>
+AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam,
+                               int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc,
+                               bool accumulate) {
+  constexpr int64_t n = Vec<T>::n;
+  static_assert(kCW % n == 0, "kCW must be a whole number of vectors");
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, M - m0);
+    const T* a0 = A + m0 * sam;  // rows past M repeat the last one (computed, not stored)
+    const T* a1 = A + std::min(m0 + 1, M - 1) * sam;
+    const T* a2 = A + std::min(m0 + 2, M - 1) * sam;
+    const T* a3 = A + std::min(m0 + 3, M - 1) * sam;
+    T* c = C + m0 * ldc;
+    int64_t n0 = 0;
+    for (; n0 + 2 * n <= N; n0 += 2 * n)
+      micro_tile<T, 2>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+    if (n0 < N)
+      micro_tile<T, 1>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+  }
+}
+
+// exp for float32 (Cephes-style polynomial, ~1 ulp), written so loops over it vectorise;
+// exactly 0 below the float range, which includes -inf (masked scores).
+AFFECTKIT_INLINE float exp_fast(float x) {
+  const float lo = -87.3365478515625f, hi = 88.3762626647949f;
+  const float xc = std::min(std::max(x, lo), hi);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  return x < lo ? 0.0f : y * pow2;
+}
+AFFECTKIT_INLINE double exp_fast(double x) { return std::exp(x); }
+
+// log for positive, normal float32 (Cephes-style, ~1 ulp), vectorisable like exp_fast.
+AFFECTKIT_INLINE float log_fast(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  const int32_t mbits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+AFFECTKIT_INLINE double log_fast(double x) { return std::log(x); }
+
+// The mask row of query i (key index 0), or null without a mask.
+AFFECTKIT_INLINE const void* mask_row(const Mask& mask, int64_t b, int64_t h, int64_t i) {
+  if (mask.data == nullptr) return nullptr;
+  const int64_t off = b * mask.sb + h * mask.sh + i * mask.si;
+  if (mask.dtype == DType::Bool) return static_cast<const uint8_t*>(mask.data) + off;
+  if (mask.dtype == DType::Float64) return static_cast<const double*>(mask.data) + off;
+  return static_cast<const float*>(mask.data) + off;
+}
+
+// Raw dot products s[0:ncols] of one query row against keys j0.. become scaled, masked
+// scores: keys at or past `jlim` (absolute) and masked keys become -inf.
+template <typename T>
+AFFECTKIT_INLINE void finish_scores(T* __restrict s, int64_t ncols, int64_t j0, int64_t jlim,
+                                    T scale, const Mask& mask, const void* mrow) {
+  const int64_t valid = clamp64(jlim - j0, 0, ncols);
+  for (int64_t j = 0; j < ncols; ++j) s[j] = j < valid ? s[j] * scale : neg_inf<T>();
+  if (mrow == nullptr) return;
+  const int64_t sj = mask.sj;
+  if (mask.dtype == DType::Bool) {
+    const uint8_t* m = static_cast<const uint8_t*>(mrow) + j0 * sj;
+    for (int64_t j = 0; j < valid; ++j) s[j] = m[j * sj] ? s[j] : neg_inf<T>();
+  } else if (mask.dtype == DType::Float64) {
+    const double* m = static_cast<const double*>(mrow) + j0 * sj;
+    for (int64_t j = 0; j < valid; ++j) s[j] += static_cast<T>(m[j * sj]);
+  } else {
+    const float* m = static_cast<const float*>(mrow) + j0 * sj;
+    for (int64_t j = 0; j < valid; ++j) s[j] += static_cast<T>(m[j * sj]);
+  }
+}
+
+// s[j] <- exp(s[j] - shift) (0 where s is -inf) for j < ncols (a multiple of kCW); the sum.
+template <typename T>
+AFFECTKIT_INLINE T exp_row(T* __restrict s, int64_t ncols, T shift) {
+  T part[kCW] = {};  // lane-wise partial sums: a reduction the compiler vectorises
+  for (int64_t j0 = 0; j0 < ncols; j0 += kCW)
+    for (int c = 0; c < kCW; ++c) {
+      const T e = exp_fast(s[j0 + c] - shift);
+      s[j0 + c] = e;
+      part[c] += e;
+    }
+  for (int w = kCW / 2; w > 0; w /= 2)  // tree reduction: vector shuffles, fixed order
+    for (int c = 0; c < w; ++c) part[c] += part[c + w];
+  return part[0];
+}
+
+// Multiply p[j] by the dropout factor of key j0 + j (0 or 1 / (1 - p)).
+template <typename T>
+AFFECTKIT_INLINE void apply_dropout(T* p, int64_t nk, int64_t j0, uint64_t row_key,
+                                    uint32_t threshold, T inv_keep) {
+  for (int64_t j = 0; j < nk; ++j)
+    p[j] = dropout_keep(row_key, j0 + j, threshold) ? p[j] * inv_keep : T(0);
+}
+
+template <typename T>
+AFFECTKIT_INLINE const T* row_ptr(const View& t, int64_t b, int64_t h, int64_t row) {
+  return static_cast<const T*>(t.data) + b * t.sb + h * t.sh + row * t.sr;
+}
+template <typename T>
+AFFECTKIT_INLINE T* row_ptr(const MutView& t, int64_t b, int64_t h, int64_t row) {
+  return static_cast<T*>(t.data) + b * t.sb + h * t.sh + row * t.sr;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AFFECTKIT_AVX512_TRANSPOSE 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
+// dst[f * ld + j] = rows[j][f] for f < F, j < ld (rows j >= n read as zeros): 16 x 16 blocks
+// transposed in registers. ld is a multiple of 16. Called only when the CPU has AVX-512F.
+__attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64_t sr, int64_t n,
+                                                         int64_t F, int64_t ld, float* dst) {
+  for (int64_t f0 = 0; f0 < F; f0 += 16) {
+    const int64_t fw = std::min<int64_t>(16, F - f0);
+    const __mmask16 fmask = static_cast<__mmask16>((1u << fw) - 1u);
+    for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+      if (j0 >= n) {  // padding columns only
+        for (int64_t f = 0; f < fw; ++f) _mm512_storeu_ps(dst + (f0 + f) * ld + j0, _mm512_setzero_ps());
+        continue;
+      }
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < n ? _mm512_maskz_loadu_ps(fmask, src + (j0 + i) * sr + f0) : _mm512_setzero_ps();
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+      }
+      for (int i = 0; i < 16; i += 8)
+        for (int c = 0; c < 4; ++c) {
+          t[i + c] = _mm512_shuffle_f32x4(r[i + c], r[i + c + 4], 0x88);
+          t[i + c + 4] = _mm512_shuffle_f32x4(r[i + c], r[i + c + 4], 0xdd);
+        }
+      for (int c = 0; c < 8; ++c) {
+        r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
+        r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
+      }
+      for (int64_t f = 0; f < fw; ++f) _mm512_storeu_ps(dst + (f0 + f) * ld + j0, r[f]);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+bool cpu_has_avx512f() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#endif
+
+// dst[f, j] = t[row0 + j, f] (F x ld, transposed), zero for j in [n, ld).
+template <typename T>
+AFFECTKIT_INLINE void pack_transposed(const View& t, int64_t b, int64_t h, int64_t row0,
+                                      int64_t n, int64_t F, int64_t ld, T* dst) {
+#ifdef AFFECTKIT_AVX512_TRANSPOSE
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512f()) {
+      transpose_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, F, ld, dst);
+      return;
+    }
+  }
+#endif
+  for (int64_t f = 0; f < F; ++f) std::fill(dst + f * ld + n, dst + (f + 1) * ld, T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = row_ptr<T>(t, b, h, row0 + j);
+    for (int64_t f = 0; f < F; ++f) dst[f * ld + j] = src[f];
+  }
+}
+
+// dst[r, 0:ld] = row row0 + r of t for r < n, zero-padded to ld columns.
+template <typename T>
+AFFECTKIT_INLINE void pack_rows(const View& t, int64_t b, int64_t h, int64_t row0, int64_t n,
+                                int64_t width, int64_t ld, T* dst) {
+  for (int64_t r = 0; r < n; ++r) {  // a plain loop: rows are short, a libc call each costs more
+    const T* src = row_ptr<T>(t, b, h, row0 + r);
+    T* out = dst + r * ld;
+    for (int64_t f = 0; f < ld; ++f) out[f] = f < width ? src[f] : T(0);
+  }
+}
+
+template <typename T>
+struct Params {  // what every task needs, computed once per call
+  T scale, inv_keep;
+  uint32_t threshold;
+  explicit Params(const Problem& p)
+      : scale(static_cast<T>(p.scale)),
+        inv_keep(p.dropout_p > 0 ? static_cast<T>(1.0 / (1.0 - p.dropout_p)) : T(1)),
+        threshold(dropout_threshold(p.dropout_p)) {}
+};
+
+// ---------------------------------------------------------------------------------- forward
+
+// The forward works on transposed score tiles St[j, i] (keys x queries): each vector holds
+// 16 query rows, so the softmax's max and sum over keys are plain vector ops (no horizontal
+// reductions), K is read in place (broadcast operand) and only Q is transposed, once per task.
+template <typename T>
+struct ForwardScratch {
+  std::vector<T> qt, st, vp, o, m, l, alpha;
+  std::vector<uint64_t> keys;
+  explicit ForwardScratch(int64_t Dvp)
+      : qt(kMaxDim * kBQ), st(kBK * kBQ), vp(kBK * Dvp), o(kBQ * Dvp), m(kBQ), l(kBQ),
+        alpha(kBQ), keys(kBQ) {}
+};
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, const View& q,
+                                        const View& k, const View& v, const Mask& mask,
+                                        const MutView& out, const MutView& lse, int64_t b,
+                                        int64_t h, int64_t qtile, ForwardScratch<T>& w) {
+  const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kCW);
+  const Seq sq = seq_info(p, b);
+  const int64_t i0 = qtile * kBQ;
+  const int64_t present = clamp64(sq.qrows - i0, 0, kBQ);
+  const int64_t mv = clamp64(sq.qlen - i0, 0, kBQ);
+  if (present == 0) return;
+  const int64_t npad = round_up(mv, kCW);  // query lanes, padded to whole vectors
+  const int64_t kend = mv > 0 ? key_end(p, sq, i0 + mv - 1) : 0;
+  T *qt = w.qt.data(), *st = w.st.data(), *o = w.o.data(), *mrun = w.m.data();
+  T *lrun = w.l.data(), *alpha = w.alpha.data();
+  std::fill(mrun, mrun + npad, neg_inf<T>());
+  std::fill(lrun, lrun + npad, T(0));
+  if (kend > 0) pack_transposed(q, b, h, sq.q0 + i0, mv, D, npad, qt);
+  if (pr.threshold > 0)
+    for (int64_t r = 0; r < mv; ++r) w.keys[r] = dropout_row_key(p.seed, b, h, i0 + r);
+  const bool direct_v = Dv % kCW == 0;  // V rows usable in place as the B operand
+  for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+    const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+    // St = K Q^T (scores before scale and masks).
+    gemm_acc<T>(nk, npad, D, row_ptr<T>(k, b, h, sq.k0 + j0), k.sr, 1, qt, npad, st, kBQ, false);
+    // Scale and mask; lane c (query i0 + c) sees key j0 + j iff j0 + j <= i0 + c + offset.
+    for (int64_t j = 0; j < nk; ++j) {
+      T* row = st + j * kBQ;
+      const int64_t first = p.causal ? j0 + j - sq.offset - i0 : std::numeric_limits<int64_t>::min();
+      for (int64_t c = 0; c < npad; ++c) row[c] = c >= first && c < mv ? row[c] * pr.scale : neg_inf<T>();
+      if (mask.data != nullptr) {
+        for (int64_t c = 0; c < mv; ++c) {
+          const void* mr = mask_row(mask, b, h, i0 + c);
+          if (mask.dtype == DType::Bool) {
+            if (!static_cast<const uint8_t*>(mr)[(j0 + j) * mask.sj]) row[c] = neg_inf<T>();
+          } else if (mask.dtype == DType::Float64) {
+            row[c] += static_cast<T>(static_cast<const double*>(mr)[(j0 + j) * mask.sj]);
+          } else {
+            row[c] += static_cast<T>(static_cast<const float*>(mr)[(j0 + j) * mask.sj]);
+          }
+        }
+      }
+    }
+    // Online softmax, 16 queries per vector: new running max, rescale factor, exp and sum.
+    for (int64_t c = 0; c < npad; ++c) alpha[c] = mrun[c];
+    for (int64_t j = 0; j < nk; ++j) {
+      const T* row = st + j * kBQ;
+      for (int64_t c = 0; c < npad; ++c) alpha[c] = alpha[c] > row[c] ? alpha[c] : row[c];
+    }
+    for (int64_t c = 0; c < npad; ++c) {  // alpha <- exp(m_old - m_new); mrun <- m_new
+      const T mnew = alpha[c];
+      const bool none = mnew == neg_inf<T>();  // nothing visible yet: keep 0 / 1
+      alpha[c] = none ? T(1) : exp_fast(mrun[c] - mnew);
+      mrun[c] = mnew;
+      lrun[c] *= alpha[c];
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      T* row = st + j * kBQ;
+      for (int64_t c = 0; c < npad; ++c) {
+        const T shift = mrun[c] == neg_inf<T>() ? T(0) : mrun[c];
+        const T e = exp_fast(row[c] - shift);
+        row[c] = e;
+        lrun[c] += e;
+      }
+    }
+    if (pr.threshold > 0)
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t c = 0; c < mv; ++c) {
+          T& e = st[j * kBQ + c];
+          e = dropout_keep(w.keys[c], j0 + j, pr.threshold) ? e * pr.inv_keep : T(0);
+        }
+    for (int64_t r = 0; r < mv && j0 > 0; ++r)  // the first tile overwrites o below
+      if (alpha[r] != T(1)) {
+        T* orow = o + r * Dvp;
+        for (int64_t c = 0; c < Dvp; ++c) orow[c] *= alpha[r];
+      }
+    // O += P V with P(i, j) = St[j, i].
+    const T* vb = w.vp.data();
+    int64_t ldv = Dvp;
+    if (direct_v) {
+      vb = row_ptr<T>(v, b, h, sq.k0 + j0);
+      ldv = v.sr;
+    } else {
+      pack_rows(v, b, h, sq.k0 + j0, nk, Dv, Dvp, w.vp.data());
+    }
+    gemm_acc<T>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, j0 > 0);
+  }
+  // Row sums are >= 1 where a key is visible (the max contributes exp(0)), else 0: then the
+  // row is zeros and lse = +inf, so the backward's P = exp(s - lse) is 0. Vector pass first.
+  for (int64_t r = 0; r < npad; ++r) {
+    const bool any = lrun[r] > T(0);
+    const T l = any ? lrun[r] : T(1);
+    alpha[r] = any ? T(1) / l : T(0);  // reused as 1 / l
+    mrun[r] = any ? mrun[r] + log_fast(l) : std::numeric_limits<T>::infinity();
+  }
+  for (int64_t r = 0; r < present; ++r) {
+    T* dst = row_ptr<T>(out, b, h, sq.q0 + i0 + r);
+    *row_ptr<T>(lse, b, h, sq.q0 + i0 + r) = r < mv ? mrun[r] : std::numeric_limits<T>::infinity();
+    if (r < mv && alpha[r] > T(0)) {
+      const T inv = alpha[r];
+      for (int64_t c = 0; c < Dv; ++c) dst[c] = o[r * Dvp + c] * inv;
+    } else {  // past q_length, or no visible key
+      for (int64_t c = 0; c < Dv; ++c) dst[c] = T(0);
+    }
+  }
+}
+
+template <typename T>
+void forward(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse) {
+  const int64_t qtiles = (p.Lq + kBQ - 1) / kBQ;
+  const Params<T> pr(p);
+  const int64_t Dvp = round_up(p.Dv, kCW);
+#pragma omp parallel
+  {
+    ForwardScratch<T> w(Dvp);
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h)
+        for (int64_t qt = 0; qt < qtiles; ++qt)
+          forward_task<T>(p, pr, q, k, v, mask, out, lse, b, h, qt, w);
+  }
+}
+
+// --------------------------------------------------------------------------------- backward
+
+// Recompute one tile of probabilities in place: s[r, j] = exp(score - lse_r) for query rows
+// i0 + r (r < mq) and keys j0 + j (j < ncols), from the raw dot products in s.
+template <typename T>
+AFFECTKIT_INLINE void probabilities(const Problem& p, const Params<T>& pr, const Seq& sq,
+                                    int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0,
+                                    int64_t ncols, const Mask& mask, const View& lse, T* s) {
+  for (int64_t r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    T* row = s + r * kBK;
+    finish_scores<T>(row, ncols, j0, key_end(p, sq, i), pr.scale, mask, mask_row(mask, b, h, i));
+    const T l = *row_ptr<T>(lse, b, h, sq.q0 + i);
+    if (std::isinf(l)) std::fill(row, row + ncols, T(0));  // no visible key: P = 0
+    else exp_row<T>(row, ncols, l);
+  }
+}
+
+// The backward also works on transposed tiles (keys x queries): Q and dO are transposed once
+// per (b, h); K, V, Q and dO rows are read in place as matmul operands when their width is a
+// whole number of vectors (else packed, zero-padded).
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> qt, gt, qp, gop, kp, st, dpt, dk, dv, dq, lse, delta;
+};
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, const View& q,
+                                         const View& k, const View& v, const Mask& mask,
+                                         const View& out, const View& gout, const View& lse,
+                                         const MutView& gq, const MutView& gk,
+                                         const MutView& gv, int64_t b, int64_t h,
+                                         BackwardScratch<T>& w) {
+  const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, kCW), Dvp = round_up(Dv, kCW);
+  const Seq sq = seq_info(p, b);
+  const int64_t qlen = sq.qlen;
+  const int64_t kend = qlen > 0 ? key_end(p, sq, qlen - 1) : 0;
+  const int64_t ldq = round_up(qlen, kCW) + kCW;  // room for a tile starting anywhere
+  w.dq.assign(qlen * Dp, T(0));
+  if (kend > 0) {
+    w.qt.resize(D * ldq);
+    w.gt.resize(Dv * ldq);
+    w.lse.resize(ldq);
+    w.delta.resize(ldq);
+    w.st.resize(kBK * kBQ);
+    w.dpt.resize(kBK * kBQ);
+    w.dk.resize(kBK * Dp);
+    w.dv.resize(kBK * Dvp);
+    pack_transposed(q, b, h, sq.q0, qlen, D, ldq, w.qt.data());
+    pack_transposed(gout, b, h, sq.q0, qlen, Dv, ldq, w.gt.data());
+    std::fill(w.delta.begin(), w.delta.end(), T(0));  // padding lanes: P = 0
+    std::fill(w.lse.begin(), w.lse.end(), std::numeric_limits<T>::infinity());
+    for (int64_t i = 0; i < qlen; ++i) {  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
+      const T* o = row_ptr<T>(out, b, h, sq.q0 + i);
+      const T* g = row_ptr<T>(gout, b, h, sq.q0 + i);
+      T acc = 0;
+      if (Dv >= kCW) {  // lane-wise partial sums, then a tree: vectorised, fixed order
+        T part[kCW] = {};
+        int64_t c0 = 0;
+        for (; c0 + kCW <= Dv; c0 += kCW)
+          for (int64_t c = 0; c < kCW; ++c) part[c] += g[c0 + c] * o[c0 + c];
+        for (int64_t c = c0; c < Dv; ++c) part[c - c0] += g[c] * o[c];
+        for (int64_t s = kCW / 2; s > 0; s /= 2)
+          for (int64_t c = 0; c < s; ++c) part[c] += part[c + s];
+        acc = part[0];
+      } else {
+        for (int64_t c = 0; c < Dv; ++c) acc += g[c] * o[c];
+      }
+      w.delta[i] = acc;
+      w.lse[i] = *row_ptr<T>(lse, b, h, sq.q0 + i);
+    }
+  }
+  // Row operands: in place when a whole number of vectors wide, else packed.
+  const T* qrows = nullptr;
+  const T* grows = nullptr;
+  int64_t ldqr = Dp, ldgr = Dvp;
+  if (kend > 0) {
+    if (D % kCW == 0) {
+      qrows = row_ptr<T>(q, b, h, sq.q0);
+      ldqr = q.sr;
+    } else {
+      w.qp.resize(qlen * Dp);
+      pack_rows(q, b, h, sq.q0, qlen, D, Dp, w.qp.data());
+      qrows = w.qp.data();
+    }
+    if (Dv % kCW == 0) {
+      grows = row_ptr<T>(gout, b, h, sq.q0);
+      ldgr = gout.sr;
+    } else {
+      w.gop.resize(qlen * Dvp);
+      pack_rows(gout, b, h, sq.q0, qlen, Dv, Dvp, w.gop.data());
+      grows = w.gop.data();
+    }
+  }
+  T *st = w.st.data(), *dpt = w.dpt.data(), *dk = w.dk.data(), *dv = w.dv.data(), *dq = w.dq.data();
+  const T *lse_all = w.lse.data(), *delta_all = w.delta.data();
+  for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+    const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+    const T* krows = row_ptr<T>(k, b, h, sq.k0 + j0);
+    const T* vrows = row_ptr<T>(v, b, h, sq.k0 + j0);
+    const T* kb = krows;
+    int64_t ldk = k.sr;
+    if (D % kCW != 0) {
+      w.kp.resize(kBK * Dp);
+      pack_rows(k, b, h, sq.k0 + j0, nk, D, Dp, w.kp.data());
+      kb = w.kp.data();
+      ldk = Dp;
+    }
+    // Causal: queries before j0 - offset see none of these keys.
+    const int64_t ifirst = p.causal ? clamp64(j0 - sq.offset, 0, qlen) : 0;
+    bool first = true;
+    for (int64_t i0 = ifirst; i0 < qlen; i0 += kBQ) {
+      const int64_t mq = std::min<int64_t>(kBQ, qlen - i0);
+      const int64_t mpad = round_up(mq, kCW);
+      // St = K Q^T and dPt = V dO^T for keys j0.. and queries i0.. (lanes).
+      gemm_acc<T>(nk, mpad, D, krows, k.sr, 1, w.qt.data() + i0, ldq, st, kBQ, false);
+      gemm_acc<T>(nk, mpad, Dv, vrows, v.sr, 1, w.gt.data() + i0, ldq, dpt, kBQ, false);
+      // st <- dS = P * (dP * z - delta), dpt <- P * z, with P = exp(score - lse).
+      for (int64_t j = 0; j < nk; ++j) {
+        T* srow = st + j * kBQ;
+        T* drow = dpt + j * kBQ;
+        const int64_t jabs = j0 + j;
+        const int64_t lo = p.causal ? jabs - sq.offset - i0 : std::numeric_limits<int64_t>::min();
+        for (int64_t c = 0; c < mpad; ++c) srow[c] = c >= lo && c < mq ? srow[c] * pr.scale : neg_inf<T>();
+        if (mask.data != nullptr) {
+          for (int64_t c = 0; c < mq; ++c) {
+            const void* mr = mask_row(mask, b, h, i0 + c);
+            if (mask.dtype == DType::Bool) {
+              if (!static_cast<const uint8_t*>(mr)[jabs * mask.sj]) srow[c] = neg_inf<T>();
+            } else if (mask.dtype == DType::Float64) {
+              srow[c] += static_cast<T>(static_cast<const double*>(mr)[jabs * mask.sj]);
+            } else {
+              srow[c] += static_cast<T>(static_cast<const float*>(mr)[jabs * mask.sj]);
+            }
+          }
+        }
+        const T* lse_t = lse_all + i0;
+        const T* delta_t = delta_all + i0;
+        if (pr.threshold > 0) {
+          for (int64_t c = 0; c < mpad; ++c) {
+            const T pj = exp_fast(srow[c] - lse_t[c]);  // -inf or lse = +inf give 0
+            const T z = c < mq && dropout_keep(dropout_row_key(p.seed, b, h, i0 + c), jabs, pr.threshold)
+                            ? pr.inv_keep : T(0);
+            srow[c] = pj * (drow[c] * z - delta_t[c]);
+            drow[c] = pj * z;
+          }
+        } else {
+          for (int64_t c = 0; c < mpad; ++c) {
+            const T pj = exp_fast(srow[c] - lse_t[c]);
+            srow[c] = pj * (drow[c] - delta_t[c]);
+            drow[c] = pj;
+          }
+        }
+      }
+      // dV += (P z)^T dO; dK += dS^T Q; dQ += dS K  (scale applied at the end).
+      gemm_acc<T>(nk, Dvp, mq, dpt, kBQ, 1, grows + i0 * ldgr, ldgr, dv, Dvp, !first);
+      gemm_acc<T>(nk, Dp, mq, st, kBQ, 1, qrows + i0 * ldqr, ldqr, dk, Dp, !first);
+      gemm_acc<T>(mq, Dp, nk, st, 1, kBQ, kb, ldk, dq + i0 * Dp, Dp, true);
+      first = false;
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      T* dkr = row_ptr<T>(gk, b, h, sq.k0 + j0 + j);
+      T* dvr = row_ptr<T>(gv, b, h, sq.k0 + j0 + j);
+      if (first) {  // no query sees this tile
+        std::fill(dkr, dkr + D, T(0));
+        std::fill(dvr, dvr + Dv, T(0));
+        continue;
+      }
+      for (int64_t c = 0; c < D; ++c) dkr[c] = dk[j * Dp + c] * pr.scale;
+      for (int64_t c = 0; c < Dv; ++c) dvr[c] = dv[j * Dvp + c];
+    }
+  }
+  for (int64_t j = kend; j < sq.krows; ++j) {  // keys no query sees
+    T* dkr = row_ptr<T>(gk, b, h, sq.k0 + j);
+    T* dvr = row_ptr<T>(gv, b, h, sq.k0 + j);
+    std::fill(dkr, dkr + D, T(0));
+    std::fill(dvr, dvr + Dv, T(0));
+  }
+  for (int64_t i = 0; i < sq.qrows; ++i) {
+    T* dqr = row_ptr<T>(gq, b, h, sq.q0 + i);
+    if (i < qlen)
+      for (int64_t c = 0; c < D; ++c) dqr[c] = dq[i * Dp + c] * pr.scale;
+    else
+      std::fill(dqr, dqr + D, T(0));
+  }
+}
+
+template <typename T>
+void backward(const Problem& p, View q, View k, View v, Mask mask, View out, View gout, View lse,
+              MutView gq, MutView gk, MutView gv) {
+  const Params<T> pr(p);
+#pragma omp parallel
+  {
+    BackwardScratch<T> w;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h)
+        backward_task<T>(p, pr, q, k, v, mask, out, gout, lse, gq, gk, gv, b, h, w);
+  }
+}
+
+// ---------------------------------------------------------------------------------- weights
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void weights_task(const Problem& p, const Params<T>& pr, const View& q,
+                                        const View& k, const Mask& mask, const View& lse, T* w,
+                                        bool average_heads, int64_t b, int64_t qt, T* kt, T* pt) {
+  const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk;
+  const T factor = average_heads && p.H > 0 ? T(1) / static_cast<T>(p.H) : T(1);
+  const Seq sq = seq_info(p, b);
+  const int64_t i0 = qt * kBQ;
+  const int64_t rows = std::min<int64_t>(kBQ, Lq - i0);
+  const int64_t mq = clamp64(sq.qlen - i0, 0, kBQ);
+  const int64_t kend = mq > 0 ? key_end(p, sq, i0 + mq - 1) : 0;
+  // (B, Lq, Lk) summed over heads, or (B, H, Lq, Lk) one slab per head.
+  auto tile = [&](int64_t h) {
+    return average_heads ? w + (b * Lq + i0) * Lk : w + ((b * p.H + h) * Lq + i0) * Lk;
+  };
+  if (average_heads) std::fill(tile(0), tile(0) + rows * Lk, T(0));
+  for (int64_t h = 0; h < p.H; ++h) {
+    T* wt = tile(h);
+    if (!average_heads) std::fill(wt, wt + rows * Lk, T(0));
+    for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+      const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+      const int64_t ncols = round_up(nk, kCW);
+      pack_transposed(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
+      gemm_acc<T>(mq, ncols, D, row_ptr<T>(q, b, h, sq.q0 + i0), q.sr, 1, kt, ncols, pt, kBK, false);
+      probabilities<T>(p, pr, sq, b, h, i0, mq, j0, ncols, mask, lse, pt);
+      for (int64_t r = 0; r < mq; ++r) {
+        T* prow = pt + r * kBK;
+        if (pr.threshold > 0)
+          apply_dropout(prow, nk, j0, dropout_row_key(p.seed, b, h, i0 + r), pr.threshold, pr.inv_keep);
+        T* wrow = wt + r * Lk + j0;
+        for (int64_t j = 0; j < nk; ++j) wrow[j] += prow[j] * factor;
+      }
+    }
+  }
+}
+
+template <typename T>
+void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w, bool average_heads) {
+  const int64_t qtiles = (p.Lq + kBQ - 1) / kBQ;
+  const Params<T> pr(p);
+#pragma omp parallel
+  {
+    std::vector<T> kt(kMaxDim * kBK), pt(kBQ * kBK);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t qt = 0; qt < qtiles; ++qt)
+        weights_task<T>(p, pr, q, k, mask, lse, w, average_heads, b, qt, kt.data(), pt.data());
+  }
+}
+
+}  // namespace
+
+namespace detail {
+void forward_cpu(DType dtype, const Problem& p, View q, View k, View v, Mask mask, MutView out,
+                 MutView lse) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] { forward<T>(p, q, k, v, mask, out, lse); });
+}
+void backward_cpu(DType dtype, const Problem& p, View q, View k, View v, Mask mask, View out,
+                  View gout, View lse, MutView gq, MutView gk, MutView gv) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] {
+    backward<T>(p, q, k, v, mask, out, gout, lse, gq, gk, gv);
+  });
+}
+void weights_cpu(DType dtype, const Problem& p, View q, View k, Mask mask, View lse, void* w,
+                 bool average_heads) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] {
+    weights<T>(p, q, k, mask, lse, static_cast<T*>(w), average_heads);
+  });
+}
+}  // namespace detail
+
+}  // namespace affectkit::attention

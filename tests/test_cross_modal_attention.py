@@ -1,0 +1,561 @@
+"""affectkit.ops.cross_modal_attention (+ varlen): against a float64 softmax(QK^T)V reference."""
+
+import math
+
+import pytest
+import torch
+
+import affectkit.ops as ops
+from affectkit.selfcheck import rel_error
+
+from _support import requires_cuda
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GRAD_TOL = {torch.float32: 5e-5, torch.float64: 1e-11, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def reference(q, k, v, kv_lengths=None, q_lengths=None, attn_mask=None, causal=False, scale=None):
+    """Plain float64 softmax(scale q k^T + masks) v; rows with no visible key and rows past
+    q_lengths are zeros."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if kv_lengths is not None:
+        allowed = allowed & (j < kv_lengths.to(q.device)[:, None, None, None])
+    if causal:
+        allowed = allowed & (j <= i + (Lk - Lq))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask.double()
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True) if Lk else s.new_zeros(s.shape[:-1] + (1,))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    e = torch.exp(s - m)
+    total = e.sum(-1, keepdim=True)
+    p = torch.where(total > 0, e / total.clamp_min(1e-300), torch.zeros_like(e))
+    out = p @ v
+    if q_lengths is not None:
+        out = out * (torch.arange(Lq, device=q.device)[None, None, :, None] < q_lengths.to(q.device)[:, None, None, None])
+    return out
+
+
+def _inputs(gen, B, H, Lq, Lk, D, Dv, dtype=torch.float32):
+    q = torch.randn(B, H, Lq, D, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, H, Lk, D, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, H, Lk, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+def _grads(fn, q, k, v, g):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(g)
+    return out, q.grad, k.grad, v.grad
+
+
+def _check_against_reference(gen, q, k, v, **kw):
+    tol, gtol = TOL[q.dtype], GRAD_TOL[q.dtype]
+    g = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen, dtype=torch.float64)
+    got = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g.to(q.dtype))
+    want = _grads(lambda a, b, c: reference(a, b, c, **kw), q.double(), k.double(), v.double(), g)
+    assert torch.isfinite(got[0]).all()
+    assert got[0].dtype == q.dtype and got[0].shape == want[0].shape
+    assert rel_error(got[0], want[0]) <= tol
+    for name, a, b in zip(("q", "k", "v"), got[1:], want[1:]):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a, b) <= gtol, name
+
+
+SHAPES = [  # B, H, Lq, Lk, D, Dv
+    (1, 1, 1, 1, 1, 1),
+    (2, 3, 5, 7, 6, 6),
+    (3, 2, 33, 33, 64, 64),
+    (2, 2, 50, 97, 32, 32),
+    (1, 2, 67, 31, 13, 5),
+    (2, 1, 130, 65, 128, 128),
+    (1, 1, 3, 40, 256, 256),
+    (1, 2, 17, 1, 7, 200),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lengths_and_causal_match_reference(shape, dtype, gen):
+    B, H, Lq, Lk, D, Dv = shape
+    q, k, v = _inputs(gen, *shape, dtype=dtype)
+    kv_lengths = torch.randint(0, Lk + 1, (B,), generator=gen)
+    q_lengths = torch.randint(0, Lq + 1, (B,), generator=gen)
+    kv_lengths[0] = 0 if B > 1 else kv_lengths[0]  # an empty key set: zeros, never NaN
+    for causal in (False, True):
+        _check_against_reference(gen, q, k, v, causal=causal)
+        _check_against_reference(gen, q, k, v, kv_lengths=kv_lengths, q_lengths=q_lengths, causal=causal)
+
+
+@pytest.mark.parametrize("kind", ["bool_full", "bool_bh", "bool_row", "add_full", "add_key", "add_neg_inf"])
+def test_every_mask_kind(kind, gen):
+    B, H, Lq, Lk = 3, 4, 37, 45
+    q, k, v = _inputs(gen, B, H, Lq, Lk, 24, 40)
+    if kind == "bool_full":
+        mask = torch.rand(B, H, Lq, Lk, generator=gen) > 0.4
+        mask[0, 1, 5] = False  # a fully masked row
+    elif kind == "bool_bh":
+        mask = torch.rand(B, 1, 1, Lk, generator=gen) > 0.3
+    elif kind == "bool_row":
+        mask = torch.rand(Lq, Lk, generator=gen) > 0.5
+    elif kind == "add_full":
+        mask = torch.randn(B, H, Lq, Lk, generator=gen)
+    elif kind == "add_key":
+        mask = torch.randn(B, 1, 1, Lk, generator=gen, dtype=torch.float64)
+    else:
+        mask = torch.where(torch.rand(H, 1, Lk, generator=gen) > 0.5, 0.0, float("-inf"))
+        mask[1] = float("-inf")  # every key of head 1 masked
+    kv_lengths = torch.randint(1, Lk + 1, (B,), generator=gen)
+    _check_against_reference(gen, q, k, v, attn_mask=mask)
+    _check_against_reference(gen, q, k, v, attn_mask=mask, kv_lengths=kv_lengths, causal=True, scale=0.3)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads(gen):
+    q, k, v = _inputs(gen, 2, 2, 9, 11, 8, 8)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = torch.ones(2, 2, 9, 11, dtype=torch.bool)
+    mask[0, 0, 3] = False
+    out = ops.cross_modal_attention(q, k, v, attn_mask=mask, kv_lengths=torch.tensor([0, 11]),
+                                    q_lengths=torch.tensor([9, 4]))
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[1, :, 4:] == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[0] == 0).all() and (q.grad[1, :, 4:] == 0).all()
+    assert (k.grad[0] == 0).all() and (v.grad[0] == 0).all()
+
+
+def test_non_contiguous_inputs(gen):
+    base = torch.randn(3, 21, 4, 2, 16, generator=gen, dtype=torch.float64)
+    q = base[..., 0, :].transpose(1, 2)  # (3, 4, 21, 16) from a (B, L, H, D) layout
+    kv = torch.randn(3, 30, 4, 48, generator=gen, dtype=torch.float64)
+    k = kv[..., :16].transpose(1, 2)
+    v = kv[..., 16::2].transpose(1, 2)  # feature stride 2: copied
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    mask = (torch.rand(3, 30, 4, generator=gen) > 0.3).permute(0, 2, 1)[:, :, None, :]
+    _check_against_reference(gen, q, k, v, attn_mask=mask, kv_lengths=torch.tensor([30, 1, 17]))
+
+
+def test_empty_sizes(gen):
+    for shape in [(0, 2, 3, 4, 5, 6), (2, 0, 3, 4, 5, 6), (2, 2, 0, 4, 5, 6), (2, 2, 3, 0, 5, 6)]:
+        q, k, v = _inputs(gen, *shape)
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = ops.cross_modal_attention(q, k, v)
+        assert out.shape == shape[:3] + (shape[5],)
+        assert (out == 0).all()
+        out.sum().backward()
+        assert k.grad.shape == k.shape and (k.grad == 0).all()
+
+
+def test_kernel_writes_every_output_element(gen):
+    # Poison the buffers the core writes into: an unwritten element stays NaN.
+    import affectkit._C as C
+    from affectkit.ops._bridge import ptr
+
+    B, H, Lq, Lk, D, Dv = 3, 2, 70, 41, 10, 9
+    q, k, v = _inputs(gen, B, H, Lq, Lk, D, Dv)
+    kv_lengths = torch.tensor([41, 0, 5])
+    q_lengths = torch.tensor([70, 12, 0])
+    out = torch.full((B, H, Lq, Dv), float("nan"))
+    lse = torch.full((B, H, Lq), float("nan"))
+    f32 = C.DTYPE_CODES["float32"]
+    view = lambda t: (ptr(t), t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    dims, index = (B, H, Lq, Lk, D, Dv), (ptr(q_lengths), ptr(kv_lengths), 0, 0, 0, 0)
+    no_mask = (0, C.DTYPE_CODES["bool"], 0, 0, 0, 0)
+    C.attention_forward(C.DEVICE_CPU, f32, dims, index, False, 0.25, 0.0, 0, view(q), view(k), view(v), no_mask,
+                        view(out), view(lse))
+    want = reference(q, k, v, kv_lengths=kv_lengths, q_lengths=q_lengths, scale=0.25)
+    assert rel_error(out, want) <= 2e-5
+    g = torch.randn(B, H, Lq, Dv, generator=gen)
+    grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
+    C.attention_backward(C.DEVICE_CPU, f32, dims, index, False, 0.25, 0.0, 0, view(q), view(k), view(v), no_mask,
+                         view(out), view(g), view(lse), *(view(t) for t in grads))
+    want = _grads(lambda a, b, c: reference(a, b, c, kv_lengths=kv_lengths, q_lengths=q_lengths, scale=0.25),
+                  q.double(), k.double(), v.double(), g.double())
+    for a, b in zip(grads, want[1:]):
+        assert rel_error(a, b) <= 5e-5
+    weights = torch.full((B, Lq, Lk), float("nan"))
+    C.attention_weights(C.DEVICE_CPU, f32, dims, index, False, 0.25, 0.0, 0, view(q), view(k), no_mask, view(lse),
+                        ptr(weights))
+    assert torch.isfinite(weights).all()
+
+
+def _reference_weights(q, k, **kw):
+    # Probabilities = the reference applied to one-hot values.
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    eye = torch.eye(Lk, dtype=torch.float64).expand(B, H, Lk, Lk)
+    return reference(q, k, eye, **kw).mean(1)
+
+
+def test_need_weights_returns_head_averaged_probabilities(gen):
+    q, k, v = _inputs(gen, 3, 5, 20, 75, 16, 16)
+    kw = dict(kv_lengths=torch.tensor([75, 3, 0]), q_lengths=torch.tensor([20, 7, 20]), causal=True,
+              attn_mask=torch.rand(3, 1, 20, 75, generator=gen) > 0.2)
+    out, w = ops.cross_modal_attention(q, k, v, need_weights=True, **kw)
+    assert w.shape == (3, 20, 75)
+    assert rel_error(out, reference(q, k, v, **kw)) <= 2e-5
+    assert rel_error(w, _reference_weights(q, k, **kw)) <= 2e-5
+    out_h, w_h = ops.cross_modal_attention(q, k, v, need_weights="per_head", **kw)
+    assert torch.equal(out_h, out) and w_h.shape == (3, 5, 20, 75)
+    eye = torch.eye(75, dtype=torch.float64).expand(3, 5, 75, 75)
+    assert rel_error(w_h, reference(q, k, eye, **kw)) <= 2e-5
+    with pytest.raises(ValueError, match="need_weights: expected False, True or 'per_head', got 'mean'"):
+        ops.cross_modal_attention(q, k, v, need_weights="mean")
+
+
+def test_gradcheck_float64(gen):
+    q, k, v = _inputs(gen, 2, 2, 5, 7, 3, 4, dtype=torch.float64)
+    mask = torch.rand(2, 1, 5, 7, generator=gen) > 0.3
+    kw = dict(kv_lengths=torch.tensor([7, 4]), q_lengths=torch.tensor([3, 5]), attn_mask=mask, causal=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), (q, k, v))
+    add = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.cross_modal_attention(a, b, c, attn_mask=add, scale=0.7),
+                                    (q, k, v))
+
+
+def test_backward_is_deterministic(gen):
+    q, k, v = _inputs(gen, 4, 3, 90, 77, 32, 32)
+    g = torch.randn(4, 3, 90, 32, generator=gen)
+    kw = dict(kv_lengths=torch.tensor([77, 50, 1, 33]), dropout_p=0.2)
+    runs = []
+    for _ in range(3):
+        torch.manual_seed(1234)
+        runs.append(_grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_backward_is_bit_identical_across_thread_counts(gen):
+    import affectkit._C as C
+
+    q, k, v = _inputs(gen, 3, 5, 70, 45, 16, 24)
+    g = torch.randn(3, 5, 70, 24, generator=gen)
+    kw = dict(kv_lengths=torch.tensor([45, 20, 3]), causal=True)
+    before = C.num_threads()
+    try:
+        C.set_num_threads(1)
+        one = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g)
+        C.set_num_threads(2)
+        two = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g)
+    finally:
+        C.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_packed_kernel_writes_every_output_row(gen):
+    # Packed form through the core directly, buffers poisoned: every row must be written.
+    import affectkit._C as C
+    from affectkit.ops._bridge import ptr
+
+    lq, lk = torch.tensor([5, 0, 70, 1]), torch.tensor([9, 4, 0, 33])
+    H, D, Dv = 3, 7, 20
+    q = torch.randn(int(lq.sum()), H, D, generator=gen)
+    k = torch.randn(int(lk.sum()), H, D, generator=gen)
+    v = torch.randn(int(lk.sum()), H, Dv, generator=gen)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    out = torch.full((q.shape[0], H, Dv), float("nan"))
+    lse = torch.full((q.shape[0], H), float("nan"))
+    view = lambda t: (ptr(t), 0, t.stride(1), t.stride(0))  # noqa: E731
+    dims = (4, H, 70, 33, D, Dv)
+    index = (0, 0, ptr(cu_q), ptr(cu_k), q.shape[0], k.shape[0])
+    no_mask = (0, C.DTYPE_CODES["bool"], 0, 0, 0, 0)
+    f32 = C.DTYPE_CODES["float32"]
+    C.attention_forward(C.DEVICE_CPU, f32, dims, index, True, 0.3, 0.0, 0, view(q), view(k), view(v), no_mask,
+                        view(out), view(lse))
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    want = ops.cross_modal_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, 70, 33, causal=True,
+                                            scale=0.3)
+    assert rel_error(out, want) <= 2e-5
+    g = torch.randn(out.shape, generator=gen)
+    grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
+    C.attention_backward(C.DEVICE_CPU, f32, dims, index, True, 0.3, 0.0, 0, view(q), view(k), view(v), no_mask,
+                         view(out), view(g), (ptr(lse), 0, lse.stride(1), lse.stride(0)), *(view(t) for t in grads))
+    for t in grads:
+        assert torch.isfinite(t).all()
+
+
+def test_dropout_is_reproducible_and_consistent(gen):
+    q, k, v = _inputs(gen, 2, 3, 19, 23, 8, 8, dtype=torch.float64)
+    kw = dict(dropout_p=0.3, kv_lengths=torch.tensor([23, 9]))
+    torch.manual_seed(7)
+    out1, w1 = ops.cross_modal_attention(q, k, v, need_weights=True, **kw)
+    torch.manual_seed(7)
+    out2 = ops.cross_modal_attention(q, k, v, **kw)
+    assert torch.equal(out1, out2)
+    out3 = ops.cross_modal_attention(q, k, v, **kw)
+    assert not torch.equal(out1, out3)
+    # With one head the weights are that head's dropped probabilities: out = W v exactly.
+    q1, k1, v1 = q[:, :1], k[:, :1], v[:, :1]
+    torch.manual_seed(3)
+    out, w = ops.cross_modal_attention(q1, k1, v1, need_weights=True, **kw)
+    assert rel_error(out[:, 0], w @ v1[:, 0].double()) <= 1e-12
+    kept = (w > 0).double().sum() / (_reference_weights(q1, k1, kv_lengths=kw["kv_lengths"]) > 0).double().sum()
+    assert 0.55 < kept.item() < 0.85  # about 1 - p of the visible probabilities survive
+    # Gradients agree with the reference given the same dropped probabilities (as a mask).
+    torch.manual_seed(11)
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q1, k1, v1))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: (torch.manual_seed(11), ops.cross_modal_attention(a, b, c, **kw))[1], (qq, kk, vv))
+
+
+def _pack(x, lengths):
+    return torch.cat([x[b, :, : int(n)].transpose(0, 1) for b, n in enumerate(lengths)], 0)
+
+
+def _cu(lengths):
+    return torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_padded(causal, gen):
+    B, H, D, Dv = 5, 3, 12, 20
+    lq = torch.tensor([1, 33, 0, 17, 6])
+    lk = torch.tensor([4, 30, 5, 0, 60])
+    Lq, Lk = 40, 64
+    q, k, v = _inputs(gen, B, H, Lq, Lk, D, Dv, dtype=torch.float64)
+    qp, kp, vp = _pack(q, lq), _pack(k, lk), _pack(v, lk)
+    qp, kp, vp = (t.requires_grad_() for t in (qp, kp, vp))
+    out, w = ops.cross_modal_attention_varlen(qp, kp, vp, _cu(lq), _cu(lk), Lq, Lk, causal=causal, need_weights=True)
+    assert out.shape == (int(lq.sum()), H, Dv)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(g)
+    # Per sequence, the reference on exactly that sequence (causal alignment is per sequence).
+    row_q = row_k = 0
+    for b in range(B):
+        nq, nk = int(lq[b]), int(lk[b])
+        qb, kb, vb = (t[row : row + n].transpose(0, 1)[None].detach().requires_grad_()
+                      for t, row, n in ((qp, row_q, nq), (kp, row_k, nk), (vp, row_k, nk)))
+        want = reference(qb, kb, vb, causal=causal)
+        torch.testing.assert_close(out[row_q : row_q + nq].transpose(0, 1)[None], want, rtol=1e-10, atol=1e-12)
+        want.backward(g[row_q : row_q + nq].transpose(0, 1)[None])
+        for got, ref_t in ((qp.grad[row_q : row_q + nq], qb), (kp.grad[row_k : row_k + nk], kb), (vp.grad[row_k : row_k + nk], vb)):
+            torch.testing.assert_close(got.transpose(0, 1)[None], ref_t.grad, rtol=1e-9, atol=1e-11)
+        wb = _reference_weights(qb.detach(), kb.detach(), causal=causal)
+        torch.testing.assert_close(w[b, :nq, :nk], wb[0], rtol=1e-10, atol=1e-12)
+        assert (w[b, nq:] == 0).all() and (w[b, :, nk:] == 0).all()
+        row_q += nq
+        row_k += nk
+
+
+def test_varlen_gradcheck_and_mask(gen):
+    lq, lk = torch.tensor([3, 0, 4]), torch.tensor([2, 5, 5])
+    q = torch.randn(7, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(12, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(12, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 1, 4, 5, generator=gen) > 0.3
+    fn = lambda a, b, c: ops.cross_modal_attention_varlen(a, b, c, _cu(lq), _cu(lk).int(), 4, 5, attn_mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_opcheck(gen):
+    q, k, v = _inputs(gen, 2, 3, 5, 7, 4, 6, dtype=torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    kvl, ql = torch.tensor([7, 2]), torch.tensor([1, 5])
+    mask = torch.rand(2, 1, 5, 7, generator=gen) > 0.3
+    seed = torch.tensor([42])
+    op = torch.ops.affectkit.cross_modal_attention.default
+    torch.library.opcheck(op, (q, k, v, kvl, ql, None, None, 5, 7, mask, True, 0.5, 0.0, None))
+    torch.library.opcheck(op, (q, k, v, None, None, None, None, 5, 7, None, False, 0.5, 0.25, seed))
+    out, lse = op(q, k, v, kvl, ql, None, None, 5, 7, mask, True, 0.5, 0.0, None)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()  # no double backward
+    torch.library.opcheck(torch.ops.affectkit.cross_modal_attention_backward.default,
+                          (g, qd, kd, vd, out.detach(), lse, kvl, ql, None, None, 5, 7, mask, True, 0.5, 0.0, None))
+    torch.library.opcheck(torch.ops.affectkit.cross_modal_attention_weights.default,
+                          (q.detach(), k.detach(), lse, kvl, ql, None, None, 5, 7, mask, True, 0.5, 0.0, None))
+    qp = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    kp = torch.randn(9, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    vp = torch.randn(9, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(op, (qp, kp, vp, None, None, torch.tensor([0, 2, 6]), torch.tensor([0, 8, 9]), 4, 8, None,
+                               True, 0.5, 0.0, None))
+
+
+def _compiled_step(backend):
+    torch._dynamo.reset()
+
+    def step(q, k, v, kv_lengths, mask):
+        out = ops.cross_modal_attention(q, k, v, kv_lengths=kv_lengths, attn_mask=mask, causal=True)
+        return (out * out).sum()
+
+    return torch.compile(step, backend=backend, fullgraph=True, dynamic=True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_backward(backend, gen):
+    step = _compiled_step(backend)
+    for B, H, Lq, Lk, D in [(3, 2, 5, 9, 8), (4, 3, 11, 13, 8)]:  # two shapes: dynamic
+        q, k, v = (t.requires_grad_() for t in _inputs(gen, B, H, Lq, Lk, D, D))
+        kvl = torch.randint(0, Lk + 1, (B,), generator=gen)
+        mask = torch.rand(B, 1, Lq, Lk, generator=gen) > 0.2
+        loss = step(q, k, v, kvl, mask)
+        loss.backward()
+        qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+        loss_ref = (reference(qr, kr, vr, kv_lengths=kvl, attn_mask=mask, causal=True) ** 2).sum()
+        loss_ref.backward()
+        torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-6)
+        for a, b in ((q, qr), (k, kr), (v, vr)):
+            assert rel_error(a.grad, b.grad) <= 5e-5
+
+
+def test_torch_compile_dropout_and_varlen_no_graph_break(gen):
+    torch._dynamo.reset()
+
+    def step(q, k, v, cu_q, cu_k):
+        out, w = ops.cross_modal_attention_varlen(q, k, v, cu_q, cu_k, 6, 7, dropout_p=0.1, need_weights=True)
+        return out.sum() + w.sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    q = torch.randn(10, 2, 4, generator=gen, requires_grad=True)
+    k = torch.randn(12, 2, 4, generator=gen, requires_grad=True)
+    v = torch.randn(12, 2, 4, generator=gen, requires_grad=True)
+    cu_q, cu_k = torch.tensor([0, 6, 10]), torch.tensor([0, 5, 12])
+    torch.manual_seed(5)
+    compiled(q, k, v, cu_q, cu_k).backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()
+
+
+def _bad(**over):
+    kw = dict(q=torch.zeros(2, 3, 4, 8), k=torch.zeros(2, 3, 5, 8), v=torch.zeros(2, 3, 5, 6))
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (_bad(q=[1.0]), TypeError, r"q: expected a torch.Tensor, got list"),
+        (_bad(q=torch.zeros(2, 4, 8)), ValueError, r"q: expected a 4-D tensor"),
+        (_bad(k=torch.zeros(3, 3, 5, 8)), ValueError, r"k: expected \(B, H\) = \(2, 3\)"),
+        (_bad(k=torch.zeros(2, 2, 5, 8)), ValueError, r"k: expected \(B, H\) = \(2, 3\)"),
+        (_bad(k=torch.zeros(2, 3, 5, 7)), ValueError, r"k: expected head dimension D = 8 \(as q\), got 7"),
+        (_bad(v=torch.zeros(2, 3, 4, 6)), ValueError, r"v: expected \(B, H, Lk\) = \(2, 3, 5\)"),
+        (_bad(q=torch.zeros(2, 3, 4, 300), k=torch.zeros(2, 3, 5, 300)), ValueError, r"q: expected a head dimension in \[1, 256\], got 300"),
+        (_bad(v=torch.zeros(2, 3, 5, 257)), ValueError, r"v: expected a head dimension in \[1, 256\], got 257"),
+        (_bad(q=torch.zeros(2, 3, 4, 8, dtype=torch.int64)), TypeError, r"q: expected dtype float32, float64, got int64"),
+        (_bad(q=torch.zeros(2, 3, 4, 8, dtype=torch.float16)), TypeError, r"q: expected dtype float32, float64, got float16"),
+        (_bad(k=torch.zeros(2, 3, 5, 8, dtype=torch.float64)), TypeError, r"k: expected dtype float32 \(the dtype of q\), got float64"),
+        (_bad(kv_lengths=torch.tensor([1, 6])), ValueError, r"kv_lengths: expected values in \[0, 5\], got kv_lengths\[1\] = 6"),
+        (_bad(q_lengths=torch.tensor([-1, 2])), ValueError, r"q_lengths: expected values in \[0, 4\], got q_lengths\[0\] = -1"),
+        (_bad(kv_lengths=torch.tensor([1, 2, 3])), ValueError, r"kv_lengths: expected 2 entries"),
+        (_bad(kv_lengths=torch.tensor([1.0, 2.0])), TypeError, r"kv_lengths: expected dtype int32, int64, got float32"),
+        (_bad(kv_lengths=torch.tensor([1, 2], device="meta")), ValueError, r"kv_lengths: expected a tensor on cpu"),
+        (_bad(attn_mask=torch.ones(2, 3, 4, 4, dtype=torch.bool)), ValueError, r"attn_mask: expected a shape broadcastable to \(2, 3, 4, 5\)"),
+        (_bad(attn_mask=torch.ones(4, 5, dtype=torch.int32)), TypeError, r"attn_mask: expected dtype bool or a floating dtype"),
+        (_bad(dropout_p=1.0), ValueError, r"dropout_p: expected a value in \[0, 1\), got 1.0"),
+        (_bad(scale=float("inf")), ValueError, r"scale: expected a finite number"),
+    ],
+)
+def test_bad_input_raises_clear_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.cross_modal_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), **kw)
+
+
+@pytest.mark.parametrize(
+    "cu_q, cu_k, max_q, max_k, match",
+    [
+        ([0, 2, 5], [0, 4, 9], 2, 5, r"cu_seqlens_q: expected sequences of at most max_seqlen_q = 2 rows, got 3"),
+        ([1, 2, 6], [0, 4, 9], 4, 5, r"cu_seqlens_q: expected cu_seqlens_q\[0\] = 0, got 1"),
+        ([0, 3, 6], [0, 4, 8], 4, 5, r"cu_seqlens_k: expected the last offset to equal the number of rows \(9\), got 8"),
+        ([0, 3, 6], [0, 5, 4], 4, 5, r"cu_seqlens_k: expected non-decreasing offsets"),
+        ([0, 3, 6], [0, 9], 4, 9, r"cu_seqlens_k: expected 3 offsets \(as cu_seqlens_q\), got 2"),
+    ],
+)
+def test_varlen_bad_offsets(cu_q, cu_k, max_q, max_k, match):
+    q, k, v = torch.zeros(6, 2, 4), torch.zeros(9, 2, 4), torch.zeros(9, 2, 4)
+    with pytest.raises(ValueError, match=match):
+        ops.cross_modal_attention_varlen(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), max_q, max_k)
+
+
+def test_core_rejects_bad_values_itself():
+    import affectkit._C as C
+
+    f32 = C.DTYPE_CODES["float32"]
+    view = (0, 0, 0, 0)
+    no_mask = (0, C.DTYPE_CODES["bool"], 0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"q: expected a head dimension D in \[1, 256\], got 0"):
+        C.attention_forward(C.DEVICE_CPU, f32, (1, 1, 1, 1, 0, 1), (0,) * 6, False, 1.0, 0.0, 0, view, view, view,
+                            no_mask, view, view)
+    with pytest.raises(TypeError, match=r"q: expected dtype float32 or float64, got int32"):
+        C.attention_forward(C.DEVICE_CPU, C.DTYPE_CODES["int32"], (0, 1, 1, 1, 4, 4), (0,) * 6, False, 1.0, 0.0, 0,
+                            view, view, view, no_mask, view, view)
+    with pytest.raises(TypeError, match=r"attn_mask: expected dtype bool or float32, got float64"):
+        C.attention_forward(C.DEVICE_CPU, f32, (0, 1, 1, 1, 4, 4), (0,) * 6, False, 1.0, 0.0, 0, view, view, view,
+                            (8, C.DTYPE_CODES["float64"], 0, 0, 0, 0), view, view)
+    with pytest.raises(ValueError, match=r"q: expected a valid data pointer"):
+        C.attention_forward(C.DEVICE_CPU, f32, (1, 1, 1, 1, 4, 4), (0,) * 6, False, 1.0, 0.0, 0, view, view, view,
+                            no_mask, view, view)
+
+
+# ------------------------------------------------------------------------------ CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (2, 3, 33, 33, 64, 64), (2, 2, 50, 375, 32, 32),
+                                   (1, 2, 67, 31, 6, 6), (1, 1, 130, 200, 128, 128), (1, 1, 3, 40, 256, 256)])
+def test_cuda_matches_reference(dtype, shape, gen):
+    B, H, Lq, Lk, D, Dv = shape
+    q, k, v = (t.cuda() for t in _inputs(gen, *shape, dtype=dtype))
+    kvl = torch.randint(0, Lk + 1, (B,), generator=gen).cuda()
+    ql = torch.randint(0, Lq + 1, (B,), generator=gen).cuda()
+    mask = (torch.rand(B, 1, Lq, Lk, generator=gen) > 0.2).cuda()
+    for kw in (dict(), dict(kv_lengths=kvl, q_lengths=ql, causal=True), dict(attn_mask=mask, kv_lengths=kvl)):
+        _check_against_reference(gen, q, k, v, **kw)
+
+
+@requires_cuda
+def test_cuda_stream_dropout_weights_varlen_and_determinism(gen):
+    q, k, v = (t.cuda() for t in _inputs(gen, 3, 4, 29, 41, 16, 16))
+    kvl = torch.tensor([41, 3, 0]).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out, w = ops.cross_modal_attention(q, k, v, kv_lengths=kvl, need_weights=True)
+    stream.synchronize()
+    assert rel_error(out.cpu(), reference(q.cpu(), k.cpu(), v.cpu(), kv_lengths=kvl.cpu())) <= 2e-5
+    assert rel_error(w.cpu(), _reference_weights(q.cpu(), k.cpu(), kv_lengths=kvl.cpu())) <= 2e-5
+    # Dropout: the same seed gives the same mask on CPU and CUDA.
+    torch.manual_seed(9)
+    out_cuda, w_cuda = ops.cross_modal_attention(q, k, v, kv_lengths=kvl, dropout_p=0.25, need_weights=True)
+    torch.manual_seed(9)
+    out_cpu, w_cpu = ops.cross_modal_attention(q.cpu(), k.cpu(), v.cpu(), kv_lengths=kvl.cpu(), dropout_p=0.25,
+                                               need_weights=True)
+    assert torch.equal(w_cuda.cpu() > 0, w_cpu > 0)
+    assert rel_error(out_cuda.cpu(), out_cpu) <= 2e-5
+    g = torch.randn(out.shape, generator=gen).cuda()
+    first = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, kv_lengths=kvl), q, k, v, g)
+    again = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, kv_lengths=kvl), q, k, v, g)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="kv_lengths"):
+        ops.cross_modal_attention(q, k, v, kv_lengths=torch.full((3,), 42, device="cuda"))
+    lq, lk = torch.tensor([5, 0, 29]), torch.tensor([41, 7, 1])
+    qp, kp, vp = _pack(q.cpu(), lq).cuda(), _pack(k.cpu(), lk).cuda(), _pack(v.cpu(), lk).cuda()
+    got = ops.cross_modal_attention_varlen(qp, kp, vp, _cu(lq).cuda(), _cu(lk).cuda(), 29, 41, causal=True)
+    want = ops.cross_modal_attention_varlen(qp.cpu(), kp.cpu(), vp.cpu(), _cu(lq), _cu(lk), 29, 41, causal=True)
+    assert rel_error(got.cpu(), want) <= 2e-5
+
+
+@requires_cuda
+def test_cuda_opcheck_and_compile(gen):
+    q, k, v = (t.cuda().requires_grad_() for t in _inputs(gen, 2, 3, 5, 7, 4, 4))
+    torch.library.opcheck(torch.ops.affectkit.cross_modal_attention.default,
+                          (q, k, v, torch.tensor([7, 2]).cuda(), None, None, None, 5, 7, None, True, 0.5, 0.0, None))
+    step = _compiled_step("inductor")
+    step(q, k, v, torch.tensor([7, 3]).cuda(), (torch.rand(2, 1, 5, 7, generator=gen) > 0.2).cuda()).backward()
+    assert torch.isfinite(q.grad).all()
