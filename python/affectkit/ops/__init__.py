@@ -6,5 +6,7 @@ that runs on ``torch.cuda.current_stream()``.
 """
 
 from .pooling import masked_mean
+from .graph import cheb_graph_conv, graph_conv, graph_conv_pool, hierarchical_pool
 
 __all__ = ["masked_mean"]
+__all__ += ["graph_conv", "cheb_graph_conv", "hierarchical_pool", "graph_conv_pool"]
