@@ -532,3 +532,29 @@ def test_cuda_stream_errors_opcheck_and_compile(gen):
              rand(7, 7, gen=gen, dtype=torch.float32).cuda(), rand(3, gen=gen, dtype=torch.float32).cuda()]
     step(*args, *extra).backward()
     assert all(torch.isfinite(a.grad).all() for a in args)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("act", [0, 1, 2, 3, 4, 5])
+def test_pytorch_backward_used_on_cuda_matches_the_cpu_kernel(per_sample, act, gen):
+    # On CUDA the backward ops run as PyTorch products; they are device-agnostic, so check
+    # them here against the CPU kernel.
+    from affectkit.ops.graph import _cheb_backward_torch, _conv_backward_torch
+
+    x = rand(6, 14, 5, gen=gen)
+    A = rand(*((3,) if per_sample else (1,)), 14, 14, gen=gen) / 4
+    W = rand(5, 9, gen=gen)
+    out = torch.ops.affectkit.graph_conv(x, A, W, None, act)
+    g = rand(6, 14, 9, gen=gen)
+    want = torch.ops.affectkit.graph_conv_backward(g, out, x, A, W, act, True, True, True, True)
+    got = _conv_backward_torch(g, out, x, A, W, act, True, True, True, True)
+    for a, b in zip(got, want):
+        assert rel_error(a, b) <= 1e-12
+    L = rand(14, 14, gen=gen) / 4
+    for coef in (rand(3, gen=gen), rand(3, 5, 9, gen=gen)):
+        Fo = 5 if coef.dim() == 1 else 9
+        g = rand(6, 14, Fo, gen=gen)
+        want = torch.ops.affectkit.cheb_graph_conv_backward(g, x, L, coef, True, True, True)
+        got = _cheb_backward_torch(g, x, L, coef, True, True, True)
+        for a, b in zip(got, want):
+            assert rel_error(a, b) <= 1e-12

@@ -271,14 +271,9 @@ void cheb_graph_conv_backward(Device device, DType dtype, const void* grad_out, 
                 matrix_coefficients);
   check_pointer("grad_out", grad_out, S * N * Fo);
   (void)stream;
-  if (device == Device::CUDA) {
-#ifdef AFFECTKIT_WITH_CUDA
-    detail::cheb_graph_conv_backward_cuda(dtype, grad_out, x, laplacian, coefficients, grad_x,
-                                          grad_laplacian, grad_coefficients, S, N, F, Fo, K,
-                                          matrix_coefficients, stream);
-#endif
-    return;
-  }
+  if (device == Device::CUDA)
+    throw ValueError("device: expected CPU, got CUDA: cheb_graph_conv_backward has no CUDA kernel "
+                     "(affectkit.ops computes it with PyTorch operations on CUDA)");
   detail::cheb_graph_conv_backward_cpu(dtype, grad_out, x, laplacian, coefficients, grad_x,
                                        grad_laplacian, grad_coefficients, S, N, F, Fo, K,
                                        matrix_coefficients);

@@ -33,7 +33,8 @@ void graph_conv_forward(Device device, DType dtype, const void* x, const void* a
 // Gradients of graph_conv_forward given grad_out and the forward output `out` (the
 // activation's derivative is read from it). Each gradient pointer may be null (not needed):
 // grad_x (S, N, F); grad_adjacency (B, N, N), summed over the samples sharing a graph;
-// grad_weight (F, Fo) and grad_bias (Fo), summed over all samples.
+// grad_weight (F, Fo) and grad_bias (Fo), summed over all samples. CPU only: on CUDA,
+// affectkit.ops computes the gradients with PyTorch matrix products.
 void graph_conv_backward(Device device, DType dtype, const void* grad_out, const void* out,
                          const void* x, const void* adjacency, const void* weight,
                          void* grad_x, void* grad_adjacency, void* grad_weight,
@@ -49,7 +50,7 @@ void cheb_graph_conv_forward(Device device, DType dtype, const void* x, const vo
                              uintptr_t stream = 0);
 
 // Gradients of cheb_graph_conv_forward; grad_x (S, N, F), grad_laplacian (N, N) and
-// grad_coefficients (K) or (K, F, Fo) may each be null.
+// grad_coefficients (K) or (K, F, Fo) may each be null. CPU only (PyTorch on CUDA).
 void cheb_graph_conv_backward(Device device, DType dtype, const void* grad_out, const void* x,
                               const void* laplacian, const void* coefficients, void* grad_x,
                               void* grad_laplacian, void* grad_coefficients, int64_t S,
@@ -103,14 +104,8 @@ void hierarchical_pool_backward_cpu(DType, const void*, const void*, const int64
 void graph_conv_forward_cuda(DType, const void*, const void*, const void*, const void*, void*,
                              int64_t, int64_t, int64_t, int64_t, int64_t, Activation,
                              const int64_t*, const void*, void*, int64_t, uintptr_t);
-void graph_conv_backward_cuda(DType, const void*, const void*, const void*, const void*,
-                              const void*, void*, void*, void*, void*, int64_t, int64_t,
-                              int64_t, int64_t, int64_t, Activation, uintptr_t);
 void cheb_graph_conv_forward_cuda(DType, const void*, const void*, const void*, void*, int64_t,
                                   int64_t, int64_t, int64_t, int64_t, bool, uintptr_t);
-void cheb_graph_conv_backward_cuda(DType, const void*, const void*, const void*, const void*,
-                                   void*, void*, void*, int64_t, int64_t, int64_t, int64_t,
-                                   int64_t, bool, uintptr_t);
 void hierarchical_pool_forward_cuda(DType, const void*, const int64_t*, const void*, void*,
                                     int64_t, int64_t, int64_t, int64_t, uintptr_t);
 void hierarchical_pool_backward_cuda(DType, const void*, const void*, const int64_t*,

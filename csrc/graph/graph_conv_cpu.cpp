@@ -393,14 +393,9 @@ void graph_conv_backward(Device device, DType dtype, const void* grad_out, const
   if (grad_weight && !weight)
     throw ValueError("grad_weight: expected null without a weight, got a pointer");
   (void)stream;
-  if (device == Device::CUDA) {
-#ifdef AFFECTKIT_WITH_CUDA
-    detail::graph_conv_backward_cuda(dtype, grad_out, out, x, adjacency, weight, grad_x,
-                                     grad_adjacency, grad_weight, grad_bias, S, N, F, Fo, B, act,
-                                     stream);
-#endif
-    return;
-  }
+  if (device == Device::CUDA)
+    throw ValueError("device: expected CPU, got CUDA: graph_conv_backward has no CUDA kernel "
+                     "(affectkit.ops computes it with PyTorch operations on CUDA)");
   detail::graph_conv_backward_cpu(dtype, grad_out, out, x, adjacency, weight, grad_x,
                                   grad_adjacency, grad_weight, grad_bias, S, N, F, Fo, B, act);
 }

@@ -273,6 +273,59 @@ def _optptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else ptr(t)
 
 
+# On CUDA the backward passes run as PyTorch matrix products (float32 accumulation for
+# 16-bit inputs); only the forward passes have CUDA kernels of their own.
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _activation_slope(y: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == 1:
+        return (y > 0).to(y.dtype)
+    if activation == 2:
+        return torch.where(y > 0, torch.ones_like(y), y + 1)
+    if activation == 3:
+        return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, 0.01))
+    if activation == 4:
+        return 1 - y * y
+    if activation == 5:
+        return y * (1 - y)
+    return torch.ones_like(y)
+
+
+def _conv_backward_torch(grad_out, out, x, adjacency, weight, activation, need_x, need_adjacency, need_weight,
+                         need_bias):
+    acc = _acc_dtype(x)
+    S, N, F = x.shape
+    B, Fo = adjacency.shape[0], out.shape[2]
+    need_weight = need_weight and weight is not None
+    g = (grad_out.to(acc) * _activation_slope(out.to(acc), activation)).reshape(B, S // B, N, Fo)
+    X = x.to(acc).reshape(B, S // B, N, F)
+    A = adjacency.to(acc)
+    H = g if weight is None else g @ weight.to(acc).T  # gradient with respect to A x
+    gx = (A.transpose(1, 2).unsqueeze(1) @ H).reshape(S, N, F).to(x.dtype) if need_x else _empty(x)
+    ga = (H @ X.transpose(2, 3)).sum(1).to(adjacency.dtype) if need_adjacency else _empty(x)
+    gw = ((A.unsqueeze(1) @ X).reshape(-1, F).T @ g.reshape(-1, Fo)).to(weight.dtype) if need_weight else _empty(x)
+    gb = g.sum((0, 1, 2)).to(x.dtype) if need_bias else _empty(x)
+    return gx, ga, gw, gb
+
+
+def _cheb_backward_torch(grad_out, x, laplacian, coefficients, need_x, need_laplacian, need_coefficients):
+    acc = _acc_dtype(x)
+    leaves = [t.detach().to(acc).requires_grad_() for t in (x, laplacian, coefficients)]
+    X, L, C = leaves
+    with torch.enable_grad():
+        terms = [X] + ([L @ X] if C.shape[0] > 1 else [])
+        for _ in range(2, C.shape[0]):
+            terms.append(2 * (L @ terms[-1]) - terms[-2])
+        y = sum(c * t for c, t in zip(C, terms)) if C.dim() == 1 else sum(t @ c for c, t in zip(C, terms))
+        grads = torch.autograd.grad(y, leaves, grad_out.to(acc), allow_unused=True, materialize_grads=True)
+    wanted = (need_x, need_laplacian, need_coefficients)
+    return tuple(gr.to(t.dtype) if w else _empty(x) for gr, t, w in zip(grads, (x, laplacian, coefficients), wanted))
+
+
 @torch.library.custom_op("affectkit::graph_conv", mutates_args=(), device_types=("cpu", "cuda"))
 def _graph_conv(
     x: torch.Tensor, adjacency: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], activation: int
@@ -307,6 +360,9 @@ def _graph_conv_backward(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.is_cuda:
+        return _conv_backward_torch(grad_out, out, x, adjacency, weight, activation,
+                                    need_x, need_adjacency, need_weight, need_bias)
     grad_out, out, x, adjacency, weight = (
         grad_out.contiguous(), out.contiguous(), x.contiguous(), adjacency.contiguous(), _contig(weight))
     S, N, F = x.shape
@@ -530,6 +586,8 @@ def _cheb_graph_conv_backward(
     need_laplacian: bool,
     need_coefficients: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.is_cuda:
+        return _cheb_backward_torch(grad_out, x, laplacian, coefficients, need_x, need_laplacian, need_coefficients)
     grad_out, x, laplacian, coefficients = (
         grad_out.contiguous(), x.contiguous(), laplacian.contiguous(), coefficients.contiguous())
     S, N, F = x.shape
