@@ -39,9 +39,10 @@ AK_INLINE void vstore(T* p, typename Vec<T, VB>::type v) {
 }
 
 // C[R, NV*lanes] (= or +=) A[R, K] B[K, NV*lanes]: R x NV vector accumulators in registers.
+// A's element (r, k) is A[r * lda + k * ca], so a transposed operand needs no copy.
 template <typename T, int VB, int R, int NV, bool Acc>
-AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                            int64_t ldc) {
+AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, int64_t ca, const T* B,
+                            int64_t ldb, T* C, int64_t ldc) {
   using V = typename Vec<T, VB>::type;
   constexpr int64_t L = Vec<T, VB>::lanes;
   V acc[R][NV];
@@ -51,7 +52,7 @@ AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, const T* B, int6
     V b[NV];
     for (int v = 0; v < NV; ++v) b[v] = vload<T, VB>(B + k * ldb + v * L);
     for (int r = 0; r < R; ++r) {
-      const V a = V{} + A[r * lda + k];
+      const V a = V{} + A[r * lda + k * ca];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
@@ -60,29 +61,41 @@ AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, const T* B, int6
 }
 
 template <typename T, int VB, int R, bool Acc>
-AK_INLINE void row_panel(int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                         T* C, int64_t ldc) {
+AK_INLINE void row_panel(int64_t Nc, int64_t K, const T* A, int64_t lda, int64_t ca, const T* B,
+                         int64_t ldb, T* C, int64_t ldc) {
   constexpr int64_t L = Vec<T, VB>::lanes;
   int64_t j = 0;
   if constexpr (VB >= 64)  // 32 vector registers: a 4 x 4 block of accumulators fits
-    for (; j + 4 * L <= Nc; j += 4 * L) micro_kernel<T, VB, R, 4, Acc>(K, A, lda, B + j, ldb, C + j, ldc);
-  for (; j + 2 * L <= Nc; j += 2 * L) micro_kernel<T, VB, R, 2, Acc>(K, A, lda, B + j, ldb, C + j, ldc);
-  if (j < Nc) micro_kernel<T, VB, R, 1, Acc>(K, A, lda, B + j, ldb, C + j, ldc);
+    for (; j + 4 * L <= Nc; j += 4 * L)
+      micro_kernel<T, VB, R, 4, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
+  for (; j + 2 * L <= Nc; j += 2 * L)
+    micro_kernel<T, VB, R, 2, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
+  if (j < Nc) micro_kernel<T, VB, R, 1, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
 }
 
-// C[M, Nc] (= or +=) A[M, K] B[K, Nc], row-major with leading dimensions; Nc must be a
-// multiple of the vector lanes (callers pad their buffers with zero columns).
+// C[M, Nc] (= or +=) A[M, K] B[K, Nc], row-major with leading dimensions; A's element (i, k)
+// is A[i * lda + k * ca]. Nc must be a multiple of the vector lanes (callers pad their
+// buffers with zero columns).
+template <typename T, int VB, bool Acc>
+AK_INLINE void gemm_strided(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, int64_t ca,
+                            const T* B, int64_t ldb, T* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4)
+    row_panel<T, VB, 4, Acc>(Nc, K, A + i * lda, lda, ca, B, ldb, C + i * ldc, ldc);
+  const T* Ai = A + i * lda;
+  T* Ci = C + i * ldc;
+  switch (M - i) {
+    case 3: row_panel<T, VB, 3, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
+    case 2: row_panel<T, VB, 2, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
+    case 1: row_panel<T, VB, 1, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
+    default: break;
+  }
+}
+
 template <typename T, int VB, bool Acc>
 AK_INLINE void gemm(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B,
                     int64_t ldb, T* C, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) row_panel<T, VB, 4, Acc>(Nc, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
-  switch (M - i) {
-    case 3: row_panel<T, VB, 3, Acc>(Nc, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc); break;
-    case 2: row_panel<T, VB, 2, Acc>(Nc, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc); break;
-    case 1: row_panel<T, VB, 1, Acc>(Nc, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc); break;
-    default: break;
-  }
+  gemm_strided<T, VB, Acc>(M, Nc, K, A, lda, 1, B, ldb, C, ldc);
 }
 
 // dst[r, c] = src[r, c] for c < cols, zero for cols <= c < ld_dst (pads stay zero).
