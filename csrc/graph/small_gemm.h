@@ -13,10 +13,6 @@
 
 #define AK_INLINE inline __attribute__((always_inline))
 
-// The vector helpers are always inlined into code built for their instruction set, so the
-// ABI note about passing wide vectors between functions does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace affectkit::graph::detail {
 
 template <typename T, int VB>
@@ -27,14 +23,13 @@ struct Vec {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// Vectors travel by reference: no vector-ABI question between differently compiled functions.
 template <typename T, int VB>
-AK_INLINE typename Vec<T, VB>::type vload(const T* p) {
-  typename Vec<T, VB>::type v;
+AK_INLINE void vload(typename Vec<T, VB>::type& v, const T* p) {
   std::memcpy(&v, p, sizeof v);
-  return v;
 }
 template <typename T, int VB>
-AK_INLINE void vstore(T* p, typename Vec<T, VB>::type v) {
+AK_INLINE void vstore(T* p, const typename Vec<T, VB>::type& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
@@ -47,10 +42,13 @@ AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, int64_t ca, cons
   constexpr int64_t L = Vec<T, VB>::lanes;
   V acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Acc ? vload<T, VB>(C + r * ldc + v * L) : V{};
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = V{};
+      if (Acc) vload<T, VB>(acc[r][v], C + r * ldc + v * L);
+    }
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = vload<T, VB>(B + k * ldb + v * L);
+    for (int v = 0; v < NV; ++v) vload<T, VB>(b[v], B + k * ldb + v * L);
     for (int r = 0; r < R; ++r) {
       const V a = V{} + A[r * lda + k * ca];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
