@@ -184,7 +184,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   const bool w_route1 = Fp <= Fop;
   // As in the forward pass, G samples sharing a graph sit side by side in the F-wide products.
   const int64_t G = F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
-  std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(N * Fp), Hcat(N * Fp, T(0));
+  std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
   std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
   std::vector<T> gAacc(a.gA ? N * Np : 0), gWacc(a.gW ? F * Fop : 0, T(0)), gbacc(Fop, T(0));
   if (has_w) transpose_padded(a.w, F, Fo, Fo, wT.data(), Fp);
@@ -210,16 +210,15 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
     }
     // Hcat[:, kF:(k+1)F] = gp[k] W^T: the gradient with respect to A x_{s+k}.
     if (a.gx || a.gA) {
-      for (int64_t k = 0; k < g; ++k) {
-        const T* Hk = gp.data() + k * N * Fop;
-        int64_t ldh = Fop;
-        if (has_w) {
-          gemm<T, VB, false>(N, Fp, Fo, Hk, Fop, wT.data(), Fp, Ht.data(), Fp);
-          Hk = Ht.data(), ldh = Fp;
-        }
-        for (int64_t i = 0; i < N; ++i)
-          for (int64_t f = 0; f < F; ++f) Hcat[i * Fp + k * F + f] = Hk[i * ldh + f];
+      const T* Hs = gp.data();  // the group's gp rows are stacked: one product for all
+      int64_t ldh = Fop;
+      if (has_w) {
+        gemm<T, VB, false>(g * N, Fp, Fo, gp.data(), Fop, wT.data(), Fp, Ht.data(), Fp);
+        Hs = Ht.data(), ldh = Fp;
       }
+      for (int64_t k = 0; k < g; ++k)
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) Hcat[i * Fp + k * F + f] = Hs[(k * N + i) * ldh + f];
       for (int64_t i = 0; i < N; ++i)
         for (int64_t c = g * F; c < Fp; ++c) Hcat[i * Fp + c] = T(0);
     }
