@@ -184,6 +184,9 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   const bool w_route1 = Fp <= Fop;
   // As in the forward pass, G samples sharing a graph sit side by side in the F-wide products.
   const int64_t G = F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
+  // With grad_x and grad_W both wanted (and not grad_A), M = A^T gp serves both: cheaper
+  // unless the features are few enough that grouping makes the A products nearly free.
+  const bool m_route = has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
   std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
   std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
   std::vector<T> gAacc(a.gA ? N * Np : 0), gWacc(a.gW ? F * Fop : 0, T(0)), gbacc(Fop, T(0));
@@ -207,6 +210,18 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
         if (a.gb)
           for (int64_t f = 0; f < Fo; ++f) gbacc[f] += d[f];
       }
+    }
+    if (m_route) {  // M = A^T gp, grad_x = M W^T, grad_W += x^T M: three products, not four
+      for (int64_t k = 0; k < g; ++k) {
+        const T* xk = a.x + (s + k) * N * F;
+        gemm_strided<T, VB, false>(N, Fop, N, A, 1, N, gp.data() + k * N * Fop, Fop, M.data(), Fop);
+        gemm<T, VB, false>(N, Fp, Fo, M.data(), Fop, wT.data(), Fp, gxcat.data(), Fp);
+        gemm_strided<T, VB, true>(F, Fop, N, xk, 1, F, M.data(), Fop, gWacc.data(), Fop);
+        T* dst = a.gx + (s + k) * N * F;
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) dst[i * F + f] = gxcat[i * Fp + f];
+      }
+      continue;  // no grad_A on this route (it needs H = gp W^T)
     }
     // Hcat[:, kF:(k+1)F] = gp[k] W^T: the gradient with respect to A x_{s+k}.
     if (a.gx || a.gA) {
