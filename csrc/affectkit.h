@@ -4,3 +4,4 @@
 #include "core/core.h"
 #include "pooling/pooling.h"
 #include "attention/attention.h"
+#include "graph/graph.h"

@@ -162,4 +162,120 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "Attention probabilities recomputed from the saved lse: (B, Lq, Lk) head-averaged, or (B, H, Lq, Lk).");
+  // --- graph (EEG electrode graphs) ------------------------------------------------------
+  m.def(
+      "graph_conv_forward",
+      [](int device, int dtype, uintptr_t x, uintptr_t adjacency, uintptr_t weight,
+         uintptr_t bias, uintptr_t out, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B,
+         int32_t activation, uintptr_t stream) {
+        graph::graph_conv_forward(device_from_code(device, "device"),
+                                  dtype_from_code(dtype, "dtype"), cptr<void>(x),
+                                  cptr<void>(adjacency), cptr<void>(weight), cptr<void>(bias),
+                                  mptr<void>(out), S, N, F, Fo, B, activation, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("x"), py::arg("adjacency"), py::arg("weight"),
+      py::arg("bias"), py::arg("out"), py::arg("S"), py::arg("N"), py::arg("F"), py::arg("Fo"),
+      py::arg("B"), py::arg("activation"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "out[s] = act(A[s // (S/B)] @ x[s] @ weight + bias); x (S, N, F), adjacency (B, N, N), "
+      "weight (F, Fo) and bias (Fo) optional (0).");
+  m.def(
+      "graph_conv_pool_forward",
+      [](int device, int dtype, uintptr_t x, uintptr_t adjacency, uintptr_t weight,
+         uintptr_t bias, uintptr_t assignment, uintptr_t scores, uintptr_t node_out,
+         uintptr_t pooled, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B, int64_t P,
+         int32_t activation, uintptr_t stream) {
+        graph::graph_conv_pool_forward(
+            device_from_code(device, "device"), dtype_from_code(dtype, "dtype"), cptr<void>(x),
+            cptr<void>(adjacency), cptr<void>(weight), cptr<void>(bias),
+            cptr<int64_t>(assignment), cptr<void>(scores), mptr<void>(node_out),
+            mptr<void>(pooled), S, N, F, Fo, B, P, activation, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("x"), py::arg("adjacency"), py::arg("weight"),
+      py::arg("bias"), py::arg("assignment"), py::arg("scores"), py::arg("node_out"),
+      py::arg("pooled"), py::arg("S"), py::arg("N"), py::arg("F"), py::arg("Fo"), py::arg("B"),
+      py::arg("P"), py::arg("activation"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "graph_conv_forward, then pooling of node_out (S, N, Fo) into pooled (S, P, Fo) by "
+      "assignment (N) int64 with mean (scores 0) or softmax weights of scores (S, N).");
+  m.def(
+      "graph_conv_backward",
+      [](int device, int dtype, uintptr_t grad_out, uintptr_t out, uintptr_t x,
+         uintptr_t adjacency, uintptr_t weight, uintptr_t grad_x, uintptr_t grad_adjacency,
+         uintptr_t grad_weight, uintptr_t grad_bias, int64_t S, int64_t N, int64_t F,
+         int64_t Fo, int64_t B, int32_t activation, uintptr_t stream) {
+        graph::graph_conv_backward(
+            device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
+            cptr<void>(grad_out), cptr<void>(out), cptr<void>(x), cptr<void>(adjacency),
+            cptr<void>(weight), mptr<void>(grad_x), mptr<void>(grad_adjacency),
+            mptr<void>(grad_weight), mptr<void>(grad_bias), S, N, F, Fo, B, activation, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("grad_out"), py::arg("out"), py::arg("x"),
+      py::arg("adjacency"), py::arg("weight"), py::arg("grad_x"), py::arg("grad_adjacency"),
+      py::arg("grad_weight"), py::arg("grad_bias"), py::arg("S"), py::arg("N"), py::arg("F"),
+      py::arg("Fo"), py::arg("B"), py::arg("activation"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Gradients of graph_conv_forward (each gradient pointer may be 0: not needed).");
+  m.def(
+      "cheb_graph_conv_forward",
+      [](int device, int dtype, uintptr_t x, uintptr_t laplacian, uintptr_t coefficients,
+         uintptr_t out, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t K, bool matrix,
+         uintptr_t stream) {
+        graph::cheb_graph_conv_forward(device_from_code(device, "device"),
+                                       dtype_from_code(dtype, "dtype"), cptr<void>(x),
+                                       cptr<void>(laplacian), cptr<void>(coefficients),
+                                       mptr<void>(out), S, N, F, Fo, K, matrix, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("x"), py::arg("laplacian"),
+      py::arg("coefficients"), py::arg("out"), py::arg("S"), py::arg("N"), py::arg("F"),
+      py::arg("Fo"), py::arg("K"), py::arg("matrix_coefficients"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "out[s] = sum_k T_k(L) x[s] theta_k; coefficients (K) scalars or (K, F, Fo) matrices.");
+  m.def(
+      "cheb_graph_conv_backward",
+      [](int device, int dtype, uintptr_t grad_out, uintptr_t x, uintptr_t laplacian,
+         uintptr_t coefficients, uintptr_t grad_x, uintptr_t grad_laplacian,
+         uintptr_t grad_coefficients, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t K,
+         bool matrix, uintptr_t stream) {
+        graph::cheb_graph_conv_backward(
+            device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
+            cptr<void>(grad_out), cptr<void>(x), cptr<void>(laplacian), cptr<void>(coefficients),
+            mptr<void>(grad_x), mptr<void>(grad_laplacian), mptr<void>(grad_coefficients), S, N,
+            F, Fo, K, matrix, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("grad_out"), py::arg("x"),
+      py::arg("laplacian"), py::arg("coefficients"), py::arg("grad_x"),
+      py::arg("grad_laplacian"), py::arg("grad_coefficients"), py::arg("S"), py::arg("N"),
+      py::arg("F"), py::arg("Fo"), py::arg("K"), py::arg("matrix_coefficients"),
+      py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Gradients of cheb_graph_conv_forward (each gradient pointer may be 0: not needed).");
+  m.def(
+      "hierarchical_pool_forward",
+      [](int device, int dtype, uintptr_t x, uintptr_t assignment, uintptr_t scores,
+         uintptr_t out, int64_t S, int64_t N, int64_t F, int64_t P, uintptr_t stream) {
+        graph::hierarchical_pool_forward(device_from_code(device, "device"),
+                                         dtype_from_code(dtype, "dtype"), cptr<void>(x),
+                                         cptr<int64_t>(assignment), cptr<void>(scores),
+                                         mptr<void>(out), S, N, F, P, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("x"), py::arg("assignment"),
+      py::arg("scores"), py::arg("out"), py::arg("S"), py::arg("N"), py::arg("F"), py::arg("P"),
+      py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+      "out[s, p] = weighted sum of x[s, c] over the children c of p (mean, or softmax of "
+      "scores (S, N) over the children); assignment (N) int64 in [0, P).");
+  m.def(
+      "hierarchical_pool_backward",
+      [](int device, int dtype, uintptr_t grad_out, uintptr_t x, uintptr_t assignment,
+         uintptr_t scores, uintptr_t grad_x, uintptr_t grad_scores, int64_t S, int64_t N,
+         int64_t F, int64_t P, uintptr_t stream) {
+        graph::hierarchical_pool_backward(
+            device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
+            cptr<void>(grad_out), cptr<void>(x), cptr<int64_t>(assignment), cptr<void>(scores),
+            mptr<void>(grad_x), mptr<void>(grad_scores), S, N, F, P, stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("grad_out"), py::arg("x"),
+      py::arg("assignment"), py::arg("scores"), py::arg("grad_x"), py::arg("grad_scores"),
+      py::arg("S"), py::arg("N"), py::arg("F"), py::arg("P"), py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Gradients of hierarchical_pool_forward (grad_x, grad_scores; either may be 0).");
 }

@@ -61,12 +61,39 @@ def _check_cross_modal_attention(device: str, dtype: torch.dtype, gen: torch.Gen
     want = torch.softmax(s, -1) @ v
     got = cross_modal_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype),
                                 kv_lengths=kv_lengths.to(device))
+def _check_graph_conv(device: str, dtype: torch.dtype, gen: torch.Generator) -> float:
+    from .ops import graph_conv_pool
+
+    S, N, F, Fo = 9, 14, 5, 32
+    x = torch.randn(S, N, F, generator=gen, dtype=torch.float64)
+    A = torch.rand(N, N, generator=gen, dtype=torch.float64) / N
+    W = torch.randn(F, Fo, generator=gen, dtype=torch.float64) / F**0.5
+    b = torch.randn(Fo, generator=gen, dtype=torch.float64)
+    assignment = torch.arange(N) % 4
+    node = torch.relu(A @ x @ W + b)
+    pool = torch.nn.functional.one_hot(assignment, 4).T.double()
+    want = torch.cat([node.flatten(), ((pool / pool.sum(1, keepdim=True)) @ node).flatten()])
+    args = [t.to(device, dtype) for t in (x, A, W, b)]
+    got_node, got_pooled = graph_conv_pool(args[0], args[1], assignment.to(device), args[2], args[3], "relu", None, 4)
+    return rel_error(torch.cat([got_node.flatten(), got_pooled.flatten()]).cpu(), want)
+
+
+def _check_cheb_graph_conv(device: str, dtype: torch.dtype, gen: torch.Generator) -> float:
+    from .ops import cheb_graph_conv
+
+    x = torch.randn(7, 14, 5, generator=gen, dtype=torch.float64)
+    L = torch.randn(14, 14, generator=gen, dtype=torch.float64) / 14
+    theta = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
+    want = x @ theta[0] + (L @ x) @ theta[1] + (2 * L @ (L @ x) - x) @ theta[2]
+    got = cheb_graph_conv(x.to(device, dtype), L.to(device, dtype), theta.to(device, dtype))
     return rel_error(got.cpu(), want)
 
 
 CHECKS: dict[str, Callable[[str, torch.dtype, torch.Generator], float]] = {
     "masked_mean": _check_masked_mean,
     "cross_modal_attention": _check_cross_modal_attention,
+    "graph_conv_pool": _check_graph_conv,
+    "cheb_graph_conv": _check_cheb_graph_conv,
 }
 
 

@@ -134,6 +134,33 @@ void test_attention(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, std
       "attention_forward rejects D > 256");
 }
 
+// graph_conv_forward against a double reference: out[s] = relu(A[s / R] x[s] W + b).
+void test_graph_conv(int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B, std::mt19937_64& rng) {
+  using namespace affectkit;
+  std::normal_distribution<float> normal;
+  std::vector<float> x(S * N * F), A(B * N * N), W(F * Fo), b(Fo);
+  std::vector<float> out(S * N * Fo, std::numeric_limits<float>::quiet_NaN());
+  for (auto* v : {&x, &A, &W, &b})
+    for (auto& e : *v) e = normal(rng);
+  graph::graph_conv_forward(Device::CPU, DType::Float32, x.data(), A.data(), W.data(), b.data(),
+                            out.data(), S, N, F, Fo, B, 1);
+  double err = 0, ref_norm = 0;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t o = 0; o < Fo; ++o) {
+        double ref = b[o];
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t f = 0; f < F; ++f)
+            ref += double(A[(s / (S / B)) * N * N + i * N + j]) * x[(s * N + j) * F + f] * W[f * Fo + o];
+        ref = ref > 0 ? ref : 0;
+        const double d = out[(s * N + i) * Fo + o] - ref;
+        err += d * d;
+        ref_norm += ref * ref;
+      }
+  expect(std::isfinite(err) && std::sqrt(err) <= 2e-5 * std::sqrt(ref_norm) + 1e-30,
+         "graph_conv_forward matches the double reference");
+}
+
 }  // namespace
 
 int main() {
@@ -159,6 +186,17 @@ int main() {
   expect_throws<ValueError>(
       [&] { pooling::masked_mean_forward(Device::CPU, DType::Float32, x, lengths, out, -1, 2, 2); },
       "negative size throws ValueError");
+
+  const int64_t graph_shapes[][5] = {{6, 14, 5, 32, 1}, {6, 14, 5, 32, 3}, {4, 62, 64, 64, 1}, {2, 1, 1, 1, 2}};
+  for (auto& g : graph_shapes) test_graph_conv(g[0], g[1], g[2], g[3], g[4], rng);
+  float adj[4] = {1, std::numeric_limits<float>::quiet_NaN(), 0, 1}, gx[4] = {1, 2, 3, 4}, gout[4];
+  expect_throws<ValueError>(
+      [&] { graph::graph_conv_forward(Device::CPU, DType::Float32, gx, adj, nullptr, nullptr, gout, 2, 2, 1, 1, 1, 0); },
+      "NaN in the adjacency throws ValueError");
+  int64_t assignment[2] = {0, 0};
+  expect_throws<ValueError>(
+      [&] { graph::hierarchical_pool_forward(Device::CPU, DType::Float32, gx, assignment, nullptr, gout, 2, 2, 1, 2); },
+      "a parent without children throws ValueError");
 
   BuildInfo info = build_info();
   expect(!info.version.empty(), "build_info reports a version");

@@ -1,7 +1,13 @@
 """torch.nn modules built on affectkit's ops."""
 
-__all__: list[str] = []
+from .attention import CrossModalAttention, MultimodalFusion
+from .graph import ChebGraphConv, ElectrodeHierarchy, GraphConv, HierarchicalPool
 
-from .attention import CrossModalAttention, MultimodalFusion  # noqa: E402
-
-__all__ += ["CrossModalAttention", "MultimodalFusion"]
+__all__ = [
+    "CrossModalAttention",
+    "MultimodalFusion",
+    "GraphConv",
+    "ChebGraphConv",
+    "HierarchicalPool",
+    "ElectrodeHierarchy",
+]

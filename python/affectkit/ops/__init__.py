@@ -5,8 +5,16 @@ backward is an op of its own, a CPU kernel and, when CUDA was compiled, a CUDA k
 that runs on ``torch.cuda.current_stream()``.
 """
 
-from .pooling import masked_mean
 from .attention import cross_modal_attention, cross_modal_attention_varlen
+from .graph import cheb_graph_conv, graph_conv, graph_conv_pool, hierarchical_pool
+from .pooling import masked_mean
 
-__all__ = ["masked_mean"]
-__all__ += ["cross_modal_attention", "cross_modal_attention_varlen"]
+__all__ = [
+    "masked_mean",
+    "cross_modal_attention",
+    "cross_modal_attention_varlen",
+    "graph_conv",
+    "cheb_graph_conv",
+    "hierarchical_pool",
+    "graph_conv_pool",
+]

@@ -1,0 +1,456 @@
+// CPU path of graph_conv (forward, backward, fused with pooling) and the validated entry
+// points that dispatch to CPU or CUDA.
+//
+// Each thread takes a contiguous run of samples and, per sample, runs two small products
+// whose operands (A, W, one sample) stay in L1: (A x) W when F <= Fo, else A (x W), then the
+// bias, the activation and (fused level) the pooling, writing each output element once.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../core/dispatch.h"
+#include "graph.h"
+#include "pool_kernels.h"
+#include "small_gemm.h"
+
+namespace affectkit::graph {
+namespace detail {
+namespace {
+
+template <typename T>
+AK_INLINE T leaky_slope() { return T(0.01); }
+
+template <typename T>
+AK_INLINE T activate(T v, Activation a) {
+  switch (a) {
+    case Activation::ReLU: return v > T(0) ? v : T(0);
+    case Activation::ELU: return v > T(0) ? v : std::expm1(v);
+    case Activation::LeakyReLU: return v > T(0) ? v : v * leaky_slope<T>();
+    case Activation::Tanh: return std::tanh(v);
+    case Activation::Sigmoid: return T(1) / (T(1) + std::exp(-v));
+    default: return v;
+  }
+}
+
+// d[f] = g[f] * act'(y[f]): one branch-free loop per activation, so it vectorises (a
+// data-dependent branch per element mispredicts half the time on ReLU).
+template <typename T>
+AK_INLINE void slope_times_grad(const T* __restrict g, const T* __restrict y, T* __restrict d,
+                                int64_t n, Activation act) {
+  switch (act) {
+    case Activation::ReLU:
+      for (int64_t f = 0; f < n; ++f) d[f] = y[f] > T(0) ? g[f] : T(0);
+      break;
+    case Activation::ELU:
+      for (int64_t f = 0; f < n; ++f) d[f] = g[f] * (y[f] > T(0) ? T(1) : y[f] + T(1));
+      break;
+    case Activation::LeakyReLU:
+      for (int64_t f = 0; f < n; ++f) d[f] = g[f] * (y[f] > T(0) ? T(1) : leaky_slope<T>());
+      break;
+    case Activation::Tanh:
+      for (int64_t f = 0; f < n; ++f) d[f] = g[f] * (T(1) - y[f] * y[f]);
+      break;
+    case Activation::Sigmoid:
+      for (int64_t f = 0; f < n; ++f) d[f] = g[f] * (y[f] * (T(1) - y[f]));
+      break;
+    default:
+      for (int64_t f = 0; f < n; ++f) d[f] = g[f];
+  }
+}
+
+// out[i, :Fo] = act(y[i, :Fo] + bias), one loop per activation so the simple ones vectorise.
+template <typename T>
+AK_INLINE void epilogue(const T* y, int64_t ldy, const T* bias, T* out, int64_t N, int64_t Fo,
+                        Activation act) {
+  for (int64_t i = 0; i < N; ++i) {
+    const T* yi = y + i * ldy;
+    T* oi = out + i * Fo;
+    switch (act) {
+      case Activation::None:
+        for (int64_t f = 0; f < Fo; ++f) oi[f] = yi[f] + bias[f];
+        break;
+      case Activation::ReLU:
+        for (int64_t f = 0; f < Fo; ++f) oi[f] = std::max(yi[f] + bias[f], T(0));
+        break;
+      case Activation::LeakyReLU:
+        for (int64_t f = 0; f < Fo; ++f) {
+          const T v = yi[f] + bias[f];
+          oi[f] = v > T(0) ? v : v * leaky_slope<T>();
+        }
+        break;
+      default:
+        for (int64_t f = 0; f < Fo; ++f) oi[f] = activate(yi[f] + bias[f], act);
+    }
+  }
+}
+
+template <typename T>
+struct ForwardArgs {
+  const T* x;
+  const T* adj;
+  const T* w;     // (F, Fo) or null
+  const T* bias;  // (Fo) or null
+  T* out;
+  int64_t N, F, Fo, R;  // R samples share one adjacency
+  Activation act;
+  bool check_each_graph;       // per-sample adjacency: check it for NaN where it is read
+  int64_t* first_bad_graph;    // this thread's first non-finite graph, or -1
+  const Children* kids;        // fused pooling, or null
+  const T* scores;             // (S, N) or null
+  T* pooled;                   // (S, P, Fo)
+  int64_t P;
+};
+
+template <typename T, int VB>
+AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s1) {
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  const int64_t N = a.N, F = a.F, Fo = a.Fo;
+  const int64_t Fp = round_up(F, L), Fop = round_up(Fo, L);
+  const bool has_w = a.w != nullptr, a_first = Fp <= Fop;
+  // With few features, G samples that share a graph sit side by side in one padded row, so
+  // the product with A fills the vector lanes instead of multiplying zero padding.
+  const int64_t G = (!has_w || a_first) && F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
+  std::vector<T> wp(has_w ? F * Fop : 0), xs(N * Fp), tmp(N * std::max(Fp, Fop)), y(N * Fop);
+  std::vector<T> bias(Fop, T(0)), w_pool(N);
+  if (has_w) copy_padded(a.w, F, Fo, Fo, wp.data(), Fop);
+  if (a.bias) std::copy(a.bias, a.bias + Fo, bias.begin());
+  for (int64_t s = s0, g = 1; s < s1; s += g) {
+    g = std::min({G, s1 - s, a.R - s % a.R});  // a group never crosses into another graph
+    const int64_t graph = s / a.R;
+    const T* A = a.adj + graph * N * N;
+    if (a.check_each_graph && (s == s0 || s % a.R == 0) && *a.first_bad_graph < 0 &&
+        !all_finite(A, N * N))
+      *a.first_bad_graph = graph;
+    const T* xg = a.x + s * N * F;
+    for (int64_t i = 0; i < N; ++i) {  // xs[i] = [x[s][i] | x[s+1][i] | ... | 0 ...]
+      T* d = xs.data() + i * Fp;
+      int64_t c = 0;
+      for (int64_t k = 0; k < g; ++k)
+        for (int64_t f = 0; f < F; ++f) d[c++] = xg[(k * N + i) * F + f];
+      for (; c < Fp; ++c) d[c] = T(0);
+    }
+    if (!has_w) {
+      gemm<T, VB, false>(N, Fp, N, A, N, xs.data(), Fp, y.data(), Fp);
+    } else if (a_first) {
+      gemm<T, VB, false>(N, Fp, N, A, N, xs.data(), Fp, tmp.data(), Fp);
+    } else {
+      gemm<T, VB, false>(N, Fop, F, xs.data(), Fp, wp.data(), Fop, tmp.data(), Fop);
+      gemm<T, VB, false>(N, Fop, N, A, N, tmp.data(), Fop, y.data(), Fop);
+    }
+    for (int64_t k = 0; k < g; ++k) {
+      const T* yk = y.data();
+      int64_t ldy = Fop;
+      if (!has_w) {
+        yk = y.data() + k * F, ldy = Fp;
+      } else if (a_first) {
+        gemm<T, VB, false>(N, Fop, F, tmp.data() + k * F, Fp, wp.data(), Fop, y.data(), Fop);
+      }
+      T* o = a.out + (s + k) * N * Fo;
+      epilogue(yk, ldy, bias.data(), o, N, Fo, a.act);
+      if (a.kids)
+        pool_sample(o, Fo, a.scores ? a.scores + (s + k) * N : nullptr, *a.kids,
+                    a.pooled + (s + k) * a.P * Fo, Fo, a.P, w_pool.data());
+    }
+  }
+}
+AK_GRAPH_MULTIVERSION(forward_range, ForwardArgs)
+
+template <typename T>
+struct BackwardArgs {
+  const T* g;    // grad_out (S, N, Fo)
+  const T* y;    // forward output (S, N, Fo)
+  const T* x;
+  const T* adj;
+  const T* w;
+  T* gx;         // (S, N, F) or null
+  T* gA;         // per-sample: (B, N, N); shared: this thread's (N, N) partial; or null
+  T* gW;         // this thread's (F, Fo) partial, or null
+  T* gb;         // this thread's (Fo) partial, or null
+  int64_t N, F, Fo, R;
+  Activation act;
+  bool per_sample;  // one graph per R samples, gA written per graph (else accumulated)
+};
+
+template <typename T, int VB>
+AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t s1) {
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  const int64_t N = a.N, F = a.F, Fo = a.Fo;
+  const int64_t Fp = round_up(F, L), Fop = round_up(Fo, L), Np = round_up(N, L);
+  const bool has_w = a.w != nullptr;
+  // grad_W = sum_s (A x_s)^T g_s (route 1, N^2 F flops) or x_s^T (A^T g_s) (N^2 Fo flops).
+  const bool w_route1 = Fp <= Fop;
+  // As in the forward pass, G samples sharing a graph sit side by side in the F-wide products.
+  const int64_t G = F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
+  // With grad_x and grad_W both wanted (and not grad_A), M = A^T gp serves both: cheaper
+  // unless the features are few enough that grouping makes the A products nearly free.
+  const bool m_route = has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
+  std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
+  std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
+  std::vector<T> gAacc(a.gA ? N * Np : 0), gWacc(a.gW ? F * Fop : 0, T(0)), gbacc(Fop, T(0));
+  if (has_w) transpose_padded(a.w, F, Fo, Fo, wT.data(), Fp);
+  const T* A = nullptr;
+  for (int64_t s = s0, g = 1; s < s1; s += g) {
+    g = std::min({G, s1 - s, a.R - s % a.R});  // a group never crosses into another graph
+    const int64_t grp = s / a.R;
+    if (s == s0 || s % a.R == 0) {  // a new graph begins
+      A = a.adj + grp * N * N;
+      std::fill(gAacc.begin(), gAacc.end(), T(0));
+    }
+    // gp[k] = grad_out * act'(out), zero-padded to Fop columns.
+    for (int64_t k = 0; k < g; ++k) {
+      const T* gs = a.g + (s + k) * N * Fo;
+      const T* ys = a.y + (s + k) * N * Fo;
+      for (int64_t i = 0; i < N; ++i) {
+        T* d = gp.data() + (k * N + i) * Fop;
+        slope_times_grad(gs + i * Fo, ys + i * Fo, d, Fo, a.act);
+        for (int64_t f = Fo; f < Fop; ++f) d[f] = T(0);
+        if (a.gb)
+          for (int64_t f = 0; f < Fo; ++f) gbacc[f] += d[f];
+      }
+    }
+    if (m_route) {  // M = A^T gp, grad_x = M W^T, grad_W += x^T M: three products, not four
+      for (int64_t k = 0; k < g; ++k) {
+        const T* xk = a.x + (s + k) * N * F;
+        gemm_strided<T, VB, false>(N, Fop, N, A, 1, N, gp.data() + k * N * Fop, Fop, M.data(), Fop);
+        gemm<T, VB, false>(N, Fp, Fo, M.data(), Fop, wT.data(), Fp, gxcat.data(), Fp);
+        gemm_strided<T, VB, true>(F, Fop, N, xk, 1, F, M.data(), Fop, gWacc.data(), Fop);
+        T* dst = a.gx + (s + k) * N * F;
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) dst[i * F + f] = gxcat[i * Fp + f];
+      }
+      continue;  // no grad_A on this route (it needs H = gp W^T)
+    }
+    // Hcat[:, kF:(k+1)F] = gp[k] W^T: the gradient with respect to A x_{s+k}.
+    if (a.gx || a.gA) {
+      const T* Hs = gp.data();  // the group's gp rows are stacked: one product for all
+      int64_t ldh = Fop;
+      if (has_w) {
+        gemm<T, VB, false>(g * N, Fp, Fo, gp.data(), Fop, wT.data(), Fp, Ht.data(), Fp);
+        Hs = Ht.data(), ldh = Fp;
+      }
+      for (int64_t k = 0; k < g; ++k)
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) Hcat[i * Fp + k * F + f] = Hs[(k * N + i) * ldh + f];
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t c = g * F; c < Fp; ++c) Hcat[i * Fp + c] = T(0);
+    }
+    if (a.gx) {  // grad_x = A^T H for the whole group (A^T read in place)
+      gemm_strided<T, VB, false>(N, Fp, N, A, 1, N, Hcat.data(), Fp, gxcat.data(), Fp);
+      for (int64_t k = 0; k < g; ++k) {
+        T* dst = a.gx + (s + k) * N * F;
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) dst[i * F + f] = gxcat[i * Fp + k * F + f];
+      }
+    }
+    if (a.gA)  // grad_A += H_k x_k^T
+      for (int64_t k = 0; k < g; ++k) {
+        transpose_padded(a.x + (s + k) * N * F, N, F, F, xT.data(), Np);
+        gemm<T, VB, true>(N, Np, F, Hcat.data() + k * F, Fp, xT.data(), Np, gAacc.data(), Np);
+      }
+    if (a.gW) {
+      if (w_route1) {  // Z = A x for the group, then grad_W += Z_k^T gp_k (Z^T read in place)
+        const T* xg = a.x + s * N * F;
+        for (int64_t i = 0; i < N; ++i) {
+          T* d = xcat.data() + i * Fp;
+          int64_t c = 0;
+          for (int64_t k = 0; k < g; ++k)
+            for (int64_t f = 0; f < F; ++f) d[c++] = xg[(k * N + i) * F + f];
+          for (; c < Fp; ++c) d[c] = T(0);
+        }
+        gemm<T, VB, false>(N, Fp, N, A, N, xcat.data(), Fp, Zcat.data(), Fp);
+        for (int64_t k = 0; k < g; ++k)
+          gemm_strided<T, VB, true>(F, Fop, N, Zcat.data() + k * F, 1, Fp,
+                                    gp.data() + k * N * Fop, Fop, gWacc.data(), Fop);
+      } else {  // M = A^T gp_k, then grad_W += x_k^T M (both transposes read in place)
+        for (int64_t k = 0; k < g; ++k) {
+          gemm_strided<T, VB, false>(N, Fop, N, A, 1, N, gp.data() + k * N * Fop, Fop, M.data(), Fop);
+          gemm_strided<T, VB, true>(F, Fop, N, a.x + (s + k) * N * F, 1, F, M.data(), Fop,
+                                    gWacc.data(), Fop);
+        }
+      }
+    }
+    if (a.gA && (s + g == s1 || (s + g) % a.R == 0)) {  // the graph ends: flush its gradient
+      T* dst = a.gA + (a.per_sample ? grp * N * N : 0);
+      for (int64_t i = 0; i < N; ++i) {
+        const T* src = gAacc.data() + i * Np;
+        if (a.per_sample) std::copy(src, src + N, dst + i * N);
+        else for (int64_t j = 0; j < N; ++j) dst[i * N + j] += src[j];
+      }
+    }
+  }
+  if (a.gW)
+    for (int64_t k = 0; k < F; ++k)
+      for (int64_t f = 0; f < Fo; ++f) a.gW[k * Fo + f] += gWacc[k * Fop + f];
+  if (a.gb)
+    for (int64_t f = 0; f < Fo; ++f) a.gb[f] += gbacc[f];
+}
+AK_GRAPH_MULTIVERSION(backward_range, BackwardArgs)
+
+template <typename T>
+void forward(const T* x, const T* adj, const T* w, const T* bias, T* out, int64_t S, int64_t N,
+             int64_t F, int64_t Fo, int64_t B, Activation act, const int64_t* assignment,
+             const T* scores, T* pooled, int64_t P) {
+  if (S == 0) return;
+  if (B == 1 && !all_finite(adj, N * N))
+    throw ValueError("adjacency: expected finite values, got NaN or infinity");
+  const Children kids = assignment ? build_children(assignment, N, P) : Children{};
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), S)));
+  std::vector<int64_t> bad(nt, -1);
+  const int level = simd_level();
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    ForwardArgs<T> a{x, adj, w, bias, out, N, F, Fo, S / B, act, B > 1, &bad[t],
+                     assignment ? &kids : nullptr, scores, pooled, P};
+    int64_t s0, s1;
+    thread_range(S, t, n, &s0, &s1);
+    forward_range(level, a, s0, s1);
+  }
+  for (int64_t g : bad)
+    if (g >= 0)
+      throw ValueError("adjacency: expected finite values, got NaN or infinity in adjacency[" +
+                       std::to_string(g) + "]");
+}
+
+template <typename T>
+void backward(const T* g, const T* y, const T* x, const T* adj, const T* w, T* gx, T* gA, T* gW,
+              T* gb, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B, Activation act) {
+  if (S == 0) {  // nothing flows back: every requested gradient is zero
+    if (gA) std::fill(gA, gA + B * N * N, T(0));
+    if (gW) std::fill(gW, gW + F * Fo, T(0));
+    if (gb) std::fill(gb, gb + Fo, T(0));
+    return;
+  }
+  const bool per_sample = B > 1;
+  // Per-sample graphs are split between threads graph by graph, so each gA[b] has one writer.
+  const int64_t units = per_sample ? B : S, R = S / B;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), units)));
+  std::vector<T> partA(gA && !per_sample ? nt * N * N : 0, T(0));
+  std::vector<T> partW(gW ? nt * F * Fo : 0, T(0)), partb(gb ? nt * Fo : 0, T(0));
+  const int level = simd_level();
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    BackwardArgs<T> a{g, y, x, adj, w, gx,
+                      gA ? (per_sample ? gA : partA.data() + t * N * N) : nullptr,
+                      gW ? partW.data() + t * F * Fo : nullptr,
+                      gb ? partb.data() + t * Fo : nullptr, N, F, Fo, R, act, per_sample};
+    int64_t u0, u1;
+    thread_range(units, t, n, &u0, &u1);
+    if (per_sample) u0 *= R, u1 *= R;
+    backward_range(level, a, u0, u1);
+  }
+  // Sum the per-thread partials in thread order (deterministic for a thread count).
+  auto reduce = [nt](const std::vector<T>& parts, T* dst, int64_t size) {
+    std::fill(dst, dst + size, T(0));
+    for (int t = 0; t < nt; ++t)
+      for (int64_t i = 0; i < size; ++i) dst[i] += parts[t * size + i];
+  };
+  if (gA && !per_sample) reduce(partA, gA, N * N);
+  if (gW) reduce(partW, gW, F * Fo);
+  if (gb) reduce(partb, gb, Fo);
+}
+
+}  // namespace
+
+void graph_conv_forward_cpu(DType dtype, const void* x, const void* adj, const void* w,
+                            const void* bias, void* out, int64_t S, int64_t N, int64_t F,
+                            int64_t Fo, int64_t B, Activation act, const int64_t* assignment,
+                            const void* scores, void* pooled, int64_t P) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "x", T, [&] {
+    forward(static_cast<const T*>(x), static_cast<const T*>(adj), static_cast<const T*>(w),
+            static_cast<const T*>(bias), static_cast<T*>(out), S, N, F, Fo, B, act, assignment,
+            static_cast<const T*>(scores), static_cast<T*>(pooled), P);
+  });
+}
+
+void graph_conv_backward_cpu(DType dtype, const void* g, const void* y, const void* x,
+                             const void* adj, const void* w, void* gx, void* gA, void* gW,
+                             void* gb, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B,
+                             Activation act) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "grad_out", T, [&] {
+    backward(static_cast<const T*>(g), static_cast<const T*>(y), static_cast<const T*>(x),
+             static_cast<const T*>(adj), static_cast<const T*>(w), static_cast<T*>(gx),
+             static_cast<T*>(gA), static_cast<T*>(gW), static_cast<T*>(gb), S, N, F, Fo, B, act);
+  });
+}
+
+}  // namespace detail
+
+namespace {
+
+void validate_conv(const char* fn, Device device, const void* x, const void* adj,
+                   const void* weight, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B) {
+  check_dims_nonnegative("S", S);
+  check_dims_nonnegative("N", N);
+  check_dims_nonnegative("F", F);
+  check_dims_nonnegative("Fo", Fo);
+  if (B < 1) throw ValueError("B: expected at least one adjacency, got " + std::to_string(B));
+  if (S % B != 0)
+    throw ValueError("adjacency: expected the number of graphs B to divide the number of samples S = " +
+                     std::to_string(S) + ", got B = " + std::to_string(B));
+  if (!weight && Fo != F)
+    throw ValueError("Fo: expected Fo == F = " + std::to_string(F) + " without a weight, got " +
+                     std::to_string(Fo));
+  check_pointer("x", x, S * N * F);
+  check_pointer("adjacency", adj, B * N * N);
+  if (device == Device::CUDA) check_cuda_compiled(fn);
+}
+
+}  // namespace
+
+void graph_conv_forward(Device device, DType dtype, const void* x, const void* adjacency,
+                        const void* weight, const void* bias, void* out, int64_t S, int64_t N,
+                        int64_t F, int64_t Fo, int64_t B, int32_t activation, uintptr_t stream) {
+  graph_conv_pool_forward(device, dtype, x, adjacency, weight, bias, nullptr, nullptr, out,
+                          nullptr, S, N, F, Fo, B, 0, activation, stream);
+}
+
+void graph_conv_pool_forward(Device device, DType dtype, const void* x, const void* adjacency,
+                             const void* weight, const void* bias, const int64_t* assignment,
+                             const void* scores, void* node_out, void* pooled, int64_t S,
+                             int64_t N, int64_t F, int64_t Fo, int64_t B, int64_t P,
+                             int32_t activation, uintptr_t stream) {
+  const Activation act = activation_from_code(activation, "activation");
+  validate_conv("graph_conv_forward", device, x, adjacency, weight, S, N, F, Fo, B);
+  check_pointer("out", node_out, S * N * Fo);
+  check_dims_nonnegative("P", P);
+  if (assignment) {
+    check_pointer("pooled", pooled, S * P * Fo);
+    if (device == Device::CPU) detail::check_assignment_values(assignment, N, P);
+  }
+  (void)stream;
+  if (device == Device::CUDA) {
+#ifdef AFFECTKIT_WITH_CUDA
+    detail::graph_conv_forward_cuda(dtype, x, adjacency, weight, bias, node_out, S, N, F, Fo, B,
+                                    act, assignment, scores, pooled, P, stream);
+#endif
+    return;
+  }
+  detail::graph_conv_forward_cpu(dtype, x, adjacency, weight, bias, node_out, S, N, F, Fo, B, act,
+                                 assignment, scores, pooled, P);
+}
+
+void graph_conv_backward(Device device, DType dtype, const void* grad_out, const void* out,
+                         const void* x, const void* adjacency, const void* weight, void* grad_x,
+                         void* grad_adjacency, void* grad_weight, void* grad_bias, int64_t S,
+                         int64_t N, int64_t F, int64_t Fo, int64_t B, int32_t activation,
+                         uintptr_t stream) {
+  const Activation act = activation_from_code(activation, "activation");
+  validate_conv("graph_conv_backward", device, x, adjacency, weight, S, N, F, Fo, B);
+  check_pointer("grad_out", grad_out, S * N * Fo);
+  check_pointer("out", out, S * N * Fo);
+  if (grad_weight && !weight)
+    throw ValueError("grad_weight: expected null without a weight, got a pointer");
+  (void)stream;
+  if (device == Device::CUDA)
+    throw ValueError("device: expected CPU, got CUDA: graph_conv_backward has no CUDA kernel "
+                     "(affectkit.ops computes it with PyTorch operations on CUDA)");
+  detail::graph_conv_backward_cpu(dtype, grad_out, out, x, adjacency, weight, grad_x,
+                                  grad_adjacency, grad_weight, grad_bias, S, N, F, Fo, B, act);
+}
+
+}  // namespace affectkit::graph

@@ -1,0 +1,210 @@
+// CUDA path of graph_conv's forward (and the fused level with pooling).
+//
+// A block takes a tile of G samples. The shared graph A (when it fits) and W (when it fits)
+// are staged in shared memory once per block; the tile's x is loaded with coalesced reads,
+// the first product (A x or x W, the cheaper) goes to shared memory, the second product plus
+// bias and activation to shared memory too, and from there the tile is written out once
+// (and pooled to the parent level). Accumulation in float (double for double).
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "../core/cuda_utils.cuh"
+#include "../core/dispatch.h"
+#include "graph.h"
+
+namespace affectkit::graph::detail {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxTile = 32;  // samples per block at most
+
+template <typename T, typename A>
+__device__ __forceinline__ T store_as(A v) {
+  if constexpr (std::is_same_v<T, double>) return v;
+  else return from_float<T>(static_cast<float>(v));
+}
+
+template <typename A>
+__device__ __forceinline__ A activate(A v, int act) {
+  switch (act) {
+    case 1: return v > A(0) ? v : A(0);
+    case 2: return v > A(0) ? v : expm1(v);
+    case 3: return v > A(0) ? v : v * A(0.01);
+    case 4: return tanh(v);
+    case 5: return A(1) / (A(1) + exp(-v));
+    default: return v;
+  }
+}
+
+struct ConvShape {
+  int64_t S, N, F, Fo, R, P;
+  int act;
+  int G;            // samples per tile
+  bool a_in_smem;   // shared graph staged in shared memory
+  bool w_in_smem;
+  bool a_first;     // (A x) W, else A (x W)
+};
+
+// Shared memory layout (in accumulator elements): [A N*N][W F*Fo][x G*N*F][mid G*N*M][y G*N*Fo]
+// with M = F for (A x) W and M = Fo for A (x W); plus G*N weights and N ints when pooling.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    conv_kernel(const T* __restrict__ x, const T* __restrict__ adj, const T* __restrict__ w,
+                const T* __restrict__ bias, T* __restrict__ out, const int64_t* __restrict__ assignment,
+                const T* __restrict__ scores, T* __restrict__ pooled, ConvShape sh) {
+  using A = typename Acc<T>::type;
+  extern __shared__ unsigned char smem_raw[];
+  A* smem = reinterpret_cast<A*>(smem_raw);
+  const int64_t N = sh.N, F = sh.F, Fo = sh.Fo, NN = N * N;
+  const int64_t M = sh.a_first ? F : Fo;
+  A* As = smem;
+  A* Ws = As + (sh.a_in_smem ? NN : 0);
+  A* xs = Ws + (sh.w_in_smem ? F * Fo : 0);
+  A* mid = xs + sh.G * N * F;
+  A* ys = mid + sh.G * N * M;
+  A* pw = ys + sh.G * N * Fo;                              // pooling weights (G, N)
+  int* parent = reinterpret_cast<int*>(pw + (assignment ? sh.G * N : 0));  // (N)
+  const int tid = threadIdx.x;
+
+  if (sh.a_in_smem)
+    for (int64_t i = tid; i < NN; i += blockDim.x) As[i] = to_float(adj[i]);
+  if (w && sh.w_in_smem)
+    for (int64_t i = tid; i < F * Fo; i += blockDim.x) Ws[i] = to_float(w[i]);
+  if (assignment)  // clamped: memory-safe even on unchecked input
+    for (int64_t i = tid; i < N; i += blockDim.x) {
+      const int64_t p = assignment[i];
+      parent[i] = static_cast<int>(p < 0 ? 0 : (p >= sh.P ? sh.P - 1 : p));
+    }
+
+  for (int64_t s0 = static_cast<int64_t>(blockIdx.x) * sh.G; s0 < sh.S;
+       s0 += static_cast<int64_t>(gridDim.x) * sh.G) {
+    const int64_t g_count = min(static_cast<int64_t>(sh.G), sh.S - s0);
+    __syncthreads();  // staging done / previous tile consumed
+    for (int64_t i = tid; i < g_count * N * F; i += blockDim.x) xs[i] = to_float(x[s0 * N * F + i]);
+    __syncthreads();
+    // First product into mid: (A x) (G, N, F) or (x W) (G, N, Fo).
+    for (int64_t e = tid; e < g_count * N * M; e += blockDim.x) {
+      const int64_t g = e / (N * M), i = (e / M) % N, c = e % M;
+      A acc = 0;
+      if (sh.a_first) {
+        const T* Ag = adj + ((s0 + g) / sh.R) * NN;
+        for (int64_t j = 0; j < N; ++j) {
+          const A a = sh.a_in_smem ? As[i * N + j] : A(to_float(Ag[i * N + j]));
+          acc += a * xs[(g * N + j) * F + c];
+        }
+      } else {
+        for (int64_t f = 0; f < F; ++f) {
+          const A wv = sh.w_in_smem ? Ws[f * Fo + c] : A(to_float(w[f * Fo + c]));
+          acc += xs[(g * N + i) * F + f] * wv;
+        }
+      }
+      mid[e] = acc;
+    }
+    __syncthreads();
+    // Second product, bias and activation into ys (G, N, Fo).
+    for (int64_t e = tid; e < g_count * N * Fo; e += blockDim.x) {
+      const int64_t g = e / (N * Fo), i = (e / Fo) % N, o = e % Fo;
+      A acc = 0;
+      if (!w) {
+        acc = mid[e];  // no weight: Fo == F and mid holds A x
+      } else if (sh.a_first) {
+        for (int64_t f = 0; f < F; ++f) {
+          const A wv = sh.w_in_smem ? Ws[f * Fo + o] : A(to_float(w[f * Fo + o]));
+          acc += mid[(g * N + i) * F + f] * wv;
+        }
+      } else {
+        const T* Ag = adj + ((s0 + g) / sh.R) * NN;
+        for (int64_t j = 0; j < N; ++j) {
+          const A a = sh.a_in_smem ? As[i * N + j] : A(to_float(Ag[i * N + j]));
+          acc += a * mid[(g * N + j) * Fo + o];
+        }
+      }
+      if (bias) acc += A(to_float(bias[o]));
+      acc = activate(acc, sh.act);
+      ys[e] = acc;
+      out[s0 * N * Fo + e] = store_as<T>(acc);
+    }
+    if (!assignment) continue;
+    __syncthreads();
+    // Child weights: 1 / count, or the softmax of the scores over the parent's children.
+    for (int64_t e = tid; e < g_count * N; e += blockDim.x) {
+      const int64_t g = e / N, c = e % N;
+      const int p = parent[c];
+      const T* sc = scores ? scores + (s0 + g) * N : nullptr;
+      if (!sc) {
+        int count = 0;
+        for (int64_t j = 0; j < N; ++j) count += parent[j] == p;
+        pw[e] = A(1) / A(count);
+      } else {
+        A m = -INFINITY;
+        for (int64_t j = 0; j < N; ++j)
+          if (parent[j] == p) m = max(m, A(to_float(sc[j])));
+        A sum = 0;
+        for (int64_t j = 0; j < N; ++j)
+          if (parent[j] == p) sum += exp(A(to_float(sc[j])) - m);
+        pw[e] = exp(A(to_float(sc[c])) - m) / sum;
+      }
+    }
+    __syncthreads();
+    for (int64_t e = tid; e < g_count * sh.P * Fo; e += blockDim.x) {
+      const int64_t g = e / (sh.P * Fo), p = (e / Fo) % sh.P, o = e % Fo;
+      A acc = 0;
+      for (int64_t c = 0; c < N; ++c)
+        if (parent[c] == p) acc += pw[g * N + c] * ys[(g * N + c) * Fo + o];
+      pooled[s0 * sh.P * Fo + e] = store_as<T>(acc);
+    }
+  }
+}
+
+int max_shared_bytes() {
+  int device = 0, bytes = 0;
+  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  return bytes;
+}
+
+}  // namespace
+
+void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const void* w,
+                             const void* bias, void* out, int64_t S, int64_t N, int64_t F,
+                             int64_t Fo, int64_t B, Activation act, const int64_t* assignment,
+                             const void* scores, void* pooled, int64_t P, uintptr_t stream) {
+  if (S == 0 || N == 0) return;
+  AFFECTKIT_DISPATCH_CUDA_FLOAT(dtype, "x", T, [&] {
+    using Acc_t = typename Acc<T>::type;
+    const int64_t e = sizeof(Acc_t);
+    const int64_t limit = max_shared_bytes();
+    ConvShape sh{S, N, F, Fo, S / B, P, static_cast<int>(act), 1, false, false, F <= Fo};
+    // Stage A when one graph serves every sample and it takes at most a quarter of the budget.
+    sh.a_in_smem = B == 1 && N * N * e <= limit / 4;
+    sh.w_in_smem = w != nullptr && F * Fo * e <= limit / 4;
+    const int64_t M = sh.a_first ? F : Fo;
+    const int64_t fixed = (sh.a_in_smem ? N * N : 0) * e + (sh.w_in_smem ? F * Fo : 0) * e +
+                          (assignment ? N * 4 + 16 : 0);
+    const int64_t per_sample = (N * F + N * M + N * Fo + (assignment ? N : 0)) * e;
+    if (fixed + per_sample > limit)
+      throw ValueError("x: graph_conv on CUDA needs " + std::to_string(fixed + per_sample) +
+                       " bytes of shared memory for one sample (N = " + std::to_string(N) +
+                       ", F = " + std::to_string(F) + ", F_out = " + std::to_string(Fo) +
+                       "), more than this GPU's " + std::to_string(limit));
+    // Enough samples per tile to give every thread work, within the shared-memory budget.
+    const int64_t want = std::max<int64_t>(1, (2 * kThreads) / std::max<int64_t>(1, N * std::max(F, Fo)));
+    sh.G = static_cast<int>(std::min<int64_t>({kMaxTile, want, (limit - fixed) / per_sample, S}));
+    const int64_t bytes = fixed + sh.G * per_sample;
+    auto kernel = conv_kernel<T>;
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(bytes)),
+               "graph_conv_forward (shared memory)");
+    const int64_t tiles = (S + sh.G - 1) / sh.G;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, 1 << 20));
+    kernel<<<blocks, kThreads, bytes, as_stream(stream)>>>(
+        static_cast<const T*>(x), static_cast<const T*>(adj), static_cast<const T*>(w),
+        static_cast<const T*>(bias), static_cast<T*>(out), assignment,
+        static_cast<const T*>(scores), static_cast<T*>(pooled), sh);
+  });
+  cuda_check(cudaGetLastError(), "graph_conv_forward");
+}
+
+}  // namespace affectkit::graph::detail

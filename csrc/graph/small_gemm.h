@@ -1,0 +1,173 @@
+// Small dense products for per-sample graph work on the CPU (internal to csrc/graph).
+//
+// The graphs are tiny (N <= ~200) and the batches huge, so each thread runs many
+// independent products of a few kilobytes that stay in L1. They are written once with GCC
+// vector extensions of VB bytes; the callers instantiate them inside functions compiled for
+// AVX-512 (VB = 64), AVX2+FMA (VB = 32) or the baseline (VB = 16) and pick one at run time.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#define AK_INLINE inline __attribute__((always_inline))
+
+namespace affectkit::graph::detail {
+
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
+  static constexpr int64_t lanes = VB / static_cast<int>(sizeof(T));
+};
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Vectors travel by reference: no vector-ABI question between differently compiled functions.
+template <typename T, int VB>
+AK_INLINE void vload(typename Vec<T, VB>::type& v, const T* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+template <typename T, int VB>
+AK_INLINE void vstore(T* p, const typename Vec<T, VB>::type& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// C[R, NV*lanes] (= or +=) A[R, K] B[K, NV*lanes]: R x NV vector accumulators in registers.
+// A's element (r, k) is A[r * lda + k * ca], so a transposed operand needs no copy.
+template <typename T, int VB, int R, int NV, bool Acc>
+AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, int64_t ca, const T* B,
+                            int64_t ldb, T* C, int64_t ldc) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = V{};
+      if (Acc) vload<T, VB>(acc[r][v], C + r * ldc + v * L);
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) vload<T, VB>(b[v], B + k * ldb + v * L);
+    for (int r = 0; r < R; ++r) {
+      const V a = V{} + A[r * lda + k * ca];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore<T, VB>(C + r * ldc + v * L, acc[r][v]);
+}
+
+template <typename T, int VB, int R, bool Acc>
+AK_INLINE void row_panel(int64_t Nc, int64_t K, const T* A, int64_t lda, int64_t ca, const T* B,
+                         int64_t ldb, T* C, int64_t ldc) {
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  int64_t j = 0;
+  if constexpr (VB >= 64)  // 32 vector registers: a 4 x 4 block of accumulators fits
+    for (; j + 4 * L <= Nc; j += 4 * L)
+      micro_kernel<T, VB, R, 4, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
+  for (; j + 2 * L <= Nc; j += 2 * L)
+    micro_kernel<T, VB, R, 2, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
+  if (j < Nc) micro_kernel<T, VB, R, 1, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
+}
+
+// C[M, Nc] (= or +=) A[M, K] B[K, Nc], row-major with leading dimensions; A's element (i, k)
+// is A[i * lda + k * ca]. Nc must be a multiple of the vector lanes (callers pad their
+// buffers with zero columns).
+template <typename T, int VB, bool Acc>
+AK_INLINE void gemm_strided(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, int64_t ca,
+                            const T* B, int64_t ldb, T* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4)
+    row_panel<T, VB, 4, Acc>(Nc, K, A + i * lda, lda, ca, B, ldb, C + i * ldc, ldc);
+  const T* Ai = A + i * lda;
+  T* Ci = C + i * ldc;
+  switch (M - i) {
+    case 3: row_panel<T, VB, 3, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
+    case 2: row_panel<T, VB, 2, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
+    case 1: row_panel<T, VB, 1, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
+    default: break;
+  }
+}
+
+template <typename T, int VB, bool Acc>
+AK_INLINE void gemm(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B,
+                    int64_t ldb, T* C, int64_t ldc) {
+  gemm_strided<T, VB, Acc>(M, Nc, K, A, lda, 1, B, ldb, C, ldc);
+}
+
+// dst[r, c] = src[r, c] for c < cols, zero for cols <= c < ld_dst (pads stay zero).
+template <typename T>
+AK_INLINE void copy_padded(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst,
+                           int64_t ld_dst) {
+  // Plain loops, not memcpy: rows are a few dozen bytes, where a library call costs more.
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld_src;
+    T* d = dst + r * ld_dst;
+    int64_t c = 0;
+    for (; c < cols; ++c) d[c] = s[c];
+    for (; c < ld_dst; ++c) d[c] = T(0);
+  }
+}
+
+// dst[c, r] = src[r, c] (dst is cols x ld_dst, zero past rows).
+template <typename T>
+AK_INLINE void transpose_padded(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst,
+                                int64_t ld_dst) {
+  for (int64_t c = 0; c < cols; ++c) {
+    T* d = dst + c * ld_dst;
+    int64_t r = 0;
+    for (; r < rows; ++r) d[r] = src[r * ld_src + c];
+    for (; r < ld_dst; ++r) d[r] = T(0);
+  }
+}
+
+// True when every value is finite (no NaN, no infinity).
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !((p[i] - p[i]) == T(0));
+  return bad == 0;
+}
+
+// Which instruction set the CPU kernels use: 2 AVX-512, 1 AVX2+FMA, 0 baseline.
+int simd_level();
+
+// [begin, end) of `total` items for thread `t` of `nt` (contiguous, balanced).
+inline void thread_range(int64_t total, int t, int nt, int64_t* begin, int64_t* end) {
+  *begin = total * t / nt;
+  *end = total * (t + 1) / nt;
+}
+
+}  // namespace affectkit::graph::detail
+
+// Instantiate NAME##_isa<T> for each instruction set from a template NAME##_impl<T, VB>
+// taking (const Args&, int64_t, int64_t), and a dispatcher NAME<T>(level, args, begin, end).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AK_GRAPH_MULTIVERSION(NAME, ARGS)                                                         \
+  template <typename T>                                                                           \
+  __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) void NAME##_avx512(              \
+      const ARGS<T>& a, int64_t b0, int64_t b1) {                                                 \
+    NAME##_impl<T, 64>(a, b0, b1);                                                                \
+  }                                                                                               \
+  template <typename T>                                                                           \
+  __attribute__((target("avx2,fma"))) void NAME##_avx2(const ARGS<T>& a, int64_t b0, int64_t b1) { \
+    NAME##_impl<T, 32>(a, b0, b1);                                                                \
+  }                                                                                               \
+  template <typename T>                                                                           \
+  void NAME##_base(const ARGS<T>& a, int64_t b0, int64_t b1) {                                    \
+    NAME##_impl<T, 16>(a, b0, b1);                                                                \
+  }                                                                                               \
+  template <typename T>                                                                           \
+  void NAME(int level, const ARGS<T>& a, int64_t b0, int64_t b1) {                                \
+    if (level >= 2) NAME##_avx512<T>(a, b0, b1);                                                  \
+    else if (level == 1) NAME##_avx2<T>(a, b0, b1);                                               \
+    else NAME##_base<T>(a, b0, b1);                                                               \
+  }
+#else
+#define AK_GRAPH_MULTIVERSION(NAME, ARGS)                                \
+  template <typename T>                                                  \
+  void NAME(int, const ARGS<T>& a, int64_t b0, int64_t b1) {             \
+    NAME##_impl<T, 16>(a, b0, b1);                                       \
+  }
+#endif

@@ -1,0 +1,563 @@
+"""affectkit.ops graph family: graph_conv, cheb_graph_conv, hierarchical_pool, graph_conv_pool."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+import affectkit.ops as ops
+from affectkit.selfcheck import rel_error
+
+from _support import requires_cuda
+
+ACTS = [None, "relu", "elu", "leaky_relu", "tanh", "sigmoid"]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+# ----------------------------------------------------------------------------------------
+# float64 references: plain PyTorch matrix products
+# ----------------------------------------------------------------------------------------
+
+
+def act_ref(y, act):
+    return {None: lambda t: t, "relu": torch.relu, "elu": Fn.elu, "leaky_relu": Fn.leaky_relu,
+            "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](y)
+
+
+def conv_ref(x, A, W=None, b=None, act=None):
+    x, A = x.double(), A.double()
+    if A.dim() == 2:
+        y = A @ x
+    else:  # one graph per leading index, shared by the dimensions in between
+        Ab = A.reshape(A.shape[0], *([1] * (x.dim() - 3)), *A.shape[1:])
+        y = Ab @ x
+    if W is not None:
+        y = y @ W.double()
+    if b is not None:
+        y = y + b.double()
+    return act_ref(y, act)
+
+
+def cheb_ref(x, L, coef):
+    x, L, coef = x.double(), L.double(), coef.double()
+    terms = [x]
+    if coef.shape[0] > 1:
+        terms.append(L @ x)
+    for _ in range(2, coef.shape[0]):
+        terms.append(2 * (L @ terms[-1]) - terms[-2])
+    if coef.dim() == 1:
+        return sum(c * t for c, t in zip(coef, terms))
+    return sum(t @ c for c, t in zip(coef, terms))
+
+
+def pool_weights_ref(assignment, scores, P, lead, N, dtype=torch.float64):
+    member = torch.nn.functional.one_hot(assignment.long(), P).T.bool()  # (P, N)
+    if scores is None:
+        w = member.to(dtype) / member.sum(1, keepdim=True).to(dtype)
+        return w.expand(*lead, P, N)
+    s = scores.double().unsqueeze(-2).expand(*lead, P, N)
+    return torch.softmax(s.masked_fill(~member, float("-inf")), dim=-1)
+
+
+def pool_ref(x, assignment, scores=None, P=None):
+    P = int(assignment.max()) + 1 if P is None else P
+    w = pool_weights_ref(assignment, scores, P, x.shape[:-2], x.shape[-2])
+    return w @ x.double()
+
+
+def random_assignment(N, P, gen):
+    """Every parent gets at least one child, the rest at random, in shuffled order."""
+    a = torch.cat([torch.arange(P), torch.randint(0, P, (N - P,), generator=gen)])
+    return a[torch.randperm(N, generator=gen)]
+
+
+def rand(*shape, gen, dtype=torch.float64, requires_grad=False):
+    return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(requires_grad)
+
+
+# ----------------------------------------------------------------------------------------
+# graph_conv forward
+# ----------------------------------------------------------------------------------------
+
+NODES = [1, 14, 32, 62, 200]
+FEATURES = [(1, 1), (5, 32), (64, 64), (7, 3), (13, 1)]
+
+
+@pytest.mark.parametrize("N", NODES)
+@pytest.mark.parametrize("F, Fo", FEATURES)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graph_conv_matches_reference(N, F, Fo, per_sample, dtype, gen):
+    B, T = 3, 2 if N <= 62 else 1
+    act = ACTS[(N + F + Fo) % len(ACTS)]
+    x = rand(B, T, N, F, gen=gen, dtype=dtype)
+    A = rand(*((B,) if per_sample else ()), N, N, gen=gen, dtype=dtype) / N**0.5
+    W, b = rand(F, Fo, gen=gen, dtype=dtype), rand(Fo, gen=gen, dtype=dtype)
+    got = ops.graph_conv(x, A, W, b, act)
+    assert got.shape == (B, T, N, Fo) and got.dtype == dtype
+    assert rel_error(got, conv_ref(x, A, W, b, act)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("F", [1, 5, 16, 17])
+def test_graph_conv_without_weight_or_bias(act, F, gen):
+    x, A = rand(11, 14, F, gen=gen, dtype=torch.float32), rand(14, 14, gen=gen, dtype=torch.float32)
+    assert rel_error(ops.graph_conv(x, A, activation=act), conv_ref(x, A, act=act)) <= 2e-5
+    b = rand(F, gen=gen, dtype=torch.float32)
+    assert rel_error(ops.graph_conv(x, A, bias=b, activation=act), conv_ref(x, A, b=b, act=act)) <= 2e-5
+
+
+def test_graph_conv_leading_dims_and_non_contiguous(gen):
+    # 2-D x (one graph), 4-D x with per-sample graphs, and transposed views everywhere.
+    x2, A = rand(14, 5, gen=gen), rand(14, 14, gen=gen)
+    assert rel_error(ops.graph_conv(x2, A), A @ x2) <= 1e-12
+    base = rand(7, 3, 5, 14, gen=gen)
+    x = base.transpose(-1, -2)  # (7, 3, 14, 5) view
+    Ab = rand(7, 14, 14, gen=gen).transpose(-1, -2)
+    W = rand(32, 5, gen=gen).T
+    assert not x.is_contiguous() and not W.is_contiguous()
+    assert rel_error(ops.graph_conv(x, Ab, W, None, "elu"), conv_ref(x, Ab, W, None, "elu")) <= 1e-12
+
+
+def test_graph_conv_empty_batch_and_zero_features(gen):
+    A, W = rand(14, 14, gen=gen, requires_grad=True), rand(5, 8, gen=gen, requires_grad=True)
+    x = rand(0, 14, 5, gen=gen, requires_grad=True)
+    y = ops.graph_conv(x, A, W, None, "relu")
+    assert y.shape == (0, 14, 8)
+    y.sum().backward()
+    assert (A.grad == 0).all() and (W.grad == 0).all()
+    x0 = rand(4, 14, 0, gen=gen)
+    assert ops.graph_conv(x0, A.detach()).shape == (4, 14, 0)
+
+
+def _c(t):
+    from affectkit.ops._bridge import ptr
+
+    return ptr(t)
+
+
+def test_graph_conv_kernels_write_every_element(gen):
+    import affectkit._C as C
+
+    S, N, F, Fo, B = 12, 14, 5, 33, 4
+    code = C.DTYPE_CODES["float32"]
+    x, A = rand(S, N, F, gen=gen, dtype=torch.float32), rand(B, N, N, gen=gen, dtype=torch.float32)
+    W, b = rand(F, Fo, gen=gen, dtype=torch.float32), rand(Fo, gen=gen, dtype=torch.float32)
+    out = torch.full((S, N, Fo), float("nan"))
+    C.graph_conv_forward(C.DEVICE_CPU, code, _c(x), _c(A), _c(W), _c(b), _c(out), S, N, F, Fo, B, 3)
+    xr = x.reshape(B, S // B, N, F)
+    want = conv_ref(xr, A, W, b, "leaky_relu").reshape(S, N, Fo)
+    assert rel_error(out, want) <= 2e-5
+    g = rand(S, N, Fo, gen=gen, dtype=torch.float32)
+    grads = [torch.full(s, float("nan")) for s in [(S, N, F), (B, N, N), (F, Fo), (Fo,)]]
+    C.graph_conv_backward(C.DEVICE_CPU, code, _c(g), _c(out), _c(x), _c(A), _c(W), *map(_c, grads),
+                          S, N, F, Fo, B, 3)
+    leaves = [t.double().requires_grad_() for t in (xr, A, W, b)]
+    conv_ref(*leaves, "leaky_relu").backward(g.reshape(B, S // B, N, Fo).double())
+    for got, leaf in zip(grads, leaves):
+        assert rel_error(got, leaf.grad.reshape(got.shape)) <= 2e-5
+
+
+# ----------------------------------------------------------------------------------------
+# graph_conv backward
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N", [1, 14, 62, 200])
+@pytest.mark.parametrize("F, Fo", [(5, 32), (64, 64), (64, 9), (1, 1)])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("adjacency_grad", [True, False], ids=["dA", "fixed_A"])
+def test_graph_conv_gradients_match_reference(N, F, Fo, per_sample, adjacency_grad, gen):
+    # A fixed graph takes another route in the kernel (M = A^T g serves grad x and grad W).
+    B = 3
+    act = ACTS[(N + F) % len(ACTS)]
+    x = rand(B, 2, N, F, gen=gen, requires_grad=True)
+    A = (rand(*((B,) if per_sample else ()), N, N, gen=gen) / N**0.5).requires_grad_(adjacency_grad)
+    W, b = rand(F, Fo, gen=gen, requires_grad=True), rand(Fo, gen=gen, requires_grad=True)
+    g = rand(B, 2, N, Fo, gen=gen)
+    leaves = (x, A, W, b) if adjacency_grad else (x, W, b)
+    got = torch.autograd.grad(ops.graph_conv(x, A, W, b, act), leaves, g)
+    want = torch.autograd.grad(conv_ref(x, A, W, b, act), leaves, g)
+    for name, gg, ww in zip("xAWb" if adjacency_grad else "xWb", got, want):
+        assert rel_error(gg, ww) <= 1e-12, name
+
+
+def test_graph_conv_gradient_only_where_needed(gen):
+    x, A = rand(4, 14, 5, gen=gen, requires_grad=True), rand(14, 14, gen=gen)
+    W = rand(5, 8, gen=gen)
+    ops.graph_conv(x, A, W).sum().backward()
+    assert A.grad is None and W.grad is None
+    torch.testing.assert_close(x.grad, torch.autograd.grad(conv_ref(x, A, W).sum(), x)[0])
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("act", ["tanh", None, "elu"])
+def test_graph_conv_gradcheck(per_sample, act, gen):
+    x = rand(3, 2, 5, 3, gen=gen, requires_grad=True)
+    A = rand(*((3,) if per_sample else ()), 5, 5, gen=gen, requires_grad=True)
+    W, b = rand(3, 4, gen=gen, requires_grad=True), rand(4, gen=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.graph_conv(*t, act), (x, A, W, b))
+    assert torch.autograd.gradcheck(lambda x, A: ops.graph_conv(x, A, None, None, act), (x, A))
+
+
+# ----------------------------------------------------------------------------------------
+# cheb_graph_conv
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N", [1, 4, 14, 62, 200])
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+@pytest.mark.parametrize("coef_kind", ["scalar", "matrix"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cheb_matches_reference_and_gradients(N, K, coef_kind, dtype, gen):
+    F, Fo = (5, 5) if coef_kind == "scalar" else (7, 16)
+    x = rand(3, 2, N, F, gen=gen, dtype=dtype, requires_grad=True)
+    Lm = rand(N, N, gen=gen, dtype=dtype) / N**0.5
+    L = (Lm + Lm.T).detach().requires_grad_()
+    coef = rand(*((K,) if coef_kind == "scalar" else (K, F, Fo)), gen=gen, dtype=dtype, requires_grad=True)
+    got = ops.cheb_graph_conv(x, L, coef)
+    want = cheb_ref(x, L, coef)
+    assert got.shape == (3, 2, N, Fo)
+    assert rel_error(got, want) <= TOL[dtype] * K
+    if dtype == torch.float64:
+        g = rand(3, 2, N, Fo, gen=gen)
+        for name, a, b in zip(["x", "L", "coef"], torch.autograd.grad(got, (x, L, coef), g),
+                              torch.autograd.grad(want, (x, L, coef), g, materialize_grads=True)):
+            assert rel_error(a, b) <= 1e-11, name
+
+
+def test_cheb_gradcheck_nonsymmetric_laplacian(gen):
+    x = rand(2, 4, 3, gen=gen, requires_grad=True)
+    L = rand(4, 4, gen=gen, requires_grad=True)  # not symmetric: exercises L^T in the adjoint
+    assert torch.autograd.gradcheck(ops.cheb_graph_conv, (x, L, rand(4, gen=gen, requires_grad=True)))
+    assert torch.autograd.gradcheck(ops.cheb_graph_conv, (x, L, rand(3, 3, 2, gen=gen, requires_grad=True)))
+
+
+def test_cheb_kernel_writes_every_element(gen):
+    import affectkit._C as C
+
+    S, N, F, Fo, K = 5, 14, 3, 9, 3
+    x, L = rand(S, N, F, gen=gen, dtype=torch.float32), rand(N, N, gen=gen, dtype=torch.float32)
+    coef = rand(K, F, Fo, gen=gen, dtype=torch.float32)
+    out = torch.full((S, N, Fo), float("nan"))
+    C.cheb_graph_conv_forward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(x), _c(L), _c(coef), _c(out),
+                              S, N, F, Fo, K, True)
+    assert rel_error(out, cheb_ref(x, L, coef)) <= 2e-5
+    g = rand(S, N, Fo, gen=gen, dtype=torch.float32)
+    grads = [torch.full(t.shape, float("nan")) for t in (x, L, coef)]
+    C.cheb_graph_conv_backward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(g), _c(x), _c(L), _c(coef),
+                               *map(_c, grads), S, N, F, Fo, K, True)
+    leaves = [t.double().requires_grad_() for t in (x, L, coef)]
+    cheb_ref(*leaves).backward(g.double())
+    for got, leaf in zip(grads, leaves):
+        assert rel_error(got, leaf.grad) <= 2e-5
+
+
+# ----------------------------------------------------------------------------------------
+# hierarchical_pool and the fused level
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N, P", [(1, 1), (14, 4), (32, 5), (62, 10), (200, 7), (4, 4)])
+@pytest.mark.parametrize("attention", [False, True], ids=["mean", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pool_matches_reference_and_gradients(N, P, attention, dtype, gen):
+    F = 5 + N % 7
+    assignment = random_assignment(N, P, gen)
+    x = rand(3, 2, N, F, gen=gen, dtype=dtype, requires_grad=True)
+    scores = rand(3, 2, N, gen=gen, dtype=dtype, requires_grad=True) if attention else None
+    got = ops.hierarchical_pool(x, assignment, scores)
+    want = pool_ref(x, assignment, scores, P)
+    assert got.shape == (3, 2, P, F)
+    assert rel_error(got, want) <= TOL[dtype]
+    if dtype == torch.float64:
+        leaves = (x, scores) if attention else (x,)
+        g = rand(3, 2, P, F, gen=gen)
+        for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+            assert rel_error(a, b) <= 1e-12
+
+
+def test_pool_gradcheck_and_kernel_writes_every_element(gen):
+    import affectkit._C as C
+
+    assignment = torch.tensor([2, 0, 0, 1, 2, 2, 0], dtype=torch.int32)
+    x, s = rand(3, 7, 4, gen=gen, requires_grad=True), rand(3, 7, gen=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, s: ops.hierarchical_pool(x, assignment, s, 3), (x, s))
+    assert torch.autograd.gradcheck(lambda x: ops.hierarchical_pool(x, assignment), (x,))
+    a64 = assignment.long()
+    xf, sf = x.detach().float(), s.detach().float()
+    out = torch.full((3, 3, 4), float("nan"))
+    C.hierarchical_pool_forward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(xf), _c(a64), _c(sf), _c(out), 3, 7, 4, 3)
+    assert rel_error(out, pool_ref(xf, a64, sf, 3)) <= 2e-5
+    gx, gs = torch.full((3, 7, 4), float("nan")), torch.full((3, 7), float("nan"))
+    C.hierarchical_pool_backward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(out), _c(xf), _c(a64), _c(sf),
+                                 _c(gx), _c(gs), 3, 7, 4, 3)
+    xd, sd = xf.double().requires_grad_(), sf.double().requires_grad_()
+    pool_ref(xd, a64, sd, 3).backward(out.double())
+    assert rel_error(gx, xd.grad) <= 2e-5 and rel_error(gs, sd.grad) <= 2e-5
+
+
+@pytest.mark.parametrize("N, P, F, Fo", [(14, 4, 5, 32), (62, 10, 64, 64), (32, 5, 7, 3), (1, 1, 1, 1)])
+@pytest.mark.parametrize("attention", [False, True], ids=["mean", "softmax"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_graph_conv_pool_matches_composition(N, P, F, Fo, attention, per_sample, gen):
+    assignment = random_assignment(N, P, gen)
+    x = rand(4, 3, N, F, gen=gen, requires_grad=True)
+    A = (rand(*((4,) if per_sample else ()), N, N, gen=gen) / N**0.5).requires_grad_()
+    W, b = rand(F, Fo, gen=gen, requires_grad=True), rand(Fo, gen=gen, requires_grad=True)
+    scores = rand(4, 3, N, gen=gen, requires_grad=True) if attention else None
+    node, pooled = ops.graph_conv_pool(x, A, assignment, W, b, "relu", scores)
+    node_ref = conv_ref(x, A, W, b, "relu")
+    pooled_ref = pool_ref(node_ref, assignment, scores, P)
+    assert rel_error(node, node_ref) <= 1e-12 and rel_error(pooled, pooled_ref) <= 1e-12
+    leaves = [t for t in (x, A, W, b, scores) if t is not None]
+    gn, gp = rand(*node.shape, gen=gen), rand(*pooled.shape, gen=gen)
+    got = torch.autograd.grad((node * gn).sum() + (pooled * gp).sum(), leaves)
+    want = torch.autograd.grad((node_ref * gn).sum() + (pooled_ref * gp).sum(), leaves)
+    for a, b_ in zip(got, want):
+        assert rel_error(a, b_) <= 1e-12
+
+
+def test_graph_conv_pool_gradcheck(gen):
+    assignment = torch.tensor([1, 0, 1, 0, 2])
+    x, A = rand(2, 5, 3, gen=gen, requires_grad=True), rand(5, 5, gen=gen, requires_grad=True)
+    W, b = rand(3, 2, gen=gen, requires_grad=True), rand(2, gen=gen, requires_grad=True)
+    s = rand(2, 5, gen=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.graph_conv_pool(t[0], t[1], assignment, t[2], t[3], "tanh", t[4], 3), (x, A, W, b, s))
+
+
+# ----------------------------------------------------------------------------------------
+# opcheck and torch.compile
+# ----------------------------------------------------------------------------------------
+
+
+def test_opcheck_every_op(gen):
+    aff = torch.ops.affectkit
+    x, A = rand(4, 5, 3, gen=gen, requires_grad=True), rand(2, 5, 5, gen=gen, requires_grad=True)
+    W, b = rand(3, 6, gen=gen, requires_grad=True), rand(6, gen=gen, requires_grad=True)
+    assignment = torch.tensor([0, 1, 1, 0, 2])
+    s = rand(4, 5, gen=gen, requires_grad=True)
+    torch.library.opcheck(aff.graph_conv.default, (x, A, W, b, 1))
+    torch.library.opcheck(aff.graph_conv.default, (x, A[:1], None, None, 4))
+    out = aff.graph_conv(x, A, W, b, 4)
+    g = rand(4, 5, 6, gen=gen)
+    # The backward ops have no double-backward formula: check them on plain tensors.
+    xd, Ad, Wd, sd = x.detach(), A.detach(), W.detach(), s.detach()
+    torch.library.opcheck(aff.graph_conv_backward.default, (g, out.detach(), xd, Ad, Wd, 4, True, True, True, True))
+    torch.library.opcheck(aff.graph_conv_backward.default, (g, out.detach(), xd, Ad, Wd, 4, False, True, False, True))
+    torch.library.opcheck(aff.hierarchical_pool.default, (x, assignment, s, 3))
+    torch.library.opcheck(aff.hierarchical_pool.default, (x, assignment, None, 3))
+    torch.library.opcheck(aff.hierarchical_pool_backward.default, (rand(4, 3, 3, gen=gen), xd, assignment, sd, True, True))
+    torch.library.opcheck(aff.graph_conv_pool.default, (x, A, W, b, 2, assignment, s, 3))
+    torch.library.opcheck(aff.graph_conv_pool.default, (x, A[:1], None, None, 0, assignment, None, 3))
+    L = rand(5, 5, gen=gen, requires_grad=True)
+    for coef in (rand(3, gen=gen, requires_grad=True), rand(2, 3, 4, gen=gen, requires_grad=True)):
+        torch.library.opcheck(aff.cheb_graph_conv.default, (x, L, coef))
+        Fo = 3 if coef.dim() == 1 else 4
+        torch.library.opcheck(aff.cheb_graph_conv_backward.default, (rand(4, 5, Fo, gen=gen), xd, L.detach(), coef.detach(), True, True, True))
+
+
+def _level(x, A, W, b, assignment, scores, L, coef):
+    node, pooled = ops.graph_conv_pool(x, A, assignment, W, b, "elu", scores, 3)
+    y = ops.cheb_graph_conv(node, L, coef)
+    z = ops.graph_conv(x, A, W, None, "relu")
+    return (y * y).sum() + pooled.sum() + ops.hierarchical_pool(z, assignment, None, 3).pow(2).sum()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_backward(backend, gen):
+    torch._dynamo.reset()
+    step = torch.compile(_level, backend=backend, fullgraph=True, dynamic=True)
+    for S in (6, 11):  # two batch sizes: dynamic shapes, no recompile per size
+        N, F, Fo = 7, 3, 5
+        x = rand(S, N, F, gen=gen, dtype=torch.float32, requires_grad=True)
+        A = rand(N, N, gen=gen, dtype=torch.float32, requires_grad=True)
+        W = rand(F, Fo, gen=gen, dtype=torch.float32, requires_grad=True)
+        b = rand(Fo, gen=gen, dtype=torch.float32, requires_grad=True)
+        scores = rand(S, N, gen=gen, dtype=torch.float32, requires_grad=True)
+        L = rand(N, N, gen=gen, dtype=torch.float32, requires_grad=True)
+        coef = rand(3, gen=gen, dtype=torch.float32, requires_grad=True)
+        assignment = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+        inputs = (x, A, W, b, assignment, scores, L, coef)
+        loss = step(*inputs)
+        leaves = [t for t in inputs if t.requires_grad]
+        got = torch.autograd.grad(loss, leaves)
+        want_loss = _level(*inputs)
+        want = torch.autograd.grad(want_loss, leaves)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+        for a, b_ in zip(got, want):
+            assert rel_error(a, b_) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------
+
+Z = torch.zeros
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(4, 5)), ValueError, r"adjacency: expected a square matrix"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(2, 2, 4, 4)), ValueError, r"adjacency: expected a square matrix"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(5, 5)), ValueError, r"adjacency: expected N = 4 nodes \(x.shape\[-2\]\), got 5"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(3, 4, 4)), ValueError, r"adjacency: expected B = 2 graphs \(x.shape\[0\]\), got 3"),
+        (lambda: ops.graph_conv(Z(4, 3), Z(1, 4, 4)), ValueError, r"adjacency: a batch of graphs"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(4, 4, dtype=torch.float64)), TypeError, r"adjacency: expected dtype float32 \(the dtype of x\)"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), [[1.0]]), TypeError, r"adjacency: expected a torch.Tensor, got list"),
+        (lambda: ops.graph_conv(Z(3), Z(3, 3)), ValueError, r"x: expected a tensor \(\.\.\., N, F\)"),
+        (lambda: ops.graph_conv(Z(2, 4, 3, dtype=torch.int64), Z(4, 4)), TypeError, r"x: expected dtype float32, float64"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(4, 4), Z(4, 8)), ValueError, r"weight: expected shape \(F, F_out\) with F = 3"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(4, 4), Z(3, 8), Z(7)), ValueError, r"bias: expected shape \(8,\)"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(4, 4), activation="gelu"), ValueError, r"activation: expected one of"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), Z(4, 4), activation=1), TypeError, r"activation: expected None or a name"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), torch.full((4, 4), float("nan"))), ValueError, r"adjacency: expected finite values"),
+        (lambda: ops.graph_conv(Z(2, 4, 3), torch.eye(4).repeat(2, 1, 1).index_put_((torch.tensor([1]), torch.tensor([0]), torch.tensor([2])), torch.tensor(float("nan")))),
+         ValueError, r"adjacency: expected finite values, got NaN or infinity in adjacency\[1\]"),
+        (lambda: ops.cheb_graph_conv(Z(2, 4, 3), Z(4, 5), Z(2)), ValueError, r"laplacian: expected a square matrix \(N, N\)"),
+        (lambda: ops.cheb_graph_conv(Z(2, 4, 3), Z(2, 4, 4), Z(2)), ValueError, r"laplacian: expected a square matrix \(N, N\)"),
+        (lambda: ops.cheb_graph_conv(Z(2, 4, 3), Z(4, 4), Z(0)), ValueError, r"coefficients: expected shape \(K,\) or \(K, F, F_out\)"),
+        (lambda: ops.cheb_graph_conv(Z(2, 4, 3), Z(4, 4), Z(2, 4, 5)), ValueError, r"coefficients: expected shape"),
+        (lambda: ops.cheb_graph_conv(Z(2, 4, 3), torch.full((4, 4), float("inf")), Z(2)), ValueError, r"laplacian: expected finite values"),
+        (lambda: ops.hierarchical_pool(Z(2, 4, 3), torch.tensor([0, 1, 2, 3]), num_parents=3), ValueError,
+         r"assignment: expected parent indices in \[0, 2\], got assignment\[3\] = 3"),
+        (lambda: ops.hierarchical_pool(Z(2, 4, 3), torch.tensor([0, -1, 1, 1])), ValueError, r"assignment: expected parent indices in \[0, 1\]"),
+        (lambda: ops.hierarchical_pool(Z(2, 4, 3), torch.tensor([0, 0, 2, 2])), ValueError,
+         r"assignment: expected every parent in \[0, 2\] to have at least one child, got none for parent 1"),
+        (lambda: ops.hierarchical_pool(Z(2, 4, 3), torch.tensor([0, 0, 1])), ValueError, r"assignment: expected one parent per node, N = 4"),
+        (lambda: ops.hierarchical_pool(Z(2, 4, 3), torch.tensor([0.0, 0, 1, 1])), TypeError, r"assignment: expected dtype int32, int64"),
+        (lambda: ops.hierarchical_pool(Z(2, 4, 3), torch.tensor([0, 0, 1, 1]), Z(2, 3)), ValueError, r"scores: expected shape \(2, 4\)"),
+        (lambda: ops.hierarchical_pool(Z(2, 4, 3), torch.tensor([0, 0, 1, 1]), num_parents=-1), ValueError, r"num_parents: expected a count >= 0"),
+        (lambda: ops.graph_conv_pool(Z(2, 4, 3), Z(4, 4), torch.tensor([0, 0, 1, 5]), num_parents=2), ValueError,
+         r"assignment: expected parent indices in \[0, 1\], got assignment\[3\] = 5"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_core_validates_what_it_receives():
+    import affectkit._C as C
+
+    x, A = Z(4, 3, 2), Z(3, 3)
+    f32 = C.DTYPE_CODES["float32"]
+    with pytest.raises(ValueError, match=r"adjacency: expected the number of graphs B to divide"):
+        C.graph_conv_forward(C.DEVICE_CPU, f32, _c(x), _c(A), 0, 0, _c(x), 4, 3, 2, 2, 3, 0)
+    with pytest.raises(ValueError, match=r"Fo: expected Fo == F = 2 without a weight"):
+        C.graph_conv_forward(C.DEVICE_CPU, f32, _c(x), _c(A), 0, 0, _c(x), 4, 3, 2, 5, 1, 0)
+    with pytest.raises(ValueError, match=r"activation: expected an activation code in \[0, 5\]"):
+        C.graph_conv_forward(C.DEVICE_CPU, f32, _c(x), _c(A), 0, 0, _c(x), 4, 3, 2, 2, 1, 9)
+    with pytest.raises(ValueError, match=r"x: .*null"):
+        C.graph_conv_forward(C.DEVICE_CPU, f32, 0, _c(A), 0, 0, _c(x), 4, 3, 2, 2, 1, 0)
+    with pytest.raises(ValueError, match=r"K: expected at least one Chebyshev coefficient"):
+        C.cheb_graph_conv_forward(C.DEVICE_CPU, f32, _c(x), _c(A), _c(A), _c(x), 4, 3, 2, 2, 0, False)
+    a = torch.tensor([0, 3, 1])
+    with pytest.raises(ValueError, match=r"assignment: expected parent indices in \[0, 1\]"):
+        C.hierarchical_pool_forward(C.DEVICE_CPU, f32, _c(x), _c(a), 0, _c(x), 4, 3, 2, 2)
+    with pytest.raises(TypeError, match=r"int64"):
+        C.graph_conv_forward(C.DEVICE_CPU, C.DTYPE_CODES["int64"], _c(x), _c(A), 0, 0, _c(x), 4, 3, 2, 2, 1, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA (runs only where a GPU is visible)
+# ----------------------------------------------------------------------------------------
+
+CUDA_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(CUDA_TOL))
+@pytest.mark.parametrize("N, F, Fo", [(1, 1, 1), (14, 5, 32), (32, 5, 32), (62, 64, 64), (200, 7, 3), (17, 33, 9)])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_cuda_graph_conv_matches_reference(dtype, N, F, Fo, per_sample, gen):
+    B = 5
+    x = rand(B, 3, N, F, gen=gen)
+    A = rand(*((B,) if per_sample else ()), N, N, gen=gen) / N**0.5
+    W, b = rand(F, Fo, gen=gen) / F**0.5, rand(Fo, gen=gen)
+    act = ACTS[(N + F) % len(ACTS)]
+    cu = [t.to("cuda", dtype) for t in (x, A, W, b)]
+    got = ops.graph_conv(*cu, act)
+    want = conv_ref(*[t.cpu() for t in cu], act)
+    assert rel_error(got.cpu(), want) <= CUDA_TOL[dtype]
+    leaves = [t.detach().requires_grad_() for t in cu]
+    g = rand(B, 3, N, Fo, gen=gen)
+    grads = torch.autograd.grad(ops.graph_conv(*leaves, act), leaves, g.to("cuda", dtype))
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in cu]
+    want_grads = torch.autograd.grad(conv_ref(*ref_leaves, act), ref_leaves, g.double())
+    for a, w in zip(grads, want_grads):
+        assert rel_error(a.cpu(), w) <= 4 * CUDA_TOL[dtype]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(CUDA_TOL))
+@pytest.mark.parametrize("N, P", [(14, 4), (62, 10), (200, 7)])
+def test_cuda_pool_cheb_and_level(dtype, N, P, gen):
+    assignment = random_assignment(N, P, gen)
+    x, s = rand(6, N, 9, gen=gen), rand(6, N, gen=gen)
+    cu = lambda t: t.to("cuda", dtype)  # noqa: E731
+    for scores in (None, s):
+        got = ops.hierarchical_pool(cu(x), assignment.cuda(), None if scores is None else cu(scores))
+        want = pool_ref(cu(x).cpu(), assignment, None if scores is None else cu(scores).cpu(), P)
+        assert rel_error(got.cpu(), want) <= CUDA_TOL[dtype]
+    L = rand(N, N, gen=gen) / N
+    for coef in (rand(3, gen=gen), rand(3, 9, 4, gen=gen) / 3):
+        got = ops.cheb_graph_conv(cu(x), cu(L), cu(coef))
+        assert rel_error(got.cpu(), cheb_ref(cu(x).cpu(), cu(L).cpu(), cu(coef).cpu())) <= 4 * CUDA_TOL[dtype]
+    A, W = rand(N, N, gen=gen) / N**0.5, rand(9, 16, gen=gen) / 3
+    node, pooled = ops.graph_conv_pool(cu(x), cu(A), assignment.cuda(), cu(W), None, "relu", cu(s))
+    node_ref = conv_ref(cu(x).cpu(), cu(A).cpu(), cu(W).cpu(), None, "relu")
+    assert rel_error(node.cpu(), node_ref) <= CUDA_TOL[dtype]
+    assert rel_error(pooled.cpu(), pool_ref(node_ref, assignment, cu(s).cpu(), P)) <= 2 * CUDA_TOL[dtype]
+
+
+@requires_cuda
+def test_cuda_stream_errors_opcheck_and_compile(gen):
+    x, A = rand(8, 14, 5, gen=gen, dtype=torch.float32).cuda(), rand(14, 14, gen=gen, dtype=torch.float32).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = ops.graph_conv(x, A, activation="relu")
+    stream.synchronize()
+    assert rel_error(got.cpu(), conv_ref(x.cpu(), A.cpu(), act="relu")) <= 2e-5
+    with pytest.raises(ValueError, match="adjacency: expected a tensor on cuda"):
+        ops.graph_conv(x, A.cpu())
+    with pytest.raises(ValueError, match="assignment: expected every parent"):
+        ops.hierarchical_pool(x, torch.zeros(14, dtype=torch.int64, device="cuda"), num_parents=2)
+    xs = x[:4, :5, :3].double().requires_grad_()
+    torch.library.opcheck(torch.ops.affectkit.graph_conv.default, (xs, A[:5, :5].double(), None, None, 4))
+    torch._dynamo.reset()
+    step = torch.compile(_level, backend="inductor", fullgraph=True, dynamic=True)
+    args = [rand(*s, gen=gen, dtype=torch.float32).cuda().requires_grad_() for s in [(6, 7, 3), (7, 7), (3, 5), (5,)]]
+    extra = [torch.tensor([0, 1, 2, 0, 1, 2, 2], device="cuda"), rand(6, 7, gen=gen, dtype=torch.float32).cuda(),
+             rand(7, 7, gen=gen, dtype=torch.float32).cuda(), rand(3, gen=gen, dtype=torch.float32).cuda()]
+    step(*args, *extra).backward()
+    assert all(torch.isfinite(a.grad).all() for a in args)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("act", [0, 1, 2, 3, 4, 5])
+def test_pytorch_backward_used_on_cuda_matches_the_cpu_kernel(per_sample, act, gen):
+    # On CUDA the backward ops run as PyTorch products; they are device-agnostic, so check
+    # them here against the CPU kernel.
+    from affectkit.ops.graph import _cheb_backward_torch, _conv_backward_torch
+
+    x = rand(6, 14, 5, gen=gen)
+    A = rand(*((3,) if per_sample else (1,)), 14, 14, gen=gen) / 4
+    W = rand(5, 9, gen=gen)
+    out = torch.ops.affectkit.graph_conv(x, A, W, None, act)
+    g = rand(6, 14, 9, gen=gen)
+    want = torch.ops.affectkit.graph_conv_backward(g, out, x, A, W, act, True, True, True, True)
+    got = _conv_backward_torch(g, out, x, A, W, act, True, True, True, True)
+    for a, b in zip(got, want):
+        assert rel_error(a, b) <= 1e-12
+    L = rand(14, 14, gen=gen) / 4
+    for coef in (rand(3, gen=gen), rand(3, 5, 9, gen=gen)):
+        Fo = 5 if coef.dim() == 1 else 9
+        g = rand(6, 14, Fo, gen=gen)
+        want = torch.ops.affectkit.cheb_graph_conv_backward(g, x, L, coef, True, True, True)
+        got = _cheb_backward_torch(g, x, L, coef, True, True, True)
+        for a, b in zip(got, want):
+            assert rel_error(a, b) <= 1e-12
