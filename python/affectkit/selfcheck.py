@@ -61,6 +61,9 @@ def _check_cross_modal_attention(device: str, dtype: torch.dtype, gen: torch.Gen
     want = torch.softmax(s, -1) @ v
     got = cross_modal_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype),
                                 kv_lengths=kv_lengths.to(device))
+    return rel_error(got.cpu(), want)
+
+
 def _check_graph_conv(device: str, dtype: torch.dtype, gen: torch.Generator) -> float:
     from .ops import graph_conv_pool
 
