@@ -3,3 +3,4 @@
 
 #include "core/core.h"
 #include "pooling/pooling.h"
+#include "knn/knn.h"

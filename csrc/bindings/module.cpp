@@ -80,4 +80,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_x"), py::arg("B"), py::arg("L"), py::arg("F"), py::arg("stream") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "Gradient of masked_mean_forward with respect to x.");
+
+  // --- knn -------------------------------------------------------------------------
+  m.def(
+      "exact_knn",
+      [](int device, int dtype, uintptr_t queries, int64_t nq, uintptr_t database, int64_t n,
+         int64_t d, int metric, int64_t k, uintptr_t mask, bool mask_per_query,
+         uintptr_t cand_offsets, uintptr_t cand_rows, uintptr_t row_ids, uintptr_t db_sqnorms,
+         uintptr_t out_dist, uintptr_t out_ids, uintptr_t stream) {
+        knn::Filter filter;
+        filter.mask = cptr<uint8_t>(mask);
+        filter.mask_per_query = mask_per_query;
+        filter.cand_offsets = cptr<int64_t>(cand_offsets);
+        filter.cand_rows = cptr<int64_t>(cand_rows);
+        knn::exact_search(device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
+                          cptr<void>(queries), nq, cptr<void>(database), n, d,
+                          knn::metric_from_code(metric, "metric"), k, filter,
+                          cptr<int64_t>(row_ids), cptr<void>(db_sqnorms), mptr<void>(out_dist),
+                          mptr<int64_t>(out_ids), stream);
+      },
+      py::arg("device"), py::arg("dtype"), py::arg("queries"), py::arg("nq"),
+      py::arg("database"), py::arg("n"), py::arg("d"), py::arg("metric"), py::arg("k"),
+      py::arg("mask") = 0, py::arg("mask_per_query") = false, py::arg("cand_offsets") = 0,
+      py::arg("cand_rows") = 0, py::arg("row_ids") = 0, py::arg("db_sqnorms") = 0,
+      py::arg("out_dist") = 0, py::arg("out_ids") = 0, py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Exact filtered k-NN: for each query the k allowed rows with the smallest distance "
+      "(metric 0 ip: -<q,x>, 1 l2: squared, 2 cosine: 1-<q,x> on unit vectors); ties to the "
+      "smaller id; padded with id -1 and +inf. Filter: a byte mask (n,) or (nq, n), or CSR "
+      "candidate rows per query.");
 }

@@ -5,6 +5,8 @@ backward is an op of its own, a CPU kernel and, when CUDA was compiled, a CUDA k
 that runs on ``torch.cuda.current_stream()``.
 """
 
+from .knn import filtered_knn
 from .pooling import masked_mean
 
 __all__ = ["masked_mean"]
+__all__ += ["filtered_knn"]
