@@ -328,3 +328,122 @@ def test_concurrent_searches_and_writes(rng):
         t.join()
     assert not errors
     assert len(index) == 2000
+
+
+# ---- approximate (graph) mode: tested on recall, not equality -----------------------------------
+
+def clustered(rng, n, d, nq, clusters=40):
+    centers = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, d)).astype(np.float32)
+    q = centers[rng.integers(0, clusters, nq)] + 0.4 * rng.standard_normal((nq, d)).astype(np.float32)
+    return x, q
+
+
+def recall(approx_ids, exact_ids):
+    hits = [len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits))
+
+
+@pytest.fixture(scope="module")
+def graph_index():
+    rng = np.random.default_rng(12345)
+    x, q = clustered(rng, 6000, 32, 60)
+    index = EmbeddingIndex(32, "cosine", M=12, ef_construction=80, graph_min_rows=1000, exact_max_rows=300)
+    attrs = {"u": rng.random(6000), "label": rng.choice(LABELS, 6000, p=[0.5, 0.2, 0.15, 0.1, 0.05])}
+    ids = index.add(x, attrs)
+    index.build_graph()
+    return index, x, q, attrs, ids
+
+
+@pytest.mark.parametrize("selectivity", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_graph_recall_at_several_selectivities(selectivity, metric, graph_index):
+    index, x, q, attrs, ids = graph_index
+    if metric != "cosine":
+        index = EmbeddingIndex(32, metric, M=12, ef_construction=80)
+        index.add(x, attrs)
+        index.build_graph()
+    where = {"u": (0, selectivity)}
+    exact = index.search(q, 10, where=where, mode="exact")
+    approx = index.search(q, 10, where=where, mode="approx", ef=64)
+    assert recall(approx[1], exact[1]) >= 0.95
+    allowed_ids = ids[attrs["u"] < selectivity]
+    assert np.isin(approx[1], allowed_ids).all()  # never a row outside the filter
+    assert (np.diff(approx[0], axis=1) >= 0).all()
+
+
+def test_graph_respects_tombstones_and_covers_later_rows(graph_index, tmp_path):
+    index, x, q, attrs, ids = graph_index
+    index = EmbeddingIndex.load(_saved(index, tmp_path), mmap=False)
+    exact = index.search(q, 5, mode="exact")[1]
+    gone = np.unique(exact[:, :2])
+    index.remove(gone)
+    approx = index.search(q, 5, mode="approx")[1]
+    assert not np.isin(approx, gone).any()
+    # rows added after the graph was built are found through the exact tail scan
+    new = index.add(q[:5] * 1.0, {"u": np.zeros(5), "label": ["joy"] * 5})
+    index.settings.graph_min_rows = 0
+    d, i = index.search(q[:5], 3, mode="approx")
+    assert index.graph_size == len(ids) + 5  # approx mode extends the graph first
+    assert np.array_equal(i[:, 0], new)
+
+
+def _saved(index, tmp_path):
+    path = tmp_path / "g.afk"
+    index.save(path)
+    return path
+
+
+def test_graph_survives_save_load(graph_index, tmp_path):
+    index, x, q, attrs, ids = graph_index
+    where = [{"u": (0, 0.5)}] * 30 + [{"label": ["joy", "anger"]}] * 30
+    before = index.search(q, 10, where=where, mode="approx")
+    path = _saved(index, tmp_path)
+    for mmap in (True, False):
+        loaded = EmbeddingIndex.load(path, mmap=mmap)
+        assert loaded.graph_size == index.graph_size
+        after = loaded.search(q, 10, where=where, mode="approx")
+        assert np.array_equal(before[1], after[1]) and np.array_equal(before[0], after[0])
+
+
+def test_planner_switches_with_selectivity(graph_index, monkeypatch):
+    index, x, q, attrs, ids = graph_index
+    # 6000 rows is small: make a scanned distance costlier so the crossover falls inside
+    monkeypatch.setattr(index.settings, "exact_speedup", 1.0)
+    low, high = index.explain({"u": (0, 0.02)}), index.explain({"u": (0, 0.9)})
+    assert low["mode"] == "exact" and high["mode"] == "approx"
+    assert abs(low["estimated_selectivity"] - 0.02) < 0.01 and abs(high["estimated_selectivity"] - 0.9) < 0.02
+    assert "exact_max_rows" in low["reason"] and "graph cost" in high["reason"]
+    exact = index.search(q, 10, where={"u": (0, 0.9)}, mode="exact")[1]
+    assert recall(index.search(q, 10, where={"u": (0, 0.9)})[1], exact) >= 0.95
+    assert np.array_equal(index.search(q, 10, where={"u": (0, 0.02)})[1],
+                          index.search(q, 10, where={"u": (0, 0.02)}, mode="exact")[1])
+
+
+def test_graph_boundary_validation(gen):
+    import affectkit._C as C
+
+    with pytest.raises(ValueError, match="M: expected a value in"):
+        C.HnswGraph(4, 0, 1)
+    with pytest.raises(ValueError, match="dim: expected a positive"):
+        C.HnswGraph(0, 0)
+    with pytest.raises(ValueError, match="metric"):
+        C.HnswGraph(4, 7)
+    g = C.HnswGraph(4, 1, 4, 10, 1)
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    g.add(x.ctypes.data, 50)
+    out_d, out_r = np.empty((1, 3), np.float32), np.empty((1, 3), np.int64)
+    with pytest.raises(ValueError, match="k: expected a positive"):
+        g.search(x.ctypes.data, x.ctypes.data, 1, 0, 10, out_dist=out_d.ctypes.data, out_rows=out_r.ctypes.data)
+    with pytest.raises(ValueError, match="out_dist"):
+        g.search(x.ctypes.data, x.ctypes.data, 1, 3, 10)
+    flat = np.frombuffer(g.to_flat(), np.int32).copy()
+    ok = C.HnswGraph.from_flat(flat.ctypes.data, flat.size)
+    assert ok.size() == 50
+    for pos, value, msg in ((0, 1, "magic"), (8, 10**6, "row count"), (11 + 50 + 1, 999, "link out of range"), (11 + 50, 99, "link count")):
+        bad = flat.copy()
+        bad[pos] = value
+        with pytest.raises(ValueError, match=msg):
+            C.HnswGraph.from_flat(bad.ctypes.data, bad.size)
+    with pytest.raises(ValueError, match="words"):
+        C.HnswGraph.from_flat(flat.ctypes.data, flat.size - 1)

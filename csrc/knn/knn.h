@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "../core/core.h"
@@ -43,21 +44,25 @@ void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
                   const Filter& filter, const int64_t* row_ids, const void* db_sqnorms,
                   void* out_dist, int64_t* out_ids, uintptr_t stream = 0);
 
-// An HNSW-style proximity graph over float32 vectors that the caller owns and keeps alive
-// (the graph stores only links). Filtered search walks through every node but collects
-// only allowed ones, widening its beam with the filter's selectivity so that the graph
-// stays navigable when few rows pass.
+// An HNSW-style proximity graph over float32 rows that the caller owns and keeps alive
+// (the graph stores only links; rows are passed to add and search). Filtered search walks
+// through every node but collects only allowed ones ("walk through, collect passing"), so
+// the graph stays navigable however few rows pass; the beam stops once `ef` allowed rows
+// are closer than every unexplored candidate.
+// Construction inserts rows in parallel (OpenMP, one lock per node, as in hnswlib); levels
+// are drawn from a seeded generator, so the structure depends only on the seed and on the
+// interleaving of the threads.
 class HnswGraph {
  public:
   HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction, uint64_t seed);
+  ~HnswGraph();
 
-  // Adds rows [size(), size() + count) of `vectors` (the whole table, row-major, at least
-  // size() + count rows). Insertion order is deterministic for a given seed.
-  void add(const float* vectors, int64_t count);
+  // Inserts rows [size(), size() + count) of `rows` (the whole table, row-major).
+  void add(const float* rows, int64_t count);
 
-  // For each query: up to k allowed rows (row indices, ascending by distance; -1/+inf pad).
-  // `allow` is an optional (n,) byte mask shared by all queries or (nq, n) per query.
-  void search(const float* vectors, const float* queries, int64_t nq, int64_t k, int64_t ef,
+  // For each query: up to k allowed rows < size() (row indices, ascending distance; -1/+inf
+  // padding). `allow`: null (all rows), (size(),) bytes shared, or (nq, size()) per query.
+  void search(const float* rows, const float* queries, int64_t nq, int64_t k, int64_t ef,
               const uint8_t* allow, bool allow_per_query, float* out_dist,
               int64_t* out_rows) const;
 
@@ -66,9 +71,11 @@ class HnswGraph {
   int64_t M() const { return M_; }
   Metric metric() const { return metric_; }
 
-  // Flat int32 form for saving: [header..., levels..., links...]; from_flat checks it.
+  // Flat int32 form for saving; from_flat validates every field and link.
   std::vector<int32_t> to_flat() const;
   static std::unique_ptr<HnswGraph> from_flat(const int32_t* data, int64_t count);
+
+  struct Impl;  // search helpers (hnsw_cpu.cpp)
 
  private:
   int64_t dim_, M_, ef_construction_;
@@ -76,13 +83,17 @@ class HnswGraph {
   uint64_t rng_state_;
   int32_t entry_ = -1;
   int32_t max_level_ = -1;
-  std::vector<int32_t> level_;                      // top level of each node
-  std::vector<std::vector<int32_t>> links_;         // per node: (level+1) slots of cap(l)+1
+  std::vector<int32_t> level_;               // top level of each node
+  std::vector<std::vector<int32_t>> links_;  // per node, per level: [count, cap slots]
+  std::vector<std::unique_ptr<std::mutex>> locks_;  // one per node, guards its links
+  std::mutex global_;                                // guards entry_ and max_level_
   int64_t cap(int level) const { return level == 0 ? 2 * M_ : M_; }
-  int32_t* slot(int32_t node, int level);
-  const int32_t* slot(int32_t node, int level) const;
+  int64_t offset(int level) const { return level == 0 ? 0 : (2 * M_ + 1) + (level - 1) * (M_ + 1); }
+  int32_t* slot(int32_t node, int level) { return links_[node].data() + offset(level); }
+  const int32_t* slot(int32_t node, int level) const {
+    return links_[node].data() + offset(level);
+  }
   int draw_level();
-  friend struct HnswAccess;
 };
 
 namespace detail {

@@ -352,7 +352,24 @@ class EmbeddingIndex:
         return out_d, out_i
 
     def _search_graph(self, q, k, n, mask, ef):
-        raise NotImplementedError("approximate search needs the graph (not built in this version)")
+        """Graph search over the rows the graph covers, exact scan of rows added since, merged."""
+        g = min(self.graph_size, n)
+        nq = q.shape[0]
+        d = np.empty((nq, k), dtype=np.float32)
+        rows = np.empty((nq, k), dtype=np.int64)
+        if nq == 0:
+            return d, rows
+        allow = None if mask is None else np.ascontiguousarray(mask[:g], dtype=np.uint8)
+        self._graph.search(self._vectors.ctypes.data, q.ctypes.data, nq, k, ef,
+                           allow=0 if allow is None else allow.ctypes.data,
+                           out_dist=d.ctypes.data, out_rows=rows.ctypes.data)
+        ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        if g == n:
+            return d, ids
+        tail_d, tail_i = self._search_exact(q, k, n, mask, row_begin=g)
+        all_d, all_i = np.concatenate([d, tail_d], 1), np.concatenate([ids, tail_i], 1)
+        order = np.lexsort((np.where(all_i < 0, np.iinfo(np.int64).max, all_i), all_d), axis=1)[:, :k]
+        return np.take_along_axis(all_d, order, 1), np.take_along_axis(all_i, order, 1)
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -366,7 +383,7 @@ class EmbeddingIndex:
             arrays = {"vectors": self._vectors[: self._n], "sqnorms": self._sqnorms[: self._n],
                       "ids": self._ids[: self._n], "alive": self._alive[: self._n], **attr_arrays}
             if self._graph is not None:
-                arrays["graph"] = np.asarray(self._graph.to_flat(), dtype=np.int32)
+                arrays["graph"] = np.frombuffer(self._graph.to_flat(), dtype=np.int32)
             storage.save(path, meta, arrays)
 
     @classmethod
@@ -391,7 +408,8 @@ class EmbeddingIndex:
                 if hasattr(col, attr):
                     setattr(col, attr, np.array(getattr(col, attr)))
         if "graph" in arrays:
-            index._graph = _C.HnswGraph.from_flat(np.ascontiguousarray(arrays["graph"]))
+            flat = np.ascontiguousarray(arrays["graph"], dtype=np.int32)
+            index._graph = _C.HnswGraph.from_flat(flat.ctypes.data, flat.size)
         return index
 
 
