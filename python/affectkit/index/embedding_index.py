@@ -156,6 +156,8 @@ class EmbeddingIndex:
                 if new_ids.dtype.kind not in "iu" or new_ids.shape != (m,):
                     raise ValueError(f"ids: expected {m} integer ids, got dtype {new_ids.dtype} shape {new_ids.shape}")
                 new_ids = new_ids.astype(np.int64)
+                if m and new_ids.min() < 0:
+                    raise ValueError(f"ids: expected non-negative ids (-1 marks padding), got {int(new_ids.min())}")
                 if len(np.unique(new_ids)) != m:
                     raise ValueError("ids: expected distinct ids, got duplicates within the batch")
                 taken = self._find_rows(new_ids)

@@ -22,6 +22,8 @@ from ._bridge import (
 )
 
 METRICS = {"ip": 0, "l2": 1, "cosine": 2}
+CUDA_KNN_DTYPES = (torch.float32, torch.float16)
+CUDA_MAX_K = 256  # the fused CUDA kernel keeps each query's list in shared memory
 
 
 def filtered_knn(
@@ -34,11 +36,11 @@ def filtered_knn(
     """The k allowed database rows nearest to each query, exactly.
 
     Args:
-        queries: (nq, d) floating tensor (float32/float64 on CPU).
+        queries: (nq, d) floating tensor (float32/float64 on CPU, float32/float16 on CUDA).
         database: (n, d) tensor of the same dtype and device.
         allow_mask: None (every row allowed), or a bool/uint8 tensor on the same device,
             (n,) shared by all queries or (nq, n) one row per query; nonzero = allowed.
-        k: number of neighbours (> 0).
+        k: number of neighbours (> 0; at most 256 on CUDA).
         metric: "l2" (squared Euclidean distance), "ip" (distance = -<q, x>) or
             "cosine" (distance = 1 - cosine similarity; zero vectors count as orthogonal).
 
@@ -49,7 +51,10 @@ def filtered_knn(
         No gradient flows through this op.
     """
     check_tensor("queries", queries, ndim=2)
-    check_float_dtype("queries", queries)
+    if queries.is_cuda:
+        check_tensor("queries", queries, dtypes=CUDA_KNN_DTYPES)
+    else:
+        check_float_dtype("queries", queries)
     check_tensor("database", database, ndim=2)
     check_same_device("database", database, "queries", queries)
     if database.dtype != queries.dtype:
@@ -66,6 +71,8 @@ def filtered_knn(
             raise ValueError(f"allow_mask: expected shape ({n},) or ({nq}, {n}), got {tuple(allow_mask.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"k: expected a positive int, got {k!r}")
+    if queries.is_cuda and k > CUDA_MAX_K:
+        raise ValueError(f"k: expected at most {CUDA_MAX_K} on CUDA, got {k}")
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {sorted(METRICS)}, got {metric!r}")
     return torch.ops.affectkit.filtered_knn(queries, database, allow_mask, k, metric)
