@@ -6,6 +6,7 @@ skewed 8-value label whose values pass about 1 %, 10 % and 50 % of the rows, and
 AFFECTKIT_KNN_NQ queries (1,000 full, else 100), k = 10, cosine metric (inner product on
 unit vectors). Each group is one selectivity; impls:
     affectkit    EmbeddingIndex.search(where={"label": v}) in auto mode (the planner picks)
+    affectkit-exact / affectkit-approx   the same search forced onto one path
     numpy        gather the passing rows, one matrix product, argpartition (exact)
     torch        the stock PyTorch path: full matrix product, masked_fill, topk (exact)
     faiss-flat   IndexFlatIP + IDSelectorBitmap (exact), when faiss-cpu is installed
@@ -101,6 +102,16 @@ def bench_affectkit_auto(bench, benchmark, data, sel):
     assert ids.shape == (NQ, K)
 
 
+@pytest.mark.parametrize("mode", ["exact", "approx"])
+@pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))
+def bench_affectkit_forced(bench, benchmark, data, sel, mode):
+    """Both paths at every selectivity: the evidence the planner's crossover rests on."""
+    x, q, labels, index, exact, _ = data
+    _, ids = bench(f"filtered_knn sel={sel} N={N}", f"affectkit-{mode}", index.search, q, K,
+                   {"label": SELECTIVITY_LABEL[sel]}, mode)
+    _report(benchmark, f"affectkit-{mode}", sel, recall(ids, exact[sel]))
+
+
 def _numpy_gather(x, q, mask):
     rows = np.flatnonzero(mask)
     scores = q @ x[rows].T
@@ -137,9 +148,11 @@ def bench_faiss_flat(bench, benchmark, data, sel):
         pytest.skip("faiss-cpu is not installed (optional: pip install faiss-cpu)")
     faiss, flat, _ = fs
     mask = labels == SELECTIVITY_LABEL[sel]
-    sel_obj = faiss.IDSelectorBitmap(N, faiss.swig_ptr(np.packbits(mask, bitorder="little")))
+    bits = np.packbits(mask, bitorder="little")  # must outlive the selector, which keeps a raw pointer
+    sel_obj = faiss.IDSelectorBitmap(N, faiss.swig_ptr(bits))
     params = faiss.SearchParameters(sel=sel_obj)
     _, ids = bench(f"filtered_knn sel={sel} N={N}", "faiss-flat", lambda: flat.search(q, K, params=params))
+    del bits
     _report(benchmark, "faiss-flat", sel, recall(ids, exact[sel]))
 
 

@@ -34,72 +34,105 @@ namespace {
 constexpr int64_t kQueryBlock = 24;  // queries sharing one pass over a row tile
 constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stays in L2)
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
+constexpr int64_t kGatherBudgetBytes = int64_t(1) << 30;  // copy passing rows up to 1 GiB
 
 // ---------------------------------------------------------------------------------------
-// Micro-kernel: scores[a][b] = <q_a, x_b> for up to 3 queries x 4 rows, vectorised with
-// generic vector types (lowered to the instruction set of each clone).
+// Micro-kernel (the GEMM way, no horizontal sums): a sub-tile of 2W rows is packed
+// transposed, xt[j][r], so one vector load brings feature j of W rows; each query's feature
+// j is broadcast and multiplied into two accumulators per query. 6 queries x 2W rows per
+// pass; the accumulators are the scores themselves. Generic vector types: 32-byte vectors
+// in the default/AVX2 build, 64-byte ones in an AVX-512 build picked at run time (no
+// -march=native anywhere).
 // ---------------------------------------------------------------------------------------
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32), aligned(4)));
-  static constexpr int lanes = 8;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32), aligned(8)));
-  static constexpr int lanes = 4;
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes), aligned(sizeof(T))));
+  static constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
 };
 
-template <typename T>
-inline T hsum(typename Vec<T>::type v) {
-  T s = 0;
-  for (int l = 0; l < Vec<T>::lanes; ++l) s += v[l];
-  return s;
-}
+constexpr int kMicroQueries = 6;
 
-// out[a * out_stride + b] = <q[a], x[b]>, a < nqa (<= 3), b < 4 (rows past nrb are skipped).
+// Rows per packed sub-tile for a vector width (2 vectors); the workspace holds d * this.
 template <typename T>
-AFFECTKIT_SIMD_CLONES void dot_3x4(const T* __restrict q, int64_t nqa, const T* __restrict x,
-                                   int64_t nrb, int64_t d, T* __restrict out,
-                                   int64_t out_stride) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::lanes;
-  const T* qp[3];
-  const T* xp[4];
-  for (int a = 0; a < 3; ++a) qp[a] = q + std::min<int64_t>(a, nqa - 1) * d;
-  for (int b = 0; b < 4; ++b) xp[b] = x + std::min<int64_t>(b, nrb - 1) * d;
-  V acc[3][4];
-  for (int a = 0; a < 3; ++a)
-    for (int b = 0; b < 4; ++b) acc[a][b] = V{};
-  int64_t j = 0;
-  for (; j + L <= d; j += L) {
-    V qa0 = *reinterpret_cast<const V*>(qp[0] + j);
-    V qa1 = *reinterpret_cast<const V*>(qp[1] + j);
-    V qa2 = *reinterpret_cast<const V*>(qp[2] + j);
-    for (int b = 0; b < 4; ++b) {
-      V xb = *reinterpret_cast<const V*>(xp[b] + j);
-      acc[0][b] += qa0 * xb;
-      acc[1][b] += qa1 * xb;
-      acc[2][b] += qa2 * xb;
+constexpr int64_t max_subtile_rows() { return 2 * 64 / static_cast<int64_t>(sizeof(T)); }
+
+// out[a * out_stride + r] = <q[a], row r>, a < nqa (<= 6), r < nr (<= 2W), xt packed (d, 2W).
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void micro_6x2w(const T* __restrict q, int64_t nqa,
+                                                      const T* __restrict xt, int64_t d,
+                                                      T* __restrict out, int64_t out_stride,
+                                                      int64_t nr) {
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int W = Vec<T, Bytes>::lanes;
+  const T* qp[kMicroQueries];
+  for (int a = 0; a < kMicroQueries; ++a) qp[a] = q + std::min<int64_t>(a, nqa - 1) * d;
+  V acc[kMicroQueries][2];
+  for (int a = 0; a < kMicroQueries; ++a) acc[a][0] = acc[a][1] = V{};
+  for (int64_t j = 0; j < d; ++j) {
+    const V x0 = *reinterpret_cast<const V*>(xt + j * 2 * W);
+    const V x1 = *reinterpret_cast<const V*>(xt + j * 2 * W + W);
+    for (int a = 0; a < kMicroQueries; ++a) {
+      const T qa = qp[a][j];
+      acc[a][0] += x0 * qa;
+      acc[a][1] += x1 * qa;
     }
   }
-  for (int a = 0; a < nqa; ++a)
-    for (int b = 0; b < nrb; ++b) {
-      T s = hsum<T>(acc[a][b]);
-      for (int64_t t = j; t < d; ++t) s += qp[a][t] * xp[b][t];
-      out[a * out_stride + b] = s;
-    }
+  for (int a = 0; a < nqa; ++a) {
+    T tmp[2 * W];
+    std::memcpy(tmp, &acc[a][0], sizeof(V));
+    std::memcpy(tmp + W, &acc[a][1], sizeof(V));
+    for (int64_t r = 0; r < nr; ++r) out[a * out_stride + r] = tmp[r];
+  }
 }
 
-// scores (nqb, nrows) = queries (nqb, d) . rows (nrows, d)^T
+// scores (nqb, nrows) = queries (nqb, d) . rows (nrows, d)^T; work holds d * 2W elements.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void score_tile_body(const T* q, int64_t nqb,
+                                                           const T* rows, int64_t nrows,
+                                                           int64_t d, T* scores, T* work) {
+  constexpr int64_t R = 2 * Vec<T, Bytes>::lanes;
+  for (int64_t b0 = 0; b0 < nrows; b0 += R) {
+    const int64_t nr = std::min(R, nrows - b0);
+    for (int64_t r = 0; r < R; ++r) {  // transpose-pack, zero rows past the end
+      if (r < nr) {
+        const T* src = rows + (b0 + r) * d;
+        for (int64_t j = 0; j < d; ++j) work[j * R + r] = src[j];
+      } else {
+        for (int64_t j = 0; j < d; ++j) work[j * R + r] = T(0);
+      }
+    }
+    for (int64_t a = 0; a < nqb; a += kMicroQueries)
+      micro_6x2w<T, Bytes>(q + a * d, std::min<int64_t>(kMicroQueries, nqb - a), work, d,
+                           scores + a * nrows + b0, nrows, nr);
+  }
+}
+
 template <typename T>
-void score_tile(const T* q, int64_t nqb, const T* rows, int64_t nrows, int64_t d, T* scores) {
-  for (int64_t a = 0; a < nqb; a += 3)
-    for (int64_t b = 0; b < nrows; b += 4)
-      dot_3x4(q + a * d, std::min<int64_t>(3, nqb - a), rows + b * d,
-              std::min<int64_t>(4, nrows - b), d, scores + a * nrows + b, nrows);
+AFFECTKIT_SIMD_CLONES void score_tile_32(const T* q, int64_t nqb, const T* rows, int64_t nrows,
+                                         int64_t d, T* scores, T* work) {
+  score_tile_body<T, 32>(q, nqb, rows, nrows, d, scores, work);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename T>
+__attribute__((target("avx512f"))) void score_tile_64(const T* q, int64_t nqb, const T* rows,
+                                                      int64_t nrows, int64_t d, T* scores,
+                                                      T* work) {
+  score_tile_body<T, 64>(q, nqb, rows, nrows, d, scores, work);
+}
+bool has_avx512() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f"));
+  return yes;
+}
+#endif
+
+template <typename T>
+void score_tile(const T* q, int64_t nqb, const T* rows, int64_t nrows, int64_t d, T* scores,
+                T* work) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (has_avx512()) return score_tile_64(q, nqb, rows, nrows, d, scores, work);
+#endif
+  score_tile_32(q, nqb, rows, nrows, d, scores, work);
 }
 
 template <typename T>
@@ -128,6 +161,7 @@ inline T to_distance(T ip, Metric metric, T qn, T xn) {
 template <typename T>
 void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d,
                      Metric metric, int64_t k, const int64_t* rows /* null: 0..m-1 */,
+                     const T* gathered /* null, or rows already copied: (m, d) */,
                      int64_t m, const uint8_t* qmask, const int64_t* row_ids, const T* xnorm,
                      const T* qnorm, T* out_dist, int64_t* out_ids) {
   const int64_t keff = std::min(k, m);
@@ -154,7 +188,8 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
 #pragma omp parallel
   {
     std::vector<T> scores(kQueryBlock * kRowTile);
-    std::vector<T> pack(packed ? kRowTile * d : 0);
+    std::vector<T> pack(packed && !gathered ? kRowTile * d : 0);
+    std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t qb = 0; qb < nqb; ++qb) {
       for (int64_t c = 0; c < nchunks; ++c) {
@@ -167,14 +202,16 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
         for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowTile) {
           const int64_t nr = std::min(kRowTile, r_end - r0);
           const T* tile;
-          if (packed) {
+          if (gathered) {
+            tile = gathered + r0 * d;
+          } else if (packed) {
             for (int64_t r = 0; r < nr; ++r)
               std::memcpy(&pack[r * d], db + rows[r0 + r] * d, sizeof(T) * d);
             tile = pack.data();
           } else {
             tile = db + r0 * d;
           }
-          score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data());
+          score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
           for (int64_t qi = q0; qi < q1; ++qi) {
             TopK<T>& heap = heaps[qi - q0];
             const T* s = &scores[(qi - q0) * nr];
@@ -219,18 +256,20 @@ void search_per_query_lists(const T* queries, int64_t nq, const T* db, int64_t d
 #pragma omp parallel
   {
     std::vector<Hit<T>> storage(static_cast<size_t>(k));
-    std::vector<T> pack(4 * d);
-    T s[4];
+    constexpr int64_t kChunk = 32;  // candidates scored per packed chunk
+    std::vector<T> pack(kChunk * d);
+    std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
+    T s[kChunk];
 #pragma omp for schedule(dynamic, 4)
     for (int64_t qi = 0; qi < nq; ++qi) {
       TopK<T> heap(storage.data(), k);
       const int64_t b = offsets[qi], e = offsets[qi + 1];
       const T qn = qnorm ? qnorm[qi] : T(0);
-      for (int64_t i = b; i < e; i += 4) {
-        const int64_t nr = std::min<int64_t>(4, e - i);
+      for (int64_t i = b; i < e; i += kChunk) {
+        const int64_t nr = std::min<int64_t>(kChunk, e - i);
         for (int64_t r = 0; r < nr; ++r)
           std::memcpy(&pack[r * d], db + cand[i + r] * d, sizeof(T) * d);
-        dot_3x4(queries + qi * d, 1, pack.data(), nr, d, s, 4);
+        score_tile(queries + qi * d, 1, pack.data(), nr, d, s, work.data());
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t row = cand[i + r];
           const T dist = to_distance(s[r], metric, qn, xnorm ? xnorm[row] : T(0));
@@ -290,8 +329,8 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
     for (int64_t qi = 0; qi < nq; ++qi) counts[qi + 1] += counts[qi];
     const double density = n ? double(counts[nq]) / (double(nq) * double(n)) : 0.0;
     if (density >= 0.15) {
-      search_row_list(queries, nq, db, n, d, metric, k, nullptr, n, f.mask, row_ids, xnorm,
-                      qnorm, out_dist, out_ids);
+      search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr, nullptr, n, f.mask, row_ids,
+                      xnorm, qnorm, out_dist, out_ids);
       return;
     }
     std::vector<int64_t> cand(counts[nq]);
@@ -311,18 +350,28 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
     rows.reserve(n / 4);
     for (int64_t r = 0; r < n; ++r)
       if (f.mask[r]) rows.push_back(r);
-    if (static_cast<int64_t>(rows.size()) == n) {
-      search_row_list(queries, nq, db, n, d, metric, k, nullptr, n, nullptr, row_ids, xnorm,
-                      qnorm, out_dist, out_ids);
-    } else {
-      search_row_list(queries, nq, db, n, d, metric, k, rows.data(),
-                      static_cast<int64_t>(rows.size()), nullptr, row_ids, xnorm, qnorm,
-                      out_dist, out_ids);
+    const int64_t m = static_cast<int64_t>(rows.size());
+    if (m == n) {
+      search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr, nullptr, n, nullptr, row_ids,
+                      xnorm, qnorm, out_dist, out_ids);
+      return;
     }
+    // Copy the passing rows once when they fit a budget (every query block then streams a
+    // contiguous table); otherwise each tile is packed on the fly.
+    std::vector<T> gathered;
+    if (nq > kQueryBlock && m * d * static_cast<int64_t>(sizeof(T)) <= kGatherBudgetBytes) {
+      gathered.resize(static_cast<size_t>(m * d));
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < m; ++i)
+        std::memcpy(&gathered[i * d], db + rows[i] * d, sizeof(T) * d);
+    }
+    search_row_list<T>(queries, nq, db, n, d, metric, k, rows.data(),
+                    gathered.empty() ? nullptr : gathered.data(), m, nullptr, row_ids, xnorm,
+                    qnorm, out_dist, out_ids);
     return;
   }
-  search_row_list(queries, nq, db, n, d, metric, k, nullptr, n, nullptr, row_ids, xnorm, qnorm,
-                  out_dist, out_ids);
+  search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr, nullptr, n, nullptr, row_ids, xnorm,
+                  qnorm, out_dist, out_ids);
 }
 
 }  // namespace

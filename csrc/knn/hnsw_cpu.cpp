@@ -48,6 +48,63 @@ AFFECTKIT_SIMD_CLONES float l2sq(const float* __restrict a, const float* __restr
   return s;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+typedef float V16 __attribute__((vector_size(64), aligned(4)));
+
+__attribute__((target("avx512f"))) float dot_512(const float* __restrict a,
+                                                 const float* __restrict b, int64_t d) {
+  V16 acc0{}, acc1{};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    acc0 += *reinterpret_cast<const V16*>(a + j) * *reinterpret_cast<const V16*>(b + j);
+    acc1 += *reinterpret_cast<const V16*>(a + j + 16) * *reinterpret_cast<const V16*>(b + j + 16);
+  }
+  V16 acc = acc0 + acc1;
+  float s = 0;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
+__attribute__((target("avx512f"))) float l2sq_512(const float* __restrict a,
+                                                  const float* __restrict b, int64_t d) {
+  V16 acc0{}, acc1{};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    V16 t0 = *reinterpret_cast<const V16*>(a + j) - *reinterpret_cast<const V16*>(b + j);
+    V16 t1 = *reinterpret_cast<const V16*>(a + j + 16) - *reinterpret_cast<const V16*>(b + j + 16);
+    acc0 += t0 * t0;
+    acc1 += t1 * t1;
+  }
+  V16 acc = acc0 + acc1;
+  float s = 0;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; j < d; ++j) s += (a[j] - b[j]) * (a[j] - b[j]);
+  return s;
+}
+#endif
+
+using DistFn = float (*)(const float*, const float*, int64_t);
+
+// The widest kernels this CPU runs, picked once at run time.
+struct Kernels {
+  DistFn dot = &affectkit::knn::dot;
+  DistFn l2sq = &affectkit::knn::l2sq;
+  Kernels() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) {
+      dot = &dot_512;
+      l2sq = &l2sq_512;
+    }
+#endif
+  }
+};
+const Kernels& kernels() {
+  static const Kernels k;
+  return k;
+}
+
 // Marks visited nodes with an epoch number, so clearing is O(1) per search.
 struct Visited {
   std::vector<uint32_t> mark;
@@ -82,10 +139,11 @@ constexpr int kMaxLevel = 30;
 
 struct HnswGraph::Impl {
   static float dist(const HnswGraph& g, const float* a, const float* b) {
+    const Kernels& k = kernels();
     switch (g.metric_) {
-      case Metric::InnerProduct: return -dot(a, b, g.dim_);
-      case Metric::Cosine: return 1.0f - dot(a, b, g.dim_);
-      default: return l2sq(a, b, g.dim_);
+      case Metric::InnerProduct: return -k.dot(a, b, g.dim_);
+      case Metric::Cosine: return 1.0f - k.dot(a, b, g.dim_);
+      default: return k.l2sq(a, b, g.dim_);
     }
   }
 
@@ -141,8 +199,16 @@ struct HnswGraph::Impl {
       if (static_cast<int64_t>(res.size()) >= ef && c.first > res.top().first) break;
       cand.pop();
       read_links(g, c.second, level, locked, nb);
+      // Drop visited nodes and start loading the others' rows before computing distances.
+      size_t fresh = 0;
+      for (int32_t v : nb)
+        if (!vis.test_and_set(v)) {
+          nb[fresh++] = v;
+          const char* row = reinterpret_cast<const char*>(rows + static_cast<int64_t>(v) * g.dim_);
+          for (int64_t off = 0; off < 256 && off < g.dim_ * 4; off += 64) __builtin_prefetch(row + off);
+        }
+      nb.resize(fresh);
       for (int32_t v : nb) {
-        if (vis.test_and_set(v)) continue;
         const float dv = dist(g, q, rows + static_cast<int64_t>(v) * g.dim_);
         if (static_cast<int64_t>(res.size()) < ef || dv < res.top().first) {
           cand.push({dv, v});
