@@ -102,7 +102,7 @@ class EmbeddingIndex:
     """
 
     def __init__(self, dim: int, metric: str = "cosine", dtype=np.float32, *, M: int = 16,
-                 ef_construction: int = 100, ef_search: int = 64, exact_max_rows: int = 20_000,
+                 ef_construction: int = 100, ef_search: int = 24, exact_max_rows: int = 2_000,
                  graph_min_rows: int = 20_000, seed: int = 0):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise ValueError(f"dim: expected a positive int, got {dim!r}")
