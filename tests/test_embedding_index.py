@@ -261,6 +261,8 @@ def test_bad_input_raises_clear_errors(rng):
         index.add(np.zeros((1, 5)), {"label": [1.5]})
     with pytest.raises(ValueError, match="ids: id .* is already in the index"):
         index.add(np.zeros((1, 5)), ids=[ids[0]])
+    with pytest.raises(TypeError, match=r"attributes\['tags'\]: expected str or int"):
+        index.add(np.zeros((1, 5)), {"tags": [{1.5}]})
     with pytest.raises(ValueError, match="ids: expected non-negative"):
         index.add(np.zeros((1, 5)), ids=[-1])
     with pytest.raises(ValueError, match="ids: expected distinct"):

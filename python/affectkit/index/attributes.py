@@ -364,6 +364,13 @@ class AttributeTable:
             if name in self.columns and self.columns[name].kind != kind:
                 raise TypeError(f"attributes[{name!r}]: expected {self.columns[name].kind} values like earlier rows, "
                                 f"got {kind}")
+            # Convert now, so that appending (after the vectors are stored) cannot fail.
+            if kind == "number":
+                values = np.asarray(values, dtype=np.float64).reshape(-1)
+            elif kind == "category":
+                values = np.asarray(values).astype(str).reshape(-1)
+            else:
+                values = [[_hashable(f"attributes[{name!r}]", lab) for lab in row] for row in values]
             out[name] = (kind, values)
         return out
 
