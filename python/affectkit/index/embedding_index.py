@@ -102,7 +102,7 @@ class EmbeddingIndex:
     """
 
     def __init__(self, dim: int, metric: str = "cosine", dtype=np.float32, *, M: int = 16,
-                 ef_construction: int = 100, ef_search: int = 24, exact_max_rows: int = 2_000,
+                 ef_construction: int = 100, ef_search: int = 64, exact_max_rows: int = 2_000,
                  graph_min_rows: int = 20_000, seed: int = 0):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise ValueError(f"dim: expected a positive int, got {dim!r}")
@@ -242,7 +242,8 @@ class EmbeddingIndex:
             where: None, a dict (``{"label": "joy", "ts": (0, 10)}``), a Filter, a boolean
                 row mask (see ``stored_ids``), or a list of those with one entry per query.
             mode: "auto" (the planner picks), "exact", or "approx" (graph search).
-            ef: beam width of the graph search (default ``ef_search``).
+            ef: beam width of the graph search (default: ``ef_search`` scaled down for
+                selective filters, see ``PlannerSettings.ef_for``; explain() reports it).
 
         Returns:
             (distances float32 (nq, k), ids int64 (nq, k)) numpy arrays, ascending; ties go to
@@ -251,7 +252,6 @@ class EmbeddingIndex:
         q, k, mode, filters = self._check_search(queries, k, where, mode)
         if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef <= 0):
             raise ValueError(f"ef: expected a positive int, got {ef!r}")
-        ef = int(ef or self.settings.ef)
         nq = q.shape[0]
         out_d = np.full((nq, k), np.inf, dtype=np.float32)
         out_i = np.full((nq, k), -1, dtype=np.int64)
@@ -263,7 +263,7 @@ class EmbeddingIndex:
             for rows, n, mask, plan in plans:
                 mask = self._current_mask(n, mask)
                 if plan.mode == "approx":
-                    d, i = self._search_graph(q[rows], k, n, mask, ef)
+                    d, i = self._search_graph(q[rows], k, n, mask, int(ef) if ef is not None else plan.ef)
                 else:
                     d, i = self._search_exact(q[rows], k, n, mask)
                 out_d[rows], out_i[rows] = d, i
