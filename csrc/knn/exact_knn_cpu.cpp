@@ -135,6 +135,76 @@ void score_tile(const T* q, int64_t nqb, const T* rows, int64_t nrows, int64_t d
   score_tile_32(q, nqb, rows, nrows, d, scores, work);
 }
 
+// Pre-packed panels: rows in groups of R (the sub-tile height of the kernel in use), each
+// group stored transposed (d, R) and zero-padded: every query block reuses them as they are.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void score_panels_body(const T* q, int64_t nqb,
+                                                             const T* panels, int64_t nrows,
+                                                             int64_t d, T* scores) {
+  constexpr int64_t R = 2 * Vec<T, Bytes>::lanes;
+  for (int64_t b0 = 0; b0 < nrows; b0 += R)
+    for (int64_t a = 0; a < nqb; a += kMicroQueries)
+      micro_6x2w<T, Bytes>(q + a * d, std::min<int64_t>(kMicroQueries, nqb - a),
+                           panels + (b0 / R) * d * R, d, scores + a * nrows + b0, nrows,
+                           std::min(R, nrows - b0));
+}
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void score_panels_32(const T* q, int64_t nqb, const T* panels,
+                                           int64_t nrows, int64_t d, T* scores) {
+  score_panels_body<T, 32>(q, nqb, panels, nrows, d, scores);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename T>
+__attribute__((target("avx512f"))) void score_panels_64(const T* q, int64_t nqb,
+                                                        const T* panels, int64_t nrows,
+                                                        int64_t d, T* scores) {
+  score_panels_body<T, 64>(q, nqb, panels, nrows, d, scores);
+}
+#endif
+
+// Rows per panel for the kernel this CPU runs.
+template <typename T>
+int64_t panel_rows() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (has_avx512()) return 2 * 64 / static_cast<int64_t>(sizeof(T));
+#endif
+  return 2 * 32 / static_cast<int64_t>(sizeof(T));
+}
+
+// scores (nqb, nrows) from panels starting at a panel boundary.
+template <typename T>
+void score_panels(const T* q, int64_t nqb, const T* panels, int64_t nrows, int64_t d,
+                  T* scores) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (has_avx512()) return score_panels_64(q, nqb, panels, nrows, d, scores);
+#endif
+  score_panels_32(q, nqb, panels, nrows, d, scores);
+}
+
+// Pack rows (rows[i], or i when rows is null; i < m) into panels of R rows.
+template <typename T>
+std::vector<T> pack_panels(const T* db, const int64_t* rows, int64_t m, int64_t d) {
+  const int64_t R = panel_rows<T>();
+  const int64_t npanels = (m + R - 1) / R;
+  std::vector<T> out(static_cast<size_t>(npanels * R * d));
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < npanels; ++p) {
+    T* dst = out.data() + p * R * d;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = p * R + r;
+      if (i < m) {
+        const T* src = db + (rows ? rows[i] : i) * d;
+        for (int64_t j = 0; j < d; ++j) dst[j * R + r] = src[j];
+      } else {
+        for (int64_t j = 0; j < d; ++j) dst[j * R + r] = T(0);
+      }
+    }
+  }
+  return out;
+}
+
 template <typename T>
 AFFECTKIT_SIMD_CLONES T sqnorm(const T* __restrict x, int64_t d) {
   T s = 0;
@@ -161,7 +231,7 @@ inline T to_distance(T ip, Metric metric, T qn, T xn) {
 template <typename T>
 void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d,
                      Metric metric, int64_t k, const int64_t* rows /* null: 0..m-1 */,
-                     const T* gathered /* null, or rows already copied: (m, d) */,
+                     const T* panels /* null, or the m rows pre-packed by pack_panels */,
                      int64_t m, const uint8_t* qmask, const int64_t* row_ids, const T* xnorm,
                      const T* qnorm, T* out_dist, int64_t* out_ids) {
   const int64_t keff = std::min(k, m);
@@ -179,7 +249,10 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
     nchunks = std::max<int64_t>(1, (2 * threads + nqb - 1) / nqb);
     nchunks = std::min<int64_t>(nchunks, std::max<int64_t>(1, m / kMinChunkRows));
   }
-  const int64_t chunk_rows = (m + nchunks - 1) / std::max<int64_t>(nchunks, 1);
+  // Chunks start on tile (and so panel) boundaries.
+  const int64_t chunk_rows = ((m + nchunks - 1) / nchunks + kRowTile - 1) / kRowTile * kRowTile;
+  nchunks = (m + chunk_rows - 1) / chunk_rows;
+  const int64_t R = panel_rows<T>();
   // partial[c][q][0..keff) with their sizes.
   std::vector<Hit<T>> partial(static_cast<size_t>(nchunks * nq * keff));
   std::vector<int64_t> partial_size(static_cast<size_t>(nchunks * nq), 0);
@@ -188,7 +261,7 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
 #pragma omp parallel
   {
     std::vector<T> scores(kQueryBlock * kRowTile);
-    std::vector<T> pack(packed && !gathered ? kRowTile * d : 0);
+    std::vector<T> pack(packed && !panels ? kRowTile * d : 0);
     std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t qb = 0; qb < nqb; ++qb) {
@@ -201,17 +274,20 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
           heaps.emplace_back(&partial[(c * nq + qi) * keff], keff);
         for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowTile) {
           const int64_t nr = std::min(kRowTile, r_end - r0);
-          const T* tile;
-          if (gathered) {
-            tile = gathered + r0 * d;
-          } else if (packed) {
-            for (int64_t r = 0; r < nr; ++r)
-              std::memcpy(&pack[r * d], db + rows[r0 + r] * d, sizeof(T) * d);
-            tile = pack.data();
+          if (panels) {
+            score_panels(queries + q0 * d, q1 - q0, panels + (r0 / R) * R * d, nr, d,
+                         scores.data());
           } else {
-            tile = db + r0 * d;
+            const T* tile;
+            if (packed) {
+              for (int64_t r = 0; r < nr; ++r)
+                std::memcpy(&pack[r * d], db + rows[r0 + r] * d, sizeof(T) * d);
+              tile = pack.data();
+            } else {
+              tile = db + r0 * d;
+            }
+            score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
           }
-          score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
           for (int64_t qi = q0; qi < q1; ++qi) {
             TopK<T>& heap = heaps[qi - q0];
             const T* s = &scores[(qi - q0) * nr];
@@ -287,6 +363,15 @@ void search_per_query_lists(const T* queries, int64_t nq, const T* db, int64_t d
   }
 }
 
+// Pack the rows into panels once when several query blocks will reuse them and they fit the
+// budget; otherwise (one block of queries, or a huge table) tiles are packed on the fly.
+template <typename T>
+std::vector<T> maybe_panels(const T* db, const int64_t* rows, int64_t m, int64_t d, int64_t nq) {
+  if (nq <= kQueryBlock || m == 0 || m * d * static_cast<int64_t>(sizeof(T)) > kGatherBudgetBytes)
+    return {};
+  return pack_panels(db, rows, m, d);
+}
+
 template <typename T>
 void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d,
                         Metric metric, int64_t k, const Filter& f, const int64_t* row_ids,
@@ -329,8 +414,10 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
     for (int64_t qi = 0; qi < nq; ++qi) counts[qi + 1] += counts[qi];
     const double density = n ? double(counts[nq]) / (double(nq) * double(n)) : 0.0;
     if (density >= 0.15) {
-      search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr, nullptr, n, f.mask, row_ids,
-                      xnorm, qnorm, out_dist, out_ids);
+      const std::vector<T> panels = maybe_panels(db, nullptr, n, d, nq);
+      search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr,
+                         panels.empty() ? nullptr : panels.data(), n, f.mask, row_ids, xnorm,
+                         qnorm, out_dist, out_ids);
       return;
     }
     std::vector<int64_t> cand(counts[nq]);
@@ -351,27 +438,17 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
     for (int64_t r = 0; r < n; ++r)
       if (f.mask[r]) rows.push_back(r);
     const int64_t m = static_cast<int64_t>(rows.size());
-    if (m == n) {
-      search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr, nullptr, n, nullptr, row_ids,
-                      xnorm, qnorm, out_dist, out_ids);
-      return;
-    }
-    // Copy the passing rows once when they fit a budget (every query block then streams a
-    // contiguous table); otherwise each tile is packed on the fly.
-    std::vector<T> gathered;
-    if (nq > kQueryBlock && m * d * static_cast<int64_t>(sizeof(T)) <= kGatherBudgetBytes) {
-      gathered.resize(static_cast<size_t>(m * d));
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < m; ++i)
-        std::memcpy(&gathered[i * d], db + rows[i] * d, sizeof(T) * d);
-    }
-    search_row_list<T>(queries, nq, db, n, d, metric, k, rows.data(),
-                    gathered.empty() ? nullptr : gathered.data(), m, nullptr, row_ids, xnorm,
-                    qnorm, out_dist, out_ids);
+    const int64_t* row_list = m == n ? nullptr : rows.data();
+    const std::vector<T> panels = maybe_panels(db, row_list, m, d, nq);
+    search_row_list<T>(queries, nq, db, n, d, metric, k, row_list,
+                       panels.empty() ? nullptr : panels.data(), m, nullptr, row_ids, xnorm,
+                       qnorm, out_dist, out_ids);
     return;
   }
-  search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr, nullptr, n, nullptr, row_ids, xnorm,
-                  qnorm, out_dist, out_ids);
+  const std::vector<T> panels = maybe_panels(db, nullptr, n, d, nq);
+  search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr,
+                     panels.empty() ? nullptr : panels.data(), n, nullptr, row_ids, xnorm, qnorm,
+                     out_dist, out_ids);
 }
 
 }  // namespace
