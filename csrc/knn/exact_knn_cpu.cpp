@@ -1,7 +1,8 @@
 // Exact filtered k-NN on the CPU, and the device dispatch with boundary validation.
 //
 // Plan: the allowed rows are gathered into a row list first (so a selective filter costs
-// only its passing rows), then blocks of queries meet tiles of rows. A register-blocked
+// only its passing rows) and, when several query blocks will reuse them, copied once into
+// transposed panels; then blocks of queries meet tiles of rows. A register-blocked
 // micro-kernel computes a small score tile, which is folded into each query's running
 // top-k at once: the (nq, n) score matrix never exists. Work items are (query block, row
 // chunk) pairs so that a handful of queries still spreads over every thread; each item
