@@ -303,3 +303,41 @@ def test_cuda_padding_and_large_k(gen):
     want_d, want_i = reference(q.cpu(), x.cpu(), None, 200, "l2")
     assert torch.equal(i.cpu() == -1, want_i == -1)
     assert torch.allclose(d.cpu().double()[:, :50], want_d[:, :50], atol=1e-4)
+
+
+def test_kernels_without_avx512_match_too(tmp_path):
+    # The CPU picks 64-byte kernels on AVX-512 machines; run the 32-byte (AVX2/default) ones
+    # in a child process so both paths are checked wherever the suite runs.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import numpy as np, torch
+        import affectkit.ops as ops
+        from affectkit.index import EmbeddingIndex
+        g = torch.Generator().manual_seed(7)
+        for dtype in (torch.float32, torch.float64):
+            q = torch.randint(-3, 4, (41, 23), generator=g).to(dtype)
+            x = torch.randint(-3, 4, (509, 23), generator=g).to(dtype)
+            mask = torch.rand(509, generator=g) < 0.5
+            d, i = ops.filtered_knn(q, x, mask, 7, "l2")
+            D = ((q.double()[:, None] - x.double()[None]) ** 2).sum(-1).masked_fill(~mask, float("inf"))
+            want = torch.sort(D, dim=1, stable=True)
+            assert torch.equal(i, want.indices[:, :7]) and torch.equal(d.double(), want.values[:, :7])
+        rng = np.random.default_rng(0)
+        xs = rng.standard_normal((3000, 40)).astype(np.float32)
+        index = EmbeddingIndex(40, "l2", graph_min_rows=0)
+        index.add(xs)
+        index.build_graph()
+        exact = index.search(xs[:50] + 0.01, 10, mode="exact")[1]
+        approx = index.search(xs[:50] + 0.01, 10, mode="approx")[1]
+        rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)])
+        assert rec >= 0.95, rec
+        print("ok")
+        """
+    )
+    env = dict(__import__("os").environ, AFFECTKIT_NO_AVX512="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <queue>
@@ -93,7 +94,7 @@ struct Kernels {
   Kernels() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
+    if (__builtin_cpu_supports("avx512f") && std::getenv("AFFECTKIT_NO_AVX512") == nullptr) {
       dot = &dot_512;
       l2sq = &l2sq_512;
     }
