@@ -5,3 +5,4 @@
 #include "pooling/pooling.h"
 #include "attention/attention.h"
 #include "graph/graph.h"
+#include "knn/knn.h"

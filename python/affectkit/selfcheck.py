@@ -92,11 +92,35 @@ def _check_cheb_graph_conv(device: str, dtype: torch.dtype, gen: torch.Generator
     return rel_error(got.cpu(), want)
 
 
+def _check_filtered_knn(device: str, dtype: torch.dtype, gen: torch.Generator) -> float:
+    """Relative error of the k distances against float64 brute force; inf when an id differs.
+
+    Integer-valued vectors make every distance exact in each dtype, so ids must match
+    (ties go to the smaller id). The CUDA kernel takes float32/float16: other dtypes run in
+    float32 there.
+    """
+    from .ops import filtered_knn
+
+    nq, n, d, k = 7, 101, 37, 9
+    q = torch.randint(-3, 4, (nq, d), generator=gen).double()
+    x = torch.randint(-3, 4, (n, d), generator=gen).double()
+    mask = torch.rand(n, generator=gen) < 0.5
+    dist = ((q[:, None] - x[None]) ** 2).sum(-1).masked_fill(~mask, float("inf"))
+    order = torch.sort(dist, dim=1, stable=True)  # stable: smaller id first on ties
+    want_d, want_i = order.values[:, :k], order.indices[:, :k]
+    run_dtype = dtype if device == "cpu" or dtype in (torch.float32, torch.float16) else torch.float32
+    got_d, got_i = filtered_knn(q.to(device, run_dtype), x.to(device, run_dtype), mask.to(device), k, "l2")
+    if not torch.equal(got_i.cpu(), want_i):
+        return float("inf")
+    return rel_error(got_d.cpu(), want_d)
+
+
 CHECKS: dict[str, Callable[[str, torch.dtype, torch.Generator], float]] = {
     "masked_mean": _check_masked_mean,
     "cross_modal_attention": _check_cross_modal_attention,
     "graph_conv_pool": _check_graph_conv,
     "cheb_graph_conv": _check_cheb_graph_conv,
+    "filtered_knn": _check_filtered_knn,
 }
 
 

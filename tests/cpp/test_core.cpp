@@ -161,6 +161,57 @@ void test_graph_conv(int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B, std
          "graph_conv_forward matches the double reference");
 }
 
+// Exact filtered k-NN (knn::exact_search) on integer-valued vectors (exact in float), and the
+// HNSW graph's recall on the same data: what an embedding service would call from C++.
+void test_knn(std::mt19937_64& rng) {
+  using namespace affectkit;
+  const int64_t nq = 5, n = 300, d = 19, k = 4;
+  std::uniform_int_distribution<int> val(-3, 3);
+  std::vector<float> q(nq * d), x(n * d);
+  for (auto& v : q) v = float(val(rng));
+  for (auto& v : x) v = float(val(rng));
+  std::vector<uint8_t> mask(n);
+  for (auto& m : mask) m = uint8_t(rng() % 3 == 0);
+  std::vector<float> dist(nq * k, std::numeric_limits<float>::quiet_NaN());
+  std::vector<int64_t> ids(nq * k, -7);
+  knn::Filter filter;
+  filter.mask = mask.data();
+  knn::exact_search(Device::CPU, DType::Float32, q.data(), nq, x.data(), n, d, knn::Metric::L2, k,
+                    filter, nullptr, nullptr, dist.data(), ids.data());
+  bool ok = true;
+  for (int64_t i = 0; i < nq; ++i) {
+    std::vector<std::pair<double, int64_t>> ref;
+    for (int64_t r = 0; r < n; ++r) {
+      if (!mask[r]) continue;
+      double s = 0;
+      for (int64_t j = 0; j < d; ++j) s += double(q[i * d + j] - x[r * d + j]) * (q[i * d + j] - x[r * d + j]);
+      ref.push_back({s, r});
+    }
+    std::sort(ref.begin(), ref.end());
+    for (int64_t j = 0; j < k; ++j) ok &= ids[i * k + j] == ref[j].second && dist[i * k + j] == ref[j].first;
+  }
+  expect(ok, "knn::exact_search matches the double brute force with id tie-breaks");
+  expect_throws<ValueError>(
+      [&] {
+        knn::exact_search(Device::CPU, DType::Float32, q.data(), nq, x.data(), n, d, knn::Metric::L2,
+                          0, filter, nullptr, nullptr, dist.data(), ids.data());
+      },
+      "k = 0 throws ValueError");
+
+  knn::HnswGraph graph(d, knn::Metric::L2, 8, 64, 1);
+  graph.add(x.data(), n);
+  std::vector<float> gd(nq * k);
+  std::vector<int64_t> gr(nq * k);
+  graph.search(x.data(), q.data(), nq, k, 64, mask.data(), false, gd.data(), gr.data());
+  int64_t hits = 0;
+  for (int64_t i = 0; i < nq * k; ++i)
+    hits += gr[i] >= 0 && gd[i] <= dist[(i / k) * k + k - 1] ? 1 : 0;
+  bool allowed = true;
+  for (int64_t r : gr) allowed &= r >= 0 && mask[r];
+  expect(allowed, "HnswGraph::search returns only allowed rows");
+  expect(hits >= nq * k * 9 / 10, "HnswGraph::search finds at least 90% of the exact distances");
+}
+
 }  // namespace
 
 int main() {
@@ -170,6 +221,7 @@ int main() {
   for (auto& s : shapes) test_masked_mean(s[0], s[1], s[2], rng);
   const int64_t attention_shapes[][5] = {{1, 1, 1, 1, 1}, {3, 2, 33, 33, 64}, {2, 3, 50, 97, 6}};
   for (auto& s : attention_shapes) test_attention(s[0], s[1], s[2], s[3], s[4], rng);
+  test_knn(rng);
 
   float x[8] = {}, out[2];
   int64_t bad_lengths[2] = {1, 9};

@@ -7,6 +7,7 @@ that runs on ``torch.cuda.current_stream()``.
 
 from .attention import cross_modal_attention, cross_modal_attention_varlen
 from .graph import cheb_graph_conv, graph_conv, graph_conv_pool, hierarchical_pool
+from .knn import filtered_knn
 from .pooling import masked_mean
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "cheb_graph_conv",
     "hierarchical_pool",
     "graph_conv_pool",
+    "filtered_knn",
 ]

@@ -1,0 +1,527 @@
+// Exact filtered k-NN on the CPU, and the device dispatch with boundary validation.
+//
+// Plan: the allowed rows are gathered into a row list first (so a selective filter costs
+// only its passing rows) and, when several query blocks will reuse them, copied once into
+// transposed panels; then blocks of queries meet tiles of rows. A register-blocked
+// micro-kernel computes a small score tile, which is folded into each query's running
+// top-k at once: the (nq, n) score matrix never exists. Work items are (query block, row
+// chunk) pairs so that a handful of queries still spreads over every thread; each item
+// keeps its own top-k and the partial lists are merged in a fixed order (the (distance,
+// id) order is total, so the result does not depend on the thread count).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../core/dispatch.h"
+#include "knn.h"
+#include "topk.h"
+
+namespace affectkit::knn {
+
+Metric metric_from_code(int32_t code, const char* arg) {
+  if (code < 0 || code > 2)
+    throw ValueError(std::string(arg) + ": expected 0 (ip), 1 (l2) or 2 (cosine), got " +
+                     std::to_string(code));
+  return static_cast<Metric>(code);
+}
+
+namespace {
+
+constexpr int64_t kQueryBlock = 24;  // queries sharing one pass over a row tile
+constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stays in L2)
+constexpr int64_t kMinChunkRows = 4 * kRowTile;
+constexpr int64_t kGatherBudgetBytes = int64_t(1) << 30;  // copy passing rows up to 1 GiB
+
+// ---------------------------------------------------------------------------------------
+// Micro-kernel (the GEMM way, no horizontal sums): a sub-tile of 2W rows is packed
+// transposed, xt[j][r], so one vector load brings feature j of W rows; each query's feature
+// j is broadcast and multiplied into two accumulators per query. 6 queries x 2W rows per
+// pass; the accumulators are the scores themselves. Generic vector types: 32-byte vectors
+// in the default/AVX2 build, 64-byte ones in an AVX-512 build picked at run time (no
+// -march=native anywhere).
+// ---------------------------------------------------------------------------------------
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes), aligned(sizeof(T))));
+  static constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
+};
+
+constexpr int kMicroQueries = 6;
+
+// Rows per packed sub-tile for a vector width (2 vectors); the workspace holds d * this.
+template <typename T>
+constexpr int64_t max_subtile_rows() { return 2 * 64 / static_cast<int64_t>(sizeof(T)); }
+
+// out[a * out_stride + r] = <q[a], row r>, a < nqa (<= 6), r < nr (<= 2W), xt packed (d, 2W).
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void micro_6x2w(const T* __restrict q, int64_t nqa,
+                                                      const T* __restrict xt, int64_t d,
+                                                      T* __restrict out, int64_t out_stride,
+                                                      int64_t nr) {
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int W = Vec<T, Bytes>::lanes;
+  const T* qp[kMicroQueries];
+  for (int a = 0; a < kMicroQueries; ++a) qp[a] = q + std::min<int64_t>(a, nqa - 1) * d;
+  V acc[kMicroQueries][2];
+  for (int a = 0; a < kMicroQueries; ++a) acc[a][0] = acc[a][1] = V{};
+  for (int64_t j = 0; j < d; ++j) {
+    const V x0 = *reinterpret_cast<const V*>(xt + j * 2 * W);
+    const V x1 = *reinterpret_cast<const V*>(xt + j * 2 * W + W);
+    for (int a = 0; a < kMicroQueries; ++a) {
+      const T qa = qp[a][j];
+      acc[a][0] += x0 * qa;
+      acc[a][1] += x1 * qa;
+    }
+  }
+  for (int a = 0; a < nqa; ++a) {
+    T tmp[2 * W];
+    std::memcpy(tmp, &acc[a][0], sizeof(V));
+    std::memcpy(tmp + W, &acc[a][1], sizeof(V));
+    for (int64_t r = 0; r < nr; ++r) out[a * out_stride + r] = tmp[r];
+  }
+}
+
+// scores (nqb, nrows) = queries (nqb, d) . rows (nrows, d)^T; work holds d * 2W elements.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void score_tile_body(const T* q, int64_t nqb,
+                                                           const T* rows, int64_t nrows,
+                                                           int64_t d, T* scores, T* work) {
+  constexpr int64_t R = 2 * Vec<T, Bytes>::lanes;
+  for (int64_t b0 = 0; b0 < nrows; b0 += R) {
+    const int64_t nr = std::min(R, nrows - b0);
+    for (int64_t r = 0; r < R; ++r) {  // transpose-pack, zero rows past the end
+      if (r < nr) {
+        const T* src = rows + (b0 + r) * d;
+        for (int64_t j = 0; j < d; ++j) work[j * R + r] = src[j];
+      } else {
+        for (int64_t j = 0; j < d; ++j) work[j * R + r] = T(0);
+      }
+    }
+    for (int64_t a = 0; a < nqb; a += kMicroQueries)
+      micro_6x2w<T, Bytes>(q + a * d, std::min<int64_t>(kMicroQueries, nqb - a), work, d,
+                           scores + a * nrows + b0, nrows, nr);
+  }
+}
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void score_tile_32(const T* q, int64_t nqb, const T* rows, int64_t nrows,
+                                         int64_t d, T* scores, T* work) {
+  score_tile_body<T, 32>(q, nqb, rows, nrows, d, scores, work);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename T>
+__attribute__((target("avx512f"))) void score_tile_64(const T* q, int64_t nqb, const T* rows,
+                                                      int64_t nrows, int64_t d, T* scores,
+                                                      T* work) {
+  score_tile_body<T, 64>(q, nqb, rows, nrows, d, scores, work);
+}
+// AFFECTKIT_NO_AVX512=1 forces the 32-byte kernels (tests use it to cover the AVX2 path).
+bool has_avx512() {
+  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f")) &&
+                          std::getenv("AFFECTKIT_NO_AVX512") == nullptr;
+  return yes;
+}
+#endif
+
+template <typename T>
+void score_tile(const T* q, int64_t nqb, const T* rows, int64_t nrows, int64_t d, T* scores,
+                T* work) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (has_avx512()) return score_tile_64(q, nqb, rows, nrows, d, scores, work);
+#endif
+  score_tile_32(q, nqb, rows, nrows, d, scores, work);
+}
+
+// Pre-packed panels: rows in groups of R (the sub-tile height of the kernel in use), each
+// group stored transposed (d, R) and zero-padded: every query block reuses them as they are.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void score_panels_body(const T* q, int64_t nqb,
+                                                             const T* panels, int64_t nrows,
+                                                             int64_t d, T* scores) {
+  constexpr int64_t R = 2 * Vec<T, Bytes>::lanes;
+  for (int64_t b0 = 0; b0 < nrows; b0 += R)
+    for (int64_t a = 0; a < nqb; a += kMicroQueries)
+      micro_6x2w<T, Bytes>(q + a * d, std::min<int64_t>(kMicroQueries, nqb - a),
+                           panels + (b0 / R) * d * R, d, scores + a * nrows + b0, nrows,
+                           std::min(R, nrows - b0));
+}
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES void score_panels_32(const T* q, int64_t nqb, const T* panels,
+                                           int64_t nrows, int64_t d, T* scores) {
+  score_panels_body<T, 32>(q, nqb, panels, nrows, d, scores);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename T>
+__attribute__((target("avx512f"))) void score_panels_64(const T* q, int64_t nqb,
+                                                        const T* panels, int64_t nrows,
+                                                        int64_t d, T* scores) {
+  score_panels_body<T, 64>(q, nqb, panels, nrows, d, scores);
+}
+#endif
+
+// Rows per panel for the kernel this CPU runs.
+template <typename T>
+int64_t panel_rows() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (has_avx512()) return 2 * 64 / static_cast<int64_t>(sizeof(T));
+#endif
+  return 2 * 32 / static_cast<int64_t>(sizeof(T));
+}
+
+// scores (nqb, nrows) from panels starting at a panel boundary.
+template <typename T>
+void score_panels(const T* q, int64_t nqb, const T* panels, int64_t nrows, int64_t d,
+                  T* scores) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (has_avx512()) return score_panels_64(q, nqb, panels, nrows, d, scores);
+#endif
+  score_panels_32(q, nqb, panels, nrows, d, scores);
+}
+
+// Pack rows (rows[i], or i when rows is null; i < m) into panels of R rows.
+template <typename T>
+std::vector<T> pack_panels(const T* db, const int64_t* rows, int64_t m, int64_t d) {
+  const int64_t R = panel_rows<T>();
+  const int64_t npanels = (m + R - 1) / R;
+  std::vector<T> out(static_cast<size_t>(npanels * R * d));
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < npanels; ++p) {
+    T* dst = out.data() + p * R * d;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = p * R + r;
+      if (i < m) {
+        const T* src = db + (rows ? rows[i] : i) * d;
+        for (int64_t j = 0; j < d; ++j) dst[j * R + r] = src[j];
+      } else {
+        for (int64_t j = 0; j < d; ++j) dst[j * R + r] = T(0);
+      }
+    }
+  }
+  return out;
+}
+
+template <typename T>
+AFFECTKIT_SIMD_CLONES T sqnorm(const T* __restrict x, int64_t d) {
+  T s = 0;
+  for (int64_t j = 0; j < d; ++j) s += x[j] * x[j];
+  return s;
+}
+
+template <typename T>
+inline T to_distance(T ip, Metric metric, T qn, T xn) {
+  switch (metric) {
+    case Metric::InnerProduct: return -ip;
+    case Metric::Cosine: return T(1) - ip;
+    default: {
+      const T dist = qn + xn - T(2) * ip;
+      return dist < T(0) ? T(0) : dist;  // keeps NaN (never returned)
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared row list (all rows, or the rows a shared mask lets through): blocked kernel.
+// `qmask` (per-query mask, or null) is checked while folding scores into the top-k.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d,
+                     Metric metric, int64_t k, const int64_t* rows /* null: 0..m-1 */,
+                     const T* panels /* null, or the m rows pre-packed by pack_panels */,
+                     int64_t m, const uint8_t* qmask, const int64_t* row_ids, const T* xnorm,
+                     const T* qnorm, T* out_dist, int64_t* out_ids) {
+  const int64_t keff = std::min(k, m);
+  if (keff == 0) {  // nothing allowed: all padding
+    for (int64_t i = 0; i < nq * k; ++i) {
+      out_dist[i] = std::numeric_limits<T>::infinity();
+      out_ids[i] = -1;
+    }
+    return;
+  }
+  const int64_t nqb = (nq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t threads = omp_get_max_threads();
+  int64_t nchunks = 1;
+  if (nqb < 2 * threads) {
+    nchunks = std::max<int64_t>(1, (2 * threads + nqb - 1) / nqb);
+    nchunks = std::min<int64_t>(nchunks, std::max<int64_t>(1, m / kMinChunkRows));
+  }
+  // Chunks start on tile (and so panel) boundaries.
+  const int64_t chunk_rows = ((m + nchunks - 1) / nchunks + kRowTile - 1) / kRowTile * kRowTile;
+  nchunks = (m + chunk_rows - 1) / chunk_rows;
+  const int64_t R = panel_rows<T>();
+  // partial[c][q][0..keff) with their sizes.
+  std::vector<Hit<T>> partial(static_cast<size_t>(nchunks * nq * keff));
+  std::vector<int64_t> partial_size(static_cast<size_t>(nchunks * nq), 0);
+  const bool packed = rows != nullptr;
+
+#pragma omp parallel
+  {
+    std::vector<T> scores(kQueryBlock * kRowTile);
+    std::vector<T> pack(packed && !panels ? kRowTile * d : 0);
+    std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t q0 = qb * kQueryBlock, q1 = std::min(nq, q0 + kQueryBlock);
+        const int64_t r_begin = c * chunk_rows, r_end = std::min(m, r_begin + chunk_rows);
+        std::vector<TopK<T>> heaps;
+        heaps.reserve(q1 - q0);
+        for (int64_t qi = q0; qi < q1; ++qi)
+          heaps.emplace_back(&partial[(c * nq + qi) * keff], keff);
+        for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowTile) {
+          const int64_t nr = std::min(kRowTile, r_end - r0);
+          if (panels) {
+            score_panels(queries + q0 * d, q1 - q0, panels + (r0 / R) * R * d, nr, d,
+                         scores.data());
+          } else {
+            const T* tile;
+            if (packed) {
+              for (int64_t r = 0; r < nr; ++r)
+                std::memcpy(&pack[r * d], db + rows[r0 + r] * d, sizeof(T) * d);
+              tile = pack.data();
+            } else {
+              tile = db + r0 * d;
+            }
+            score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
+          }
+          for (int64_t qi = q0; qi < q1; ++qi) {
+            TopK<T>& heap = heaps[qi - q0];
+            const T* s = &scores[(qi - q0) * nr];
+            const uint8_t* qm = qmask ? qmask + qi * n : nullptr;
+            const T qn = qnorm ? qnorm[qi] : T(0);
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t row = packed ? rows[r0 + r] : r0 + r;
+              if (qm && !qm[row]) continue;
+              const T dist = to_distance(s[r], metric, qn, xnorm ? xnorm[row] : T(0));
+              if (!heap.may_enter(dist)) continue;
+              heap.push(dist, row_ids ? row_ids[row] : row);
+            }
+          }
+        }
+        for (int64_t qi = q0; qi < q1; ++qi) partial_size[c * nq + qi] = heaps[qi - q0].size();
+      }
+    }
+  }
+
+  // Merge the chunks of each query in chunk order.
+  std::vector<Hit<T>> merged_storage;
+#pragma omp parallel for schedule(static) firstprivate(merged_storage)
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    merged_storage.resize(keff);
+    TopK<T> heap(merged_storage.data(), keff);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const Hit<T>* h = &partial[(c * nq + qi) * keff];
+      for (int64_t i = 0; i < partial_size[c * nq + qi]; ++i) heap.push(h[i].dist, h[i].id);
+    }
+    heap.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-query candidate lists (a selective per-query filter): one query against its rows.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+void search_per_query_lists(const T* queries, int64_t nq, const T* db, int64_t d,
+                            Metric metric, int64_t k, const int64_t* offsets,
+                            const int64_t* cand, const int64_t* row_ids, const T* xnorm,
+                            const T* qnorm, T* out_dist, int64_t* out_ids) {
+#pragma omp parallel
+  {
+    std::vector<Hit<T>> storage(static_cast<size_t>(k));
+    constexpr int64_t kChunk = 32;  // candidates scored per packed chunk
+    std::vector<T> pack(kChunk * d);
+    std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
+    T s[kChunk];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      TopK<T> heap(storage.data(), k);
+      const int64_t b = offsets[qi], e = offsets[qi + 1];
+      const T qn = qnorm ? qnorm[qi] : T(0);
+      for (int64_t i = b; i < e; i += kChunk) {
+        const int64_t nr = std::min<int64_t>(kChunk, e - i);
+        for (int64_t r = 0; r < nr; ++r)
+          std::memcpy(&pack[r * d], db + cand[i + r] * d, sizeof(T) * d);
+        score_tile(queries + qi * d, 1, pack.data(), nr, d, s, work.data());
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t row = cand[i + r];
+          const T dist = to_distance(s[r], metric, qn, xnorm ? xnorm[row] : T(0));
+          if (!heap.may_enter(dist)) continue;
+          const int64_t id = row_ids ? row_ids[row] : row;
+          // A row listed twice must not appear twice: skip exact repeats already kept.
+          bool dup = false;
+          for (int64_t h = 0; h < heap.size(); ++h)
+            if (heap.data()[h].id == id && heap.data()[h].dist == dist) dup = true;
+          if (!dup) heap.push(dist, id);
+        }
+      }
+      heap.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
+    }
+  }
+}
+
+// Pack the rows into panels once when several query blocks will reuse them and they fit the
+// budget; otherwise (one block of queries, or a huge table) tiles are packed on the fly.
+template <typename T>
+std::vector<T> maybe_panels(const T* db, const int64_t* rows, int64_t m, int64_t d, int64_t nq) {
+  if (nq <= kQueryBlock || m == 0 || m * d * static_cast<int64_t>(sizeof(T)) > kGatherBudgetBytes)
+    return {};
+  return pack_panels(db, rows, m, d);
+}
+
+template <typename T>
+void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d,
+                        Metric metric, int64_t k, const Filter& f, const int64_t* row_ids,
+                        const T* db_sqnorms, T* out_dist, int64_t* out_ids) {
+  if (nq == 0) return;
+  std::vector<T> xnorm_store, qnorm_store;
+  const T* xnorm = nullptr;
+  const T* qnorm = nullptr;
+  if (metric == Metric::L2) {
+    qnorm_store.resize(nq);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nq; ++i) qnorm_store[i] = sqnorm(queries + i * d, d);
+    qnorm = qnorm_store.data();
+    if (db_sqnorms) {
+      xnorm = db_sqnorms;
+    } else {
+      xnorm_store.resize(n);
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < n; ++i) xnorm_store[i] = sqnorm(db + i * d, d);
+      xnorm = xnorm_store.data();
+    }
+  }
+
+  if (f.cand_offsets) {
+    search_per_query_lists(queries, nq, db, d, metric, k, f.cand_offsets, f.cand_rows, row_ids,
+                           xnorm, qnorm, out_dist, out_ids);
+    return;
+  }
+  if (f.mask && f.mask_per_query) {
+    // Dense enough: one blocked pass over all rows, masking while folding. Sparse: gather
+    // each query's rows and score only those.
+    std::vector<int64_t> counts(nq + 1, 0);
+#pragma omp parallel for schedule(static)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      int64_t c = 0;
+      const uint8_t* qm = f.mask + qi * n;
+      for (int64_t r = 0; r < n; ++r) c += qm[r] != 0;
+      counts[qi + 1] = c;
+    }
+    for (int64_t qi = 0; qi < nq; ++qi) counts[qi + 1] += counts[qi];
+    const double density = n ? double(counts[nq]) / (double(nq) * double(n)) : 0.0;
+    if (density >= 0.15) {
+      const std::vector<T> panels = maybe_panels(db, nullptr, n, d, nq);
+      search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr,
+                         panels.empty() ? nullptr : panels.data(), n, f.mask, row_ids, xnorm,
+                         qnorm, out_dist, out_ids);
+      return;
+    }
+    std::vector<int64_t> cand(counts[nq]);
+#pragma omp parallel for schedule(static)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      int64_t o = counts[qi];
+      const uint8_t* qm = f.mask + qi * n;
+      for (int64_t r = 0; r < n; ++r)
+        if (qm[r]) cand[o++] = r;
+    }
+    search_per_query_lists(queries, nq, db, d, metric, k, counts.data(), cand.data(), row_ids,
+                           xnorm, qnorm, out_dist, out_ids);
+    return;
+  }
+  if (f.mask) {  // shared mask: gather the passing rows once
+    std::vector<int64_t> rows;
+    rows.reserve(n / 4);
+    for (int64_t r = 0; r < n; ++r)
+      if (f.mask[r]) rows.push_back(r);
+    const int64_t m = static_cast<int64_t>(rows.size());
+    const int64_t* row_list = m == n ? nullptr : rows.data();
+    const std::vector<T> panels = maybe_panels(db, row_list, m, d, nq);
+    search_row_list<T>(queries, nq, db, n, d, metric, k, row_list,
+                       panels.empty() ? nullptr : panels.data(), m, nullptr, row_ids, xnorm,
+                       qnorm, out_dist, out_ids);
+    return;
+  }
+  const std::vector<T> panels = maybe_panels(db, nullptr, n, d, nq);
+  search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr,
+                     panels.empty() ? nullptr : panels.data(), n, nullptr, row_ids, xnorm, qnorm,
+                     out_dist, out_ids);
+}
+
+}  // namespace
+
+namespace detail {
+void exact_search_cpu(DType dtype, const void* queries, int64_t nq, const void* database,
+                      int64_t n, int64_t d, Metric metric, int64_t k, const Filter& filter,
+                      const int64_t* row_ids, const void* db_sqnorms, void* out_dist,
+                      int64_t* out_ids) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "queries", T, [&] {
+    exact_search_typed(static_cast<const T*>(queries), nq, static_cast<const T*>(database), n,
+                       d, metric, k, filter, row_ids, static_cast<const T*>(db_sqnorms),
+                       static_cast<T*>(out_dist), out_ids);
+  });
+}
+}  // namespace detail
+
+void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
+                  const void* database, int64_t n, int64_t d, Metric metric, int64_t k,
+                  const Filter& filter, const int64_t* row_ids, const void* db_sqnorms,
+                  void* out_dist, int64_t* out_ids, uintptr_t stream) {
+  check_dims_nonnegative("nq", nq);
+  check_dims_nonnegative("n", n);
+  check_dims_nonnegative("d", d);
+  if (k <= 0) throw ValueError("k: expected a positive integer, got " + std::to_string(k));
+  if (static_cast<int32_t>(metric) < 0 || static_cast<int32_t>(metric) > 2)
+    throw ValueError("metric: expected ip, l2 or cosine, got code " +
+                     std::to_string(static_cast<int32_t>(metric)));
+  check_pointer("queries", queries, nq * d);
+  check_pointer("database", database, n * d);
+  check_pointer("out_dist", out_dist, nq * k);
+  check_pointer("out_ids", out_ids, nq * k);
+  if (filter.mask && filter.cand_offsets)
+    throw ValueError("filter: expected a mask or candidate lists, got both");
+  if (filter.cand_offsets && filter.mask_per_query)
+    throw ValueError("filter.mask_per_query: expected false with candidate lists, got true");
+  if (device == Device::CUDA) {
+    check_cuda_compiled("exact_search");
+    if (filter.cand_offsets)
+      throw ValueError("filter: candidate lists are CPU only; pass a byte mask on CUDA");
+#ifdef AFFECTKIT_WITH_CUDA
+    detail::exact_search_cuda(dtype, queries, nq, database, n, d, metric, k, filter, row_ids,
+                              db_sqnorms, out_dist, out_ids, stream);
+#endif
+    return;
+  }
+  (void)stream;
+  if (filter.cand_offsets) {
+    check_pointer("filter.cand_offsets", filter.cand_offsets, nq + 1);
+    if (nq > 0 && filter.cand_offsets[0] != 0)
+      throw ValueError("filter.cand_offsets: expected cand_offsets[0] = 0, got " +
+                       std::to_string(filter.cand_offsets[0]));
+    for (int64_t i = 0; i < nq; ++i)
+      if (filter.cand_offsets[i + 1] < filter.cand_offsets[i])
+        throw ValueError("filter.cand_offsets: expected non-decreasing values, got offsets[" +
+                         std::to_string(i + 1) + "] = " +
+                         std::to_string(filter.cand_offsets[i + 1]) + " < offsets[" +
+                         std::to_string(i) + "] = " + std::to_string(filter.cand_offsets[i]));
+    const int64_t total = nq > 0 ? filter.cand_offsets[nq] : 0;
+    check_pointer("filter.cand_rows", filter.cand_rows, total);
+    for (int64_t i = 0; i < total; ++i)
+      if (filter.cand_rows[i] < 0 || filter.cand_rows[i] >= n)
+        throw ValueError("filter.cand_rows: expected values in [0, " + std::to_string(n - 1) +
+                         "], got cand_rows[" + std::to_string(i) +
+                         "] = " + std::to_string(filter.cand_rows[i]));
+  }
+  if (filter.mask) check_pointer("filter.mask", filter.mask, filter.mask_per_query ? nq * n : n);
+  detail::exact_search_cpu(dtype, queries, nq, database, n, d, metric, k, filter, row_ids,
+                           db_sqnorms, out_dist, out_ids);
+}
+
+}  // namespace affectkit::knn

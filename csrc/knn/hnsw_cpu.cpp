@@ -1,0 +1,468 @@
+// HNSW-style graph: parallel construction and filtered search ("walk through, collect passing").
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <queue>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../core/dispatch.h"
+#include "knn.h"
+
+namespace affectkit::knn {
+namespace {
+
+typedef float V8 __attribute__((vector_size(32), aligned(4)));
+
+AFFECTKIT_SIMD_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+  V8 acc0{}, acc1{};
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    acc0 += *reinterpret_cast<const V8*>(a + j) * *reinterpret_cast<const V8*>(b + j);
+    acc1 += *reinterpret_cast<const V8*>(a + j + 8) * *reinterpret_cast<const V8*>(b + j + 8);
+  }
+  V8 acc = acc0 + acc1;
+  float s = 0;
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  for (; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
+AFFECTKIT_SIMD_CLONES float l2sq(const float* __restrict a, const float* __restrict b, int64_t d) {
+  V8 acc0{}, acc1{};
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    V8 t0 = *reinterpret_cast<const V8*>(a + j) - *reinterpret_cast<const V8*>(b + j);
+    V8 t1 = *reinterpret_cast<const V8*>(a + j + 8) - *reinterpret_cast<const V8*>(b + j + 8);
+    acc0 += t0 * t0;
+    acc1 += t1 * t1;
+  }
+  V8 acc = acc0 + acc1;
+  float s = 0;
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  for (; j < d; ++j) s += (a[j] - b[j]) * (a[j] - b[j]);
+  return s;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+typedef float V16 __attribute__((vector_size(64), aligned(4)));
+
+__attribute__((target("avx512f"))) float dot_512(const float* __restrict a,
+                                                 const float* __restrict b, int64_t d) {
+  V16 acc0{}, acc1{};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    acc0 += *reinterpret_cast<const V16*>(a + j) * *reinterpret_cast<const V16*>(b + j);
+    acc1 += *reinterpret_cast<const V16*>(a + j + 16) * *reinterpret_cast<const V16*>(b + j + 16);
+  }
+  V16 acc = acc0 + acc1;
+  float s = 0;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
+__attribute__((target("avx512f"))) float l2sq_512(const float* __restrict a,
+                                                  const float* __restrict b, int64_t d) {
+  V16 acc0{}, acc1{};
+  int64_t j = 0;
+  for (; j + 32 <= d; j += 32) {
+    V16 t0 = *reinterpret_cast<const V16*>(a + j) - *reinterpret_cast<const V16*>(b + j);
+    V16 t1 = *reinterpret_cast<const V16*>(a + j + 16) - *reinterpret_cast<const V16*>(b + j + 16);
+    acc0 += t0 * t0;
+    acc1 += t1 * t1;
+  }
+  V16 acc = acc0 + acc1;
+  float s = 0;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; j < d; ++j) s += (a[j] - b[j]) * (a[j] - b[j]);
+  return s;
+}
+#endif
+
+using DistFn = float (*)(const float*, const float*, int64_t);
+
+// The widest kernels this CPU runs, picked once at run time.
+struct Kernels {
+  DistFn dot = &affectkit::knn::dot;
+  DistFn l2sq = &affectkit::knn::l2sq;
+  Kernels() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && std::getenv("AFFECTKIT_NO_AVX512") == nullptr) {
+      dot = &dot_512;
+      l2sq = &l2sq_512;
+    }
+#endif
+  }
+};
+const Kernels& kernels() {
+  static const Kernels k;
+  return k;
+}
+
+// Marks visited nodes with an epoch number, so clearing is O(1) per search.
+struct Visited {
+  std::vector<uint32_t> mark;
+  uint32_t epoch = 0;
+  void reset(size_t n) {
+    if (mark.size() < n) {
+      mark.assign(n, 0);
+      epoch = 0;
+    }
+    if (++epoch == 0) {
+      std::fill(mark.begin(), mark.end(), 0);
+      epoch = 1;
+    }
+  }
+  bool test_and_set(int32_t i) {
+    if (mark[i] == epoch) return true;
+    mark[i] = epoch;
+    return false;
+  }
+};
+
+using Cand = std::pair<float, int32_t>;  // (distance, node); pair order breaks ties by node
+using MinQueue = std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>>;
+using MaxQueue = std::priority_queue<Cand>;
+
+constexpr int32_t kMagic = 0x57534E48;  // "HNSW"
+constexpr int32_t kVersion = 1;
+constexpr int kHeader = 11;
+constexpr int kMaxLevel = 30;
+
+}  // namespace
+
+struct HnswGraph::Impl {
+  static float dist(const HnswGraph& g, const float* a, const float* b) {
+    const Kernels& k = kernels();
+    switch (g.metric_) {
+      case Metric::InnerProduct: return -k.dot(a, b, g.dim_);
+      case Metric::Cosine: return 1.0f - k.dot(a, b, g.dim_);
+      default: return k.l2sq(a, b, g.dim_);
+    }
+  }
+
+  // Copy a node's links at a level (under its lock while the graph is being built).
+  static void read_links(const HnswGraph& g, int32_t node, int level, bool locked,
+                         std::vector<int32_t>& out) {
+    auto copy = [&] {
+      const int32_t* s = g.slot(node, level);
+      out.assign(s + 1, s + 1 + s[0]);
+    };
+    if (locked) {
+      std::lock_guard<std::mutex> lock(*g.locks_[node]);
+      copy();
+    } else {
+      copy();
+    }
+  }
+
+  static int32_t greedy(const HnswGraph& g, const float* rows, const float* q, int32_t cur,
+                        int level, bool locked) {
+    float dcur = dist(g, q, rows + static_cast<int64_t>(cur) * g.dim_);
+    std::vector<int32_t> nb;
+    for (bool changed = true; changed;) {
+      changed = false;
+      read_links(g, cur, level, locked, nb);
+      for (int32_t v : nb) {
+        const float dv = dist(g, q, rows + static_cast<int64_t>(v) * g.dim_);
+        if (dv < dcur) {
+          dcur = dv;
+          cur = v;
+          changed = true;
+        }
+      }
+    }
+    return cur;
+  }
+
+  // Beam search on one level; results ascending. `allow` (or null) decides which nodes may
+  // be collected; every node is walked through regardless.
+  static std::vector<Cand> beam(const HnswGraph& g, const float* rows, const float* q,
+                                int32_t entry, int level, int64_t ef, const uint8_t* allow,
+                                bool locked, Visited& vis) {
+    vis.reset(g.level_.size());
+    MinQueue cand;
+    MaxQueue res;
+    const float d0 = dist(g, q, rows + static_cast<int64_t>(entry) * g.dim_);
+    cand.push({d0, entry});
+    vis.test_and_set(entry);
+    if (!allow || allow[entry]) res.push({d0, entry});
+    std::vector<int32_t> nb;
+    while (!cand.empty()) {
+      const Cand c = cand.top();
+      if (static_cast<int64_t>(res.size()) >= ef && c.first > res.top().first) break;
+      cand.pop();
+      read_links(g, c.second, level, locked, nb);
+      // Drop visited nodes and start loading the others' rows before computing distances.
+      size_t fresh = 0;
+      for (int32_t v : nb)
+        if (!vis.test_and_set(v)) {
+          nb[fresh++] = v;
+          const char* row = reinterpret_cast<const char*>(rows + static_cast<int64_t>(v) * g.dim_);
+          for (int64_t off = 0; off < 256 && off < g.dim_ * 4; off += 64) __builtin_prefetch(row + off);
+        }
+      nb.resize(fresh);
+      for (int32_t v : nb) {
+        const float dv = dist(g, q, rows + static_cast<int64_t>(v) * g.dim_);
+        if (static_cast<int64_t>(res.size()) < ef || dv < res.top().first) {
+          cand.push({dv, v});
+          if (!allow || allow[v]) {
+            res.push({dv, v});
+            if (static_cast<int64_t>(res.size()) > ef) res.pop();
+          }
+        }
+      }
+    }
+    std::vector<Cand> out(res.size());
+    for (size_t i = out.size(); i-- > 0;) {
+      out[i] = res.top();
+      res.pop();
+    }
+    return out;
+  }
+
+  // The HNSW heuristic: keep a candidate only if it is closer to the base than to every kept
+  // one (spreads links over directions); then fill free slots with the closest pruned ones,
+  // which keeps more paths open for filtered walks.
+  static std::vector<Cand> select(const HnswGraph& g, const float* rows,
+                                  const std::vector<Cand>& sorted, int64_t m) {
+    if (static_cast<int64_t>(sorted.size()) <= m) return sorted;
+    std::vector<Cand> kept, pruned;
+    for (const Cand& c : sorted) {
+      if (static_cast<int64_t>(kept.size()) >= m) break;
+      bool good = true;
+      for (const Cand& r : kept)
+        if (dist(g, rows + static_cast<int64_t>(c.second) * g.dim_,
+                 rows + static_cast<int64_t>(r.second) * g.dim_) < c.first) {
+          good = false;
+          break;
+        }
+      (good ? kept : pruned).push_back(c);
+    }
+    for (size_t i = 0; i < pruned.size() && static_cast<int64_t>(kept.size()) < m; ++i)
+      kept.push_back(pruned[i]);
+    std::sort(kept.begin(), kept.end());
+    return kept;
+  }
+
+  static void connect(HnswGraph& g, const float* rows, int32_t node, int level,
+                      const std::vector<Cand>& nbrs) {
+    {
+      std::lock_guard<std::mutex> lock(*g.locks_[node]);
+      int32_t* s = g.slot(node, level);
+      s[0] = static_cast<int32_t>(nbrs.size());
+      for (size_t i = 0; i < nbrs.size(); ++i) s[1 + i] = nbrs[i].second;
+    }
+    const int64_t cap = g.cap(level);
+    for (const Cand& nb : nbrs) {
+      std::lock_guard<std::mutex> lock(*g.locks_[nb.second]);
+      int32_t* s = g.slot(nb.second, level);
+      const int32_t cnt = s[0];
+      if (std::find(s + 1, s + 1 + cnt, node) != s + 1 + cnt) continue;
+      if (cnt < cap) {
+        s[1 + cnt] = node;
+        s[0] = cnt + 1;
+        continue;
+      }
+      // Full: re-select among the old links and the new node.
+      const float* base = rows + static_cast<int64_t>(nb.second) * g.dim_;
+      std::vector<Cand> all;
+      all.reserve(cnt + 1);
+      all.push_back({nb.first, node});
+      for (int32_t i = 0; i < cnt; ++i)
+        all.push_back({dist(g, base, rows + static_cast<int64_t>(s[1 + i]) * g.dim_), s[1 + i]});
+      std::sort(all.begin(), all.end());
+      const std::vector<Cand> keep = select(g, rows, all, cap);
+      s[0] = static_cast<int32_t>(keep.size());
+      for (size_t i = 0; i < keep.size(); ++i) s[1 + i] = keep[i].second;
+    }
+  }
+
+  static void insert(HnswGraph& g, const float* rows, int32_t node, Visited& vis) {
+    const int lvl = g.level_[node];
+    std::unique_lock<std::mutex> glock(g.global_);
+    const int32_t ep = g.entry_;
+    const int maxl = g.max_level_;
+    if (lvl <= maxl) glock.unlock();  // only a new top node keeps the global lock
+    const float* q = rows + static_cast<int64_t>(node) * g.dim_;
+    int32_t cur = ep;
+    for (int l = maxl; l > lvl; --l) cur = greedy(g, rows, q, cur, l, true);
+    for (int l = std::min(lvl, maxl); l >= 0; --l) {
+      std::vector<Cand> cands = beam(g, rows, q, cur, l, g.ef_construction_, nullptr, true, vis);
+      cands.erase(std::remove_if(cands.begin(), cands.end(),
+                                 [&](const Cand& c) { return c.second == node; }),
+                  cands.end());
+      if (cands.empty()) continue;
+      connect(g, rows, node, l, select(g, rows, cands, g.M_));
+      cur = cands[0].second;
+    }
+    if (lvl > maxl) {
+      g.entry_ = node;
+      g.max_level_ = lvl;
+    }
+  }
+};
+
+HnswGraph::HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction,
+                     uint64_t seed)
+    : dim_(dim), M_(M), ef_construction_(ef_construction), metric_(metric), rng_state_(seed) {
+  if (dim <= 0) throw ValueError("dim: expected a positive integer, got " + std::to_string(dim));
+  if (M < 2 || M > 1024)
+    throw ValueError("M: expected a value in [2, 1024], got " + std::to_string(M));
+  if (ef_construction < 1)
+    throw ValueError("ef_construction: expected a positive integer, got " +
+                     std::to_string(ef_construction));
+  metric_from_code(static_cast<int32_t>(metric), "metric");
+}
+
+HnswGraph::~HnswGraph() = default;
+
+int HnswGraph::draw_level() {
+  // splitmix64 -> uniform in (0, 1] -> geometric level with ratio 1/M
+  uint64_t z = (rng_state_ += 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  const double u = (static_cast<double>(z >> 11) + 1.0) / 9007199254740992.0;
+  const int level = static_cast<int>(-std::log(u) / std::log(static_cast<double>(M_)));
+  return std::min(level, kMaxLevel);
+}
+
+void HnswGraph::add(const float* rows, int64_t count) {
+  check_dims_nonnegative("count", count);
+  const int64_t start = size(), total = start + count;
+  check_pointer("rows", rows, total * dim_);
+  if (total > std::numeric_limits<int32_t>::max())
+    throw ValueError("count: the graph holds at most 2^31 - 1 rows, got " + std::to_string(total));
+  if (count == 0) return;
+  level_.resize(total);
+  links_.resize(total);
+  locks_.reserve(total);
+  for (int64_t i = start; i < total; ++i) {
+    level_[i] = draw_level();
+    links_[i].assign(offset(level_[i] + 1), 0);
+    locks_.push_back(std::make_unique<std::mutex>());
+  }
+  int64_t first = start;
+  if (entry_ < 0) {
+    entry_ = static_cast<int32_t>(start);
+    max_level_ = level_[start];
+    first = start + 1;
+  }
+#pragma omp parallel
+  {
+    Visited vis;
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t i = first; i < total; ++i) Impl::insert(*this, rows, static_cast<int32_t>(i), vis);
+  }
+}
+
+void HnswGraph::search(const float* rows, const float* queries, int64_t nq, int64_t k,
+                       int64_t ef, const uint8_t* allow, bool allow_per_query, float* out_dist,
+                       int64_t* out_rows) const {
+  check_dims_nonnegative("nq", nq);
+  if (k <= 0) throw ValueError("k: expected a positive integer, got " + std::to_string(k));
+  if (ef <= 0) throw ValueError("ef: expected a positive integer, got " + std::to_string(ef));
+  const int64_t n = size();
+  check_pointer("rows", rows, n * dim_);
+  check_pointer("queries", queries, nq * dim_);
+  check_pointer("out_dist", out_dist, nq * k);
+  check_pointer("out_rows", out_rows, nq * k);
+  const int64_t ef_eff = std::max(ef, k);
+#pragma omp parallel
+  {
+    Visited vis;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const float* q = queries + qi * dim_;
+      const uint8_t* a = allow ? allow + (allow_per_query ? qi * n : 0) : nullptr;
+      std::vector<Cand> found;
+      if (entry_ >= 0) {
+        int32_t cur = entry_;
+        for (int l = max_level_; l > 0; --l) cur = Impl::greedy(*this, rows, q, cur, l, false);
+        found = Impl::beam(*this, rows, q, cur, 0, ef_eff, a, false, vis);
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const bool hit = j < static_cast<int64_t>(found.size());
+        out_dist[qi * k + j] = hit ? found[j].first : std::numeric_limits<float>::infinity();
+        out_rows[qi * k + j] = hit ? found[j].second : -1;
+      }
+    }
+  }
+}
+
+std::vector<int32_t> HnswGraph::to_flat() const {
+  const int64_t n = size();
+  std::vector<int32_t> out = {kMagic,
+                              kVersion,
+                              static_cast<int32_t>(dim_),
+                              static_cast<int32_t>(metric_),
+                              static_cast<int32_t>(M_),
+                              static_cast<int32_t>(ef_construction_),
+                              entry_,
+                              max_level_,
+                              static_cast<int32_t>(n),
+                              static_cast<int32_t>(rng_state_ & 0xFFFFFFFFu),
+                              static_cast<int32_t>(rng_state_ >> 32)};
+  out.insert(out.end(), level_.begin(), level_.end());
+  for (int64_t i = 0; i < n; ++i) out.insert(out.end(), links_[i].begin(), links_[i].end());
+  return out;
+}
+
+std::unique_ptr<HnswGraph> HnswGraph::from_flat(const int32_t* data, int64_t count) {
+  auto bad = [](const std::string& what) { return ValueError("graph: " + what); };
+  if (count < kHeader || data == nullptr)
+    throw bad("expected at least " + std::to_string(kHeader) + " header words, got " +
+              std::to_string(count));
+  if (data[0] != kMagic || data[1] != kVersion)
+    throw bad("expected magic/version " + std::to_string(kMagic) + "/" +
+              std::to_string(kVersion) + ", got " + std::to_string(data[0]) + "/" +
+              std::to_string(data[1]));
+  const uint64_t seed = static_cast<uint32_t>(data[9]) | (static_cast<uint64_t>(static_cast<uint32_t>(data[10])) << 32);
+  auto g = std::make_unique<HnswGraph>(data[2], metric_from_code(data[3], "graph metric"), data[4],
+                                       data[5], seed);
+  const int64_t n = data[8];
+  if (n < 0 || count < kHeader + n) throw bad("row count " + std::to_string(n) + " out of range");
+  g->entry_ = data[6];
+  g->max_level_ = data[7];
+  g->level_.assign(data + kHeader, data + kHeader + n);
+  int32_t top = -1;
+  int64_t need = kHeader + n;
+  for (int64_t i = 0; i < n; ++i) {
+    if (g->level_[i] < 0 || g->level_[i] > kMaxLevel)
+      throw bad("level of row " + std::to_string(i) + " out of range");
+    top = std::max(top, g->level_[i]);
+    need += g->offset(g->level_[i] + 1);
+  }
+  if (count != need)
+    throw bad("expected " + std::to_string(need) + " words, got " + std::to_string(count));
+  if (n == 0 ? (g->entry_ != -1) : (g->entry_ < 0 || g->entry_ >= n || g->level_[g->entry_] != top ||
+                                    g->max_level_ != top))
+    throw bad("entry point inconsistent with the levels");
+  const int32_t* p = data + kHeader + n;
+  g->links_.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = g->offset(g->level_[i] + 1);
+    g->links_[i].assign(p, p + len);
+    p += len;
+    for (int l = 0; l <= g->level_[i]; ++l) {
+      const int32_t* s = g->slot(static_cast<int32_t>(i), l);
+      if (s[0] < 0 || s[0] > g->cap(l)) throw bad("link count out of range");
+      for (int32_t j = 0; j < s[0]; ++j)
+        if (s[1 + j] < 0 || s[1 + j] >= n || g->level_[s[1 + j]] < l)
+          throw bad("link out of range at row " + std::to_string(i));
+    }
+  }
+  g->locks_.reserve(n);
+  for (int64_t i = 0; i < n; ++i) g->locks_.push_back(std::make_unique<std::mutex>());
+  return g;
+}
+
+}  // namespace affectkit::knn

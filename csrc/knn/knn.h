@@ -1,0 +1,110 @@
+// Filtered k-nearest-neighbour search over embeddings: exact (blocked scan with a fused
+// running top-k) and graph (HNSW-style) search.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "../core/core.h"
+
+namespace affectkit::knn {
+
+// Distances are "smaller is closer" for every metric:
+//   InnerProduct: -<q, x>
+//   L2:           ||q - x||^2 (squared Euclidean, clamped at 0)
+//   Cosine:       1 - <q, x>; the caller passes unit-norm vectors (normalise at add time).
+enum class Metric : int32_t { InnerProduct = 0, L2 = 1, Cosine = 2 };
+Metric metric_from_code(int32_t code, const char* arg);  // throws ValueError on unknown codes
+
+// Which database rows each query may return. At most one of `mask` and `cand_offsets`.
+struct Filter {
+  // Byte mask (nonzero = allowed): (n,) shared by every query, or (nq, n) per query.
+  const uint8_t* mask = nullptr;
+  bool mask_per_query = false;
+  // Per-query candidate row lists in CSR form: query i may return the rows
+  // cand_rows[cand_offsets[i] : cand_offsets[i + 1]] (each in [0, n); duplicates are ignored).
+  const int64_t* cand_offsets = nullptr;  // (nq + 1,)
+  const int64_t* cand_rows = nullptr;
+};
+
+// Exact filtered search. queries (nq, d) and database (n, d) are contiguous, of `dtype`
+// (CPU: float32 or float64; CUDA: float32 or float16). For each query the k allowed rows
+// with the smallest distance, ascending; ties go to the smaller id. Rows whose distance is
+// NaN are never returned. Fewer than k allowed rows: the rest is id -1, distance +inf.
+//   row_ids:     optional (n,) int64; the id reported (and used for tie-breaks) for a row.
+//                Null: the row index itself.
+//   db_sqnorms:  optional (n,) ||x||^2 in the database dtype for L2 (computed when null).
+//   out_dist:    (nq, k) of `dtype`; out_ids: (nq, k) int64.
+// Never materialises the (nq, n) score matrix: blocks of queries meet tiles of rows, and
+// each tile's scores are folded into a running top-k per query at once.
+void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
+                  const void* database, int64_t n, int64_t d, Metric metric, int64_t k,
+                  const Filter& filter, const int64_t* row_ids, const void* db_sqnorms,
+                  void* out_dist, int64_t* out_ids, uintptr_t stream = 0);
+
+// An HNSW-style proximity graph over float32 rows that the caller owns and keeps alive
+// (the graph stores only links; rows are passed to add and search). Filtered search walks
+// through every node but collects only allowed ones ("walk through, collect passing"), so
+// the graph stays navigable however few rows pass; the beam stops once `ef` allowed rows
+// are closer than every unexplored candidate.
+// Construction inserts rows in parallel (OpenMP, one lock per node, as in hnswlib); levels
+// are drawn from a seeded generator, so the structure depends only on the seed and on the
+// interleaving of the threads.
+class HnswGraph {
+ public:
+  HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction, uint64_t seed);
+  ~HnswGraph();
+
+  // Inserts rows [size(), size() + count) of `rows` (the whole table, row-major).
+  void add(const float* rows, int64_t count);
+
+  // For each query: up to k allowed rows < size() (row indices, ascending distance; -1/+inf
+  // padding). `allow`: null (all rows), (size(),) bytes shared, or (nq, size()) per query.
+  void search(const float* rows, const float* queries, int64_t nq, int64_t k, int64_t ef,
+              const uint8_t* allow, bool allow_per_query, float* out_dist,
+              int64_t* out_rows) const;
+
+  int64_t size() const { return static_cast<int64_t>(level_.size()); }
+  int64_t dim() const { return dim_; }
+  int64_t M() const { return M_; }
+  Metric metric() const { return metric_; }
+
+  // Flat int32 form for saving; from_flat validates every field and link.
+  std::vector<int32_t> to_flat() const;
+  static std::unique_ptr<HnswGraph> from_flat(const int32_t* data, int64_t count);
+
+  struct Impl;  // search helpers (hnsw_cpu.cpp)
+
+ private:
+  int64_t dim_, M_, ef_construction_;
+  Metric metric_;
+  uint64_t rng_state_;
+  int32_t entry_ = -1;
+  int32_t max_level_ = -1;
+  std::vector<int32_t> level_;               // top level of each node
+  std::vector<std::vector<int32_t>> links_;  // per node, per level: [count, cap slots]
+  std::vector<std::unique_ptr<std::mutex>> locks_;  // one per node, guards its links
+  std::mutex global_;                                // guards entry_ and max_level_
+  int64_t cap(int level) const { return level == 0 ? 2 * M_ : M_; }
+  int64_t offset(int level) const { return level == 0 ? 0 : (2 * M_ + 1) + (level - 1) * (M_ + 1); }
+  int32_t* slot(int32_t node, int level) { return links_[node].data() + offset(level); }
+  const int32_t* slot(int32_t node, int level) const {
+    return links_[node].data() + offset(level);
+  }
+  int draw_level();
+};
+
+namespace detail {
+void exact_search_cpu(DType dtype, const void* queries, int64_t nq, const void* database,
+                      int64_t n, int64_t d, Metric metric, int64_t k, const Filter& filter,
+                      const int64_t* row_ids, const void* db_sqnorms, void* out_dist,
+                      int64_t* out_ids);
+void exact_search_cuda(DType dtype, const void* queries, int64_t nq, const void* database,
+                       int64_t n, int64_t d, Metric metric, int64_t k, const Filter& filter,
+                       const int64_t* row_ids, const void* db_sqnorms, void* out_dist,
+                       int64_t* out_ids, uintptr_t stream);
+}  // namespace detail
+
+}  // namespace affectkit::knn

@@ -1,0 +1,434 @@
+"""EmbeddingIndex: vectors + attributes + ids, searched exactly or through a graph under filters."""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Sequence
+
+import numpy as np
+
+from .. import _C
+from . import storage
+from .attributes import AttributeTable
+from .filters import Filter, as_filter
+from .planner import Plan, PlannerSettings, choose
+
+METRICS = {"ip": 0, "l2": 1, "cosine": 2}
+MODES = ("auto", "exact", "approx")
+
+
+class _ReadWriteLock:
+    """Many concurrent readers (searches) or one writer (add/remove/graph build)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _as_matrix(name: str, x, dim: int) -> np.ndarray:
+    """numpy / torch / anything with __dlpack__ -> C-contiguous float32 (m, dim), finite."""
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "__dlpack__") or type(x).__module__.startswith("torch"):
+            import torch
+
+            t = x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
+            x = t.detach().to("cpu", torch.float32).numpy()
+        elif isinstance(x, (list, tuple)):
+            x = np.asarray(x, dtype=np.float32)
+        else:
+            raise TypeError(f"{name}: expected a numpy array, torch tensor or DLPack array, got {type(x).__name__}")
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a floating (or integer) array, got dtype {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name}: expected shape (m, {dim}), got {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size and not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise ValueError(f"{name}: expected finite values, got NaN or inf in row {bad}")
+    return x
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+class EmbeddingIndex:
+    """Filtered k-nearest-neighbour search over embeddings with attributes.
+
+    Args:
+        dim: vector dimension.
+        metric: "cosine" (distance 1 - cos; vectors are normalised when added), "ip"
+            (distance -<q, x>) or "l2" (squared Euclidean distance).
+        dtype: storage type; float32 (float16 storage is not implemented yet).
+        M, ef_construction, ef_search: graph parameters (approximate mode).
+        exact_max_rows, graph_min_rows: planner thresholds (see ``planner.PlannerSettings``).
+        seed: seed of the graph's level draws (graph builds are deterministic).
+
+    Thread safety: searches run concurrently (the C++ kernels release the GIL); add,
+    remove and graph builds take an exclusive lock and wait for running searches.
+    """
+
+    def __init__(self, dim: int, metric: str = "cosine", dtype=np.float32, *, M: int = 16,
+                 ef_construction: int = 100, ef_search: int = 64, exact_max_rows: int = 2_000,
+                 graph_min_rows: int = 20_000, seed: int = 0):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise ValueError(f"dim: expected a positive int, got {dim!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric: expected one of {sorted(METRICS)}, got {metric!r}")
+        if np.dtype(_dtype_name(dtype)) != np.float32:
+            raise TypeError(f"dtype: expected float32 (float16 storage is not implemented yet), got {dtype}")
+        self.dim = int(dim)
+        self.metric = metric
+        self.dtype = np.dtype(np.float32)
+        self.graph_params = {"M": int(M), "ef_construction": int(ef_construction), "seed": int(seed)}
+        self.settings = PlannerSettings(exact_max_rows=exact_max_rows, graph_min_rows=graph_min_rows,
+                                        ef=int(ef_search), M=int(M))
+        self._lock = _ReadWriteLock()
+        self._vectors = np.zeros((0, self.dim), dtype=np.float32)  # capacity >= _n rows
+        self._sqnorms = np.zeros(0, dtype=np.float32)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._alive = np.zeros(0, dtype=bool)
+        self._n = 0
+        self._table = AttributeTable()
+        self._next_id = 0
+        self._graph = None
+        self._lookup = None  # (sorted live ids, their rows), rebuilt after add/remove
+
+    # ---- sizes --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._alive[: self._n].sum())
+
+    @property
+    def stored_ids(self) -> np.ndarray:
+        """Ids of every stored row in storage order, removed ones included (for row masks)."""
+        return self._ids[: self._n].copy()
+
+    @property
+    def attributes(self) -> dict:
+        return {name: col.kind for name, col in self._table.columns.items()}
+
+    # ---- mutation -----------------------------------------------------------------------------
+    def add(self, vectors, attributes: dict | None = None, ids=None) -> np.ndarray:
+        """Add rows; returns their int64 ids (the given ones, or fresh ones counting up)."""
+        x = _as_matrix("vectors", vectors, self.dim)
+        m = x.shape[0]
+        if self.metric == "cosine":
+            x = _normalised(x)
+        prepared = self._table.prepare(attributes, m)
+        with self._lock.write():
+            if ids is None:
+                new_ids = np.arange(self._next_id, self._next_id + m, dtype=np.int64)
+            else:
+                new_ids = np.asarray(ids)
+                if new_ids.dtype.kind not in "iu" or new_ids.shape != (m,):
+                    raise ValueError(f"ids: expected {m} integer ids, got dtype {new_ids.dtype} shape {new_ids.shape}")
+                new_ids = new_ids.astype(np.int64)
+                if m and new_ids.min() < 0:
+                    raise ValueError(f"ids: expected non-negative ids (-1 marks padding), got {int(new_ids.min())}")
+                if len(np.unique(new_ids)) != m:
+                    raise ValueError("ids: expected distinct ids, got duplicates within the batch")
+                taken = self._find_rows(new_ids)
+                if (taken >= 0).any():
+                    raise ValueError(f"ids: id {int(new_ids[taken >= 0][0])} is already in the index")
+            self._reserve(self._n + m)
+            self._vectors[self._n : self._n + m] = x
+            self._sqnorms[self._n : self._n + m] = np.einsum("ij,ij->i", x, x)
+            self._ids[self._n : self._n + m] = new_ids
+            self._alive = np.concatenate([self._alive[: self._n], np.ones(m, dtype=bool)])
+            self._table.append(prepared, m)
+            self._n += m
+            if m:
+                self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+            self._lookup = None
+        return new_ids
+
+    def _reserve(self, rows: int) -> None:
+        cap = self._vectors.shape[0]
+        if rows <= cap and self._vectors.flags.writeable:
+            return
+        new_cap = max(rows, 2 * cap, 1024)
+        vec = np.empty((new_cap, self.dim), dtype=np.float32)
+        vec[: self._n] = self._vectors[: self._n]
+        norms = np.empty(new_cap, dtype=np.float32)
+        norms[: self._n] = self._sqnorms[: self._n]
+        ids = np.empty(new_cap, dtype=np.int64)
+        ids[: self._n] = self._ids[: self._n]
+        self._vectors, self._sqnorms, self._ids = vec, norms, ids
+
+    def remove(self, ids) -> int:
+        """Remove rows by id (tombstones: every search path skips them). Unknown ids raise."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids: expected integer ids, got dtype {ids.dtype}")
+        with self._lock.write():
+            rows = self._find_rows(ids.astype(np.int64))
+            if (rows < 0).any():
+                raise ValueError(f"ids: unknown or already removed id {int(ids[rows < 0][0])}")
+            alive = self._alive.copy()  # copy-on-write: a reader's snapshot never changes
+            alive[rows] = False
+            self._alive = alive
+            self._lookup = None
+        return int(len(np.unique(rows)))
+
+    def _find_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each live id, -1 where absent (vectorised lookup through sorted ids)."""
+        if self._lookup is None:
+            live = np.flatnonzero(self._alive[: self._n])
+            order = np.argsort(self._ids[live], kind="stable")
+            self._lookup = (self._ids[live][order], live[order])
+        sorted_ids, rows = self._lookup
+        pos = np.searchsorted(sorted_ids, ids)
+        pos_c = np.minimum(pos, max(len(sorted_ids) - 1, 0))
+        found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+        return np.where(found, rows[pos_c] if len(rows) else -1, -1)
+
+    # ---- graph --------------------------------------------------------------------------------
+    def build_graph(self) -> None:
+        """Build (or extend to every stored row) the HNSW graph used by approximate search."""
+        with self._lock.write():
+            self._extend_graph()
+
+    def _extend_graph(self) -> None:
+        if self._graph is None:
+            self._graph = _C.HnswGraph(self.dim, METRICS[self.metric], self.graph_params["M"],
+                                       self.graph_params["ef_construction"], self.graph_params["seed"])
+        if self._graph.size() < self._n:
+            self._graph.add(self._vectors.ctypes.data, self._n - self._graph.size())
+
+    @property
+    def graph_size(self) -> int:
+        return 0 if self._graph is None else self._graph.size()
+
+    # ---- search -------------------------------------------------------------------------------
+    def search(self, queries, k: int, where=None, mode: str = "auto", ef: int | None = None):
+        """The k nearest live rows passing `where`, for every query.
+
+        Args:
+            queries: (nq, dim) numpy array, torch tensor or DLPack array.
+            k: neighbours per query (> 0).
+            where: None, a dict (``{"label": "joy", "ts": (0, 10)}``), a Filter, a boolean
+                row mask (see ``stored_ids``), or a list of those with one entry per query.
+            mode: "auto" (the planner picks), "exact", or "approx" (graph search).
+            ef: beam width of the graph search (default: ``ef_search`` scaled down for
+                selective filters, see ``PlannerSettings.ef_for``; explain() reports it).
+
+        Returns:
+            (distances float32 (nq, k), ids int64 (nq, k)) numpy arrays, ascending; ties go to
+            the smaller id; missing matches are id -1 with distance +inf.
+        """
+        q, k, mode, filters = self._check_search(queries, k, where, mode)
+        if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef <= 0):
+            raise ValueError(f"ef: expected a positive int, got {ef!r}")
+        nq = q.shape[0]
+        out_d = np.full((nq, k), np.inf, dtype=np.float32)
+        out_i = np.full((nq, k), -1, dtype=np.int64)
+        groups = self._groups(filters, nq)
+        plans = self._plans(groups, mode)
+        if any(p.mode == "approx" for *_, p in plans) and self.graph_size < self._n:
+            self.build_graph()
+        with self._lock.read():
+            for rows, n, mask, plan in plans:
+                mask = self._current_mask(n, mask)
+                if plan.mode == "approx":
+                    d, i = self._search_graph(q[rows], k, n, mask, int(ef) if ef is not None else plan.ef)
+                else:
+                    d, i = self._search_exact(q[rows], k, n, mask)
+                out_d[rows], out_i[rows] = d, i
+        return out_d, out_i
+
+    def explain(self, where=None, mode: str = "auto", nq: int = 1):
+        """The planner's choice and its estimates: a dict, or a list of dicts for per-query filters."""
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        per_query = isinstance(where, list)
+        filters = [as_filter(w) if w is not None else None for w in where] if per_query else as_filter_or_none(where)
+        groups = self._groups(filters, len(where) if per_query else nq)
+        plans = self._plans(groups, mode)
+        out = [None] * (len(where) if per_query else 1)
+        for rows, _, _, plan in plans:
+            for r in rows:
+                if r < len(out):
+                    out[r] = plan.as_dict()
+        return out if per_query else out[0]
+
+    def _check_search(self, queries, k, where, mode):
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        q = _as_matrix("queries", queries, self.dim)
+        if self.metric == "cosine":
+            q = _normalised(q)
+        if isinstance(where, list):
+            if len(where) != q.shape[0]:
+                raise ValueError(f"where: expected one filter per query ({q.shape[0]}), got a list of {len(where)}")
+            filters = [None if w is None else as_filter(w) for w in where]
+        else:
+            filters = as_filter_or_none(where)
+        return q, int(k), mode, filters
+
+    def _groups(self, filters, nq):
+        """[(query rows, Filter or None)] with queries sharing a filter grouped together."""
+        if not isinstance(filters, list):
+            return [(np.arange(nq), filters)]
+        by_key: dict = {}
+        for i, f in enumerate(filters):
+            key = None if f is None else f.key()
+            by_key.setdefault(key, (f, []))[1].append(i)
+        return [(np.asarray(rows), f) for f, rows in by_key.values()]
+
+    def _plans(self, groups, mode) -> list:
+        """[(query rows, filter bitmask or None, Plan)] from the statistics and exact counts."""
+        with self._lock.read():
+            n, alive, ids = self._n, self._alive[: self._n], self._ids[: self._n]
+            live = int(alive.sum())
+            out = []
+            for rows, f in groups:
+                if f is None:
+                    mask, est = None, 1.0
+                    matching = live
+                else:
+                    mask = np.asarray(f.mask(self._table, ids), dtype=bool) & alive
+                    est = min(1.0, max(0.0, float(f.estimate(self._table, ids))))
+                    matching = int(mask.sum())
+                plan = choose(mode, est, matching, live, self.settings)
+                if mask is None and live < n:
+                    mask = alive.copy()
+                out.append((rows, n, mask, plan))
+        return out
+
+    def _current_mask(self, n, mask):
+        """Re-apply removals made between planning and searching (rows added since are excluded)."""
+        alive = self._alive[:n]
+        if mask is None:
+            return None if alive.all() else alive.copy()
+        return mask & alive
+
+    def _search_exact(self, q, k, n, mask, row_begin=0):
+        """Exact search over stored rows [row_begin, n) allowed by mask (over rows [0, n))."""
+        nq = q.shape[0]
+        out_d = np.empty((nq, k), dtype=np.float32)
+        out_i = np.empty((nq, k), dtype=np.int64)
+        if nq == 0:
+            return out_d, out_i
+        mask_u8 = None if mask is None else np.ascontiguousarray(mask[row_begin:n], dtype=np.uint8)
+        vec, norms, ids = self._vectors[row_begin:n], self._sqnorms[row_begin:n], self._ids[row_begin:n]
+        _C.exact_knn(_C.DEVICE_CPU, _C.DTYPE_CODES["float32"], q.ctypes.data, nq, _addr(vec), n - row_begin,
+                     self.dim, METRICS[self.metric], k,
+                     mask=0 if mask_u8 is None else mask_u8.ctypes.data,
+                     row_ids=_addr(ids), db_sqnorms=_addr(norms),
+                     out_dist=out_d.ctypes.data, out_ids=out_i.ctypes.data)
+        return out_d, out_i
+
+    def _search_graph(self, q, k, n, mask, ef):
+        """Graph search over the rows the graph covers, exact scan of rows added since, merged."""
+        g = min(self.graph_size, n)
+        nq = q.shape[0]
+        d = np.empty((nq, k), dtype=np.float32)
+        rows = np.empty((nq, k), dtype=np.int64)
+        if nq == 0:
+            return d, rows
+        allow = None if mask is None else np.ascontiguousarray(mask[:g], dtype=np.uint8)
+        self._graph.search(self._vectors.ctypes.data, q.ctypes.data, nq, k, ef,
+                           allow=0 if allow is None else allow.ctypes.data,
+                           out_dist=d.ctypes.data, out_rows=rows.ctypes.data)
+        ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        if g == n:
+            return d, ids
+        tail_d, tail_i = self._search_exact(q, k, n, mask, row_begin=g)
+        all_d, all_i = np.concatenate([d, tail_d], 1), np.concatenate([ids, tail_i], 1)
+        order = np.lexsort((np.where(all_i < 0, np.iinfo(np.int64).max, all_i), all_d), axis=1)[:, :k]
+        return np.take_along_axis(all_d, order, 1), np.take_along_axis(all_i, order, 1)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index (vectors, ids, tombstones, attributes, graph) atomically to one file."""
+        with self._lock.read():
+            attr_meta, attr_arrays = self._table.state()
+            meta = {"kind": "affectkit.EmbeddingIndex", "dim": self.dim, "metric": self.metric,
+                    "dtype": "float32", "count": self._n, "next_id": self._next_id,
+                    "graph_params": self.graph_params, "settings": self.settings.__dict__,
+                    "attributes": attr_meta, "graph_rows": self.graph_size}
+            arrays = {"vectors": self._vectors[: self._n], "sqnorms": self._sqnorms[: self._n],
+                      "ids": self._ids[: self._n], "alive": self._alive[: self._n], **attr_arrays}
+            if self._graph is not None:
+                arrays["graph"] = np.frombuffer(self._graph.to_flat(), dtype=np.int32)
+            storage.save(path, meta, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "EmbeddingIndex":
+        """Open a saved index; with mmap=True the vectors stay on disk (mapped read-only) until an add."""
+        meta, arrays = storage.load(path, mmap=mmap, verify=verify)
+        if meta.get("kind") != "affectkit.EmbeddingIndex":
+            raise storage.IndexFormatError(f"{path}: not an EmbeddingIndex (kind {meta.get('kind')!r})")
+        s = meta["settings"]
+        index = cls(meta["dim"], meta["metric"], np.float32, M=meta["graph_params"]["M"],
+                    ef_construction=meta["graph_params"]["ef_construction"], ef_search=s["ef"],
+                    exact_max_rows=s["exact_max_rows"], graph_min_rows=s["graph_min_rows"],
+                    seed=meta["graph_params"]["seed"])
+        index.settings.exact_speedup = s["exact_speedup"]
+        n = meta["count"]
+        index._vectors, index._sqnorms, index._ids = arrays["vectors"], arrays["sqnorms"], arrays["ids"]
+        index._alive = np.array(arrays["alive"], dtype=bool)
+        index._n, index._next_id = n, meta["next_id"]
+        index._table = AttributeTable.from_state(meta["attributes"], arrays, n)
+        for col in index._table.columns.values():  # attribute columns are small: keep them writable
+            for attr in ("codes", "values", "bits"):
+                if hasattr(col, attr):
+                    setattr(col, attr, np.array(getattr(col, attr)))
+        if "graph" in arrays:
+            flat = np.ascontiguousarray(arrays["graph"], dtype=np.int32)
+            index._graph = _C.HnswGraph.from_flat(flat.ctypes.data, flat.size)
+        return index
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.ctypes.data if a.size else 0
+
+
+def as_filter_or_none(where):
+    return None if where is None else as_filter(where)
+
+
+def _dtype_name(dtype):
+    try:
+        import torch
+
+        if isinstance(dtype, torch.dtype):
+            return str(dtype).removeprefix("torch.")
+    except ImportError:  # pragma: no cover
+        pass
+    return dtype

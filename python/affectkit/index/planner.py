@@ -1,0 +1,76 @@
+"""Choosing between an exact scan of the passing rows and a filtered graph search.
+
+Cost model (per query, in units of one d-dimensional distance):
+    exact  ~ passing rows, at matrix-product speed (about `exact_speedup` times cheaper
+             per distance than a graph step, which chases links through scattered rows);
+    graph  ~ ef(s) * M / s: the beam must see about 1/s nodes per allowed one, since it
+             walks through filtered-out nodes without collecting them; ef(s) shrinks for
+             selective filters (see PlannerSettings.ef_for).
+The estimate comes from the attribute statistics (value counts, histograms, per-label
+frequencies, independence across AND-ed conditions); the exact count of passing rows,
+which the index knows once the filter's bitmask is built, then confirms the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Plan:
+    mode: str                    # "exact" or "approx"
+    estimated_selectivity: float  # from the attribute statistics
+    estimated_rows: int
+    matching_rows: int           # exact count of live rows passing the filter
+    live_rows: int
+    reason: str
+    ef: int = 0                  # graph beam width used (approx mode)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PlannerSettings:
+    exact_max_rows: int = 2_000      # always exact at or below this many passing rows
+    graph_min_rows: int = 20_000     # below this many live rows a graph is never worth it
+    exact_speedup: float = 16.0      # blocked scan vs graph step, cost per distance (measured 13-29)
+    ef: int = 64
+    M: int = 16
+
+    def ef_for(self, selectivity: float) -> int:
+        """Beam width for a filter passing `selectivity` of the rows.
+
+        The beam counts only passing rows, so the walk already visits about ef / selectivity
+        nodes: a selective filter needs a smaller ef for the same recall. Measured on 200,000
+        clustered 384-d rows: ef 24 gives recall 0.995 at 10 %, ef 64 gives 0.989 at 50 %.
+        """
+        return max(1, int(round(self.ef * min(1.0, max(0.375, 2.0 * selectivity)))))
+
+
+def choose(requested: str, estimated_selectivity: float, matching_rows: int, live_rows: int,
+           settings: PlannerSettings) -> Plan:
+    est_rows = int(round(estimated_selectivity * live_rows))
+    ef = settings.ef_for(max(matching_rows, 1) / max(live_rows, 1))
+
+    def plan(mode, reason):
+        return Plan(mode, float(estimated_selectivity), est_rows, int(matching_rows), int(live_rows), reason,
+                    ef if mode == "approx" else 0)
+
+    if requested == "exact":
+        return plan("exact", "mode='exact' requested")
+    if requested == "approx":
+        return plan("approx", "mode='approx' requested")
+    if live_rows < settings.graph_min_rows:
+        return plan("exact", f"{live_rows} live rows < graph_min_rows={settings.graph_min_rows}")
+    for rows, source in ((est_rows, "estimated"), (matching_rows, "counted")):
+        if rows <= settings.exact_max_rows:
+            if source == "estimated" and matching_rows > settings.exact_max_rows:
+                continue  # the statistics were too optimistic: decide on the count
+            return plan("exact", f"{source} {rows} passing rows <= exact_max_rows={settings.exact_max_rows}")
+    sel = max(matching_rows, 1) / max(live_rows, 1)
+    exact_cost = matching_rows / settings.exact_speedup
+    graph_cost = settings.ef_for(sel) * settings.M / sel
+    if exact_cost <= graph_cost:
+        return plan("exact", f"scan cost {exact_cost:.0f} <= graph cost {graph_cost:.0f} at selectivity {sel:.3f}")
+    return plan("approx", f"graph cost {graph_cost:.0f} < scan cost {exact_cost:.0f} at selectivity {sel:.3f}")

@@ -1,0 +1,343 @@
+"""affectkit.ops.filtered_knn and _C.exact_knn: exact filtered k-NN against a float64 brute force."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import affectkit._C as C
+import affectkit.ops as ops
+from affectkit.ops._bridge import ptr
+
+from _support import requires_cuda
+
+METRICS = ["l2", "ip", "cosine"]
+
+
+def distances64(q, x, metric):
+    q, x = q.double(), x.double()
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(q, dim=1)
+        x = torch.nn.functional.normalize(x, dim=1)
+        return 1 - q @ x.T
+    if metric == "ip":
+        return -(q @ x.T)
+    return ((q[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+
+
+def reference(q, x, mask, k, metric, row_ids=None):
+    """float64 brute force; ties go to the smaller id; pad with (-1, inf)."""
+    nq, n = q.shape[0], x.shape[0]
+    D = distances64(q, x, metric) if n else torch.zeros(nq, 0, dtype=torch.float64)
+    ids = torch.arange(n) if row_ids is None else row_ids
+    if mask is not None:
+        D = D.masked_fill(~mask.bool().expand(nq, n), math.inf)
+    out_d = torch.full((nq, k), math.inf, dtype=torch.float64)
+    out_i = torch.full((nq, k), -1, dtype=torch.int64)
+    order_by_id = torch.argsort(ids)
+    for i in range(nq):
+        d_sorted = D[i, order_by_id]
+        pos = torch.sort(d_sorted, stable=True).indices[:k]  # stable: smaller id first on ties
+        m = min(k, n)
+        out_d[i, :m] = d_sorted[pos]
+        out_i[i, :m] = ids[order_by_id][pos]
+    out_i[torch.isinf(out_d)] = -1
+    return out_d, out_i
+
+
+def int_vectors(n, d, gen, lo=-3, hi=4):
+    """Small integer entries: every dot product is exact in float32, so ids must match exactly."""
+    return torch.randint(lo, hi, (n, d), generator=gen).float()
+
+
+def check_close(got_d, got_i, q, x, mask, k, metric, tol):
+    """For rounding-sensitive data: distances match, each id is allowed and really that far."""
+    want_d, _ = reference(q, x, mask, k, metric)
+    assert got_d.shape == (q.shape[0], k) and got_i.dtype == torch.int64
+    pad = got_i == -1
+    assert torch.equal(pad, torch.isinf(want_d))
+    assert torch.isinf(got_d[pad]).all()
+    assert torch.allclose(got_d[~pad].double(), want_d[~pad], atol=tol, rtol=tol)
+    D = distances64(q, x, metric)
+    allowed = None if mask is None else mask.bool().expand(q.shape[0], x.shape[0])
+    for i in range(q.shape[0]):
+        ids = got_i[i][got_i[i] >= 0]
+        assert len(set(ids.tolist())) == len(ids)
+        if len(ids):
+            assert torch.allclose(D[i, ids], got_d[i, : len(ids)].double(), atol=tol, rtol=tol)
+            if allowed is not None:
+                assert allowed[i, ids].all()
+
+
+SIZES = [(1, 1, 1), (5, 17, 3), (13, 101, 29), (31, 389, 64), (2, 1000, 7)]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("nq,n,d", SIZES)
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per_query_dense", "per_query_sparse"])
+def test_exact_ids_on_integer_vectors(metric, nq, n, d, mask_kind, gen):
+    q, x = int_vectors(nq, d, gen), int_vectors(n, d, gen)
+    mask = {
+        "none": None,
+        "shared": torch.rand(n, generator=gen) < 0.4,
+        "per_query_dense": torch.rand(nq, n, generator=gen) < 0.6,
+        "per_query_sparse": torch.rand(nq, n, generator=gen) < 0.05,
+    }[mask_kind]
+    for k in (1, 5, n + 3):
+        got_d, got_i = ops.filtered_knn(q, x, mask, k, metric)
+        want_d, want_i = reference(q, x, mask, k, metric)
+        assert torch.equal(got_i, want_i), (k, got_i, want_i)
+        assert torch.equal(got_d.double(), want_d)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_vectors_match_reference(metric, dtype, gen):
+    q = torch.randn(23, 47, generator=gen, dtype=dtype)
+    x = torch.randn(611, 47, generator=gen, dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for mask in (None, torch.rand(611, generator=gen) < 0.1, torch.rand(23, 611, generator=gen) < 0.3):
+        got_d, got_i = ops.filtered_knn(q, x, mask, 9, metric)
+        assert got_d.dtype == dtype
+        check_close(got_d, got_i, q, x, mask, 9, metric, tol)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_duplicate_vectors_tie_to_smaller_id(metric, gen):
+    base = torch.randn(7, 16, generator=gen)
+    x = base.repeat(5, 1)  # row r duplicates rows r % 7
+    q = base[:3] + 0.01 * torch.randn(3, 16, generator=gen)
+    got_d, got_i = ops.filtered_knn(q, x, None, 5, metric)
+    for i in range(3):
+        # the 5 copies of the nearest base vector tie exactly: ids ascending
+        ids = got_i[i].tolist()
+        assert ids == sorted(ids) and len({r % 7 for r in ids}) == 1
+        assert (got_d[i] == got_d[i, 0]).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_all_filtered_empty_database_and_no_queries(metric, gen):
+    q, x = torch.randn(4, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    d, i = ops.filtered_knn(q, x, torch.zeros(50, dtype=torch.bool), 3, metric)
+    assert (i == -1).all() and torch.isinf(d).all() and (d > 0).all()
+    d, i = ops.filtered_knn(q, x, torch.zeros(4, 50, dtype=torch.uint8), 3, metric)
+    assert (i == -1).all() and torch.isinf(d).all()
+    d, i = ops.filtered_knn(q, torch.empty(0, 8), None, 2, metric)
+    assert d.shape == (4, 2) and (i == -1).all() and torch.isinf(d).all()
+    d, i = ops.filtered_knn(q, torch.empty(0, 8), torch.empty(4, 0, dtype=torch.bool), 2, metric)
+    assert (i == -1).all()
+    d, i = ops.filtered_knn(torch.empty(0, 8), x, None, 2, metric)
+    assert d.shape == (0, 2) and i.shape == (0, 2)
+
+
+def test_k_larger_than_matches_pads(gen):
+    q, x = int_vectors(6, 5, gen), int_vectors(40, 5, gen)
+    mask = torch.zeros(6, 40, dtype=torch.bool)
+    for i in range(6):
+        mask[i, torch.randperm(40, generator=gen)[:i]] = True  # query i has i matches
+    d, ids = ops.filtered_knn(q, x, mask, 8, "l2")
+    for i in range(6):
+        assert (ids[i, :i] >= 0).all() and (ids[i, i:] == -1).all()
+        assert torch.isinf(d[i, i:]).all() and torch.isfinite(d[i, :i]).all()
+    want_d, want_i = reference(q, x, mask, 8, "l2")
+    assert torch.equal(ids, want_i)
+
+
+def test_many_queries_few_rows_and_few_queries_many_rows(gen):
+    # exercises both the query-block and the row-chunk parallel splits
+    for nq, n in ((300, 11), (1, 5000), (3, 2500)):
+        q, x = int_vectors(nq, 12, gen), int_vectors(n, 12, gen)
+        mask = torch.rand(n, generator=gen) < 0.7
+        d, i = ops.filtered_knn(q, x, mask, 13, "ip")
+        assert torch.equal(i, reference(q, x, mask, 13, "ip")[1])
+
+
+def test_non_contiguous_inputs(gen):
+    qq = int_vectors(9, 40, gen).t()[::2]  # (20, 9) view with odd strides
+    x = int_vectors(30, 18, gen)[:, ::2]
+    mask = (torch.rand(30, 2, generator=gen) < 0.5)[:, 0]
+    assert not qq.is_contiguous() and not x.is_contiguous() and not mask.is_contiguous()
+    d, i = ops.filtered_knn(qq, x, mask, 4, "l2")
+    assert torch.equal(i, reference(qq, x, mask, 4, "l2")[1])
+
+
+def _raw(q, x, k, metric, **kw):
+    nq, d = q.shape
+    n = x.shape[0]
+    out_d = torch.full((nq, k), float("nan"))
+    out_i = torch.full((nq, k), -7, dtype=torch.int64)
+    C.exact_knn(C.DEVICE_CPU, C.DTYPE_CODES["float32"], ptr(q), nq, ptr(x), n, d, ops.knn.METRICS[metric], k,
+                out_dist=ptr(out_d), out_ids=ptr(out_i), **kw)
+    return out_d, out_i
+
+
+def test_kernel_writes_every_output_element(gen):
+    q, x = int_vectors(17, 10, gen), int_vectors(300, 10, gen)
+    mask = (torch.rand(300, generator=gen) < 0.02).to(torch.uint8)
+    for kw, m in (({}, None), ({"mask": ptr(mask)}, mask)):
+        d, i = _raw(q, x, 12, "l2", **kw)
+        want_d, want_i = reference(q, x, m, 12, "l2")
+        assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
+
+
+def test_candidate_lists_and_row_ids(gen):
+    q, x = int_vectors(9, 6, gen), int_vectors(120, 6, gen)
+    lists = [torch.randint(0, 120, (int(torch.randint(0, 30, (1,), generator=gen)),), generator=gen) for _ in range(9)]
+    lists[0] = torch.tensor([5, 5, 5, 7], dtype=torch.int64)  # duplicates are ignored
+    lists[1] = torch.empty(0, dtype=torch.int64)
+    offsets = torch.tensor([0] + [len(v) for v in lists]).cumsum(0)
+    rows = torch.cat(lists)
+    row_ids = torch.randperm(10_000, generator=gen)[:120] * 1_000_003  # 64-bit user ids
+    d, i = _raw(q, x, 5, "ip", cand_offsets=ptr(offsets), cand_rows=ptr(rows), row_ids=ptr(row_ids))
+    mask = torch.zeros(9, 120, dtype=torch.bool)
+    for r, v in enumerate(lists):
+        mask[r, v] = True
+    want_d, want_i = reference(q, x, mask, 5, "ip", row_ids=row_ids)
+    assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
+
+
+def test_cpp_boundary_validation(gen):
+    q, x = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="k: expected a positive"):
+        C.exact_knn(0, 0, ptr(q), 2, ptr(x), 4, 3, 1, 0)
+    with pytest.raises(ValueError, match="metric"):
+        C.exact_knn(0, 0, ptr(q), 2, ptr(x), 4, 3, 5, 1)
+    with pytest.raises(ValueError, match="out_dist"):
+        C.exact_knn(0, 0, ptr(q), 2, ptr(x), 4, 3, 1, 1)
+    with pytest.raises(ValueError, match="nq"):
+        C.exact_knn(0, 0, ptr(q), -1, ptr(x), 4, 3, 1, 1)
+    with pytest.raises(ValueError, match="database"):
+        C.exact_knn(0, 0, ptr(q), 2, 0, 4, 3, 1, 1)
+    with pytest.raises(TypeError, match="queries"):
+        C.exact_knn(0, C.DTYPE_CODES["int64"], ptr(q), 2, ptr(x), 4, 3, 1, 1, out_dist=ptr(q), out_ids=ptr(q))
+    offsets = torch.tensor([0, 2, 1])
+    rows = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        _raw(q, x, 1, "l2", cand_offsets=ptr(offsets), cand_rows=ptr(rows))
+    offsets = torch.tensor([0, 1, 2])
+    rows = torch.tensor([0, 4])
+    with pytest.raises(ValueError, match=r"cand_rows: expected values in \[0, 3\]"):
+        _raw(q, x, 1, "l2", cand_offsets=ptr(offsets), cand_rows=ptr(rows))
+    mask = torch.ones(4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="both"):
+        _raw(q, x, 1, "l2", mask=ptr(mask), cand_offsets=ptr(offsets), cand_rows=ptr(rows))
+
+
+def test_python_validation(gen):
+    q, x = torch.randn(2, 3), torch.randn(4, 3)
+    with pytest.raises(TypeError, match="queries"):
+        ops.filtered_knn(np.zeros((2, 3)), x)
+    with pytest.raises(ValueError, match="queries: expected a 2-D"):
+        ops.filtered_knn(torch.randn(3), x)
+    with pytest.raises(TypeError, match="queries: expected dtype"):
+        ops.filtered_knn(q.half(), x.half())
+    with pytest.raises(TypeError, match="database: expected dtype"):
+        ops.filtered_knn(q, x.double())
+    with pytest.raises(ValueError, match="database: expected 3 columns"):
+        ops.filtered_knn(q, torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"allow_mask: expected shape \(4,\) or \(2, 4\)"):
+        ops.filtered_knn(q, x, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="allow_mask: expected dtype"):
+        ops.filtered_knn(q, x, torch.ones(4))
+    for k in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="k: expected a positive int"):
+            ops.filtered_knn(q, x, None, k)
+    with pytest.raises(ValueError, match="metric"):
+        ops.filtered_knn(q, x, None, 2, "hamming")
+
+
+def test_nan_rows_are_never_returned(gen):
+    q, x = torch.randn(3, 4, generator=gen), torch.randn(10, 4, generator=gen)
+    x[2] = float("nan")
+    for metric in METRICS:
+        d, i = ops.filtered_knn(q, x, None, 10, metric)
+        assert (i != 2).all() and (i[:, -1] == -1).all() and torch.isfinite(d[:, :9]).all()
+
+
+def test_opcheck(gen):
+    q, x = torch.randn(5, 6, generator=gen), torch.randn(20, 6, generator=gen)
+    for mask in (None, torch.rand(20, generator=gen) < 0.5, torch.rand(5, 20, generator=gen) < 0.5):
+        torch.library.opcheck(torch.ops.affectkit.filtered_knn.default, (q, x, mask, 3, "l2"))
+        torch.library.opcheck(torch.ops.affectkit.filtered_knn.default, (q.double(), x.double(), mask, 4, "cosine"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, gen):
+    torch._dynamo.reset()
+
+    def retrieve(q, x, mask):
+        d, i = ops.filtered_knn(q * 2.0, x, mask, 4, "ip")
+        return d.sum(1), i
+
+    fn = torch.compile(retrieve, fullgraph=True, dynamic=True, backend=backend)
+    for nq, n in ((3, 30), (7, 41)):
+        q, x = int_vectors(nq, 5, gen), int_vectors(n, 5, gen)
+        mask = torch.rand(nq, n, generator=gen) < 0.5
+        got = fn(q, x, mask)
+        want = retrieve(q, x, mask)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_cuda_matches_cpu(dtype, metric, gen):
+    q, x = int_vectors(37, 40, gen), int_vectors(3001, 40, gen)
+    for mask in (None, torch.rand(3001, generator=gen) < 0.01, torch.rand(37, 3001, generator=gen) < 0.5):
+        got_d, got_i = ops.filtered_knn(q.cuda().to(dtype), x.cuda().to(dtype), None if mask is None else mask.cuda(), 10, metric)
+        if metric == "cosine":
+            check_close(got_d.cpu().float(), got_i.cpu(), q, x, mask, 10, metric, 2e-3)
+        else:
+            want_d, want_i = reference(q, x, mask, 10, metric)
+            assert torch.equal(got_i.cpu(), want_i)
+            assert torch.equal(got_d.cpu().double(), want_d)
+
+
+@requires_cuda
+def test_cuda_padding_and_large_k(gen):
+    q, x = torch.randn(4, 8, device="cuda"), torch.randn(50, 8, device="cuda")
+    d, i = ops.filtered_knn(q, x, torch.zeros(50, dtype=torch.bool, device="cuda"), 3, "l2")
+    assert (i == -1).all() and torch.isinf(d).all()
+    d, i = ops.filtered_knn(q, x, None, 200, "l2")
+    want_d, want_i = reference(q.cpu(), x.cpu(), None, 200, "l2")
+    assert torch.equal(i.cpu() == -1, want_i == -1)
+    assert torch.allclose(d.cpu().double()[:, :50], want_d[:, :50], atol=1e-4)
+
+
+def test_kernels_without_avx512_match_too(tmp_path):
+    # The CPU picks 64-byte kernels on AVX-512 machines; run the 32-byte (AVX2/default) ones
+    # in a child process so both paths are checked wherever the suite runs.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import numpy as np, torch
+        import affectkit.ops as ops
+        from affectkit.index import EmbeddingIndex
+        g = torch.Generator().manual_seed(7)
+        for dtype in (torch.float32, torch.float64):
+            q = torch.randint(-3, 4, (41, 23), generator=g).to(dtype)
+            x = torch.randint(-3, 4, (509, 23), generator=g).to(dtype)
+            mask = torch.rand(509, generator=g) < 0.5
+            d, i = ops.filtered_knn(q, x, mask, 7, "l2")
+            D = ((q.double()[:, None] - x.double()[None]) ** 2).sum(-1).masked_fill(~mask, float("inf"))
+            want = torch.sort(D, dim=1, stable=True)
+            assert torch.equal(i, want.indices[:, :7]) and torch.equal(d.double(), want.values[:, :7])
+        rng = np.random.default_rng(0)
+        xs = rng.standard_normal((3000, 40)).astype(np.float32)
+        index = EmbeddingIndex(40, "l2", graph_min_rows=0)
+        index.add(xs)
+        index.build_graph()
+        exact = index.search(xs[:50] + 0.01, 10, mode="exact")[1]
+        approx = index.search(xs[:50] + 0.01, 10, mode="approx")[1]
+        rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)])
+        assert rec >= 0.95, rec
+        print("ok")
+        """
+    )
+    env = dict(__import__("os").environ, AFFECTKIT_NO_AVX512="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
