@@ -1,0 +1,182 @@
+"""Training recipes for `text-emotion`, `vad` and `empathy` (what `affectkit train` runs).
+
+Recipe (all three): frozen sentence embedding (cached) + NRC EmoLex features, standardised,
+into a one-hidden-layer MLP trained with AdamW; the epoch with the best dev loss is kept.
+text-emotion then fits a temperature and per-label thresholds on dev.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..text.encoder import DEFAULT_MODEL, TextEncoder
+from ..text.features import FeatureExtractor
+from .base import Head, run_head
+from .calibration import choose_thresholds, decide, expected_calibration_error, fit_temperature
+from .metrics import emotion_metrics, regression_metrics
+
+HYPER = {
+    "text-emotion": dict(hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=40, batch=256, patience=5),
+    "vad": dict(hidden=256, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=80, batch=128, patience=8),
+    "empathy": dict(hidden=128, dropout=0.5, lr=1e-3, weight_decay=5e-2, epochs=150, batch=64, patience=15),
+}
+
+
+def fit_head(x_tr, y_tr, x_dev, y_dev, *, loss: str, hidden: int, dropout: float, lr: float,
+             weight_decay: float, epochs: int, batch: int, patience: int, seed: int = 0,
+             progress: bool = False) -> tuple[Head, dict]:
+    """Train a Head; keep the state with the lowest dev loss (early stopping on dev)."""
+    torch.manual_seed(seed)
+    head = Head(x_tr.shape[1], y_tr.shape[1], hidden, dropout)
+    head.set_standardisation(x_tr)
+    crit = nn.BCEWithLogitsLoss() if loss == "bce" else nn.MSELoss()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.float32))
+    xd, yd = torch.from_numpy(x_dev), torch.from_numpy(y_dev.astype(np.float32))
+    gen = torch.Generator().manual_seed(seed)
+    best, best_loss, best_epoch, history = None, float("inf"), -1, []
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("training", total=epochs)
+        for epoch in range(epochs):
+            head.train()
+            for idx in torch.randperm(len(xt), generator=gen).split(batch):
+                opt.zero_grad()
+                crit(head(xt[idx]), yt[idx]).backward()
+                opt.step()
+            head.eval()
+            with torch.no_grad():
+                dev_loss = float(crit(head(xd), yd))
+            history.append(dev_loss)
+            if dev_loss < best_loss:
+                best, best_loss, best_epoch = copy.deepcopy(head.state_dict()), dev_loss, epoch
+            elif epoch - best_epoch >= patience:
+                break
+            bar.advance(task)
+    head.load_state_dict(best)
+    return head.eval(), {"best_epoch": best_epoch + 1, "dev_loss": best_loss, "epochs_run": len(history)}
+
+
+def holdout_mask(ids, fraction: float = 0.2) -> np.ndarray:
+    """A fixed, order-independent held-out subset: ids whose SHA-256 falls in the first `fraction`."""
+    h = [int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16) / 2**32 for i in ids]
+    return np.asarray(h) < fraction
+
+
+def _features(encoder, texts, progress):
+    return FeatureExtractor(encoder)(list(texts), progress=progress)
+
+
+def train_text_emotion(data, *, encoder: TextEncoder | None = None, seed: int = 0, progress: bool = False):
+    """GoEmotions train -> model; dev -> early stopping, temperature, thresholds, metrics."""
+    from ..data import goemotions
+    from .emotion import TextEmotionModel
+
+    encoder = encoder or TextEncoder(DEFAULT_MODEL)
+    train, dev = goemotions.load(data, "train"), goemotions.load(data, "dev")
+    x_tr, x_dev = _features(encoder, train["text"], progress), _features(encoder, dev["text"], progress)
+    y_tr, y_dev = goemotions.multi_hot(train["labels"]), goemotions.multi_hot(dev["labels"])
+    start = time.perf_counter()
+    hp = HYPER["text-emotion"]
+    head, fit = fit_head(x_tr, y_tr, x_dev, y_dev, loss="bce", seed=seed, progress=progress, **hp)
+    logits = run_head(head, x_dev)
+    temperature = fit_temperature(logits, y_dev)
+    probs = 1 / (1 + np.exp(-logits / temperature))
+    thresholds = choose_thresholds(probs, y_dev)
+    seconds = time.perf_counter() - start
+    config = {"kind": "text-emotion", "labels": list(goemotions.LABELS), "encoder": encoder.name,
+              "in_dim": x_tr.shape[1], "out_dim": y_tr.shape[1], "hidden": hp["hidden"]}
+    tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
+    tensors["temperature"] = torch.tensor([temperature], dtype=torch.float32)
+    tensors["thresholds"] = torch.from_numpy(thresholds)
+    model = TextEmotionModel(tensors, config, FeatureExtractor(encoder))
+    metrics = emotion_metrics(y_dev, probs, thresholds, goemotions.ekman_matrix(), goemotions.LABELS)
+    metrics.update(
+        ece_before_temperature=expected_calibration_error(1 / (1 + np.exp(-logits)), y_dev),
+        temperature=temperature,
+        cross_fitted=cross_fitted_f1(probs, y_dev, seed),
+        train_rows=len(train), dev_rows=len(dev), head_training_seconds=seconds, **fit,
+    )
+    return model, metrics
+
+
+def cross_fitted_f1(probs, y, seed: int = 0, folds: int = 2) -> dict:
+    """Dev macro-F1 with thresholds chosen on the other half of dev: an estimate free of the
+    optimism of choosing thresholds on the rows they are scored on."""
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import KFold
+
+    scores = []
+    for fit_idx, score_idx in KFold(folds, shuffle=True, random_state=seed).split(probs):
+        th = choose_thresholds(probs[fit_idx], y[fit_idx])
+        scores.append(f1_score(y[score_idx], decide(probs[score_idx], th), average="macro", zero_division=0))
+    return {"macro_f1": float(np.mean(scores)), "folds": folds}
+
+
+def train_regression(kind: str, data, *, encoder: TextEncoder | None = None, seed: int = 0, progress: bool = False):
+    """`vad`: EmoBank train -> model, dev for early stopping and scores. `empathy`: the essays
+    (no dev split) with a fixed 20% of message ids held out for early stopping and scores."""
+    from .regression import RegressionModel
+
+    encoder = encoder or TextEncoder(DEFAULT_MODEL)
+    if kind == "vad":
+        from ..data import emobank
+
+        train, dev = emobank.load(data, "train"), emobank.load(data, "dev")
+        targets, scale = list(emobank.DIMENSIONS), (1.0, 5.0)
+    elif kind == "empathy":
+        from ..data import empathic_reactions
+
+        essays = empathic_reactions.load(data)
+        held = holdout_mask(essays["message_id"])
+        train, dev = essays[~held].reset_index(drop=True), essays[held].reset_index(drop=True)
+        targets, scale = list(empathic_reactions.TARGETS), (1.0, 7.0)
+    else:
+        raise ValueError(f"kind: expected 'vad' or 'empathy', got {kind!r}")
+    x_tr, x_dev = _features(encoder, train["text"], progress), _features(encoder, dev["text"], progress)
+    y_tr, y_dev = train[targets].to_numpy(np.float64), dev[targets].to_numpy(np.float64)
+    mu, sd = y_tr.mean(0), y_tr.std(0)
+    start = time.perf_counter()
+    head, fit = fit_head(x_tr, (y_tr - mu) / sd, x_dev, (y_dev - mu) / sd, loss="mse", seed=seed,
+                         progress=progress, **HYPER[kind])
+    seconds = time.perf_counter() - start
+    config = {"kind": kind, "targets": targets, "scale": list(scale), "encoder": encoder.name,
+              "in_dim": x_tr.shape[1], "out_dim": len(targets), "hidden": HYPER[kind]["hidden"]}
+    tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
+    tensors["target_mean"] = torch.from_numpy(mu.astype(np.float32))
+    tensors["target_std"] = torch.from_numpy(sd.astype(np.float32))
+    model = RegressionModel(tensors, config, FeatureExtractor(encoder))
+    metrics = regression_metrics(y_dev, model.predict_features(x_dev), targets)
+    metrics.update(train_rows=len(train), dev_rows=len(dev), head_training_seconds=seconds, **fit)
+    return model, metrics
+
+
+def train(kind: str, data, out_dir, *, encoder_name: str = DEFAULT_MODEL, seed: int = 0, progress: bool = False):
+    """Train `kind`, write out_dir/model.safetensors, metrics.json and README.md (the card)."""
+    from .card import write_card
+
+    encoder = TextEncoder(encoder_name)
+    start = time.perf_counter()
+    if kind == "text-emotion":
+        model, metrics = train_text_emotion(data, encoder=encoder, seed=seed, progress=progress)
+    else:
+        model, metrics = train_regression(kind, data, encoder=encoder, seed=seed, progress=progress)
+    metrics["total_seconds_including_encoding"] = time.perf_counter() - start
+    metrics["texts_encoded_this_run"] = encoder.calls
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    from ..text.cache import atomic_write_bytes
+
+    atomic_write_bytes(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    write_card(out, model.config, metrics)
+    return model, metrics
