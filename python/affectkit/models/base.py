@@ -28,10 +28,14 @@ def shared_features(encoder_name: str) -> FeatureExtractor:
 
 
 class Head(nn.Module):
-    """Standardise the features, then one hidden layer (or none: hidden=0 is linear)."""
+    """Standardise the features, then one hidden layer (or none: hidden=0 is linear); plus,
+    when sparse_dim > 0, a linear layer over hashed n-grams added to the output."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, dropout: float = 0.0, sparse_dim: int = 0):
         super().__init__()
+        self.sparse_dim = sparse_dim
+        if sparse_dim:
+            self.sparse_weight = nn.Parameter(torch.zeros(sparse_dim, out_dim))
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         if hidden > 0:
@@ -44,13 +48,19 @@ class Head(nn.Module):
         self.mean.copy_(torch.from_numpy(x.mean(0)))
         self.std.copy_(torch.from_numpy(np.maximum(x.std(0), 1e-4)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+    def forward(self, x: torch.Tensor, sparse: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.net((x - self.mean) / self.std)
+        if self.sparse_dim:
+            if sparse is None:
+                raise ValueError("sparse: this head also needs the hashed n-gram features")
+            out = out + torch.sparse.mm(sparse, self.sparse_weight)
+        return out
 
 
 def head_from_state(state: dict[str, torch.Tensor], config: dict) -> Head:
-    head = Head(config["in_dim"], config["out_dim"], config["hidden"])
-    head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+    head = Head(config["in_dim"], config["out_dim"], config["hidden"], sparse_dim=config.get("ngram_features", 0))
+    # Shipped weights may be stored in float16 to halve their size.
+    head.load_state_dict({k[len("head."):]: v.float() for k, v in state.items() if k.startswith("head.")})
     return head.eval()
 
 
@@ -79,7 +89,20 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, json.loads(meta["config"])
 
 
+def sparse_tensor(m) -> torch.Tensor:
+    """scipy CSR -> torch sparse COO (float32)."""
+    m = m.tocsr()
+    m.sum_duplicates()  # sorted, unique indices: what is_coalesced=True promises below
+    coo = m.tocoo()
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data.astype(np.float32)), coo.shape,
+                                   check_invariants=False, is_coalesced=True)
+
+
 @torch.no_grad()
-def run_head(head: Head, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-    out = [head(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)]
+def run_head(head: Head, x: np.ndarray, sparse=None, batch: int = 4096) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), batch):
+        s = sparse_tensor(sparse[i:i + batch]) if sparse is not None else None
+        out.append(head(torch.from_numpy(x[i:i + batch]), s).numpy())
     return np.concatenate(out).astype(np.float64)

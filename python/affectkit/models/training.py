@@ -17,30 +17,38 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..text.encoder import DEFAULT_MODEL, TextEncoder
+from ..text.encoder import DEFAULT_MODEL, TextEncoder, clean_texts
+from ..text.ngrams import hashed_ngrams
 from ..text.features import FeatureExtractor
-from .base import Head, run_head
+from .base import Head, run_head, sparse_tensor
 from .calibration import choose_thresholds, decide, expected_calibration_error, fit_temperature
 from .metrics import emotion_metrics, regression_metrics
 
 HYPER = {
-    "text-emotion": dict(hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=40, batch=256, patience=5),
-    "vad": dict(hidden=256, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=80, batch=128, patience=8),
-    "empathy": dict(hidden=128, dropout=0.5, lr=1e-3, weight_decay=5e-2, epochs=150, batch=64, patience=15),
+    "text-emotion": dict(hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=40, batch=256, patience=5,
+                         ngram_features=2**17, sparse_lr=1e-3, sparse_weight_decay=0.0),
+    "vad": dict(hidden=512, dropout=0.5, lr=1e-3, weight_decay=5e-2, epochs=80, batch=128, patience=8),
+    "empathy": dict(hidden=0, dropout=0.3, lr=1e-3, weight_decay=0.1, epochs=150, batch=64, patience=15),
 }
 
 
 def fit_head(x_tr, y_tr, x_dev, y_dev, *, loss: str, hidden: int, dropout: float, lr: float,
              weight_decay: float, epochs: int, batch: int, patience: int, seed: int = 0,
-             progress: bool = False) -> tuple[Head, dict]:
-    """Train a Head; keep the state with the lowest dev loss (early stopping on dev)."""
+             s_tr=None, s_dev=None, ngram_features: int = 0, sparse_lr: float = 1e-3,
+             sparse_weight_decay: float = 0.0, progress: bool = False) -> tuple[Head, dict]:
+    """Train a Head; keep the state with the lowest dev loss (early stopping on dev).
+    s_tr/s_dev: optional hashed n-gram CSR matrices (ngram_features columns)."""
     torch.manual_seed(seed)
-    head = Head(x_tr.shape[1], y_tr.shape[1], hidden, dropout)
+    head = Head(x_tr.shape[1], y_tr.shape[1], hidden, dropout, sparse_dim=ngram_features if s_tr is not None else 0)
     head.set_standardisation(x_tr)
     crit = nn.BCEWithLogitsLoss() if loss == "bce" else nn.MSELoss()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    groups = [{"params": list(head.net.parameters()), "weight_decay": weight_decay}]
+    if head.sparse_dim:
+        groups.append({"params": [head.sparse_weight], "weight_decay": sparse_weight_decay, "lr": sparse_lr})
+    opt = torch.optim.AdamW(groups, lr=lr)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.float32))
     xd, yd = torch.from_numpy(x_dev), torch.from_numpy(y_dev.astype(np.float32))
+    sd = sparse_tensor(s_dev) if head.sparse_dim else None
     gen = torch.Generator().manual_seed(seed)
     best, best_loss, best_epoch, history = None, float("inf"), -1, []
     from rich.progress import Progress
@@ -51,11 +59,12 @@ def fit_head(x_tr, y_tr, x_dev, y_dev, *, loss: str, hidden: int, dropout: float
             head.train()
             for idx in torch.randperm(len(xt), generator=gen).split(batch):
                 opt.zero_grad()
-                crit(head(xt[idx]), yt[idx]).backward()
+                st = sparse_tensor(s_tr[idx.numpy()]) if head.sparse_dim else None
+                crit(head(xt[idx], st), yt[idx]).backward()
                 opt.step()
             head.eval()
             with torch.no_grad():
-                dev_loss = float(crit(head(xd), yd))
+                dev_loss = float(crit(head(xd, sd), yd))
             history.append(dev_loss)
             if dev_loss < best_loss:
                 best, best_loss, best_epoch = copy.deepcopy(head.state_dict()), dev_loss, epoch
@@ -76,7 +85,8 @@ def _features(encoder, texts, progress):
     return FeatureExtractor(encoder)(list(texts), progress=progress)
 
 
-def train_text_emotion(data, *, encoder: TextEncoder | None = None, seed: int = 0, progress: bool = False):
+def train_text_emotion(data, *, encoder: TextEncoder | None = None, seed: int = 0, progress: bool = False,
+                       hyper: dict | None = None):
     """GoEmotions train -> model; dev -> early stopping, temperature, thresholds, metrics."""
     from ..data import goemotions
     from .emotion import TextEmotionModel
@@ -86,15 +96,20 @@ def train_text_emotion(data, *, encoder: TextEncoder | None = None, seed: int = 
     x_tr, x_dev = _features(encoder, train["text"], progress), _features(encoder, dev["text"], progress)
     y_tr, y_dev = goemotions.multi_hot(train["labels"]), goemotions.multi_hot(dev["labels"])
     start = time.perf_counter()
-    hp = HYPER["text-emotion"]
-    head, fit = fit_head(x_tr, y_tr, x_dev, y_dev, loss="bce", seed=seed, progress=progress, **hp)
-    logits = run_head(head, x_dev)
+    hp = dict(HYPER["text-emotion"], **(hyper or {}))
+    s_tr = s_dev = None
+    if hp["ngram_features"]:
+        s_tr = hashed_ngrams(clean_texts(list(train["text"])), hp["ngram_features"])
+        s_dev = hashed_ngrams(clean_texts(list(dev["text"])), hp["ngram_features"])
+    head, fit = fit_head(x_tr, y_tr, x_dev, y_dev, loss="bce", seed=seed, progress=progress, s_tr=s_tr, s_dev=s_dev, **hp)
+    logits = run_head(head, x_dev, s_dev)
     temperature = fit_temperature(logits, y_dev)
     probs = 1 / (1 + np.exp(-logits / temperature))
     thresholds = choose_thresholds(probs, y_dev)
     seconds = time.perf_counter() - start
     config = {"kind": "text-emotion", "labels": list(goemotions.LABELS), "encoder": encoder.name,
-              "in_dim": x_tr.shape[1], "out_dim": y_tr.shape[1], "hidden": hp["hidden"]}
+              "in_dim": x_tr.shape[1], "out_dim": y_tr.shape[1], "hidden": hp["hidden"],
+              "ngram_features": hp["ngram_features"] if s_tr is not None else 0}
     tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
     tensors["temperature"] = torch.tensor([temperature], dtype=torch.float32)
     tensors["thresholds"] = torch.from_numpy(thresholds)
