@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 EXAMPLE = "the bundled example dialogue (affectkit/examples/dialogue.txt)"
 
 
 def _fail(message: str) -> int:
-    Console(stderr=True).print(Text.assemble(("error: ", "red"), message))
+    # Plain print: rich would wrap long messages (paths) across lines.
+    print(f"error: {message}", file=sys.stderr)
     return 2
 
 
@@ -23,7 +23,6 @@ def _guarded(fn):
     def run(args, console):
         from .text.encoder import TruncationWarning
 
-        err_console = Console(stderr=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -34,7 +33,7 @@ def _guarded(fn):
                 code = _fail("interrupted")
         for w in caught:
             if issubclass(w.category, TruncationWarning):
-                err_console.print(Text.assemble(("warning: ", "yellow"), str(w.message)))
+                print(f"warning: {w.message}", file=sys.stderr)
         return code
 
     return run

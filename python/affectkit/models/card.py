@@ -43,6 +43,12 @@ def render_card(config: dict, metrics: dict) -> str:
         "dropout, AdamW; the epoch with the lowest dev loss is kept "
         f"(epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} run).",
     ]
+    if config.get("ngram_features"):
+        lines.append(
+            f"- Plus a linear layer over {config['ngram_features']:,} hashed word uni+bigram indicators (scikit-learn's "
+            "HashingVectorizer: stateless, so no vocabulary or corpus text is stored), trained jointly with the MLP; "
+            "its table is stored in float16."
+        )
     if kind == "text-emotion":
         lines += [
             f"- Calibration: temperature scaling fitted on dev (T = {metrics['temperature']:.3f}); "

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from ..data.goemotions import EKMAN, LABELS
+from ..data.goemotions import EKMAN
 from ..text.encoder import clean_texts
 from ..text.ngrams import hashed_ngrams
 from .base import WEIGHTS_FILE, head_from_state, run_head, save_weights, shared_features

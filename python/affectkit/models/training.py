@@ -25,8 +25,8 @@ from .calibration import choose_thresholds, decide, expected_calibration_error, 
 from .metrics import emotion_metrics, regression_metrics
 
 HYPER = {
-    "text-emotion": dict(hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=40, batch=256, patience=5,
-                         ngram_features=2**17, sparse_lr=1e-3, sparse_weight_decay=0.0),
+    "text-emotion": dict(hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=25, batch=256, patience=3,
+                         ngram_features=2**17, sparse_lr=4e-3, sparse_weight_decay=0.0),
     "vad": dict(hidden=512, dropout=0.5, lr=1e-3, weight_decay=5e-2, epochs=80, batch=128, patience=8),
     "empathy": dict(hidden=0, dropout=0.3, lr=1e-3, weight_decay=0.1, epochs=150, batch=64, patience=15),
 }
