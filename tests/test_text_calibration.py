@@ -72,3 +72,11 @@ def test_fit_head_learns_a_linear_target(gen):
         pred = head(torch.from_numpy(x[1000:])).numpy()
     assert np.corrcoef(pred[:, 0], y[1000:, 0])[0, 1] > 0.95
     assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 60
+
+
+def test_fit_head_refuses_non_finite_targets():
+    x = np.ones((8, 3), dtype=np.float32)
+    y = np.full((8, 1), np.nan)
+    with pytest.raises(ValueError, match="dev loss was never finite"):
+        fit_head(x, y, x, y, loss="mse", hidden=0, dropout=0.0, lr=1e-2, weight_decay=0.0, epochs=2, batch=4,
+                 patience=1)

@@ -92,8 +92,12 @@ def _cmd_analyze(args, console) -> int:
 def _cmd_train(args, console) -> int:
     from .models.training import train
 
+    import os
+
     _, metrics = train(args.kind, args.data, args.out, encoder_name=args.encoder, seed=args.seed,
                        progress=not args.json)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -146,7 +150,8 @@ def add_text_commands(sub) -> None:
     p = sub.add_parser("train", help="train a text model on a corpus folder",
                        description="Train on the corpus under --data (the folder holding goemotions/, emobank/, "
                                    "empathic_reactions/, or the corpus folder itself) and write model.safetensors, "
-                                   "metrics.json and a model card README.md to --out.")
+                                   "metrics.json and a model card README.md to --out. Runs across processes when launched "
+                                   "with torchrun (DistributedDataParallel on gloo; rank 0 writes).")
     p.add_argument("kind", choices=NAMES)
     p.add_argument("--data", required=True, help="corpus folder")
     p.add_argument("--out", required=True, help="output folder")

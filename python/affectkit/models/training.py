@@ -53,14 +53,25 @@ def fit_head(x_tr, y_tr, x_dev, y_dev, *, loss: str, hidden: int, dropout: float
     best, best_loss, best_epoch, history = None, float("inf"), -1, []
     from rich.progress import Progress
 
-    with Progress(disable=not progress, transient=True) as bar:
+    rank, world = _dist_rank_world()
+    # Under torch.distributed every rank holds all rows and draws the same permutation; each
+    # takes its share of every batch and DDP averages the gradients.
+    model = head
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(head)
+    with Progress(disable=not progress or rank != 0, transient=True) as bar:
         task = bar.add_task("training", total=epochs)
         for epoch in range(epochs):
             head.train()
             for idx in torch.randperm(len(xt), generator=gen).split(batch):
+                if len(idx) < world:
+                    continue  # every rank must take part in each step
+                idx = idx[rank::world]
                 opt.zero_grad()
                 st = sparse_tensor(s_tr[idx.numpy()]) if head.sparse_dim else None
-                crit(head(xt[idx], st), yt[idx]).backward()
+                crit(model(xt[idx], st), yt[idx]).backward()
                 opt.step()
             head.eval()
             with torch.no_grad():
@@ -71,8 +82,33 @@ def fit_head(x_tr, y_tr, x_dev, y_dev, *, loss: str, hidden: int, dropout: float
             elif epoch - best_epoch >= patience:
                 break
             bar.advance(task)
+    if best is None:
+        raise ValueError(f"training diverged: the dev loss was never finite ({history[:3]} ...); check the targets")
     head.load_state_dict(best)
-    return head.eval(), {"best_epoch": best_epoch + 1, "dev_loss": best_loss, "epochs_run": len(history)}
+    info = {"best_epoch": best_epoch + 1, "dev_loss": best_loss, "epochs_run": len(history)}
+    if world > 1:
+        _check_ranks_agree(head)
+        info["world_size"] = world
+    return head.eval(), info
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_ranks_agree(head: Head) -> None:
+    """DDP keeps replicas identical; fail loudly if they drifted (e.g. ranks saw different data)."""
+    import torch.distributed as dist
+
+    total = float(sum(p.double().sum() for p in head.state_dict().values()))
+    sums = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, total)
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(total)):
+        raise RuntimeError(f"distributed training: replicas disagree after training (parameter sums {sums})")
 
 
 def holdout_mask(ids, fraction: float = 0.2) -> np.ndarray:
@@ -159,7 +195,7 @@ def train_regression(kind: str, data, *, encoder: TextEncoder | None = None, see
         raise ValueError(f"kind: expected 'vad' or 'empathy', got {kind!r}")
     x_tr, x_dev = _features(encoder, train["text"], progress), _features(encoder, dev["text"], progress)
     y_tr, y_dev = train[targets].to_numpy(np.float64), dev[targets].to_numpy(np.float64)
-    mu, sd = y_tr.mean(0), y_tr.std(0)
+    mu, sd = y_tr.mean(0), np.maximum(y_tr.std(0), 1e-6)  # a constant target must not divide by zero
     start = time.perf_counter()
     head, fit = fit_head(x_tr, (y_tr - mu) / sd, x_dev, (y_dev - mu) / sd, loss="mse", seed=seed,
                          progress=progress, **HYPER[kind])
@@ -175,18 +211,40 @@ def train_regression(kind: str, data, *, encoder: TextEncoder | None = None, see
     return model, metrics
 
 
+def _init_distributed_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), on gloo (CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
 def train(kind: str, data, out_dir, *, encoder_name: str = DEFAULT_MODEL, seed: int = 0, progress: bool = False):
     """Train `kind`, write out_dir/model.safetensors, metrics.json and README.md (the card)."""
     from .card import write_card
 
     encoder = TextEncoder(encoder_name)
     start = time.perf_counter()
-    if kind == "text-emotion":
-        model, metrics = train_text_emotion(data, encoder=encoder, seed=seed, progress=progress)
-    else:
-        model, metrics = train_regression(kind, data, encoder=encoder, seed=seed, progress=progress)
+    started_here = _init_distributed_from_env()
+    try:
+        rank, _ = _dist_rank_world()
+        if kind == "text-emotion":
+            model, metrics = train_text_emotion(data, encoder=encoder, seed=seed, progress=progress and rank == 0)
+        else:
+            model, metrics = train_regression(kind, data, encoder=encoder, seed=seed, progress=progress and rank == 0)
+    finally:
+        if started_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     metrics["total_seconds_including_encoding"] = time.perf_counter() - start
     metrics["texts_encoded_this_run"] = encoder.calls
+    if rank != 0:
+        return model, metrics  # rank 0 writes the outputs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save(out)
