@@ -42,6 +42,8 @@ case "${1:-}" in
     setup
     "$VENV/bin/affectkit" info
     "$VENV/bin/affectkit" selfcheck
+    # The main job: emotions and valence/arousal/dominance of the bundled example dialogue.
+    "$VENV/bin/affectkit" analyze --file python/affectkit/examples/dialogue.txt
     ;;
   test)
     setup

@@ -13,10 +13,17 @@ from typing import TYPE_CHECKING
 from ._info import info
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "info", "ops"]
+__all__ = ["__version__", "info", "load", "ops"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import index, nn, ops
+
+
+def load(name_or_path):
+    """A text model by name ("text-emotion", "vad", "empathy") or by a folder `affectkit train` wrote."""
+    from .models import load as _load
+
+    return _load(name_or_path)
 
 
 def __getattr__(name: str):

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
     p.set_defaults(func=_cmd_selfcheck)
+
+    from ._text_cli import add_text_commands
+
+    add_text_commands(sub)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""`text-emotion`: GoEmotions' 27 emotions + neutral, multi-label, calibrated probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import expit
+
+from ..data.goemotions import EKMAN
+from ..text.encoder import clean_texts
+from ..text.ngrams import hashed_ngrams
+from .base import WEIGHTS_FILE, head_from_state, run_head, save_weights, shared_features
+from .calibration import decide
+
+
+class TextEmotionModel:
+    """Multi-label emotion classifier over sentence-embedding + lexicon features.
+
+    `predict_proba` returns sigmoid(logits / temperature), the temperature fitted on GoEmotions
+    dev; `predict` applies per-label thresholds chosen on dev.
+    """
+
+    kind = "text-emotion"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict, features=None):
+        if config.get("kind") != self.kind:
+            raise ValueError(f"config: expected kind {self.kind!r}, got {config.get('kind')!r}")
+        self.config = config
+        self.labels: tuple[str, ...] = tuple(config["labels"])
+        self.head = head_from_state(tensors, config)
+        self.temperature = float(tensors["temperature"].item())
+        self.thresholds = tensors["thresholds"].double().numpy()
+        self.features = features if features is not None else shared_features(config["encoder"])
+        self.ekman_labels: tuple[str, ...] = tuple(EKMAN)
+        groups = np.zeros((len(self.labels), len(EKMAN)), dtype=bool)
+        for j, members in enumerate(EKMAN.values()):
+            for name in members:
+                if name in self.labels:
+                    groups[self.labels.index(name), j] = True
+        self._ekman = groups
+
+    def logits(self, texts, *, progress: bool = False) -> np.ndarray:
+        texts = clean_texts(texts)
+        n_hash = self.config.get("ngram_features", 0)
+        sparse = hashed_ngrams(texts, n_hash) if n_hash else None
+        return run_head(self.head, self.features(texts, progress=progress), sparse)
+
+    def predict_proba(self, texts, *, progress: bool = False) -> np.ndarray:
+        """(n, 28) calibrated probabilities, columns in `.labels` order."""
+        return expit(self.logits(texts, progress=progress) / self.temperature)
+
+    def decide(self, probs: np.ndarray) -> list[list[str]]:
+        """Labels over their thresholds for each row of `probs`, most probable first."""
+        chosen = decide(probs, self.thresholds)
+        out = []
+        for p, row in zip(probs, chosen):
+            idx = sorted(np.flatnonzero(row), key=lambda j: -p[j])
+            out.append([self.labels[j] for j in idx])
+        return out
+
+    def predict(self, texts, *, progress: bool = False) -> list[list[str]]:
+        return self.decide(self.predict_proba(texts, progress=progress))
+
+    def ekman_proba(self, probs: np.ndarray) -> np.ndarray:
+        """(n, 7) score per Ekman group: the highest probability among its member labels."""
+        return np.stack([probs[:, self._ekman[:, j]].max(axis=1) for j in range(len(self.ekman_labels))], axis=1)
+
+    def predict_ekman(self, texts) -> list[list[str]]:
+        """Ekman groups (anger, disgust, fear, joy, sadness, surprise, neutral) holding a predicted label."""
+        chosen = decide(self.predict_proba(texts), self.thresholds)
+        hit = chosen.astype(np.int32) @ self._ekman.astype(np.int32) > 0
+        return [[g for g, h in zip(self.ekman_labels, row) if h] for row in hit]
+
+    def save(self, out_dir) -> Path:
+        path = Path(out_dir) / WEIGHTS_FILE
+        # The n-gram table is most of the file; float16 halves it at no measurable cost.
+        tensors = {f"head.{k}": v.half() if k == "sparse_weight" else v for k, v in self.head.state_dict().items()}
+        tensors["temperature"] = torch.tensor([self.temperature], dtype=torch.float32)
+        tensors["thresholds"] = torch.from_numpy(self.thresholds.astype(np.float32))
+        save_weights(path, tensors, self.config)
+        return path
+
+

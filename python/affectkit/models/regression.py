@@ -1,0 +1,48 @@
+"""`vad` (EmoBank valence, arousal, dominance, 1..5) and `empathy` (empathic concern and
+personal distress, 1..7): regression heads over the same features as `text-emotion`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import WEIGHTS_FILE, head_from_state, run_head, save_weights, shared_features
+
+
+class RegressionModel:
+    """`.targets` names the output columns; `.predict(texts) -> (n, len(targets))` on the
+    corpus' rating scale (clipped to `.scale`)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict, features=None):
+        if config.get("kind") not in ("vad", "empathy"):
+            raise ValueError(f"config: expected kind 'vad' or 'empathy', got {config.get('kind')!r}")
+        self.kind = config["kind"]
+        self.config = config
+        self.targets: tuple[str, ...] = tuple(config["targets"])
+        self.scale = tuple(config["scale"])
+        self.head = head_from_state(tensors, config)
+        # The head predicts standardised targets; these undo that.
+        self.target_mean = tensors["target_mean"].double().numpy()
+        self.target_std = tensors["target_std"].double().numpy()
+        self.features = features if features is not None else shared_features(config["encoder"])
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.targets
+
+    def predict(self, texts, *, progress: bool = False) -> np.ndarray:
+        return self.predict_features(self.features(texts, progress=progress))
+
+    def predict_features(self, x: np.ndarray) -> np.ndarray:
+        y = run_head(self.head, x) * self.target_std + self.target_mean
+        return np.clip(y, *self.scale)
+
+    def save(self, out_dir) -> Path:
+        path = Path(out_dir) / WEIGHTS_FILE
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        tensors["target_mean"] = torch.from_numpy(self.target_mean.astype(np.float32))
+        tensors["target_std"] = torch.from_numpy(self.target_std.astype(np.float32))
+        save_weights(path, tensors, self.config)
+        return path

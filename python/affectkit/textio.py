@@ -1,0 +1,106 @@
+"""Reading utterances for `affectkit analyze --file`: plain lines, CSV, JSON lines, and
+`speaker: utterance` transcripts (read as one dialogue)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# "Name: words" where the name is short and has no sentence punctuation.
+_SPEAKER = re.compile(r"^\s*([^\s:][^:!?]{0,39}?)\s*:\s+(\S.*)$")
+
+
+@dataclass
+class Utterance:
+    text: str
+    speaker: str | None = None
+
+
+@dataclass
+class Document:
+    utterances: list[Utterance]
+    kind: str  # "lines", "dialogue", "csv", "jsonl"
+
+    @property
+    def is_dialogue(self) -> bool:
+        return any(u.speaker for u in self.utterances)
+
+
+def read_text_file(path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8 first") from err
+
+
+def _check_text(text, where: str) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: expected text, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{where}: the text is empty")
+    return text
+
+
+def parse_lines(content: str, source: str = "<text>") -> Document:
+    lines = [(i + 1, line) for i, line in enumerate(content.splitlines()) if line.strip()]
+    if not lines:
+        raise ValueError(f"{source}: no text in it")
+    matches = [_SPEAKER.match(line) for _, line in lines]
+    if all(matches):
+        return Document([Utterance(m.group(2).strip(), m.group(1).strip()) for m in matches], "dialogue")
+    return Document([Utterance(line.strip()) for _, line in lines], "lines")
+
+
+def parse_csv(content: str, source: str, column: str = "text", speaker_column: str = "speaker") -> Document:
+    reader = csv.DictReader(io.StringIO(content))
+    fields = reader.fieldnames or []
+    if column not in fields:
+        raise ValueError(f"{source}: expected a column named {column!r} (choose another with --column); found {fields}")
+    utts = []
+    for row_no, row in enumerate(reader, start=2):
+        text = _check_text(row.get(column) or "", f"{source} line {row_no}, column {column!r}")
+        speaker = (row.get(speaker_column) or "").strip() or None if speaker_column in fields else None
+        utts.append(Utterance(text, speaker))
+    if not utts:
+        raise ValueError(f"{source}: the CSV has a header but no rows")
+    return Document(utts, "csv")
+
+
+def parse_jsonl(content: str, source: str, column: str = "text", speaker_column: str = "speaker") -> Document:
+    utts = []
+    for line_no, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} line {line_no}: not valid JSON ({err.msg})") from err
+        if isinstance(obj, str):
+            obj = {column: obj}
+        if not isinstance(obj, dict) or column not in obj:
+            raise ValueError(f"{source} line {line_no}: expected an object with a {column!r} field")
+        text = _check_text(obj[column], f"{source} line {line_no}, field {column!r}")
+        speaker = obj.get(speaker_column)
+        utts.append(Utterance(text, str(speaker) if speaker else None))
+    if not utts:
+        raise ValueError(f"{source}: no JSON lines in it")
+    return Document(utts, "jsonl")
+
+
+def read_document(path, column: str = "text") -> Document:
+    """By extension: .csv -> CSV, .jsonl/.json/.ndjson -> JSON lines, anything else -> lines."""
+    content = read_text_file(path)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return parse_csv(content, str(path), column)
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return parse_jsonl(content, str(path), column)
+    return parse_lines(content, str(path))
