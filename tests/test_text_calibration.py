@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from affectkit.models.calibration import choose_thresholds, decide, expected_calibration_error, fit_temperature
+from affectkit.metrics import expected_calibration_error
+from affectkit.models.calibration import choose_thresholds, decide, fit_temperature
 from affectkit.models.training import fit_head, holdout_mask
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
+from scipy.stats import pearsonr
+from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error
 
 
 def weighted_f1(targets, predictions) -> float:
@@ -42,3 +43,46 @@ def per_subject(metric, subjects, *arrays) -> tuple[float, dict[str, float]]:
         mask = subjects == s
         scores[str(s)] = metric(*(np.asarray(a)[mask] for a in arrays))
     return float(np.mean(list(scores.values()))), scores
+
+
+def expected_calibration_error(probs, targets, bins: int = 15) -> float:
+    """ECE over every (example, label) pair: sum over equal-width bins of |accuracy - confidence|
+    weighted by the bin's share of pairs (the marginal ECE of multi-label classifiers)."""
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    y = np.asarray(targets, dtype=np.float64).ravel()
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    total = np.bincount(which, minlength=bins)
+    conf = np.bincount(which, weights=p, minlength=bins)
+    hits = np.bincount(which, weights=y, minlength=bins)
+    used = total > 0
+    return float(np.sum(np.abs(hits[used] - conf[used])) / len(p))
+
+
+def multilabel_metrics(y, pred, probs, ekman=None, labels=None) -> dict:
+    """Macro/micro F1 of 0/1 decisions `pred`, per-label F1, ECE of `probs`; Ekman-level macro-F1
+    when `ekman` (labels x groups 0/1) is given."""
+    y = np.asarray(y).astype(int)
+    per_label = f1_score(y, pred, average=None, zero_division=0)
+    out = {
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+        "ece": expected_calibration_error(probs, y),
+        "rows": int(len(y)),
+    }
+    if labels is not None:
+        out["per_label_f1"] = {name: float(v) for name, v in zip(labels, per_label)}
+    if ekman is not None:
+        y_e = (y @ ekman) > 0
+        p_e = (np.asarray(pred).astype(int) @ ekman) > 0
+        out["ekman_macro_f1"] = float(f1_score(y_e, p_e, average="macro", zero_division=0))
+    return out
+
+
+def regression_metrics(y, pred, targets) -> dict:
+    """Pearson r and mean absolute error per target column."""
+    out = {}
+    for j, name in enumerate(targets):
+        out[f"{name}_pearson_r"] = float(pearsonr(y[:, j], pred[:, j]).statistic)
+        out[f"{name}_mae"] = float(mean_absolute_error(y[:, j], pred[:, j]))
+    out["rows"] = int(len(y))
+    return out

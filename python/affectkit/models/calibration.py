@@ -1,5 +1,5 @@
-"""Temperature scaling, per-label decision thresholds and calibration error for multi-label
-sigmoid outputs. Metrics come from scikit-learn."""
+"""Temperature scaling and per-label decision thresholds for multi-label sigmoid outputs
+(the calibration error itself is affectkit.metrics.expected_calibration_error)."""
 
 from __future__ import annotations
 
@@ -22,19 +22,6 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 
     res = minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(res.x))
-
-
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
-    """ECE over every (example, label) pair: sum over equal-width bins of |accuracy - confidence|
-    weighted by the bin's share of pairs (the marginal ECE of multi-label classifiers)."""
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    y = np.asarray(targets, dtype=np.float64).ravel()
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    total = np.bincount(which, minlength=bins)
-    conf = np.bincount(which, weights=p, minlength=bins)
-    hits = np.bincount(which, weights=y, minlength=bins)
-    used = total > 0
-    return float(np.sum(np.abs(hits[used] - conf[used])) / len(p))
 
 
 def choose_thresholds(probs: np.ndarray, targets: np.ndarray, grid=None) -> np.ndarray:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data import goemotions
-from .metrics import emotion_metrics, regression_metrics
+from ..metrics import multilabel_metrics, regression_metrics
+from .calibration import decide
 
 
 def _read_emotion_file(path: Path) -> tuple[list[str], np.ndarray]:
@@ -52,7 +53,7 @@ def evaluate(model, data_file, *, split: str | None = None, plots_dir=None, prog
     if model.kind == "text-emotion":
         texts, y = _read_emotion_file(path)
         probs = model.predict_proba(texts, progress=progress)
-        metrics = emotion_metrics(y, probs, model.thresholds, goemotions.ekman_matrix(), model.labels)
+        metrics = multilabel_metrics(y, decide(probs, model.thresholds), probs, goemotions.ekman_matrix(), model.labels)
         if plots_dir is not None:
             metrics["plots"] = _emotion_plots(Path(plots_dir), y, probs, model.labels)
     else:

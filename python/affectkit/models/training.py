@@ -21,8 +21,8 @@ from ..text.encoder import DEFAULT_MODEL, TextEncoder, clean_texts
 from ..text.ngrams import hashed_ngrams
 from ..text.features import FeatureExtractor
 from .base import Head, run_head, sparse_tensor
-from .calibration import choose_thresholds, decide, expected_calibration_error, fit_temperature
-from .metrics import emotion_metrics, regression_metrics
+from .calibration import choose_thresholds, decide, fit_temperature
+from ..metrics import expected_calibration_error, multilabel_metrics, regression_metrics
 
 HYPER = {
     "text-emotion": dict(hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=25, batch=256, patience=3,
@@ -150,7 +150,7 @@ def train_text_emotion(data, *, encoder: TextEncoder | None = None, seed: int = 
     tensors["temperature"] = torch.tensor([temperature], dtype=torch.float32)
     tensors["thresholds"] = torch.from_numpy(thresholds)
     model = TextEmotionModel(tensors, config, FeatureExtractor(encoder))
-    metrics = emotion_metrics(y_dev, probs, thresholds, goemotions.ekman_matrix(), goemotions.LABELS)
+    metrics = multilabel_metrics(y_dev, decide(probs, thresholds), probs, goemotions.ekman_matrix(), goemotions.LABELS)
     metrics.update(
         ece_before_temperature=expected_calibration_error(1 / (1 + np.exp(-logits)), y_dev),
         temperature=temperature,
