@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-# DREAMER: Emotiv EPOC, 14 channels in the dataset's order.
-DREAMER_CHANNELS = ("AF3", "F7", "F3", "FC5", "T7", "P7", "O1", "O2", "P8", "T8", "FC6", "F4", "F8", "AF4")
+# Channel orders as the datasets store them (the readers in affectkit.data own them).
+from ..data.deap import CHANNELS as DEAP_CHANNELS  # (32, Biosemi 10-20)
+from ..data.dreamer import CHANNELS as DREAMER_CHANNELS  # (14, Emotiv EPOC)
+from ..data.seed import CHANNELS as SEED_CHANNELS  # (62, Neuroscan Quik-Cap)
 
 # HiSTN's four scalp regions of the Emotiv channels, in ring order (each touches the next
 # and the last touches the first): left frontal, left posterior, right posterior, right frontal.
@@ -23,21 +25,6 @@ HISTN_REGIONS = {
     "right_posterior": ["O2", "P8", "T8"],
     "right_frontal": ["FC6", "F4", "F8", "AF4"],
 }
-
-# DEAP: 32 channels (Biosemi, 10-20 positions), in the order of the preprocessed data.
-DEAP_CHANNELS = (
-    "Fp1", "AF3", "F3", "F7", "FC5", "FC1", "C3", "T7", "CP5", "CP1", "P3", "P7", "PO3", "O1", "Oz", "Pz",
-    "Fp2", "AF4", "Fz", "F4", "F8", "FC6", "FC2", "Cz", "C4", "T8", "CP6", "CP2", "P4", "P8", "PO4", "O2",
-)
-
-# SEED / SEED-IV: 62 channels (Neuroscan Quik-Cap), in the order of the released data.
-SEED_CHANNELS = (
-    "FP1", "FPZ", "FP2", "AF3", "AF4", "F7", "F5", "F3", "F1", "FZ", "F2", "F4", "F6", "F8",
-    "FT7", "FC5", "FC3", "FC1", "FCZ", "FC2", "FC4", "FC6", "FT8", "T7", "C5", "C3", "C1", "CZ",
-    "C2", "C4", "C6", "T8", "TP7", "CP5", "CP3", "CP1", "CPZ", "CP2", "CP4", "CP6", "TP8", "P7",
-    "P5", "P3", "P1", "PZ", "P2", "P4", "P6", "P8", "PO7", "PO5", "PO3", "POZ", "PO4", "PO6",
-    "PO8", "CB1", "O1", "OZ", "O2", "CB2",
-)
 
 LOBES = ("prefrontal", "frontal", "central", "temporal", "parietal", "occipital")
 _LOBE_OF_PREFIX = {
