@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ._C import __version__
 from ._info import info
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "info", "load", "ops"]
 
 if TYPE_CHECKING:  # pragma: no cover
