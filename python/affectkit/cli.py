@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["train", "eeg"]:  # EEG training has its own options (see _eeg_cli)
+        from ._eeg_cli import main as train_eeg
+
+        return train_eeg(argv[2:], Console())
     args = build_parser().parse_args(argv)
     return args.func(args, Console())
 
