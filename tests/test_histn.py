@@ -120,3 +120,18 @@ def test_front_end_is_the_two_step_keras_stack():
     fused = torch.nn.functional.conv1d(torch.nn.functional.pad(x, ((k - 1) // 2, k // 2)),
                                        (m.mix @ m.temporal).unsqueeze(1), groups=14)
     torch.testing.assert_close(fused, mixed, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["deap", "seed"])
+def test_other_montages_backends_agree(name):
+    from affectkit.eeg import DEAP_CHANNELS, SEED_CHANNELS, lobe_hemisphere_groups
+
+    channels = {"deap": DEAP_CHANNELS, "seed": SEED_CHANNELS}[name]
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    a = HiSTN(channels=channels, regions=lobe_hemisphere_groups(channels), samples=200, num_classes=3).double().eval()
+    b = HiSTN(channels=channels, regions=lobe_hemisphere_groups(channels), samples=200, num_classes=3,
+              backend="torch").double().eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, len(channels), 200, dtype=torch.float64)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-10, atol=1e-10)
+    assert a(x).shape == (4, 3)
