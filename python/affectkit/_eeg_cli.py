@@ -58,6 +58,7 @@ def main(argv: list[str], console) -> int:
         table.add_column(col)
     for s, row in res["per_subject"].items():
         table.add_row(s, *(f"{row[n]:.1%}" for n in names), str(row["windows"]))
-    table.add_row("mean", *(f"{res['mean'][n]:.1%}" for n in names), str(res["windows"]), style="bold")
+    tested = sum(row["windows"] for row in res["per_subject"].values())
+    table.add_row("mean", *(f"{res['mean'][n]:.1%}" for n in names), str(tested), style="bold")
     console.print(table)
     return 0

@@ -47,7 +47,8 @@ def _cmd_selfcheck(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="affectkit", description="Emotion recognition toolkit")
+    parser = argparse.ArgumentParser(prog="affectkit", description="Emotion recognition toolkit",
+                                     epilog="EEG models: affectkit train eeg --help")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="version, build configuration, devices")
