@@ -53,3 +53,15 @@ def test_bad_arguments(dreamer_set):
         eeg_training.run(dreamer_set, "eegnet", "valence", "loso")
     with pytest.raises(ValueError, match="target"):
         eeg_training.run(dreamer_set, "histn", "liking", "loso")
+
+
+@pytest.mark.parametrize("model", ["histn", "dgcnn"])
+def test_deap_binary_targets(tmp_path, model):
+    from affectkit.data import deap
+
+    from eeg_files import write_deap
+
+    write_deap(tmp_path, np.random.default_rng(2), subjects=2, trials=4, seconds=4.0)
+    res = eeg_training.run(deap.read(tmp_path), model, "valence", "loso", epochs=2, progress=False)
+    assert res["classes"] == 2 and "seq2hr" not in res["mean"] and set(res["per_subject"]) == {"1", "2"}
+    json.dumps(res)
