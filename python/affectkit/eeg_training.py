@@ -181,7 +181,7 @@ def run(ds: EEGDataset, model: str, target: str = "valence", protocol: str = "lo
     y_all = task.y
     if shuffle_labels:  # one label per trial, permuted across trials
         keys = np.array([f"{s}/{t}" for s, t in zip(windows.subject, windows.trial)])
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
         y_all = np.random.default_rng(seed).permutation(y_all[first])[inverse]
     if protocol == "kfold":
         splits = splitting.kfold_by_trial(windows, k=folds, seed=seed)
