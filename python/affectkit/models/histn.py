@@ -98,7 +98,8 @@ class HiSTN(nn.Module):
         C = len(channels)
         grouped = [c for members in regions.values() for c in members]
         if sorted(grouped) != sorted(channels) or len(set(grouped)) != len(grouped):
-            raise ValueError(f"regions: expected every channel of {list(channels)} in exactly one region, got {regions}")
+            raise ValueError(f"regions: expected every channel of {list(channels)} in exactly one region, "
+                             f"got {regions}")
         if samples < 6:  # the 5-tap "valid" convolution and the pooling by 2 need 6
             raise ValueError(f"samples: expected a window of at least 6 samples, got {samples}")
         self.channels, self.region_names, self.backend = channels, tuple(regions), backend
