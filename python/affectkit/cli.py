@@ -47,7 +47,8 @@ def _cmd_selfcheck(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="affectkit", description="Emotion recognition toolkit")
+    parser = argparse.ArgumentParser(prog="affectkit", description="Emotion recognition toolkit",
+                                     epilog="EEG models: affectkit train eeg --help")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="version, build configuration, devices")
@@ -66,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["train", "eeg"]:  # EEG training has its own options (see _eeg_cli)
+        from ._eeg_cli import main as train_eeg
+
+        return train_eeg(argv[2:], Console())
     args = build_parser().parse_args(argv)
     return args.func(args, Console())
 

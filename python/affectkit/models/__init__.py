@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import WEIGHTS_FILE, read_weights
+from .dgcnn import DGCNN
+from .histn import HiSTN, gaussian_ordinal_loss, gaussian_ordinal_targets
 
 NAMES = ("text-emotion", "vad", "empathy")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -40,4 +42,4 @@ def load(name_or_path, *, features=None):
     return RegressionModel(tensors, config, features)
 
 
-__all__ = ["NAMES", "WEIGHTS_DIR", "load", "resolve"]
+__all__ = ["DGCNN", "NAMES", "WEIGHTS_DIR", "HiSTN", "gaussian_ordinal_loss", "gaussian_ordinal_targets", "load", "resolve"]
