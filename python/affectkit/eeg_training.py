@@ -66,22 +66,6 @@ def make_task(windows: prep.EEGWindows, dataset: str, target: str) -> Task:
     return Task(y, 5, True)
 
 
-def _scaled_windows(ds: EEGDataset, window_seconds: float = 1.0) -> prep.EEGWindows:
-    """For corpora without HiSTN's 61 s baselines: per trial, z-score each channel, scale by max |x|."""
-    window = int(round(window_seconds * ds.sfreq))
-    per_trial = []
-    for t in ds.trials:
-        if t.signal.shape[1] < window:
-            raise ValueError(f"{ds.source or ds.name}: subject {t.subject} trial {t.trial} has "
-                             f"{t.signal.shape[1]} samples, shorter than one {window_seconds:g} s window")
-        x = t.signal.astype(np.float64)
-        sd = x.std(1, keepdims=True)
-        z = (x - x.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-        peak = np.abs(z).max()
-        per_trial.append((t, *prep._windows(z / peak if peak > 0 else z, window, ds.sfreq)))
-    return prep._assemble(ds, per_trial)
-
-
 def make_windows(ds: EEGDataset, dataset: str, model: str) -> prep.EEGWindows:
     if model == "dgcnn":
         return prep.differential_entropy(ds)
@@ -91,7 +75,7 @@ def make_windows(ds: EEGDataset, dataset: str, model: str) -> prep.EEGWindows:
             if shortest < 1.0:
                 raise ValueError(f"{ds.source}: a trial of {shortest:.2f} s is shorter than the 1 s window")
             return prep.histn_windows(ds, keep_seconds=min(60.0, float(np.floor(shortest))))
-        return _scaled_windows(ds)
+        return prep.zscore_windows(ds)
     raise ValueError(f"model: expected one of {list(MODELS)}, got {model!r}")
 
 

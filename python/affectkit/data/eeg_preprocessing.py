@@ -90,6 +90,23 @@ def histn_windows(ds: EEGDataset, keep_seconds: float = 60.0, baseline_seconds: 
     return _assemble(ds, segments)
 
 
+def zscore_windows(ds: EEGDataset, window_seconds: float = 1.0) -> EEGWindows:
+    """For corpora without HiSTN's long baselines (DEAP, SEED): per trial, z-score each channel
+    over the whole trial, scale by the trial's max |x|, cut into windows."""
+    window = _seconds(ds, window_seconds)
+    per_trial = []
+    for t in ds.trials:
+        if t.signal.shape[1] < window:
+            raise ValueError(f"{ds.source or ds.name}: subject {t.subject} trial {t.trial} has "
+                             f"{t.signal.shape[1]} samples, shorter than one {window_seconds:g} s window")
+        x = t.signal.astype(np.float64)
+        sd = x.std(1, keepdims=True)
+        z = (x - x.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+        peak = np.abs(z).max()
+        per_trial.append((t, *_windows(z / peak if peak > 0 else z, window, ds.sfreq)))
+    return _assemble(ds, per_trial)
+
+
 def bandpass(x: np.ndarray, sfreq: float, low: float, high: float, order: int = 4) -> np.ndarray:
     """Zero-phase Butterworth band-pass along the last axis."""
     nyq = sfreq / 2
