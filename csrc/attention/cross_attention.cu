@@ -35,15 +35,9 @@ __device__ __forceinline__ float log_acc(float x) { return __logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 template <typename T, typename A>
-__device__ __forceinline__ void store(T* p, A v) {
-  if constexpr (std::is_same_v<T, double>) *p = v;
-  else *p = from_float<T>(static_cast<float>(v));
-}
+__device__ __forceinline__ void store(T* p, A v) { *p = store_as<T>(v); }
 template <typename T>
-__device__ __forceinline__ auto load(const T* p) {
-  if constexpr (std::is_same_v<T, double>) return *p;
-  else return to_float(*p);
-}
+__device__ __forceinline__ auto load(const T* p) { return to_float(*p); }
 
 template <typename T>
 __device__ __forceinline__ const T* row_of(const View& t, int64_t b, int64_t h, int64_t row) {

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "core.h"
 
@@ -39,6 +40,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 }
 template <typename T>
 __device__ __forceinline__ T from_double(double v) { return static_cast<T>(v); }
+
+// Accumulator value -> storage type: double stays double, the rest round through float.
+template <typename T, typename A>
+__device__ __forceinline__ T store_as(A v) {
+  if constexpr (std::is_same_v<T, double>) return v;
+  else return from_float<T>(static_cast<float>(v));
+}
 
 // Accumulator type: float for 16-bit and 32-bit inputs, double for double.
 template <typename T> struct Acc { using type = float; };

@@ -14,12 +14,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, typename A>
-__device__ __forceinline__ T store_as(A v) {
-  if constexpr (std::is_same_v<T, double>) return v;
-  else return from_float<T>(static_cast<float>(v));
-}
-
 struct ChebShape {
   int64_t S, N, F, Fo, K;
   bool matrix;

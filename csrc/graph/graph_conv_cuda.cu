@@ -19,12 +19,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxTile = 32;  // samples per block at most
 
-template <typename T, typename A>
-__device__ __forceinline__ T store_as(A v) {
-  if constexpr (std::is_same_v<T, double>) return v;
-  else return from_float<T>(static_cast<float>(v));
-}
-
 template <typename A>
 __device__ __forceinline__ A activate(A v, int act) {
   switch (act) {

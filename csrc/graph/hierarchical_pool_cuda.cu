@@ -13,12 +13,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, typename A>
-__device__ __forceinline__ T store_as(A v) {
-  if constexpr (std::is_same_v<T, double>) return v;
-  else return from_float<T>(static_cast<float>(v));
-}
-
 __device__ __forceinline__ int64_t parent_of(const int64_t* assignment, int64_t c, int64_t P) {
   const int64_t p = assignment[c];
   return p < 0 ? 0 : (p >= P ? P - 1 : p);

@@ -33,8 +33,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const int64_t* __restric
   if (threadIdx.y == 0 && f < F) {
     for (int r = 1; r < kRows; ++r) acc += partial[r][threadIdx.x];
     const A mean = n > 0 ? acc / static_cast<A>(n) : A(0);
-    if constexpr (std::is_same_v<T, double>) out[b * F + f] = mean;
-    else out[b * F + f] = from_float<T>(mean);
+    out[b * F + f] = store_as<T>(mean);
   }
 }
 
@@ -48,8 +47,7 @@ __global__ void backward_kernel(const T* __restrict__ g, const int64_t* __restri
     const int64_t f = i % F, t = (i / F) % L, b = i / (F * L);
     const int64_t n = clamp_length(lengths[b], L);
     A v = t < n ? to_float(g[b * F + f]) / static_cast<A>(n) : A(0);
-    if constexpr (std::is_same_v<T, double>) gx[i] = v;
-    else gx[i] = from_float<T>(v);
+    gx[i] = store_as<T>(v);
   }
 }
 
