@@ -18,6 +18,19 @@ def test_mixed_lines_stay_plain():
     assert parse_lines("see https://example.org now").kind == "lines"
 
 
+def test_transcript_with_a_line_without_speaker_is_an_error():
+    with pytest.raises(ValueError, match="line 3: expected 'speaker: utterance'"):
+        parse_lines("Ann: hello\nBob: hi there\nand then nothing\nAnn: bye\n", "t.txt")
+
+
+def test_dialogue_column_groups_utterances():
+    doc = parse_csv("Speaker,Utterance,Dialogue_ID\nA,hi,7\nB,yo,7\nA,new talk,8\nC,sure,7\n", "x.csv", column="Utterance")
+    assert doc.dialogues() == [[0, 1, 3], [2]]
+    assert [u.speaker for u in doc.utterances] == ["A", "B", "A", "C"]
+    with pytest.raises(ValueError, match="utterance 2 .* has no speaker"):
+        parse_csv("speaker,text\nA,hi\n,yo\n", "x.csv").check_speakers("x.csv")
+
+
 def test_csv_and_jsonl():
     doc = parse_csv('speaker,text\nA,"hi, there"\n,yo\n', "x.csv")
     assert [(u.speaker, u.text) for u in doc.utterances] == [("A", "hi, there"), (None, "yo")]

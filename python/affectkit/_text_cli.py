@@ -61,20 +61,27 @@ def _cmd_analyze(args, console) -> int:
         doc = Document([Utterance(args.text)], "lines")
     else:
         return _fail("give a text, --file FILE, or --example")
-    result = analyze(doc, emotion=args.model, vad=None if args.no_vad else args.vad_model, top=args.top,
-                     progress=not args.json and len(doc.utterances) > 200)
+    source = EXAMPLE if args.example else (args.file or "the text")
+    result = analyze(doc, emotion=args.model, vad=None if args.no_vad else args.vad_model,
+                     erc=None if args.no_context else args.erc_model, top=args.top,
+                     progress=not args.json and len(doc.utterances) > 200, source=str(source))
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     table = Table(title=f"affectkit analyze ({result['kind']}, {len(result['utterances'])} utterances)")
     if doc.is_dialogue:
         table.add_column("speaker")
-    for col in ("text", "top emotions", "V", "A", "D"):
+    context = any("in_context" in row for row in result["utterances"])
+    for col in ("text", "top emotions") + (("in context",) if context else ()) + ("V", "A", "D"):
         table.add_column(col, overflow="fold")
     for row in result["utterances"]:
         top = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in row["top"])
         vad = row.get("vad")
-        cells = [row["text"], top] + ([f"{vad[k]:.2f}" for k in ("valence", "arousal", "dominance")] if vad else ["-"] * 3)
+        cells = [row["text"], top]
+        if context:
+            c = row["in_context"]
+            cells.append(f"{c['emotion']} {c['probability']:.2f}")
+        cells += [f"{vad[k]:.2f}" for k in ("valence", "arousal", "dominance")] if vad else ["-"] * 3
         table.add_row(*(([row["speaker"] or ""] if doc.is_dialogue else []) + cells))
     console.print(table)
     if "speakers" in result:
@@ -90,12 +97,19 @@ def _cmd_analyze(args, console) -> int:
 
 
 def _cmd_train(args, console) -> int:
-    from .models.training import train
-
     import os
 
-    _, metrics = train(args.kind, args.data, args.out, encoder_name=args.encoder, seed=args.seed,
-                       progress=not args.json)
+    if args.kind == "erc":
+        from .models.erc_training import train as train_erc
+
+        _, metrics = train_erc(args.data, args.out, encoder_name=args.encoder, seed=args.seed, progress=not args.json,
+                               hyper={"epochs": args.epochs} if args.epochs else None,
+                               log=None if args.json else console.print)
+    else:
+        from .models.training import train
+
+        _, metrics = train(args.kind, args.data, args.out, encoder_name=args.encoder, seed=args.seed,
+                           progress=not args.json)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
     if args.json:
@@ -130,7 +144,7 @@ def _print_metrics(console, title, metrics) -> None:
 
 
 def add_text_commands(sub) -> None:
-    from .models import NAMES
+    from .models import NAMES, TRAIN_KINDS
 
     p = sub.add_parser("analyze", help="emotions and valence/arousal/dominance of text",
                        description="Per utterance: top emotions with calibrated probabilities and V/A/D. "
@@ -144,26 +158,32 @@ def add_text_commands(sub) -> None:
     p.add_argument("--model", default="text-emotion", help="emotion model: name or trained folder")
     p.add_argument("--vad-model", default="vad", help="valence/arousal/dominance model: name or folder")
     p.add_argument("--no-vad", action="store_true", help="skip valence/arousal/dominance")
+    p.add_argument("--erc-model", default="erc-meld",
+                   help="conversation model for the in-context emotion of dialogues: name or folder")
+    p.add_argument("--no-context", action="store_true", help="skip the in-context (conversation model) emotion")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_guarded(_cmd_analyze))
 
     p = sub.add_parser("train", help="train a text model on a corpus folder",
                        description="Train on the corpus under --data (the folder holding goemotions/, emobank/, "
-                                   "empathic_reactions/, or the corpus folder itself) and write model.safetensors, "
-                                   "metrics.json and a model card README.md to --out. Runs across processes when launched "
-                                   "with torchrun (DistributedDataParallel on gloo; rank 0 writes).")
-    p.add_argument("kind", choices=NAMES)
+                                   "empathic_reactions/, meld/, or the corpus folder itself) and write model.safetensors, "
+                                   "metrics.json and a model card README.md to --out. text-emotion, vad and empathy run "
+                                   "across processes when launched with torchrun (DistributedDataParallel on gloo; rank 0 "
+                                   "writes). erc trains the conversation model (M2FNet on MELD, text only).")
+    p.add_argument("kind", choices=TRAIN_KINDS)
     p.add_argument("--data", required=True, help="corpus folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="sentence-transformers model name or path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="erc only: training epochs (default: the recipe's)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_guarded(_cmd_train))
 
     p = sub.add_parser("evaluate", help="score a model on a labelled file",
                        description="text-emotion: a GoEmotions TSV or a CSV with text,labels. vad: a CSV with "
                                    "text,V,A,D (rows of --split when it has a split column). empathy: a CSV with "
-                                   "essay (or text),empathy,distress.")
+                                   "essay (or text),empathy,distress. erc-meld: a MELD CSV (Utterance, Speaker, Emotion, "
+                                   "Dialogue_ID, Utterance_ID).")
     p.add_argument("model", help=f"one of {', '.join(NAMES)} or a trained folder")
     p.add_argument("--data", required=True, help="labelled file")
     p.add_argument("--split", default=None, help="rows of this split when the file has a split column (default dev)")

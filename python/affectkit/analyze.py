@@ -1,5 +1,6 @@
 """The main job: emotions (with calibrated probabilities) and valence/arousal/dominance of
-each utterance, plus a per-speaker summary when the input is a dialogue."""
+each utterance, plus, when the input is a dialogue, each utterance's emotion read in the context
+of its dialogue (the `erc-meld` conversation model) and a per-speaker summary."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 from .textio import Document, Utterance
 
 
-def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", top: int = 3, progress: bool = False) -> dict:
-    """`emotion`/`vad` are model names, folders, or loaded models. Returns a JSON-ready dict."""
+def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", erc="erc-meld", top: int = 3,
+            progress: bool = False, source: str = "input") -> dict:
+    """`emotion`/`vad`/`erc` are model names, folders, or loaded models (`vad`/`erc` may be
+    None to skip them; `erc` is used only for dialogues). Returns a JSON-ready dict."""
     from .models import load
 
     if isinstance(doc, list):
@@ -18,6 +21,10 @@ def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", top
         raise ValueError(f"top: expected a positive number of emotions, got {top}")
     emo = load(emotion) if isinstance(emotion, str) else emotion
     texts = [u.text for u in doc.utterances]
+    in_context = None
+    if doc.is_dialogue and erc is not None:
+        doc.check_speakers(source)  # before any model runs: no partial output
+        in_context = _in_context(doc, load(erc) if isinstance(erc, str) else erc)
     probs = emo.predict_proba(texts, progress=progress)
     chosen = emo.decide(probs)
     ekman = emo.ekman_proba(probs)
@@ -38,11 +45,26 @@ def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", top
         if dims is not None:
             row["vad"] = {"valence": round(float(dims[i, 0]), 3), "arousal": round(float(dims[i, 1]), 3),
                           "dominance": round(float(dims[i, 2]), 3)}
+        if in_context is not None:
+            row["in_context"] = in_context[i]
         rows.append(row)
     result = {"kind": doc.kind, "utterances": rows}
     if doc.is_dialogue:
         result["speakers"] = _speaker_summary(doc, probs, dims, emo.labels)
     return result
+
+
+def _in_context(doc: Document, model) -> list[dict]:
+    """Per utterance: the conversation model's emotion and its probability, dialogue by dialogue."""
+    groups = doc.dialogues()
+    dialogues = [[(doc.utterances[i].speaker, doc.utterances[i].text) for i in g] for g in groups]
+    out: list[dict] = [{}] * len(doc.utterances)
+    for idx, probs in zip(groups, model.predict_dialogues_proba(dialogues)):
+        for i, p in zip(idx, probs):
+            j = int(np.argmax(p))
+            out[i] = {"emotion": model.labels[j], "probability": round(float(p[j]), 4),
+                      "dialogue": doc.utterances[i].dialogue}
+    return out
 
 
 def _speaker_summary(doc: Document, probs, dims, labels) -> list[dict]:

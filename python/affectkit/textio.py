@@ -18,6 +18,7 @@ _SPEAKER = re.compile(r"^\s*([^\s:][^:!?]{0,39}?)\s*:\s+(\S.*)$")
 class Utterance:
     text: str
     speaker: str | None = None
+    dialogue: str | None = None  # from a dialogue column; a transcript is one dialogue
 
 
 @dataclass
@@ -28,6 +29,20 @@ class Document:
     @property
     def is_dialogue(self) -> bool:
         return any(u.speaker for u in self.utterances)
+
+    def dialogues(self) -> list[list[int]]:
+        """Utterance indices grouped by dialogue id (first-appearance order), in file order."""
+        groups: dict[str | None, list[int]] = {}
+        for i, u in enumerate(self.utterances):
+            groups.setdefault(u.dialogue, []).append(i)
+        return list(groups.values())
+
+    def check_speakers(self, source: str) -> None:
+        """A dialogue needs a speaker on every utterance; name the first one without."""
+        for i, u in enumerate(self.utterances):
+            if not u.speaker:
+                raise ValueError(f"{source}: utterance {i + 1} ({u.text[:40]!r}) has no speaker; a dialogue "
+                                 "needs one on every utterance")
 
 
 def read_text_file(path) -> str:
@@ -56,7 +71,24 @@ def parse_lines(content: str, source: str = "<text>") -> Document:
     matches = [_SPEAKER.match(line) for _, line in lines]
     if all(matches):
         return Document([Utterance(m.group(2).strip(), m.group(1).strip()) for m in matches], "dialogue")
+    speaking = sum(m is not None for m in matches)
+    if speaking >= 2 and speaking * 2 > len(lines):
+        # Mostly "speaker: utterance": a transcript with a broken line, not plain text.
+        line_no, line = next((n, line) for (n, line), m in zip(lines, matches) if m is None)
+        raise ValueError(f"{source} line {line_no}: expected 'speaker: utterance' like the other lines of this "
+                         f"transcript, got {line.strip()[:60]!r}")
     return Document([Utterance(line.strip()) for _, line in lines], "lines")
+
+
+def _column(fields, name: str) -> str | None:
+    """The field called `name`, matched case-insensitively (MELD writes Speaker, Dialogue_ID)."""
+    exact = [f for f in fields if f == name]
+    folded = [f for f in fields if f.lower() == name.lower()]
+    return (exact or folded or [None])[0]
+
+
+def _dialogue_column(fields) -> str | None:
+    return _column(fields, "dialogue") or _column(fields, "dialogue_id")
 
 
 def parse_csv(content: str, source: str, column: str = "text", speaker_column: str = "speaker") -> Document:
@@ -64,11 +96,13 @@ def parse_csv(content: str, source: str, column: str = "text", speaker_column: s
     fields = reader.fieldnames or []
     if column not in fields:
         raise ValueError(f"{source}: expected a column named {column!r} (choose another with --column); found {fields}")
+    speaker_field, dialogue_field = _column(fields, speaker_column), _dialogue_column(fields)
     utts = []
     for row_no, row in enumerate(reader, start=2):
         text = _check_text(row.get(column) or "", f"{source} line {row_no}, column {column!r}")
-        speaker = (row.get(speaker_column) or "").strip() or None if speaker_column in fields else None
-        utts.append(Utterance(text, speaker))
+        speaker = ((row.get(speaker_field) or "").strip() or None) if speaker_field else None
+        dialogue = ((row.get(dialogue_field) or "").strip() or None) if dialogue_field else None
+        utts.append(Utterance(text, speaker, dialogue))
     if not utts:
         raise ValueError(f"{source}: the CSV has a header but no rows")
     return Document(utts, "csv")
@@ -88,8 +122,9 @@ def parse_jsonl(content: str, source: str, column: str = "text", speaker_column:
         if not isinstance(obj, dict) or column not in obj:
             raise ValueError(f"{source} line {line_no}: expected an object with a {column!r} field")
         text = _check_text(obj[column], f"{source} line {line_no}, field {column!r}")
-        speaker = obj.get(speaker_column)
-        utts.append(Utterance(text, str(speaker) if speaker else None))
+        speaker = obj.get(_column(obj, speaker_column) or speaker_column)
+        dialogue = obj.get(_dialogue_column(obj) or "dialogue")
+        utts.append(Utterance(text, str(speaker) if speaker else None, str(dialogue) if dialogue is not None else None))
     if not utts:
         raise ValueError(f"{source}: no JSON lines in it")
     return Document(utts, "jsonl")

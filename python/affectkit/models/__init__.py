@@ -1,5 +1,5 @@
-"""Text models loadable by name: `affectkit.load("text-emotion" | "vad" | "empathy")`, or by the
-folder `affectkit train ... --out DIR` wrote (or its model.safetensors file)."""
+"""Models loadable by name: `affectkit.load("text-emotion" | "vad" | "empathy" | "erc-meld")`, or by
+the folder `affectkit train ... --out DIR` wrote (or its model.safetensors file)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 from .base import WEIGHTS_FILE, read_weights
 from .dgcnn import DGCNN
 from .histn import HiSTN, gaussian_ordinal_loss, gaussian_ordinal_targets
+from .m2fnet import M2FNet
 
-NAMES = ("text-emotion", "vad", "empathy")
+NAMES = ("text-emotion", "vad", "empathy", "erc-meld")
+# What `affectkit train KIND` builds (erc trains the model shipped as erc-meld).
+TRAIN_KINDS = ("text-emotion", "vad", "empathy", "erc")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -31,8 +34,13 @@ def resolve(name_or_path) -> Path:
 
 
 def load(name_or_path, *, features=None):
-    """A TextEmotionModel (`text-emotion`) or RegressionModel (`vad`, `empathy`)."""
+    """A TextEmotionModel (`text-emotion`), RegressionModel (`vad`, `empathy`) or ERCModel
+    (`erc-meld`)."""
     tensors, config = read_weights(resolve(name_or_path))
+    if config.get("kind") == "erc":
+        from .erc import ERCModel
+
+        return ERCModel(tensors, config)
     if config.get("kind") == "text-emotion":
         from .emotion import TextEmotionModel
 
@@ -42,4 +50,4 @@ def load(name_or_path, *, features=None):
     return RegressionModel(tensors, config, features)
 
 
-__all__ = ["DGCNN", "NAMES", "WEIGHTS_DIR", "HiSTN", "gaussian_ordinal_loss", "gaussian_ordinal_targets", "load", "resolve"]
+__all__ = ["DGCNN", "M2FNet", "NAMES", "TRAIN_KINDS", "WEIGHTS_DIR", "HiSTN", "gaussian_ordinal_loss", "gaussian_ordinal_targets", "load", "resolve"]

@@ -50,7 +50,9 @@ def evaluate(model, data_file, *, split: str | None = None, plots_dir=None, prog
     path = Path(data_file)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    if model.kind == "text-emotion":
+    if model.kind == "erc":
+        metrics = _evaluate_erc(model, path, plots_dir)
+    elif model.kind == "text-emotion":
         texts, y = _read_emotion_file(path)
         probs = model.predict_proba(texts, progress=progress)
         metrics = multilabel_metrics(y, decide(probs, model.thresholds), probs, goemotions.ekman_matrix(), model.labels)
@@ -66,6 +68,50 @@ def evaluate(model, data_file, *, split: str | None = None, plots_dir=None, prog
     return metrics
 
 
+def _evaluate_erc(model, path: Path, plots_dir) -> dict:
+    """MELD-format CSV: weighted F1 over the 7 emotions (MELD's standard metric) and more."""
+    from sklearn.metrics import classification_report, f1_score
+
+    from ..data import meld
+    from ..metrics import accuracy, expected_calibration_error, weighted_f1
+
+    dialogues = meld.dialogues(meld.load(path))
+    probs = np.concatenate(model.predict_dialogues_proba([list(zip(d.speakers, d.texts)) for d in dialogues]))
+    y = np.array([model.labels.index(e) for d in dialogues for e in d.emotions])
+    pred = probs.argmax(1)
+    report = classification_report(y, pred, labels=range(len(model.labels)), target_names=model.labels,
+                                   output_dict=True, zero_division=0)
+    metrics = {
+        "weighted_f1": weighted_f1(y, pred), "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "accuracy": accuracy(y, pred), "ece_top_label": expected_calibration_error(probs.max(1), pred == y),
+        "per_class_f1": {k: round(report[k]["f1-score"], 4) for k in model.labels},
+        "utterances": int(len(y)), "dialogues": len(dialogues),
+    }
+    if plots_dir is not None:
+        metrics["plots"] = _erc_plots(Path(plots_dir), y, probs, model.labels)
+    return metrics
+
+
+def _erc_plots(out: Path, y, probs, labels) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    out.mkdir(parents=True, exist_ok=True)
+    pred = probs.argmax(1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ConfusionMatrixDisplay.from_predictions(y, pred, labels=range(len(labels)), display_labels=labels,
+                                            normalize="true", values_format=".2f", ax=ax, colorbar=False)
+    ax.set_title(f"Confusion matrix, row-normalised ({len(y)} utterances)")
+    written = [_save_figure(fig, out / "confusion_matrix.png")]
+    plt.close(fig)
+    written.append(_reliability_diagram(out, pred == y, probs.max(1), "Reliability diagram (top label)",
+                                        "probability of the predicted emotion", "observed accuracy", bins=10))
+    return written
+
+
 def _save_figure(fig, path: Path) -> str:
     from ..text.cache import atomic_write_bytes
 
@@ -78,7 +124,6 @@ def _emotion_plots(out: Path, y, probs, labels) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
     from sklearn.metrics import confusion_matrix
 
     out.mkdir(parents=True, exist_ok=True)
@@ -97,17 +142,26 @@ def _emotion_plots(out: Path, y, probs, labels) -> list[str]:
     written.append(_save_figure(fig, out / "confusion_matrix.png"))
     plt.close(fig)
 
-    frac, conf = calibration_curve(y.ravel(), probs.ravel(), n_bins=15, strategy="uniform")
+    written.append(_reliability_diagram(out, y.ravel(), probs.ravel(), "Reliability diagram (all example-label pairs)",
+                                        "predicted probability", "observed frequency", bins=15))
+    return written
+
+
+def _reliability_diagram(out: Path, observed, predicted, title: str, xlabel: str, ylabel: str, bins: int) -> str:
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    frac, conf = calibration_curve(observed, predicted, n_bins=bins, strategy="uniform")
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
     ax.plot(conf, frac, "o-", label="model")
-    ax.set_xlabel("predicted probability")
-    ax.set_ylabel("observed frequency")
-    ax.set_title("Reliability diagram (all example-label pairs)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
-    written.append(_save_figure(fig, out / "reliability_diagram.png"))
+    path = _save_figure(fig, out / "reliability_diagram.png")
     plt.close(fig)
-    return written
+    return path
 
 
 def _scatter_plots(out: Path, y, pred, targets) -> list[str]:
