@@ -61,8 +61,15 @@ def _cmd_analyze(args, console) -> int:
         doc = Document([Utterance(args.text)], "lines")
     else:
         return _fail("give a text, --file FILE, or --example")
-    result = analyze(doc, emotion=args.model, vad=None if args.no_vad else args.vad_model, top=args.top,
-                     progress=not args.json and len(doc.utterances) > 200)
+    from .retrieval import TrainingDataMissing
+
+    try:
+        result = analyze(doc, emotion=args.model, vad=None if args.no_vad else args.vad_model, top=args.top,
+                         progress=not args.json and len(doc.utterances) > 200,
+                         explain=3 if args.explain else 0, data=args.data)
+    except TrainingDataMissing as err:
+        return _fail(f"--explain needs the {err.corpus.title} training data: pass --data DIR or set AFFECTKIT_DATA "
+                     f"({err.detail})")
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
@@ -86,6 +93,10 @@ def _cmd_analyze(args, console) -> int:
             vad = f"{v['valence']:.2f} / {v['arousal']:.2f} / {v['dominance']:.2f}" if v else "-"
             summary.add_row(s["speaker"], str(s["utterances"]), f"{s['main_emotion']} {s['mean_probability']:.2f}", vad)
         console.print(summary)
+    if args.explain:
+        from .retrieval.explain_table import explain_table
+
+        console.print(explain_table(result, dialogue=doc.is_dialogue))
     return 0
 
 
@@ -144,6 +155,10 @@ def add_text_commands(sub) -> None:
     p.add_argument("--model", default="text-emotion", help="emotion model: name or trained folder")
     p.add_argument("--vad-model", default="vad", help="valence/arousal/dominance model: name or folder")
     p.add_argument("--no-vad", action="store_true", help="skip valence/arousal/dominance")
+    p.add_argument("--explain", action="store_true",
+                   help="also show the 3 nearest GoEmotions training examples of each utterance's top emotion "
+                        "(needs the corpus: --data DIR or $AFFECTKIT_DATA; the index is cached after the first use)")
+    p.add_argument("--data", default=None, help="corpus folder for --explain (default: $AFFECTKIT_DATA)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_guarded(_cmd_analyze))
 
