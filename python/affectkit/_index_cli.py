@@ -83,7 +83,7 @@ def _check_out(out: str) -> Path:
 
 
 def _cmd_build(args, console) -> int:
-    from .retrieval.corpus import corpus_file, read_examples
+    from .retrieval.corpus import TrainingDataMissing, corpus_file, read_examples
     from .retrieval.text_index import TextIndex
 
     if (args.file is None) == (args.corpus is None):
@@ -93,7 +93,10 @@ def _cmd_build(args, console) -> int:
         texts, labels = read_rows(args.file, args.column, args.label_column)
         rows, source = {"texts": texts, "labels": labels}, f"file:{Path(args.file).name}"
     else:
-        file = corpus_file(args.corpus, args.data)
+        try:
+            file = corpus_file(args.corpus, args.data)
+        except TrainingDataMissing as err:
+            raise FileNotFoundError(f"--corpus {args.corpus}: {err.detail}; pass --data DIR or set AFFECTKIT_DATA") from None
         rows, source = read_examples(args.corpus, file), f"{args.corpus}:{file.name}"
     index = TextIndex.build(rows.pop("texts"), make_encoder(args.encoder), source=source, progress=not args.json,
                             **rows)

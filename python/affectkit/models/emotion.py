@@ -98,7 +98,9 @@ class TextEmotionModel:
                     raise ValueError(f"emotions: expected labels from {list(self.labels)}, got {e!r}")
         elif same_emotion:
             emotions = [row[0] for row in self.predict(texts)]
-        found = index.search(texts, k, encoder=self.features.encoder, labels=emotions if same_emotion else None)
+        # strict=False: an emotion no training example carries (a model trained elsewhere) finds none.
+        found = index.search(texts, k, encoder=self.features.encoder, labels=emotions if same_emotion else None,
+                             strict=False)
         return [[e.as_dict() for e in row] for row in found]
 
     def save(self, out_dir) -> Path:

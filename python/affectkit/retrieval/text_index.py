@@ -119,21 +119,27 @@ class TextIndex:
             raise ValueError(f"label: expected one of {self.label_names}, got {label!r}")
         return label
 
-    def search_vectors(self, vectors, k: int, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    def _label_filter(self, label, strict: bool):
+        if strict or self.label_names is None:
+            self.check_label(label)
+        return any_of("labels", [label])
+
+    def search_vectors(self, vectors, k: int, labels=None, *, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosine search: (similarities (n, k), rows (n, k)), -1 rows where fewer match.
 
         labels: None, one label every result must carry, or one label (or None) per query.
+        strict: an unknown label raises ValueError; with strict=False it matches no row.
         """
         k = _check_k(k)
         vectors = np.asarray(vectors, dtype=np.float32)
         where = None
         if isinstance(labels, str):
-            where = any_of("labels", [self.check_label(labels)])
+            where = self._label_filter(labels, strict)
         elif labels is not None:
             labels = list(labels)
             if len(labels) != len(vectors):
                 raise ValueError(f"labels: expected one label per query ({len(vectors)}), got {len(labels)}")
-            where = [None if lab is None else any_of("labels", [self.check_label(lab)]) for lab in labels]
+            where = [None if lab is None else self._label_filter(lab, strict) for lab in labels]
         dist, rows = self.index.search(vectors, k, where=where, mode="exact")
         return np.where(rows >= 0, 1.0 - dist, np.nan), rows
 
@@ -149,12 +155,13 @@ class TextIndex:
             scores = {name: float(v) for name, v in zip(self.score_names, self.scores[row])}
         return Example(row, self.texts[row], similarity, labels, scores)
 
-    def search(self, queries, k: int, *, encoder, labels=None) -> list[list[Example]]:
-        """The k most similar stored texts for each query text (encoded with `encoder`)."""
+    def search(self, queries, k: int, *, encoder, labels=None, strict: bool = True) -> list[list[Example]]:
+        """The k most similar stored texts for each query text (encoded with `encoder`);
+        `labels` and `strict` as in `search_vectors`."""
         _check_k(k)
         if encoder.name != self.encoder_name:
             raise ValueError(f"encoder: this index was built with {self.encoder_name!r}, got {encoder.name!r}")
-        return self.examples(*self.search_vectors(encoder.encode(queries), k, labels))
+        return self.examples(*self.search_vectors(encoder.encode(queries), k, labels, strict=strict))
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path) -> None:
