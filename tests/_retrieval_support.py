@@ -19,8 +19,8 @@ def random_texts(rng, n: int) -> list[str]:
     return [" ".join(f"w{w}" for w in rng.integers(0, 60, size=rng.integers(2, 7))) + f" #{i}" for i in range(n)]
 
 
-def write_goemotions(root, rng, n: int = 300) -> tuple[list[str], list[tuple[int, ...]]]:
-    """root/goemotions/train.tsv with n random comments, 1-3 random labels each (every label used)."""
+def write_goemotions(root, rng, n: int = 300, split: str = "train") -> tuple[list[str], list[tuple[int, ...]]]:
+    """root/goemotions/{split}.tsv with n random comments, 1-3 random labels each (every label used)."""
     texts = random_texts(rng, n)
     labels = [tuple(sorted(set(rng.integers(0, len(goemotions.LABELS), size=rng.integers(1, 4)).tolist())))
               for _ in range(n)]
@@ -28,16 +28,16 @@ def write_goemotions(root, rng, n: int = 300) -> tuple[list[str], list[tuple[int
         labels[j] = tuple(sorted(set(labels[j]) | {j}))
     folder = root / "goemotions"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "train.tsv", "w", encoding="utf-8") as f:
+    with open(folder / f"{split}.tsv", "w", encoding="utf-8") as f:
         for i, (t, ls) in enumerate(zip(texts, labels)):
             f.write(f"{t}\t{','.join(map(str, ls))}\tid{i}\n")
     return texts, labels
 
 
-def write_emobank(root, rng, n: int = 120) -> tuple[list[str], np.ndarray]:
-    """root/emobank/emobank_train_dev.csv: n train rows (plus a few dev rows) with random V, A, D."""
-    texts = random_texts(rng, n + 5)
-    vad = np.round(rng.uniform(1, 5, size=(n + 5, 3)), 2)
+def write_emobank(root, rng, n: int = 120, n_dev: int = 5) -> tuple[list[str], np.ndarray]:
+    """root/emobank/emobank_train_dev.csv: n train rows and n_dev dev rows with random V, A, D."""
+    texts = random_texts(rng, n + n_dev)
+    vad = np.round(rng.uniform(1, 5, size=(n + n_dev, 3)), 2)
     folder = root / "emobank"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "emobank_train_dev.csv", "w", newline="", encoding="utf-8") as f:

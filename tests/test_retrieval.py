@@ -257,6 +257,41 @@ def test_label_values_orders_columns_by_the_model(tmp_path):
     np.testing.assert_array_equal(label_values(index, ("anger", "fear", "joy")), [[0, 0, 1], [1, 0, 1]])
 
 
+def test_blending_measurements_on_fake_corpora(setup):
+    """The a = 0 arm is exactly the model under the cross-fitted protocol of training (cross_fitted_f1)."""
+    from scipy.stats import pearsonr
+    from sklearn.model_selection import KFold
+
+    from sklearn.metrics import f1_score
+
+    from affectkit.models.calibration import choose_thresholds, decide
+    from affectkit.retrieval.blending import measure_text_emotion, measure_vad
+
+    s = setup
+    dev_texts, dev_labels = write_goemotions(s["data"], s["rng"], n=80, split="dev")
+    grid = np.array([0.05, 0.2, 0.5])  # a coarse grid keeps the test fast
+    out = measure_text_emotion(s["emo"], s["data"], ks=(3, 7), alphas=(0.0, 0.3), threshold_grid=grid)
+    probs, y = s["emo"].predict_proba(dev_texts), goemotions.multi_hot(dev_labels)
+    want = []
+    for fit, held in KFold(2, shuffle=True, random_state=0).split(probs):
+        th = choose_thresholds(probs[fit], y[fit], grid)
+        want.append(f1_score(y[held], decide(probs[held], th), average="macro", zero_division=0))
+    assert out["model_alone"] == pytest.approx(np.mean(want), abs=1e-9)
+    assert all(c["k"] in (3, 7) and c["alpha"] in (0.0, 0.3) for c in out["chosen"]) and 0 <= out["blended"] <= 1
+
+    vad_texts, _ = write_emobank(s["data"], s["rng"], n=60, n_dev=30)
+    vad = models.load("vad", features=FeatureExtractor(s["encoder"]))
+    out = measure_vad(vad, s["data"], ks=(2, 4), alphas=(0.0, 0.5))
+    from affectkit.data import emobank
+
+    dev = emobank.load(s["data"], "dev")
+    pred, gold = vad.predict(list(dev["text"])), dev[["V", "A", "D"]].to_numpy()
+    for j, d in enumerate("VAD"):
+        halves = KFold(2, shuffle=True, random_state=0).split(pred)
+        want = np.mean([pearsonr(pred[h, j], gold[h, j])[0] for _, h in halves])
+        assert out["dimensions"][d]["model_alone"] == pytest.approx(want, abs=1e-9)
+
+
 # ---- real data ------------------------------------------------------------------------------------
 @needs_shared
 def test_real_goemotions_neighbours():

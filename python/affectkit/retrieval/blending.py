@@ -69,8 +69,9 @@ def cross_fitted_blending(p_model, knn: dict, score, *, alphas=ALPHAS, seed: int
             "per_half": {"model_alone": base, "blended": blended}}
 
 
-def measure_text_emotion(model, data, *, ks=KS, alphas=ALPHAS, seed: int = 0) -> dict:
-    """GoEmotions dev macro-F1 over the 28 labels, with and without neighbour blending."""
+def measure_text_emotion(model, data, *, ks=KS, alphas=ALPHAS, seed: int = 0, threshold_grid=None) -> dict:
+    """GoEmotions dev macro-F1 over the 28 labels, with and without neighbour blending
+    (threshold_grid: candidate thresholds, default that of `choose_thresholds`)."""
     from sklearn.metrics import f1_score
 
     from ..data import goemotions
@@ -84,7 +85,7 @@ def measure_text_emotion(model, data, *, ks=KS, alphas=ALPHAS, seed: int = 0) ->
     knn = neighbour_means(label_values(index, model.labels), rows, ks)
 
     def macro_f1(p, fit, rows_):
-        th = choose_thresholds(p[fit], y[fit])
+        th = choose_thresholds(p[fit], y[fit], threshold_grid)
         return f1_score(y[rows_], decide(p[rows_], th), average="macro", zero_division=0)
 
     out = cross_fitted_blending(probs, knn, macro_f1, alphas=alphas, seed=seed)
