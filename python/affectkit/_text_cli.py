@@ -65,7 +65,8 @@ def _cmd_analyze(args, console) -> int:
 
     try:
         result = analyze(doc, emotion=args.model, vad=None if args.no_vad else args.vad_model, top=args.top,
-                         progress=not args.json and len(doc.utterances) > 200,
+                         # --explain may build the corpus index on first use: show its progress
+                         progress=not args.json and (len(doc.utterances) > 200 or args.explain),
                          explain=3 if args.explain else 0, data=args.data)
     except TrainingDataMissing as err:
         return _fail(f"--explain needs the {err.corpus.title} training data: pass --data DIR or set AFFECTKIT_DATA "
