@@ -97,7 +97,7 @@ class TextIndex:
         vectors = encoder.encode(texts, progress=progress)
         label_names = label_matrix = None
         if labels is not None:
-            labels = [[labels_i] if isinstance(labels_i, str) else list(labels_i) for labels_i in labels]
+            labels = [[row] if isinstance(row, str) else list(row) for row in labels]  # one label or a set
             if len(labels) != len(texts):
                 raise ValueError(f"labels: expected one label set per text ({len(texts)}), got {len(labels)}")
             label_names = sorted({str(x) for row in labels for x in row})
