@@ -61,10 +61,18 @@ def _cmd_analyze(args, console) -> int:
         doc = Document([Utterance(args.text)], "lines")
     else:
         return _fail("give a text, --file FILE, or --example")
+    from .retrieval import TrainingDataMissing
+
     source = EXAMPLE if args.example else (args.file or "the text")
-    result = analyze(doc, emotion=args.model, vad=None if args.no_vad else args.vad_model,
-                     erc=None if args.no_context else args.erc_model, top=args.top,
-                     progress=not args.json and len(doc.utterances) > 200, source=str(source))
+    try:
+        result = analyze(doc, emotion=args.model, vad=None if args.no_vad else args.vad_model,
+                         erc=None if args.no_context else args.erc_model, top=args.top,
+                         # --explain may build the corpus index on first use: show its progress
+                         progress=not args.json and (len(doc.utterances) > 200 or args.explain),
+                         explain=3 if args.explain else 0, data=args.data, source=str(source))
+    except TrainingDataMissing as err:
+        return _fail(f"--explain needs the {err.corpus.title} training data: pass --data DIR or set AFFECTKIT_DATA "
+                     f"({err.detail})")
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
@@ -93,6 +101,10 @@ def _cmd_analyze(args, console) -> int:
             vad = f"{v['valence']:.2f} / {v['arousal']:.2f} / {v['dominance']:.2f}" if v else "-"
             summary.add_row(s["speaker"], str(s["utterances"]), f"{s['main_emotion']} {s['mean_probability']:.2f}", vad)
         console.print(summary)
+    if args.explain:
+        from .retrieval.explain_table import explain_table
+
+        console.print(explain_table(result, dialogue=doc.is_dialogue))
     return 0
 
 
@@ -161,6 +173,10 @@ def add_text_commands(sub) -> None:
     p.add_argument("--erc-model", default="erc-meld",
                    help="conversation model for the in-context emotion of dialogues: name or folder")
     p.add_argument("--no-context", action="store_true", help="skip the in-context (conversation model) emotion")
+    p.add_argument("--explain", action="store_true",
+                   help="also show the 3 nearest GoEmotions training examples of each utterance's top emotion "
+                        "(needs the corpus: --data DIR or $AFFECTKIT_DATA; the index is cached after the first use)")
+    p.add_argument("--data", default=None, help="corpus folder for --explain (default: $AFFECTKIT_DATA)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_guarded(_cmd_analyze))
 

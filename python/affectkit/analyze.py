@@ -10,15 +10,20 @@ from .textio import Document, Utterance
 
 
 def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", erc="erc-meld", top: int = 3,
-            progress: bool = False, source: str = "input") -> dict:
+            progress: bool = False, explain: int = 0, data=None, source: str = "input") -> dict:
     """`emotion`/`vad`/`erc` are model names, folders, or loaded models (`vad`/`erc` may be
-    None to skip them; `erc` is used only for dialogues). Returns a JSON-ready dict."""
+    None to skip them; `erc` is used only for dialogues). Returns a JSON-ready dict.
+
+    explain > 0 adds, per utterance, that many nearest GoEmotions training examples sharing its
+    top predicted emotion (`nearest_examples`); they are read from `data` or $AFFECTKIT_DATA."""
     from .models import load
 
     if isinstance(doc, list):
         doc = Document([Utterance(t) for t in doc], "lines")
     if top < 1:
         raise ValueError(f"top: expected a positive number of emotions, got {top}")
+    if isinstance(explain, bool) or not isinstance(explain, int) or explain < 0:
+        raise ValueError(f"explain: expected a number of examples >= 0, got {explain!r}")
     emo = load(emotion) if isinstance(emotion, str) else emotion
     texts = [u.text for u in doc.utterances]
     in_context = None
@@ -28,6 +33,9 @@ def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", erc
     probs = emo.predict_proba(texts, progress=progress)
     chosen = emo.decide(probs)
     ekman = emo.ekman_proba(probs)
+    examples = None
+    if explain:
+        examples = emo.nearest_examples(texts, explain, emotions=[c[0] for c in chosen], data=data, progress=progress)
     dims = None
     if vad is not None:
         vad_model = load(vad) if isinstance(vad, str) else vad
@@ -47,6 +55,8 @@ def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", erc
                           "dominance": round(float(dims[i, 2]), 3)}
         if in_context is not None:
             row["in_context"] = in_context[i]
+        if examples is not None:
+            row["nearest_examples"] = {"emotion": chosen[i][0], "examples": examples[i]}
         rows.append(row)
     result = {"kind": doc.kind, "utterances": rows}
     if doc.is_dialogue:

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._text_cli import add_text_commands
 
     add_text_commands(sub)
+    from ._index_cli import add_index_commands
+
+    add_index_commands(sub)
     return parser
 
 

@@ -73,6 +73,36 @@ class TextEmotionModel:
         hit = chosen.astype(np.int32) @ self._ekman.astype(np.int32) > 0
         return [[g for g, h in zip(self.ekman_labels, row) if h] for row in hit]
 
+    def nearest_examples(self, texts, k: int = 3, *, same_emotion: bool = True, emotions=None, data=None,
+                         progress: bool = False) -> list[list[dict]]:
+        """Per text, the k most similar GoEmotions training comments (cosine similarity of the
+        sentence embeddings), as dicts with `text`, `labels`, `similarity` and `row`.
+
+        same_emotion: keep only comments labelled with the text's predicted emotion (its most
+        probable label over threshold; or `emotions[i]` when given). The training index is built
+        from the GoEmotions train split under `data` (or $AFFECTKIT_DATA) and cached on disk;
+        without that data this raises `affectkit.retrieval.TrainingDataMissing`.
+        """
+        from ..retrieval.corpus import model_training_index
+
+        texts = clean_texts(texts)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        index = model_training_index(self, data, progress=progress)
+        if emotions is not None:
+            emotions = list(emotions)
+            if len(emotions) != len(texts):
+                raise ValueError(f"emotions: expected one emotion per text ({len(texts)}), got {len(emotions)}")
+            for e in emotions:
+                if e not in self.labels:
+                    raise ValueError(f"emotions: expected labels from {list(self.labels)}, got {e!r}")
+        elif same_emotion:
+            emotions = [row[0] for row in self.predict(texts)]
+        # strict=False: an emotion no training example carries (a model trained elsewhere) finds none.
+        found = index.search(texts, k, encoder=self.features.encoder, labels=emotions if same_emotion else None,
+                             strict=False)
+        return [[e.as_dict() for e in row] for row in found]
+
     def save(self, out_dir) -> Path:
         path = Path(out_dir) / WEIGHTS_FILE
         # The n-gram table is most of the file; float16 halves it at no measurable cost.

@@ -39,6 +39,22 @@ class RegressionModel:
         y = run_head(self.head, x) * self.target_std + self.target_mean
         return np.clip(y, *self.scale)
 
+    def nearest_examples(self, texts, k: int = 3, *, data=None, progress: bool = False) -> list[list[dict]]:
+        """Per text, the k most similar training texts (EmoBank train for `vad`, the training
+        essays for `empathy`; cosine similarity of the sentence embeddings), as dicts with
+        `text`, gold `scores`, `similarity` and `row`. The index is built from the corpus under
+        `data` (or $AFFECTKIT_DATA) and cached on disk; without that data this raises
+        `affectkit.retrieval.TrainingDataMissing`.
+        """
+        from ..retrieval.corpus import model_training_index
+        from ..text.encoder import clean_texts
+
+        texts = clean_texts(texts)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        index = model_training_index(self, data, progress=progress)
+        return [[e.as_dict() for e in row] for row in index.search(texts, k, encoder=self.features.encoder)]
+
     def save(self, out_dir) -> Path:
         path = Path(out_dir) / WEIGHTS_FILE
         tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
