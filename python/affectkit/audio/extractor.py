@@ -1,0 +1,96 @@
+"""Audio files -> (n, dim) float32 utterance feature matrix, with an on-disk cache."""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+
+import numpy as np
+
+from ..text.cache import EmbeddingCache
+from ._backend import require_audio_libs
+from .features import FeatureConfig, compute_features, feature_names
+from .loading import check_paths, decode_mono, read_file_bytes
+
+
+def _check_number(name, value, lo, hi, *, integer):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = "an int" if integer else "a number"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected a value in [{lo}, {hi}], got {value}")
+
+
+class AudioFeatureExtractor:
+    """Per-utterance audio files -> fixed-size feature vectors (see affectkit.audio.features).
+
+    Files are decoded with libsndfile (WAV, FLAC, OGG, MP3, ...), mixed down to mono (mean of
+    the channels) and resampled to `sample_rate`. Results are cached on disk keyed by the
+    SHA-256 of the file's bytes and the settings, so a renamed or copied file is a cache hit
+    and an edited one is not. `cache` is True (under `cache_root`, default
+    $AFFECTKIT_CACHE or ~/.cache/affectkit), False, or an EmbeddingCache. `calls` counts
+    files whose features were actually computed.
+    """
+
+    def __init__(self, sample_rate: int = 16000, *, n_mfcc: int = 40, fmin: float = 60.0,
+                 fmax: float = 600.0, cache: bool | EmbeddingCache = True, cache_root=None):
+        librosa, _ = require_audio_libs()
+        _check_number("sample_rate", sample_rate, 4000, 192000, integer=True)
+        _check_number("n_mfcc", n_mfcc, 1, 64, integer=True)
+        _check_number("fmin", fmin, 20.0, sample_rate / 2, integer=False)
+        _check_number("fmax", fmax, 20.0, sample_rate / 2, integer=False)
+        if fmin >= fmax:
+            raise ValueError(f"fmin, fmax: expected fmin < fmax, got fmin={fmin}, fmax={fmax}")
+        self.config = FeatureConfig(int(sample_rate), int(n_mfcc), float(fmin), float(fmax))
+        self.names = feature_names(self.config.n_mfcc)
+        self.dim = len(self.names)
+        # Feature values may shift between librosa versions, so the version is in the key.
+        self.cache_id = f"affectkit-audio-v1|{self.config}|librosa-{librosa.__version__}"
+        if cache is True:
+            cache = EmbeddingCache(self.cache_id, cache_root)
+        elif cache is not False and not isinstance(cache, EmbeddingCache):
+            raise TypeError(f"cache: expected True, False or an EmbeddingCache, got {type(cache).__name__}")
+        self.cache: EmbeddingCache | None = cache if isinstance(cache, EmbeddingCache) else None
+        self.calls = 0
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def features_of_file(self, path) -> np.ndarray:
+        """One file -> (dim,) float32, without the cache."""
+        (path,) = check_paths([path])
+        return self._compute(path, read_file_bytes(path))
+
+    def _compute(self, path, data: bytes) -> np.ndarray:
+        y = decode_mono(data, path, self.config.sample_rate)
+        self.calls += 1
+        vec = compute_features(y, self.config)
+        bad = [n for n, v in zip(self.names, vec) if not np.isfinite(v)]
+        if bad:  # a bug, not bad input: decode_mono already rejects non-finite samples
+            raise RuntimeError(f"audio file {path}: non-finite features {bad[:5]}")
+        return vec.astype(np.float32)
+
+    def __call__(self, paths) -> np.ndarray:
+        """A sequence of audio file paths -> (len(paths), dim) float32, rows in input order."""
+        paths = check_paths(paths)
+        out = np.empty((len(paths), self.dim), dtype=np.float32)
+        new: dict[bytes, np.ndarray] = {}  # computed in this call; also dedupes repeated files
+        for i, path in enumerate(paths):
+            data = read_file_bytes(path)
+            key = hashlib.sha256(data).digest()
+            row = new.get(key)
+            if row is None and self.cache is not None:
+                row = self.cache.get_many([key])[0]
+            if row is None:
+                row = new[key] = self._compute(path, data)
+            out[i] = row
+        if self.cache is not None and new:
+            self.cache.put_many(list(new), np.stack(list(new.values())))
+        return out
+
+
+def audio_features(paths, *, sample_rate: int = 16000, **kwargs) -> np.ndarray:
+    """Function form of AudioFeatureExtractor(sample_rate, **kwargs)(paths)."""
+    return AudioFeatureExtractor(sample_rate, **kwargs)(paths)
