@@ -258,6 +258,24 @@ def test_cache_hit_by_content_avoids_recomputation(tmp_path, sentence):
     assert other([b]).shape == (1, 4 * 13 + 16) and other.calls == 1
 
 
+def test_cache_keeps_finished_files_when_a_later_one_is_bad(gen, tmp_path):
+    rng = rng_from(gen)
+    good = []
+    for i in range(3):
+        sf.write(tmp_path / f"g{i}.wav", 0.1 * rng.standard_normal(4000), 16000)
+        good.append(tmp_path / f"g{i}.wav")
+    (tmp_path / "bad.wav").write_text("not audio")
+    for flush_every, shards in [(1, 3), (200, 1)]:
+        root = tmp_path / f"cache{flush_every}"
+        ex = AudioFeatureExtractor(cache_root=root, flush_every=flush_every)
+        with pytest.raises(ValueError, match=r"bad\.wav"):
+            ex([*good, tmp_path / "bad.wav"])
+        assert len(list(root.rglob("shard-*.npz"))) == shards
+        again = AudioFeatureExtractor(cache_root=root)
+        again(good)
+        assert again.calls == 0
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def test_missing_file(tmp_path, ex):
@@ -291,6 +309,13 @@ def test_empty_file_zero_length_and_too_short_audio(tmp_path, ex):
     sf.write(tmp_path / "short.wav", np.full(800, 0.1), 16000)  # 50 ms
     with pytest.raises(ValueError, match=r"short\.wav.*too short \(50\.0 ms\)"):
         ex([tmp_path / "short.wav"])
+
+
+def test_shortest_accepted_clip(gen, tmp_path, ex):
+    sr = 22050  # 0.1 s after resampling to 16 kHz is exactly the minimum
+    sf.write(tmp_path / "min.wav", 0.1 * rng_from(gen).standard_normal(sr // 10), sr)
+    X = ex([tmp_path / "min.wav"])
+    assert np.isfinite(X).all() and X[0, -1] == pytest.approx(0.1, abs=1e-4)
 
 
 def test_non_finite_samples(tmp_path, ex):
@@ -330,6 +355,7 @@ def test_wrong_argument_types(tmp_path, ex):
     (dict(fmin=300.0, fmax=200.0), ValueError, "expected fmin < fmax"),
     (dict(fmax=9000.0), ValueError, r"fmax: expected a value in \[20.0, 8000.0\]"),
     (dict(cache="yes"), TypeError, "cache: expected True, False or an EmbeddingCache, got str"),
+    (dict(flush_every=0), ValueError, "flush_every: expected a value in"),
 ])
 def test_bad_settings(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -29,12 +29,14 @@ class AudioFeatureExtractor:
     the channels) and resampled to `sample_rate`. Results are cached on disk keyed by the
     SHA-256 of the file's bytes and the settings, so a renamed or copied file is a cache hit
     and an edited one is not. `cache` is True (under `cache_root`, default
-    $AFFECTKIT_CACHE or ~/.cache/affectkit), False, or an EmbeddingCache. `calls` counts
-    files whose features were actually computed.
+    $AFFECTKIT_CACHE or ~/.cache/affectkit), False, or an EmbeddingCache; it is written every
+    `flush_every` computed files and when a call ends, even by an error. `calls` counts files
+    whose features were actually computed.
     """
 
     def __init__(self, sample_rate: int = 16000, *, n_mfcc: int = 40, fmin: float = 60.0,
-                 fmax: float = 600.0, cache: bool | EmbeddingCache = True, cache_root=None):
+                 fmax: float = 600.0, cache: bool | EmbeddingCache = True, cache_root=None,
+                 flush_every: int = 200):
         librosa, _ = require_audio_libs()
         _check_number("sample_rate", sample_rate, 4000, 192000, integer=True)
         _check_number("n_mfcc", n_mfcc, 1, 64, integer=True)
@@ -52,16 +54,13 @@ class AudioFeatureExtractor:
         elif cache is not False and not isinstance(cache, EmbeddingCache):
             raise TypeError(f"cache: expected True, False or an EmbeddingCache, got {type(cache).__name__}")
         self.cache: EmbeddingCache | None = cache if isinstance(cache, EmbeddingCache) else None
+        _check_number("flush_every", flush_every, 1, 10**9, integer=True)
+        self.flush_every = int(flush_every)  # files computed between cache writes
         self.calls = 0
 
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
-
-    def features_of_file(self, path) -> np.ndarray:
-        """One file -> (dim,) float32, without the cache."""
-        (path,) = check_paths([path])
-        return self._compute(path, read_file_bytes(path))
 
     def _compute(self, path, data: bytes) -> np.ndarray:
         y = decode_mono(data, path, self.config.sample_rate)
@@ -76,19 +75,29 @@ class AudioFeatureExtractor:
         """A sequence of audio file paths -> (len(paths), dim) float32, rows in input order."""
         paths = check_paths(paths)
         out = np.empty((len(paths), self.dim), dtype=np.float32)
-        new: dict[bytes, np.ndarray] = {}  # computed in this call; also dedupes repeated files
-        for i, path in enumerate(paths):
-            data = read_file_bytes(path)
-            key = hashlib.sha256(data).digest()
-            row = new.get(key)
-            if row is None and self.cache is not None:
-                row = self.cache.get_many([key])[0]
-            if row is None:
-                row = new[key] = self._compute(path, data)
-            out[i] = row
-        if self.cache is not None and new:
-            self.cache.put_many(list(new), np.stack(list(new.values())))
+        seen: dict[bytes, np.ndarray] = {}  # computed in this call: repeated files count once
+        unsaved: dict[bytes, np.ndarray] = {}
+        try:
+            for i, path in enumerate(paths):
+                data = read_file_bytes(path)
+                key = hashlib.sha256(data).digest()
+                row = seen.get(key)
+                if row is None and self.cache is not None:
+                    row = self.cache.get_many([key])[0]
+                if row is None:
+                    row = seen[key] = unsaved[key] = self._compute(path, data)
+                    if len(unsaved) >= self.flush_every:
+                        self._save(unsaved)
+                out[i] = row
+        finally:
+            # Also when a later file is bad or the run is interrupted: finished work is kept.
+            self._save(unsaved)
         return out
+
+    def _save(self, rows: dict[bytes, np.ndarray]) -> None:
+        if self.cache is not None and rows:
+            self.cache.put_many(list(rows), np.stack(list(rows.values())))
+        rows.clear()
 
 
 def audio_features(paths, *, sample_rate: int = 16000, **kwargs) -> np.ndarray:
