@@ -38,7 +38,8 @@ class AudioFeatureExtractor:
                  fmax: float = 600.0, cache: bool | EmbeddingCache = True, cache_root=None,
                  flush_every: int = 200):
         librosa, _ = require_audio_libs()
-        _check_number("sample_rate", sample_rate, 4000, 192000, integer=True)
+        # From telephone speech up; below 8 kHz the 64 mel bands would not all get FFT bins.
+        _check_number("sample_rate", sample_rate, 8000, 192000, integer=True)
         _check_number("n_mfcc", n_mfcc, 1, 64, integer=True)
         _check_number("fmin", fmin, 20.0, sample_rate / 2, integer=False)
         _check_number("fmax", fmax, 20.0, sample_rate / 2, integer=False)

@@ -116,7 +116,8 @@ def compute_features(y: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     active = _active_frames(rms)
     parts = _mean_std(mfcc) + _mean_std(delta) + [np.atleast_1d(s) for s in _mean_std(rms)]
     for f in shape_feats:
-        parts += [np.atleast_1d(s) for s in _mean_std(f[active])] if active.any() else [np.zeros(1)] * 2
+        on = f[active[:len(f)]]  # all framings here are centred with one hop: same frame count
+        parts += [np.atleast_1d(s) for s in _mean_std(on)] if on.size else [np.zeros(1)] * 2
     parts.append(np.asarray(_pitch_stats(y, cfg), dtype=np.float64))
     parts.append(np.array([len(y) / sr]))
     return np.concatenate(parts)
