@@ -21,7 +21,20 @@ setup() {
     ${AFFECTKIT_TORCH_INDEX:+--index-url "$AFFECTKIT_TORCH_INDEX"} "$TORCH_SPEC"
   "$VPY" -m pip install -q --disable-pip-version-check -r scripts/requirements-build.txt
   # No build isolation: reuse the build tools above and the incremental build/ folder.
-  "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test]"
+  "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation ".[test,audio]"
+  install_espeak
+}
+
+install_espeak() {
+  # tests/test_audio_features.py synthesises speech with espeak-ng; without it those tests
+  # skip with a reason, so a machine without root or apt-get only gets a note.
+  command -v espeak-ng >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq espeak-ng || { apt-get update -qq && apt-get install -y -qq espeak-ng; }; } \
+      >/dev/null 2>&1 || true
+  fi
+  command -v espeak-ng >/dev/null || echo "note: espeak-ng is not installed; the audio tests that need it will skip" >&2
 }
 
 cpp_tests() {
