@@ -152,3 +152,58 @@ def test_shipped_model_on_a_dev_sample(erc):
 
     # All-neutral scores about 0.32 weighted F1 on MELD dev; the shipped model about 0.6.
     assert f1_score(y, probs.argmax(1), average="weighted") > 0.45
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "affectkit", *args], capture_output=True, text=True)
+
+
+def test_cli_analyze_dialogues_in_context(tmp_path):
+    import json
+
+    talk = tmp_path / "talk.txt"
+    talk.write_text("".join(f"{s}: {t}\n" for s, t in DIALOGUE))
+    out = json.loads(_cli("analyze", "--file", str(talk), "--json", "--no-vad").stdout)
+    ctx = [u["in_context"] for u in out["utterances"]]
+    assert [c["emotion"] for c in ctx] == affectkit.load("erc-meld").predict_dialogue(DIALOGUE)
+    assert all(0 < c["probability"] <= 1 for c in ctx)
+    # CSV with speaker and dialogue columns: each dialogue is read on its own.
+    rows = tmp_path / "rows.csv"
+    rows.write_text("Dialogue_ID,Speaker,text\n" + "".join(f'1,{s},"{t}"\n' for s, t in DIALOGUE)
+                    + '2,Zed,"Oh really?"\n')
+    out = json.loads(_cli("analyze", "--file", str(rows), "--json", "--no-vad").stdout)
+    assert [u["in_context"]["dialogue"] for u in out["utterances"]] == ["1"] * 4 + ["2"]
+    assert [u["in_context"]["emotion"] for u in out["utterances"][:4]] == [c["emotion"] for c in ctx]
+    no_ctx = json.loads(_cli("analyze", "--file", str(talk), "--json", "--no-vad", "--no-context").stdout)
+    assert all("in_context" not in u for u in no_ctx["utterances"])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("t.txt", "Ann: hi\nBob: hello there\nno speaker here\nAnn: bye\n", "line 3: expected 'speaker: utterance'"),
+    ("t.jsonl", '{"text": "hi", "speaker": "Ann"}\n{"text": "who am I"}\n', "utterance 2 ('who am I') has no speaker"),
+    ("t.csv", "speaker,text\nAnn,hi\nBob,\n", "the text is empty"),
+])
+def test_cli_bad_transcripts(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    proc = _cli("analyze", "--file", str(path), "--json")
+    assert proc.returncode == 2 and message in proc.stderr and proc.stdout == "", proc.stderr
+
+
+def test_cli_train_and_evaluate_erc(tmp_path):
+    import json
+
+    rng = random.Random(int(np.random.SeedSequence().entropy % 2**32))
+    _write_meld(tmp_path / "test_sent_emo.csv", 6, rng)
+    proc = _cli("evaluate", "erc-meld", "--data", str(tmp_path / "test_sent_emo.csv"), "--json",
+                "--plots", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["model"] == "erc" and 0 <= metrics["weighted_f1"] <= 1 and set(metrics["per_class_f1"]) == set(meld.LABELS)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion_matrix.png", "reliability_diagram.png"]
+    out = tmp_path / "never"
+    proc = _cli("train", "erc", "--data", str(tmp_path / "missing"), "--out", str(out))
+    assert proc.returncode == 2 and "meld" in proc.stderr and not out.exists()

@@ -31,7 +31,7 @@ def test_analyze_files(tmp_path):
     table = tmp_path / "rows.csv"
     table.write_text('id,text\n1,"I love this, wow"\n2,I am scared\n')
     lines = tmp_path / "rows.jsonl"
-    lines.write_text('{"text": "so sad today", "speaker": "Cy"}\n"plain string line"\n')
+    lines.write_text('{"text": "so sad today", "id": 3}\n"plain string line"\n')
     for path, kind, n in ((dialogue, "dialogue", 3), (table, "csv", 2), (lines, "jsonl", 2)):
         proc = _run("analyze", "--file", str(path), "--json", "--top", "2", "--no-vad")
         assert proc.returncode == 0, proc.stderr
@@ -45,7 +45,7 @@ def test_analyze_files(tmp_path):
 def test_analyze_bundled_example_human_output():
     proc = _run("analyze", "--example")
     assert proc.returncode == 0, proc.stderr
-    assert "Maya" in proc.stdout and "per speaker" in proc.stdout
+    assert "Maya" in proc.stdout and "per speaker" in proc.stdout and "in context" in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -24,20 +24,43 @@ from .base import WEIGHTS_FILE, save_weights
 from .m2fnet import M2FNet, speaker_ids
 
 
+# Per-utterance features joined to the tuned encoder's vector: NRC EmoLex and surface cues, and
+# the logits of the shipped GoEmotions model (what 43k Reddit comments taught about emotion words).
+EXTRA_FEATURES = {"lexicon": NUM_FEATURES, "text-emotion": 28}
+
+
+def extra_features(texts: list[str], names: Sequence[str]) -> torch.Tensor:
+    """(n, sum of widths) float32 features named in `names` (keys of EXTRA_FEATURES)."""
+    cols = []
+    for name in names:
+        if name == "lexicon":
+            cols.append(lexicon_features(texts))
+        elif name == "text-emotion":
+            from . import load
+
+            cols.append(load("text-emotion").logits(texts).astype(np.float32))
+        else:
+            raise ValueError(f"extra_features: expected names among {list(EXTRA_FEATURES)}, got {name!r}")
+    if not cols:
+        return torch.zeros(len(texts), 0)
+    return torch.from_numpy(np.hstack(cols).astype(np.float32))
+
+
 class ERCNet(nn.Module):
-    """Tuned utterance encoder + lexicon features -> M2FNet over each dialogue."""
+    """Tuned utterance encoder + extra per-utterance features -> M2FNet over each dialogue."""
 
     def __init__(self, config: dict) -> None:
         super().__init__()
         self.encoder = UtteranceEncoder(config["encoder"], config["tuned_layers"], dropout=config["encoder_dropout"])
-        self.m2fnet = M2FNet(self.encoder.dim + NUM_FEATURES, (), len(config["labels"]), d_model=config["d_model"],
+        extra = sum(EXTRA_FEATURES[n] for n in config.get("extra_features", ["lexicon"]))
+        self.m2fnet = M2FNet(self.encoder.dim + extra, (), len(config["labels"]), d_model=config["d_model"],
                              num_heads=config["num_heads"], num_layers=config["num_layers"], dropout=config["dropout"])
 
-    def forward(self, states: list[torch.Tensor], lexicon: torch.Tensor, speakers: torch.Tensor,
+    def forward(self, states: list[torch.Tensor], extra: torch.Tensor, speakers: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
-        """states/lexicon: every utterance of the batch, dialogue after dialogue; speakers
+        """states/extra: every utterance of the batch, dialogue after dialogue; speakers
         (B, L); lengths (B,). Returns logits (B, L, classes)."""
-        feats = torch.cat([self.encoder.pool(states), lexicon], dim=1)
+        feats = torch.cat([self.encoder.pool(states), extra], dim=1)
         B, L = speakers.shape
         valid = torch.arange(L)[None, :] < lengths[:, None]
         text = feats.new_zeros(B, L, feats.shape[1]).index_put((valid.nonzero(as_tuple=True)), feats)
@@ -120,7 +143,7 @@ class ERCModel:
             chunk = parsed[start:start + batch]
             texts = clean_texts([t for _, ts in chunk for t in ts])
             states = self.net.encoder.frozen_states(texts)
-            lex = torch.from_numpy(lexicon_features(texts))
+            lex = extra_features(texts, self.config.get("extra_features", ["lexicon"]))
             speakers, lengths = pack([speaker_ids(s) for s, _ in chunk])
             logits = self.net(states, lex, speakers, lengths)
             out += [logits[b, : int(n)].double().numpy() for b, n in enumerate(lengths)]

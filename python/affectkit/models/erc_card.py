@@ -8,6 +8,12 @@ from ..text.cache import atomic_write_bytes
 from ..text.lexicon import NUM_FEATURES
 
 
+def _extras(names) -> str:
+    words = {"lexicon": f"{NUM_FEATURES} NRC EmoLex and surface features",
+             "text-emotion": "the 28 logits of the shipped `text-emotion` model (GoEmotions)"}
+    return " and ".join(words[n] for n in names) or "nothing else"
+
+
 def render_erc_card(config: dict, metrics: dict) -> str:
     hp = metrics.get("hyper", {})
     per_class = ", ".join(f"{k} {v:.2f}" for k, v in metrics["per_class_f1"].items())
@@ -27,7 +33,7 @@ def render_erc_card(config: dict, metrics: dict) -> str:
         "## Model (`affectkit.models.M2FNet`, text only)",
         f"- Utterances: `{config['encoder']}`; its bottom layers frozen, its top {config['tuned_layers']} layers "
         "fine-tuned on MELD (running on affectkit's fused attention with each utterance's real token count), "
-        f"mean-pooled, joined with {NUM_FEATURES} NRC EmoLex and surface features.",
+        "mean-pooled, joined with " + _extras(config.get("extra_features", ["lexicon"])) + ".",
         f"- Dialogue: speaker embeddings (speakers numbered by first appearance, so any names work), sinusoidal "
         f"utterance positions, {config['num_layers']} transformer encoder layers (width {config['d_model']}, "
         f"{config['num_heads']} heads) whose attention runs on the fused kernel with each dialogue's length (no "

@@ -1,7 +1,7 @@
 """Training recipe of `erc-meld` (what `affectkit train erc` runs).
 
 MELD train dialogues; the frozen bottom of the encoder runs once over every utterance, then
-the tuned top layers, the lexicon projection and M2FNet train jointly with AdamW on a
+the tuned top layers and M2FNet train jointly with AdamW on a
 class-weighted cross-entropy (MELD is 47 % neutral). The epoch with the best dev weighted F1
 is kept and a softmax temperature is fitted on dev. The test split is never read.
 """
@@ -24,23 +24,22 @@ from ..data import meld
 from ..metrics import accuracy, expected_calibration_error, weighted_f1
 from ..text.cache import atomic_write_bytes
 from ..text.encoder import DEFAULT_MODEL, clean_texts
-from ..text.lexicon import lexicon_features
-from .erc import ERCModel, ERCNet, pack
+from .erc import ERCModel, ERCNet, extra_features, pack
 from .m2fnet import class_weights, focal_loss, speaker_ids
 
 HYPER = dict(tuned_layers=2, d_model=256, num_heads=4, num_layers=2, dropout=0.3, encoder_dropout=0.1,
              lr=3e-4, encoder_lr=5e-5, weight_decay=1e-2, epochs=5, batch_dialogues=16,
-             class_weight_power=0.5, focal_gamma=0.0)
+             class_weight_power=0.5, focal_gamma=0.0, extra_features=("lexicon", "text-emotion"))
 
 
 class _Split:
-    """One MELD split, encoded once: frozen token states, lexicon rows, labels, per dialogue."""
+    """One MELD split, encoded once: frozen token states, extra feature rows, labels."""
 
-    def __init__(self, df, net: ERCNet, progress: bool):
+    def __init__(self, df, net: ERCNet, extra: list[str], progress: bool):
         self.dialogues = meld.dialogues(df)
         texts = clean_texts([t for d in self.dialogues for t in d.texts])
         self.states = _frozen_states(net, texts, progress)
-        self.lexicon = torch.from_numpy(lexicon_features(texts))
+        self.extra = extra_features(texts, extra)
         self.labels = torch.tensor([meld.LABELS.index(e) for d in self.dialogues for e in d.emotions])
         self.speakers = [speaker_ids(d.speakers) for d in self.dialogues]
         self.offsets = np.cumsum([0] + [len(d) for d in self.dialogues])
@@ -48,7 +47,7 @@ class _Split:
     def batch(self, idx):
         rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
         speakers, lengths = pack([self.speakers[i] for i in idx])
-        return [self.states[r] for r in rows], self.lexicon[rows], speakers, lengths, self.labels[rows]
+        return [self.states[r] for r in rows], self.extra[rows], speakers, lengths, self.labels[rows]
 
 
 def _frozen_states(net, texts, progress):
@@ -90,10 +89,12 @@ def train_erc(data, *, encoder_name: str = DEFAULT_MODEL, seed: int = 0, progres
     torch.manual_seed(seed)
     train_df, dev_df = meld.load(data, "train"), meld.load(data, "dev")
     config = {"kind": "erc", "labels": list(meld.LABELS), "encoder": encoder_name,
+              "extra_features": list(hp["extra_features"]),
               **{k: hp[k] for k in ("tuned_layers", "d_model", "num_heads", "num_layers", "dropout", "encoder_dropout")}}
     net = ERCNet(config)
     start = time.perf_counter()
-    train, dev = _Split(train_df, net, progress), _Split(dev_df, net, progress)
+    train = _Split(train_df, net, config["extra_features"], progress)
+    dev = _Split(dev_df, net, config["extra_features"], progress)
     encode_seconds = time.perf_counter() - start
     weights = class_weights(torch.bincount(train.labels, minlength=len(meld.LABELS)), hp["class_weight_power"])
     enc_params = list(net.encoder.parameters())
