@@ -8,6 +8,7 @@ from pathlib import Path
 from .base import WEIGHTS_FILE, read_weights
 from .dgcnn import DGCNN
 from .histn import HiSTN, gaussian_ordinal_loss, gaussian_ordinal_targets
+from .mult import MulT
 
 NAMES = ("text-emotion", "vad", "empathy")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -42,4 +43,4 @@ def load(name_or_path, *, features=None):
     return RegressionModel(tensors, config, features)
 
 
-__all__ = ["DGCNN", "NAMES", "WEIGHTS_DIR", "HiSTN", "gaussian_ordinal_loss", "gaussian_ordinal_targets", "load", "resolve"]
+__all__ = ["DGCNN", "NAMES", "WEIGHTS_DIR", "HiSTN", "MulT", "gaussian_ordinal_loss", "gaussian_ordinal_targets", "load", "resolve"]
