@@ -77,10 +77,9 @@ class _Masks(NamedTuple):
     no_key: Optional[torch.Tensor]  # torch: (1 or B, Lq, 1), query rows that see no key
 
 
-def _attention_masks(backend: str, heads: int, Lq: int, Lk: int, q_start, k_start, causal: bool,
-                     device) -> _Masks:
-    """Masks for right-aligned sequences whose valid steps start at q_start / k_start (B,),
-    or None when every step is valid."""
+def _attention_masks(backend: str, heads: int, Lq: int, Lk: int, k_start, causal: bool, device) -> _Masks:
+    """Masks for right-aligned sequences whose valid keys start at k_start (B,), or None when
+    every key is valid. (Padded query rows need none: nothing reads them.)"""
     key_padding = None if k_start is None else torch.arange(Lk, device=device)[None, :] < k_start[:, None]
     if backend == "fused":
         return _Masks(key_padding, causal, None, None)
@@ -166,7 +165,7 @@ class _Transformer(nn.Module):
         else:
             kv, kv_start = self._embed(source, source_positions), source_start
         Lk = x.shape[1] if kv is None else kv.shape[1]
-        masks = _attention_masks(self.attention, self.heads, x.shape[1], Lk, x_start, kv_start, causal, x.device)
+        masks = _attention_masks(self.attention, self.heads, x.shape[1], Lk, kv_start, causal, x.device)
         for layer in self.layers:
             x = layer(x, kv, masks)
         return self.norm(x)
