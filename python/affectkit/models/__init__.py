@@ -9,6 +9,7 @@ from .base import WEIGHTS_FILE, read_weights
 from .dgcnn import DGCNN
 from .histn import HiSTN, gaussian_ordinal_loss, gaussian_ordinal_targets
 from .m2fnet import M2FNet
+from .mult import MulT
 
 NAMES = ("text-emotion", "vad", "empathy", "erc-meld")
 # What `affectkit train KIND` builds (erc trains the model shipped as erc-meld).
@@ -50,4 +51,5 @@ def load(name_or_path, *, features=None):
     return RegressionModel(tensors, config, features)
 
 
-__all__ = ["DGCNN", "M2FNet", "NAMES", "TRAIN_KINDS", "WEIGHTS_DIR", "HiSTN", "gaussian_ordinal_loss", "gaussian_ordinal_targets", "load", "resolve"]
+__all__ = ["DGCNN", "M2FNet", "MulT", "NAMES", "TRAIN_KINDS", "WEIGHTS_DIR", "HiSTN", "gaussian_ordinal_loss",
+           "gaussian_ordinal_targets", "load", "resolve"]
