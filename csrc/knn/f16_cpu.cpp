@@ -51,10 +51,24 @@ float l2sq_scalar(const float* a, const uint16_t* b, int64_t d) {
 }
 
 #ifdef AFFECTKIT_X86_F16
+// The zero-masked forms: GCC 12's unmasked _mm512_cvtph_ps / _mm512_reduce_add_ps start from
+// an "undefined" register and trip -Wuninitialized false positives.
+__attribute__((target("avx512f"), always_inline)) inline __m512 cvt16(__m256i h) {
+  return _mm512_maskz_cvtph_ps(0xFFFF, h);
+}
+
+__attribute__((target("avx512f"), always_inline)) inline float hsum_512(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  float s = 0.f;
+  for (float x : t) s += x;
+  return s;
+}
+
 __attribute__((target("avx512f"))) void convert_512(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+    _mm512_storeu_ps(dst + i, cvt16(_mm256_loadu_si256(
                                   reinterpret_cast<const __m256i*>(src + i))));
   for (; i < n; ++i) dst[i] = f16_to_f32(src[i]);
 }
@@ -63,13 +77,13 @@ __attribute__((target("avx512f"))) float dot_512(const float* a, const uint16_t*
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= d; j += 32) {
-    const __m512 b0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j)));
+    const __m512 b0 = cvt16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j)));
     const __m512 b1 =
-        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j + 16)));
+        cvt16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j + 16)));
     acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), b0, acc0);
     acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16), b1, acc1);
   }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  float s = hsum_512(_mm512_add_ps(acc0, acc1));
   for (; j < d; ++j) s += a[j] * f16_to_f32(b[j]);
   return s;
 }
@@ -80,14 +94,14 @@ __attribute__((target("avx512f"))) float l2sq_512(const float* a, const uint16_t
   for (; j + 32 <= d; j += 32) {
     const __m512 t0 = _mm512_sub_ps(
         _mm512_loadu_ps(a + j),
-        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j))));
+        cvt16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j))));
     const __m512 t1 = _mm512_sub_ps(
         _mm512_loadu_ps(a + j + 16),
-        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j + 16))));
+        cvt16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j + 16))));
     acc0 = _mm512_fmadd_ps(t0, t0, acc0);
     acc1 = _mm512_fmadd_ps(t1, t1, acc1);
   }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  float s = hsum_512(_mm512_add_ps(acc0, acc1));
   for (; j < d; ++j) {
     const float t = a[j] - f16_to_f32(b[j]);
     s += t * t;
