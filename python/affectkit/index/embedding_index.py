@@ -94,7 +94,7 @@ class EmbeddingIndex:
         metric: "cosine" (distance 1 - cos; vectors are normalised when added), "ip"
             (distance -<q, x>) or "l2" (squared Euclidean distance).
         dtype: storage type of the vectors: float32, or float16 (numpy or torch dtype, or its
-            name). float16 halves the memory and the bytes every search reads; vectors are
+            name). float16 halves the memory and the bytes read from the stored rows; vectors are
             rounded to float16 when added (after normalisation for cosine) and scored in
             float32 against float32 queries, so results are those of a float32 index holding
             the rounded vectors.
