@@ -12,6 +12,9 @@ unit vectors). Each group is one selectivity; impls:
     faiss-flat   IndexFlatIP + IDSelectorBitmap (exact), when faiss-cpu is installed
     faiss-hnsw   IndexHNSWFlat(M=32) + IDSelectorBitmap at the smallest efSearch in
                  16..1024 that reaches recall 0.95 (or its best), when faiss-cpu is installed
+    hnswlib      hnswlib M=16 efC=100 with its filter (a Python callable per visited node) at
+                 the smallest ef in 16..1024 reaching recall 0.95 on 200 of the queries (or its
+                 best), when hnswlib is installed
 Recall@10 against the exact answer is stored in extra_info["recall"] and printed.
 
 Floor (full size, per query, selectivity s): an exact scan reads s * 200,000 * 384 * 4 B
@@ -36,6 +39,7 @@ import numpy as np
 import pytest
 import torch
 
+from _knn_baselines import build_hnswlib, hnswlib_or_none, hnswlib_search, skip_without, sweep_ef
 from affectkit.index import EmbeddingIndex
 
 FULL = os.environ.get("AFFECTKIT_KNN_FULL") == "1"
@@ -179,3 +183,28 @@ def bench_faiss_hnsw(bench, benchmark, data, sel):
     bench(f"filtered_knn sel={sel} N={N}", "faiss-hnsw", lambda: hnsw.search(q, K, params=params))
     benchmark.extra_info["efSearch"] = ef
     _report(benchmark, f"faiss-hnsw(ef={ef})", sel, rec)
+
+
+@pytest.fixture(scope="module")
+def hnswlib_index(data):
+    hnswlib = hnswlib_or_none()
+    if hnswlib is None:
+        skip_without("hnswlib")
+    return build_hnswlib(hnswlib, data[0], tag="filtered_knn")
+
+
+@pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))
+def bench_hnswlib(bench, benchmark, data, hnswlib_index, sel):
+    x, q, labels, index, exact, _ = data
+    mask = labels == SELECTIVITY_LABEL[sel]
+    sweep_rows = np.arange(min(NQ, 200))  # the filter is a Python callback: sweep on a subset
+
+    def at(ef):
+        hnswlib_index.set_ef(ef)
+        return hnswlib_search(hnswlib_index, q[sweep_rows], K, mask)
+
+    ef, _ = sweep_ef(at, exact[sel], sweep_rows)
+    hnswlib_index.set_ef(ef)
+    ids = bench(f"filtered_knn sel={sel} N={N}", "hnswlib", hnswlib_search, hnswlib_index, q, K, mask)
+    benchmark.extra_info["ef"] = ef
+    _report(benchmark, f"hnswlib(ef={ef})", sel, recall(ids, exact[sel]))

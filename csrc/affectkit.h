@@ -5,4 +5,5 @@
 #include "pooling/pooling.h"
 #include "attention/attention.h"
 #include "graph/graph.h"
+#include "knn/f16.h"
 #include "knn/knn.h"

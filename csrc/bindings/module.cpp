@@ -279,19 +279,23 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Gradients of hierarchical_pool_forward (grad_x, grad_scores; either may be 0).");
   // --- knn -------------------------------------------------------------------------
+  m.def("knn_f16_kernel", [] { return std::string(knn::f16_kernel_name()); },
+        "Which float16 row code this CPU runs: 'avx512', 'f16c' or 'scalar'.");
   m.def(
       "exact_knn",
       [](int device, int dtype, uintptr_t queries, int64_t nq, uintptr_t database, int64_t n,
          int64_t d, int metric, int64_t k, uintptr_t mask, bool mask_per_query,
          uintptr_t cand_offsets, uintptr_t cand_rows, uintptr_t row_ids, uintptr_t db_sqnorms,
-         uintptr_t out_dist, uintptr_t out_ids, uintptr_t stream) {
+         uintptr_t out_dist, uintptr_t out_ids, uintptr_t stream, int db_dtype) {
         knn::Filter filter;
         filter.mask = cptr<uint8_t>(mask);
         filter.mask_per_query = mask_per_query;
         filter.cand_offsets = cptr<int64_t>(cand_offsets);
         filter.cand_rows = cptr<int64_t>(cand_rows);
-        knn::exact_search(device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
-                          cptr<void>(queries), nq, cptr<void>(database), n, d,
+        const DType qt = dtype_from_code(dtype, "dtype");
+        knn::exact_search(device_from_code(device, "device"), qt, cptr<void>(queries), nq,
+                          cptr<void>(database),
+                          db_dtype < 0 ? qt : dtype_from_code(db_dtype, "db_dtype"), n, d,
                           knn::metric_from_code(metric, "metric"), k, filter,
                           cptr<int64_t>(row_ids), cptr<void>(db_sqnorms), mptr<void>(out_dist),
                           mptr<int64_t>(out_ids), stream);
@@ -301,35 +305,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("mask") = 0, py::arg("mask_per_query") = false, py::arg("cand_offsets") = 0,
       py::arg("cand_rows") = 0, py::arg("row_ids") = 0, py::arg("db_sqnorms") = 0,
       py::arg("out_dist") = 0, py::arg("out_ids") = 0, py::arg("stream") = 0,
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("db_dtype") = -1, py::call_guard<py::gil_scoped_release>(),
       "Exact filtered k-NN: for each query the k allowed rows with the smallest distance "
       "(metric 0 ip: -<q,x>, 1 l2: squared, 2 cosine: 1-<q,x> on unit vectors); ties to the "
       "smaller id; padded with id -1 and +inf. Filter: a byte mask (n,) or (nq, n), or CSR "
-      "candidate rows per query.");
+      "candidate rows per query. db_dtype: -1 (the queries' dtype) or, on the CPU, float16 rows "
+      "with float32 queries (scored in float32).");
 
   py::class_<knn::HnswGraph>(m, "HnswGraph",
-                             "HNSW-style graph over float32 rows owned by the caller; filtered "
+                             "HNSW-style graph over float32 or float16 rows owned by the caller; filtered "
                              "search walks through every node and collects only allowed ones.")
       .def(py::init([](int64_t dim, int metric, int64_t M, int64_t ef_construction,
-                       uint64_t seed) {
+                       uint64_t seed, int row_dtype) {
              return std::make_unique<knn::HnswGraph>(
-                 dim, knn::metric_from_code(metric, "metric"), M, ef_construction, seed);
+                 dim, knn::metric_from_code(metric, "metric"), M, ef_construction, seed,
+                 dtype_from_code(row_dtype, "row_dtype"));
            }),
            py::arg("dim"), py::arg("metric"), py::arg("M") = 16,
-           py::arg("ef_construction") = 100, py::arg("seed") = 0)
+           py::arg("ef_construction") = 100, py::arg("seed") = 0, py::arg("row_dtype") = 0)
       .def(
           "add",
           [](knn::HnswGraph& g, uintptr_t rows, int64_t count) {
-            g.add(cptr<float>(rows), count);
+            g.add(cptr<void>(rows), count);
           },
           py::arg("rows"), py::arg("count"), py::call_guard<py::gil_scoped_release>(),
-          "Insert rows [size(), size() + count) of the float32 table at `rows` (OpenMP).")
+          "Insert rows [size(), size() + count) of the table at `rows` (row_dtype; OpenMP).")
       .def(
           "search",
           [](const knn::HnswGraph& g, uintptr_t rows, uintptr_t queries, int64_t nq, int64_t k,
              int64_t ef, uintptr_t allow, bool allow_per_query, uintptr_t out_dist,
              uintptr_t out_rows) {
-            g.search(cptr<float>(rows), cptr<float>(queries), nq, k, ef, cptr<uint8_t>(allow),
+            g.search(cptr<void>(rows), cptr<float>(queries), nq, k, ef, cptr<uint8_t>(allow),
                      allow_per_query, mptr<float>(out_dist), mptr<int64_t>(out_rows));
           },
           py::arg("rows"), py::arg("queries"), py::arg("nq"), py::arg("k"), py::arg("ef"),
@@ -340,6 +346,7 @@ PYBIND11_MODULE(_C, m) {
       .def("dim", &knn::HnswGraph::dim)
       .def("M", &knn::HnswGraph::M)
       .def("metric", [](const knn::HnswGraph& g) { return static_cast<int>(g.metric()); })
+      .def("row_dtype", [](const knn::HnswGraph& g) { return static_cast<int>(g.row_dtype()); })
       .def(
           "to_flat",
           [](const knn::HnswGraph& g) {

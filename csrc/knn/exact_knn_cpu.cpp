@@ -16,9 +16,11 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/dispatch.h"
+#include "f16.h"
 #include "knn.h"
 #include "topk.h"
 
@@ -37,6 +39,25 @@ constexpr int64_t kQueryBlock = 24;  // queries sharing one pass over a row tile
 constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stays in L2)
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
 constexpr int64_t kGatherBudgetBytes = int64_t(1) << 30;  // copy passing rows up to 1 GiB
+
+// Storage type of float16 database rows (IEEE binary16 bits). Such rows are converted to
+// float32 wherever rows are copied anyway (packing tiles and panels), so the scoring kernels
+// are the float32 ones and the stored bytes read per pass are halved.
+struct Half {
+  uint16_t bits;
+};
+
+// dst[0, count) = src[0, count) as T: a plain copy, or a float16 -> float32 conversion.
+template <typename T, typename S>
+inline void load_values(const S* src, int64_t count, T* dst) {
+  if constexpr (std::is_same_v<S, Half>) {
+    static_assert(std::is_same_v<T, float>, "float16 rows are scored in float32");
+    f16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, count);
+  } else {
+    static_assert(std::is_same_v<S, T>, "rows are stored as the query type or as float16");
+    std::memcpy(dst, src, sizeof(T) * count);
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Micro-kernel (the GEMM way, no horizontal sums): a sub-tile of 2W rows is packed
@@ -188,32 +209,66 @@ void score_panels(const T* q, int64_t nqb, const T* panels, int64_t nrows, int64
 }
 
 // Pack rows (rows[i], or i when rows is null; i < m) into panels of R rows.
-template <typename T>
-std::vector<T> pack_panels(const T* db, const int64_t* rows, int64_t m, int64_t d) {
+template <typename T, typename S>
+std::vector<T> pack_panels(const S* db, const int64_t* rows, int64_t m, int64_t d) {
   const int64_t R = panel_rows<T>();
   const int64_t npanels = (m + R - 1) / R;
   std::vector<T> out(static_cast<size_t>(npanels * R * d));
-#pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < npanels; ++p) {
-    T* dst = out.data() + p * R * d;
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t i = p * R + r;
-      if (i < m) {
-        const T* src = db + (rows ? rows[i] : i) * d;
-        for (int64_t j = 0; j < d; ++j) dst[j * R + r] = src[j];
-      } else {
-        for (int64_t j = 0; j < d; ++j) dst[j * R + r] = T(0);
+#pragma omp parallel
+  {
+    std::vector<T> row(std::is_same_v<S, T> ? 0 : d);  // one converted float16 row
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < npanels; ++p) {
+      T* dst = out.data() + p * R * d;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = p * R + r;
+        if (i < m) {
+          const S* stored = db + (rows ? rows[i] : i) * d;
+          const T* src;
+          if constexpr (std::is_same_v<S, T>) {
+            src = stored;
+          } else {
+            load_values(stored, d, row.data());
+            src = row.data();
+          }
+          for (int64_t j = 0; j < d; ++j) dst[j * R + r] = src[j];
+        } else {
+          for (int64_t j = 0; j < d; ++j) dst[j * R + r] = T(0);
+        }
       }
     }
   }
   return out;
 }
 
+// ||row||^2 of every stored row, in T.
+template <typename T, typename S>
+std::vector<T> row_sqnorms(const S* db, int64_t n, int64_t d);
+
 template <typename T>
 AFFECTKIT_SIMD_CLONES T sqnorm(const T* __restrict x, int64_t d) {
   T s = 0;
   for (int64_t j = 0; j < d; ++j) s += x[j] * x[j];
   return s;
+}
+
+template <typename T, typename S>
+std::vector<T> row_sqnorms(const S* db, int64_t n, int64_t d) {
+  std::vector<T> out(n);
+#pragma omp parallel
+  {
+    std::vector<T> row(std::is_same_v<S, T> ? 0 : d);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (std::is_same_v<S, T>) {
+        out[i] = sqnorm(db + i * d, d);
+      } else {
+        load_values(db + i * d, d, row.data());
+        out[i] = sqnorm(row.data(), d);
+      }
+    }
+  }
+  return out;
 }
 
 template <typename T>
@@ -232,8 +287,8 @@ inline T to_distance(T ip, Metric metric, T qn, T xn) {
 // Shared row list (all rows, or the rows a shared mask lets through): blocked kernel.
 // `qmask` (per-query mask, or null) is checked while folding scores into the top-k.
 // ---------------------------------------------------------------------------------------
-template <typename T>
-void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d,
+template <typename T, typename S>
+void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64_t d,
                      Metric metric, int64_t k, const int64_t* rows /* null: 0..m-1 */,
                      const T* panels /* null, or the m rows pre-packed by pack_panels */,
                      int64_t m, const uint8_t* qmask, const int64_t* row_ids, const T* xnorm,
@@ -265,7 +320,8 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
 #pragma omp parallel
   {
     std::vector<T> scores(kQueryBlock * kRowTile);
-    std::vector<T> pack(packed && !panels ? kRowTile * d : 0);
+    constexpr bool convert = !std::is_same_v<S, T>;  // float16 rows: always via `pack`
+    std::vector<T> pack((packed || convert) && !panels ? kRowTile * d : 0);
     std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t qb = 0; qb < nqb; ++qb) {
@@ -284,8 +340,10 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
           } else {
             const T* tile;
             if (packed) {
-              for (int64_t r = 0; r < nr; ++r)
-                std::memcpy(&pack[r * d], db + rows[r0 + r] * d, sizeof(T) * d);
+              for (int64_t r = 0; r < nr; ++r) load_values(db + rows[r0 + r] * d, d, &pack[r * d]);
+              tile = pack.data();
+            } else if constexpr (convert) {
+              load_values(db + r0 * d, nr * d, pack.data());
               tile = pack.data();
             } else {
               tile = db + r0 * d;
@@ -328,8 +386,8 @@ void search_row_list(const T* queries, int64_t nq, const T* db, int64_t n, int64
 // ---------------------------------------------------------------------------------------
 // Per-query candidate lists (a selective per-query filter): one query against its rows.
 // ---------------------------------------------------------------------------------------
-template <typename T>
-void search_per_query_lists(const T* queries, int64_t nq, const T* db, int64_t d,
+template <typename T, typename S>
+void search_per_query_lists(const T* queries, int64_t nq, const S* db, int64_t d,
                             Metric metric, int64_t k, const int64_t* offsets,
                             const int64_t* cand, const int64_t* row_ids, const T* xnorm,
                             const T* qnorm, T* out_dist, int64_t* out_ids) {
@@ -347,8 +405,7 @@ void search_per_query_lists(const T* queries, int64_t nq, const T* db, int64_t d
       const T qn = qnorm ? qnorm[qi] : T(0);
       for (int64_t i = b; i < e; i += kChunk) {
         const int64_t nr = std::min<int64_t>(kChunk, e - i);
-        for (int64_t r = 0; r < nr; ++r)
-          std::memcpy(&pack[r * d], db + cand[i + r] * d, sizeof(T) * d);
+        for (int64_t r = 0; r < nr; ++r) load_values(db + cand[i + r] * d, d, &pack[r * d]);
         score_tile(queries + qi * d, 1, pack.data(), nr, d, s, work.data());
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t row = cand[i + r];
@@ -369,15 +426,15 @@ void search_per_query_lists(const T* queries, int64_t nq, const T* db, int64_t d
 
 // Pack the rows into panels once when several query blocks will reuse them and they fit the
 // budget; otherwise (one block of queries, or a huge table) tiles are packed on the fly.
-template <typename T>
-std::vector<T> maybe_panels(const T* db, const int64_t* rows, int64_t m, int64_t d, int64_t nq) {
+template <typename T, typename S>
+std::vector<T> maybe_panels(const S* db, const int64_t* rows, int64_t m, int64_t d, int64_t nq) {
   if (nq <= kQueryBlock || m == 0 || m * d * static_cast<int64_t>(sizeof(T)) > kGatherBudgetBytes)
     return {};
-  return pack_panels(db, rows, m, d);
+  return pack_panels<T>(db, rows, m, d);
 }
 
-template <typename T>
-void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d,
+template <typename T, typename S>
+void exact_search_typed(const T* queries, int64_t nq, const S* db, int64_t n, int64_t d,
                         Metric metric, int64_t k, const Filter& f, const int64_t* row_ids,
                         const T* db_sqnorms, T* out_dist, int64_t* out_ids) {
   if (nq == 0) return;
@@ -392,9 +449,7 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
     if (db_sqnorms) {
       xnorm = db_sqnorms;
     } else {
-      xnorm_store.resize(n);
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; ++i) xnorm_store[i] = sqnorm(db + i * d, d);
+      xnorm_store = row_sqnorms<T>(db, n, d);
       xnorm = xnorm_store.data();
     }
   }
@@ -418,8 +473,8 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
     for (int64_t qi = 0; qi < nq; ++qi) counts[qi + 1] += counts[qi];
     const double density = n ? double(counts[nq]) / (double(nq) * double(n)) : 0.0;
     if (density >= 0.15) {
-      const std::vector<T> panels = maybe_panels(db, nullptr, n, d, nq);
-      search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr,
+      const std::vector<T> panels = maybe_panels<T>(db, nullptr, n, d, nq);
+      search_row_list<T, S>(queries, nq, db, n, d, metric, k, nullptr,
                          panels.empty() ? nullptr : panels.data(), n, f.mask, row_ids, xnorm,
                          qnorm, out_dist, out_ids);
       return;
@@ -443,14 +498,14 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
       if (f.mask[r]) rows.push_back(r);
     const int64_t m = static_cast<int64_t>(rows.size());
     const int64_t* row_list = m == n ? nullptr : rows.data();
-    const std::vector<T> panels = maybe_panels(db, row_list, m, d, nq);
-    search_row_list<T>(queries, nq, db, n, d, metric, k, row_list,
+    const std::vector<T> panels = maybe_panels<T>(db, row_list, m, d, nq);
+    search_row_list<T, S>(queries, nq, db, n, d, metric, k, row_list,
                        panels.empty() ? nullptr : panels.data(), m, nullptr, row_ids, xnorm,
                        qnorm, out_dist, out_ids);
     return;
   }
-  const std::vector<T> panels = maybe_panels(db, nullptr, n, d, nq);
-  search_row_list<T>(queries, nq, db, n, d, metric, k, nullptr,
+  const std::vector<T> panels = maybe_panels<T>(db, nullptr, n, d, nq);
+  search_row_list<T, S>(queries, nq, db, n, d, metric, k, nullptr,
                      panels.empty() ? nullptr : panels.data(), n, nullptr, row_ids, xnorm, qnorm,
                      out_dist, out_ids);
 }
@@ -459,9 +514,15 @@ void exact_search_typed(const T* queries, int64_t nq, const T* db, int64_t n, in
 
 namespace detail {
 void exact_search_cpu(DType dtype, const void* queries, int64_t nq, const void* database,
-                      int64_t n, int64_t d, Metric metric, int64_t k, const Filter& filter,
-                      const int64_t* row_ids, const void* db_sqnorms, void* out_dist,
-                      int64_t* out_ids) {
+                      DType db_dtype, int64_t n, int64_t d, Metric metric, int64_t k,
+                      const Filter& filter, const int64_t* row_ids, const void* db_sqnorms,
+                      void* out_dist, int64_t* out_ids) {
+  if (db_dtype != dtype) {  // float16 rows, float32 queries (checked by exact_search)
+    exact_search_typed(static_cast<const float*>(queries), nq, static_cast<const Half*>(database),
+                       n, d, metric, k, filter, row_ids, static_cast<const float*>(db_sqnorms),
+                       static_cast<float*>(out_dist), out_ids);
+    return;
+  }
   AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "queries", T, [&] {
     exact_search_typed(static_cast<const T*>(queries), nq, static_cast<const T*>(database), n,
                        d, metric, k, filter, row_ids, static_cast<const T*>(db_sqnorms),
@@ -474,6 +535,19 @@ void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
                   const void* database, int64_t n, int64_t d, Metric metric, int64_t k,
                   const Filter& filter, const int64_t* row_ids, const void* db_sqnorms,
                   void* out_dist, int64_t* out_ids, uintptr_t stream) {
+  exact_search(device, dtype, queries, nq, database, dtype, n, d, metric, k, filter, row_ids,
+               db_sqnorms, out_dist, out_ids, stream);
+}
+
+void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
+                  const void* database, DType db_dtype, int64_t n, int64_t d, Metric metric,
+                  int64_t k, const Filter& filter, const int64_t* row_ids,
+                  const void* db_sqnorms, void* out_dist, int64_t* out_ids, uintptr_t stream) {
+  if (db_dtype != dtype &&
+      !(device == Device::CPU && dtype == DType::Float32 && db_dtype == DType::Float16))
+    throw TypeError(std::string("database: expected the dtype of queries (") + dtype_name(dtype) +
+                    "), or float16 with float32 queries on the CPU, got " +
+                    dtype_name(db_dtype) + (device == Device::CPU ? "" : " on CUDA"));
   check_dims_nonnegative("nq", nq);
   check_dims_nonnegative("n", n);
   check_dims_nonnegative("d", d);
@@ -520,8 +594,8 @@ void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
                          "] = " + std::to_string(filter.cand_rows[i]));
   }
   if (filter.mask) check_pointer("filter.mask", filter.mask, filter.mask_per_query ? nq * n : n);
-  detail::exact_search_cpu(dtype, queries, nq, database, n, d, metric, k, filter, row_ids,
-                           db_sqnorms, out_dist, out_ids);
+  detail::exact_search_cpu(dtype, queries, nq, database, db_dtype, n, d, metric, k, filter,
+                           row_ids, db_sqnorms, out_dist, out_ids);
 }
 
 }  // namespace affectkit::knn

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../core/dispatch.h"
+#include "f16.h"
 #include "knn.h"
 
 namespace affectkit::knn {
@@ -132,20 +133,46 @@ using MinQueue = std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>
 using MaxQueue = std::priority_queue<Cand>;
 
 constexpr int32_t kMagic = 0x57534E48;  // "HNSW"
-constexpr int32_t kVersion = 1;
-constexpr int kHeader = 11;
+constexpr int32_t kVersionF32 = 1;      // 11 header words, float32 rows
+constexpr int32_t kVersionTyped = 2;    // 12 header words, the last one the row dtype
+constexpr int kHeaderF32 = 11;
 constexpr int kMaxLevel = 30;
 
 }  // namespace
 
 struct HnswGraph::Impl {
-  static float dist(const HnswGraph& g, const float* a, const float* b) {
-    const Kernels& k = kernels();
-    switch (g.metric_) {
-      case Metric::InnerProduct: return -k.dot(a, b, g.dim_);
-      case Metric::Cosine: return 1.0f - k.dot(a, b, g.dim_);
-      default: return k.l2sq(a, b, g.dim_);
+  // Distance from a float32 vector q to stored row v (float32 or float16).
+  static float dist(const HnswGraph& g, const float* q, const void* rows, int32_t v) {
+    const int64_t at = static_cast<int64_t>(v) * g.dim_;
+    if (g.row_dtype_ == DType::Float16) {
+      const uint16_t* x = static_cast<const uint16_t*>(rows) + at;
+      switch (g.metric_) {
+        case Metric::InnerProduct: return -dot_f32_f16(q, x, g.dim_);
+        case Metric::Cosine: return 1.0f - dot_f32_f16(q, x, g.dim_);
+        default: return l2sq_f32_f16(q, x, g.dim_);
+      }
     }
+    const Kernels& k = kernels();
+    const float* x = static_cast<const float*>(rows) + at;
+    switch (g.metric_) {
+      case Metric::InnerProduct: return -k.dot(q, x, g.dim_);
+      case Metric::Cosine: return 1.0f - k.dot(q, x, g.dim_);
+      default: return k.l2sq(q, x, g.dim_);
+    }
+  }
+
+  // Row v as float32: the stored row itself, or its conversion into `buf`.
+  static const float* row_f32(const HnswGraph& g, const void* rows, int32_t v,
+                              std::vector<float>& buf) {
+    const int64_t at = static_cast<int64_t>(v) * g.dim_;
+    if (g.row_dtype_ != DType::Float16) return static_cast<const float*>(rows) + at;
+    buf.resize(g.dim_);
+    f16_to_f32(static_cast<const uint16_t*>(rows) + at, buf.data(), g.dim_);
+    return buf.data();
+  }
+
+  static int64_t row_bytes(const HnswGraph& g) {
+    return g.dim_ * (g.row_dtype_ == DType::Float16 ? 2 : 4);
   }
 
   // Copy a node's links at a level (under its lock while the graph is being built).
@@ -163,15 +190,15 @@ struct HnswGraph::Impl {
     }
   }
 
-  static int32_t greedy(const HnswGraph& g, const float* rows, const float* q, int32_t cur,
+  static int32_t greedy(const HnswGraph& g, const void* rows, const float* q, int32_t cur,
                         int level, bool locked) {
-    float dcur = dist(g, q, rows + static_cast<int64_t>(cur) * g.dim_);
+    float dcur = dist(g, q, rows, cur);
     std::vector<int32_t> nb;
     for (bool changed = true; changed;) {
       changed = false;
       read_links(g, cur, level, locked, nb);
       for (int32_t v : nb) {
-        const float dv = dist(g, q, rows + static_cast<int64_t>(v) * g.dim_);
+        const float dv = dist(g, q, rows, v);
         if (dv < dcur) {
           dcur = dv;
           cur = v;
@@ -184,13 +211,13 @@ struct HnswGraph::Impl {
 
   // Beam search on one level; results ascending. `allow` (or null) decides which nodes may
   // be collected; every node is walked through regardless.
-  static std::vector<Cand> beam(const HnswGraph& g, const float* rows, const float* q,
+  static std::vector<Cand> beam(const HnswGraph& g, const void* rows, const float* q,
                                 int32_t entry, int level, int64_t ef, const uint8_t* allow,
                                 bool locked, Visited& vis) {
     vis.reset(g.level_.size());
     MinQueue cand;
     MaxQueue res;
-    const float d0 = dist(g, q, rows + static_cast<int64_t>(entry) * g.dim_);
+    const float d0 = dist(g, q, rows, entry);
     cand.push({d0, entry});
     vis.test_and_set(entry);
     if (!allow || allow[entry]) res.push({d0, entry});
@@ -205,12 +232,13 @@ struct HnswGraph::Impl {
       for (int32_t v : nb)
         if (!vis.test_and_set(v)) {
           nb[fresh++] = v;
-          const char* row = reinterpret_cast<const char*>(rows + static_cast<int64_t>(v) * g.dim_);
-          for (int64_t off = 0; off < 256 && off < g.dim_ * 4; off += 64) __builtin_prefetch(row + off);
+          const int64_t bytes = row_bytes(g);
+          const char* row = static_cast<const char*>(rows) + static_cast<int64_t>(v) * bytes;
+          for (int64_t off = 0; off < 256 && off < bytes; off += 64) __builtin_prefetch(row + off);
         }
       nb.resize(fresh);
       for (int32_t v : nb) {
-        const float dv = dist(g, q, rows + static_cast<int64_t>(v) * g.dim_);
+        const float dv = dist(g, q, rows, v);
         if (static_cast<int64_t>(res.size()) < ef || dv < res.top().first) {
           cand.push({dv, v});
           if (!allow || allow[v]) {
@@ -231,16 +259,17 @@ struct HnswGraph::Impl {
   // The HNSW heuristic: keep a candidate only if it is closer to the base than to every kept
   // one (spreads links over directions); then fill free slots with the closest pruned ones,
   // which keeps more paths open for filtered walks.
-  static std::vector<Cand> select(const HnswGraph& g, const float* rows,
+  static std::vector<Cand> select(const HnswGraph& g, const void* rows,
                                   const std::vector<Cand>& sorted, int64_t m) {
     if (static_cast<int64_t>(sorted.size()) <= m) return sorted;
     std::vector<Cand> kept, pruned;
+    std::vector<float> buf;
     for (const Cand& c : sorted) {
       if (static_cast<int64_t>(kept.size()) >= m) break;
       bool good = true;
+      const float* cv = kept.empty() ? nullptr : row_f32(g, rows, c.second, buf);
       for (const Cand& r : kept)
-        if (dist(g, rows + static_cast<int64_t>(c.second) * g.dim_,
-                 rows + static_cast<int64_t>(r.second) * g.dim_) < c.first) {
+        if (dist(g, cv, rows, r.second) < c.first) {
           good = false;
           break;
         }
@@ -252,7 +281,7 @@ struct HnswGraph::Impl {
     return kept;
   }
 
-  static void connect(HnswGraph& g, const float* rows, int32_t node, int level,
+  static void connect(HnswGraph& g, const void* rows, int32_t node, int level,
                       const std::vector<Cand>& nbrs) {
     {
       std::lock_guard<std::mutex> lock(*g.locks_[node]);
@@ -261,6 +290,7 @@ struct HnswGraph::Impl {
       for (size_t i = 0; i < nbrs.size(); ++i) s[1 + i] = nbrs[i].second;
     }
     const int64_t cap = g.cap(level);
+    std::vector<float> buf;
     for (const Cand& nb : nbrs) {
       std::lock_guard<std::mutex> lock(*g.locks_[nb.second]);
       int32_t* s = g.slot(nb.second, level);
@@ -272,12 +302,12 @@ struct HnswGraph::Impl {
         continue;
       }
       // Full: re-select among the old links and the new node.
-      const float* base = rows + static_cast<int64_t>(nb.second) * g.dim_;
+      const float* base = row_f32(g, rows, nb.second, buf);
       std::vector<Cand> all;
       all.reserve(cnt + 1);
       all.push_back({nb.first, node});
       for (int32_t i = 0; i < cnt; ++i)
-        all.push_back({dist(g, base, rows + static_cast<int64_t>(s[1 + i]) * g.dim_), s[1 + i]});
+        all.push_back({dist(g, base, rows, s[1 + i]), s[1 + i]});
       std::sort(all.begin(), all.end());
       const std::vector<Cand> keep = select(g, rows, all, cap);
       s[0] = static_cast<int32_t>(keep.size());
@@ -285,13 +315,14 @@ struct HnswGraph::Impl {
     }
   }
 
-  static void insert(HnswGraph& g, const float* rows, int32_t node, Visited& vis) {
+  static void insert(HnswGraph& g, const void* rows, int32_t node, Visited& vis) {
     const int lvl = g.level_[node];
     std::unique_lock<std::mutex> glock(g.global_);
     const int32_t ep = g.entry_;
     const int maxl = g.max_level_;
     if (lvl <= maxl) glock.unlock();  // only a new top node keeps the global lock
-    const float* q = rows + static_cast<int64_t>(node) * g.dim_;
+    std::vector<float> qbuf;
+    const float* q = row_f32(g, rows, node, qbuf);
     int32_t cur = ep;
     for (int l = maxl; l > lvl; --l) cur = greedy(g, rows, q, cur, l, true);
     for (int l = std::min(lvl, maxl); l >= 0; --l) {
@@ -311,8 +342,14 @@ struct HnswGraph::Impl {
 };
 
 HnswGraph::HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction,
-                     uint64_t seed)
-    : dim_(dim), M_(M), ef_construction_(ef_construction), metric_(metric), rng_state_(seed) {
+                     uint64_t seed, DType row_dtype)
+    : dim_(dim),
+      M_(M),
+      ef_construction_(ef_construction),
+      metric_(metric),
+      row_dtype_(row_dtype),
+      rng_state_(seed) {
+  check_dtype_in("row_dtype", row_dtype, {DType::Float32, DType::Float16});
   if (dim <= 0) throw ValueError("dim: expected a positive integer, got " + std::to_string(dim));
   if (M < 2 || M > 1024)
     throw ValueError("M: expected a value in [2, 1024], got " + std::to_string(M));
@@ -335,7 +372,7 @@ int HnswGraph::draw_level() {
   return std::min(level, kMaxLevel);
 }
 
-void HnswGraph::add(const float* rows, int64_t count) {
+void HnswGraph::add(const void* rows, int64_t count) {
   check_dims_nonnegative("count", count);
   const int64_t start = size(), total = start + count;
   check_pointer("rows", rows, total * dim_);
@@ -364,7 +401,7 @@ void HnswGraph::add(const float* rows, int64_t count) {
   }
 }
 
-void HnswGraph::search(const float* rows, const float* queries, int64_t nq, int64_t k,
+void HnswGraph::search(const void* rows, const float* queries, int64_t nq, int64_t k,
                        int64_t ef, const uint8_t* allow, bool allow_per_query, float* out_dist,
                        int64_t* out_rows) const {
   check_dims_nonnegative("nq", nq);
@@ -400,8 +437,9 @@ void HnswGraph::search(const float* rows, const float* queries, int64_t nq, int6
 
 std::vector<int32_t> HnswGraph::to_flat() const {
   const int64_t n = size();
+  const bool typed = row_dtype_ != DType::Float32;
   std::vector<int32_t> out = {kMagic,
-                              kVersion,
+                              typed ? kVersionTyped : kVersionF32,
                               static_cast<int32_t>(dim_),
                               static_cast<int32_t>(metric_),
                               static_cast<int32_t>(M_),
@@ -411,6 +449,7 @@ std::vector<int32_t> HnswGraph::to_flat() const {
                               static_cast<int32_t>(n),
                               static_cast<int32_t>(rng_state_ & 0xFFFFFFFFu),
                               static_cast<int32_t>(rng_state_ >> 32)};
+  if (typed) out.push_back(static_cast<int32_t>(row_dtype_));
   out.insert(out.end(), level_.begin(), level_.end());
   for (int64_t i = 0; i < n; ++i) out.insert(out.end(), links_[i].begin(), links_[i].end());
   return out;
@@ -418,16 +457,28 @@ std::vector<int32_t> HnswGraph::to_flat() const {
 
 std::unique_ptr<HnswGraph> HnswGraph::from_flat(const int32_t* data, int64_t count) {
   auto bad = [](const std::string& what) { return ValueError("graph: " + what); };
-  if (count < kHeader || data == nullptr)
+  if (count < kHeaderF32 || data == nullptr)
+    throw bad("expected at least " + std::to_string(kHeaderF32) + " header words, got " +
+              std::to_string(count));
+  if (data[0] != kMagic || (data[1] != kVersionF32 && data[1] != kVersionTyped))
+    throw bad("expected magic " + std::to_string(kMagic) + " and version " +
+              std::to_string(kVersionF32) + " or " + std::to_string(kVersionTyped) + ", got " +
+              std::to_string(data[0]) + "/" + std::to_string(data[1]));
+  const int kHeader = data[1] == kVersionTyped ? kHeaderF32 + 1 : kHeaderF32;
+  if (count < kHeader)
     throw bad("expected at least " + std::to_string(kHeader) + " header words, got " +
               std::to_string(count));
-  if (data[0] != kMagic || data[1] != kVersion)
-    throw bad("expected magic/version " + std::to_string(kMagic) + "/" +
-              std::to_string(kVersion) + ", got " + std::to_string(data[0]) + "/" +
-              std::to_string(data[1]));
+  DType row_dtype = DType::Float32;
+  if (data[1] == kVersionTyped) {
+    if (data[11] != static_cast<int32_t>(DType::Float32) &&
+        data[11] != static_cast<int32_t>(DType::Float16))
+      throw bad("expected row dtype code 0 (float32) or 2 (float16), got " +
+                std::to_string(data[11]));
+    row_dtype = static_cast<DType>(data[11]);
+  }
   const uint64_t seed = static_cast<uint32_t>(data[9]) | (static_cast<uint64_t>(static_cast<uint32_t>(data[10])) << 32);
   auto g = std::make_unique<HnswGraph>(data[2], metric_from_code(data[3], "graph metric"), data[4],
-                                       data[5], seed);
+                                       data[5], seed, row_dtype);
   const int64_t n = data[8];
   if (n < 0 || count < kHeader + n) throw bad("row count " + std::to_string(n) + " out of range");
   g->entry_ = data[6];

@@ -44,8 +44,21 @@ void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
                   const Filter& filter, const int64_t* row_ids, const void* db_sqnorms,
                   void* out_dist, int64_t* out_ids, uintptr_t stream = 0);
 
-// An HNSW-style proximity graph over float32 rows that the caller owns and keeps alive
-// (the graph stores only links; rows are passed to add and search). Filtered search walks
+// The same with the database's dtype given apart: `db_dtype` equal to `dtype` (as above), or,
+// on the CPU, float16 rows (IEEE binary16) with float32 queries. Those rows are converted to
+// float32 as they are packed for scoring (AVX-512F or F16C at run time, scalar otherwise) and
+// scored in float32: the result is the float32 search of the rows rounded to float16, at half
+// the stored bytes. db_sqnorms (optional) and out_dist are then float32.
+void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
+                  const void* database, DType db_dtype, int64_t n, int64_t d, Metric metric,
+                  int64_t k, const Filter& filter, const int64_t* row_ids,
+                  const void* db_sqnorms, void* out_dist, int64_t* out_ids,
+                  uintptr_t stream = 0);
+
+// An HNSW-style proximity graph over float32 or float16 rows (`row_dtype`, fixed at
+// construction) that the caller owns and keeps alive (the graph stores only links; rows are
+// passed to add and search). Queries are float32; float16 rows are scored against them in
+// float32 (F16C / AVX-512 conversion at run time, scalar otherwise). Filtered search walks
 // through every node but collects only allowed ones ("walk through, collect passing"), so
 // the graph stays navigable however few rows pass; the beam stops once `ef` allowed rows
 // are closer than every unexplored candidate.
@@ -54,15 +67,16 @@ void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
 // interleaving of the threads.
 class HnswGraph {
  public:
-  HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction, uint64_t seed);
+  HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction, uint64_t seed,
+            DType row_dtype = DType::Float32);
   ~HnswGraph();
 
-  // Inserts rows [size(), size() + count) of `rows` (the whole table, row-major).
-  void add(const float* rows, int64_t count);
+  // Inserts rows [size(), size() + count) of `rows` (the whole table, row-major, row_dtype).
+  void add(const void* rows, int64_t count);
 
   // For each query: up to k allowed rows < size() (row indices, ascending distance; -1/+inf
   // padding). `allow`: null (all rows), (size(),) bytes shared, or (nq, size()) per query.
-  void search(const float* rows, const float* queries, int64_t nq, int64_t k, int64_t ef,
+  void search(const void* rows, const float* queries, int64_t nq, int64_t k, int64_t ef,
               const uint8_t* allow, bool allow_per_query, float* out_dist,
               int64_t* out_rows) const;
 
@@ -70,8 +84,11 @@ class HnswGraph {
   int64_t dim() const { return dim_; }
   int64_t M() const { return M_; }
   Metric metric() const { return metric_; }
+  DType row_dtype() const { return row_dtype_; }
 
-  // Flat int32 form for saving; from_flat validates every field and link.
+  // Flat int32 form for saving; from_flat validates every field and link. Float32 graphs are
+  // written as format version 1 (11 header words, unchanged); float16 ones as version 2, whose
+  // 12th header word is the row dtype. from_flat reads both.
   std::vector<int32_t> to_flat() const;
   static std::unique_ptr<HnswGraph> from_flat(const int32_t* data, int64_t count);
 
@@ -80,6 +97,7 @@ class HnswGraph {
  private:
   int64_t dim_, M_, ef_construction_;
   Metric metric_;
+  DType row_dtype_;
   uint64_t rng_state_;
   int32_t entry_ = -1;
   int32_t max_level_ = -1;
@@ -98,9 +116,9 @@ class HnswGraph {
 
 namespace detail {
 void exact_search_cpu(DType dtype, const void* queries, int64_t nq, const void* database,
-                      int64_t n, int64_t d, Metric metric, int64_t k, const Filter& filter,
-                      const int64_t* row_ids, const void* db_sqnorms, void* out_dist,
-                      int64_t* out_ids);
+                      DType db_dtype, int64_t n, int64_t d, Metric metric, int64_t k,
+                      const Filter& filter, const int64_t* row_ids, const void* db_sqnorms,
+                      void* out_dist, int64_t* out_ids);
 void exact_search_cuda(DType dtype, const void* queries, int64_t nq, const void* database,
                        int64_t n, int64_t d, Metric metric, int64_t k, const Filter& filter,
                        const int64_t* row_ids, const void* db_sqnorms, void* out_dist,

@@ -198,6 +198,20 @@ void test_knn(std::mt19937_64& rng) {
       },
       "k = 0 throws ValueError");
 
+  // The same search over float16 rows (small integers are exact in float16): same answer.
+  uint16_t pattern[7] = {};  // binary16 bits of -3..3, found through the library's conversion
+  for (uint32_t bits = 0xFFFF; bits-- > 0;) {
+    const float v = knn::f16_to_f32(static_cast<uint16_t>(bits));
+    if (v == std::round(v) && std::fabs(v) <= 3.f) pattern[int(v) + 3] = static_cast<uint16_t>(bits);
+  }
+  std::vector<uint16_t> x16(n * d);
+  for (size_t i = 0; i < x.size(); ++i) x16[i] = pattern[int(x[i]) + 3];
+  std::vector<float> dist16(nq * k, std::numeric_limits<float>::quiet_NaN());
+  std::vector<int64_t> ids16(nq * k, -7);
+  knn::exact_search(Device::CPU, DType::Float32, q.data(), nq, x16.data(), DType::Float16, n, d,
+                    knn::Metric::L2, k, filter, nullptr, nullptr, dist16.data(), ids16.data());
+  expect(dist16 == dist && ids16 == ids, "knn::exact_search over float16 rows gives the same answer");
+
   knn::HnswGraph graph(d, knn::Metric::L2, 8, 64, 1);
   graph.add(x.data(), n);
   std::vector<float> gd(nq * k);

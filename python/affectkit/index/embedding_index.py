@@ -17,6 +17,7 @@ from .planner import Plan, PlannerSettings, choose
 
 METRICS = {"ip": 0, "l2": 1, "cosine": 2}
 MODES = ("auto", "exact", "approx")
+STORAGE_DTYPES = ("float32", "float16")
 
 
 class _ReadWriteLock:
@@ -92,7 +93,11 @@ class EmbeddingIndex:
         dim: vector dimension.
         metric: "cosine" (distance 1 - cos; vectors are normalised when added), "ip"
             (distance -<q, x>) or "l2" (squared Euclidean distance).
-        dtype: storage type; float32 (float16 storage is not implemented yet).
+        dtype: storage type of the vectors: float32, or float16 (numpy or torch dtype, or its
+            name). float16 halves the memory and the bytes read from the stored rows; vectors are
+            rounded to float16 when added (after normalisation for cosine) and scored in
+            float32 against float32 queries, so results are those of a float32 index holding
+            the rounded vectors.
         M, ef_construction, ef_search: graph parameters (approximate mode).
         exact_max_rows, graph_min_rows: planner thresholds (see ``planner.PlannerSettings``).
         seed: seed of the graph's level draws (graph builds are deterministic).
@@ -108,17 +113,21 @@ class EmbeddingIndex:
             raise ValueError(f"dim: expected a positive int, got {dim!r}")
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {sorted(METRICS)}, got {metric!r}")
-        if np.dtype(_dtype_name(dtype)) != np.float32:
-            raise TypeError(f"dtype: expected float32 (float16 storage is not implemented yet), got {dtype}")
+        try:
+            storage_dtype = np.dtype(_dtype_name(dtype))
+        except TypeError:
+            storage_dtype = None
+        if storage_dtype is None or storage_dtype.name not in STORAGE_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float16, got {dtype!r}")
         self.dim = int(dim)
         self.metric = metric
-        self.dtype = np.dtype(np.float32)
+        self.dtype = storage_dtype
         self.graph_params = {"M": int(M), "ef_construction": int(ef_construction), "seed": int(seed)}
         self.settings = PlannerSettings(exact_max_rows=exact_max_rows, graph_min_rows=graph_min_rows,
                                         ef=int(ef_search), M=int(M))
         self._lock = _ReadWriteLock()
-        self._vectors = np.zeros((0, self.dim), dtype=np.float32)  # capacity >= _n rows
-        self._sqnorms = np.zeros(0, dtype=np.float32)
+        self._vectors = np.zeros((0, self.dim), dtype=self.dtype)  # capacity >= _n rows
+        self._sqnorms = np.zeros(0, dtype=np.float32)  # of the stored (rounded) vectors
         self._ids = np.zeros(0, dtype=np.int64)
         self._alive = np.zeros(0, dtype=bool)
         self._n = 0
@@ -147,6 +156,14 @@ class EmbeddingIndex:
         m = x.shape[0]
         if self.metric == "cosine":
             x = _normalised(x)
+        if self.dtype != np.float32:  # norms of what is stored, so L2 distances stay consistent
+            with np.errstate(over="ignore"):  # out-of-range values become inf: refused below
+                rounded = x.astype(self.dtype)
+            if not np.isfinite(rounded).all():
+                bad = int(np.flatnonzero(~np.isfinite(rounded).all(axis=1))[0])
+                raise ValueError(f"vectors: expected values within {self.dtype.name}'s range "
+                                 f"(|x| <= {np.finfo(self.dtype).max}), got {float(np.abs(x[bad]).max())} in row {bad}")
+            x = rounded.astype(np.float32)
         prepared = self._table.prepare(attributes, m)
         with self._lock.write():
             if ids is None:
@@ -180,7 +197,7 @@ class EmbeddingIndex:
         if rows <= cap and self._vectors.flags.writeable:
             return
         new_cap = max(rows, 2 * cap, 1024)
-        vec = np.empty((new_cap, self.dim), dtype=np.float32)
+        vec = np.empty((new_cap, self.dim), dtype=self.dtype)
         vec[: self._n] = self._vectors[: self._n]
         norms = np.empty(new_cap, dtype=np.float32)
         norms[: self._n] = self._sqnorms[: self._n]
@@ -224,7 +241,8 @@ class EmbeddingIndex:
     def _extend_graph(self) -> None:
         if self._graph is None:
             self._graph = _C.HnswGraph(self.dim, METRICS[self.metric], self.graph_params["M"],
-                                       self.graph_params["ef_construction"], self.graph_params["seed"])
+                                       self.graph_params["ef_construction"], self.graph_params["seed"],
+                                       row_dtype=_C.DTYPE_CODES[self.dtype.name])
         if self._graph.size() < self._n:
             self._graph.add(self._vectors.ctypes.data, self._n - self._graph.size())
 
@@ -350,7 +368,8 @@ class EmbeddingIndex:
                      self.dim, METRICS[self.metric], k,
                      mask=0 if mask_u8 is None else mask_u8.ctypes.data,
                      row_ids=_addr(ids), db_sqnorms=_addr(norms),
-                     out_dist=out_d.ctypes.data, out_ids=out_i.ctypes.data)
+                     out_dist=out_d.ctypes.data, out_ids=out_i.ctypes.data,
+                     db_dtype=_C.DTYPE_CODES[self.dtype.name])
         return out_d, out_i
 
     def _search_graph(self, q, k, n, mask, ef):
@@ -379,14 +398,16 @@ class EmbeddingIndex:
         with self._lock.read():
             attr_meta, attr_arrays = self._table.state()
             meta = {"kind": "affectkit.EmbeddingIndex", "dim": self.dim, "metric": self.metric,
-                    "dtype": "float32", "count": self._n, "next_id": self._next_id,
+                    "dtype": self.dtype.name, "count": self._n, "next_id": self._next_id,
                     "graph_params": self.graph_params, "settings": self.settings.__dict__,
                     "attributes": attr_meta, "graph_rows": self.graph_size}
             arrays = {"vectors": self._vectors[: self._n], "sqnorms": self._sqnorms[: self._n],
                       "ids": self._ids[: self._n], "alive": self._alive[: self._n], **attr_arrays}
             if self._graph is not None:
                 arrays["graph"] = np.frombuffer(self._graph.to_flat(), dtype=np.int32)
-            storage.save(path, meta, arrays)
+            # float32 files keep format version 1 (older affectkit reads them); float16 ones are
+            # version 2, which older readers refuse instead of misreading the vectors.
+            storage.save(path, meta, arrays, version=1 if self.dtype == np.float32 else 2)
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "EmbeddingIndex":
@@ -395,7 +416,11 @@ class EmbeddingIndex:
         if meta.get("kind") != "affectkit.EmbeddingIndex":
             raise storage.IndexFormatError(f"{path}: not an EmbeddingIndex (kind {meta.get('kind')!r})")
         s = meta["settings"]
-        index = cls(meta["dim"], meta["metric"], np.float32, M=meta["graph_params"]["M"],
+        dtype = meta.get("dtype", "float32")
+        if dtype not in STORAGE_DTYPES or arrays["vectors"].dtype != np.dtype(dtype):
+            raise storage.IndexFormatError(f"{path}: vectors of dtype {arrays['vectors'].dtype} do not match the "
+                                           f"header's dtype {dtype!r}")
+        index = cls(meta["dim"], meta["metric"], dtype, M=meta["graph_params"]["M"],
                     ef_construction=meta["graph_params"]["ef_construction"], ef_search=s["ef"],
                     exact_max_rows=s["exact_max_rows"], graph_min_rows=s["graph_min_rows"],
                     seed=meta["graph_params"]["seed"])
@@ -412,6 +437,8 @@ class EmbeddingIndex:
         if "graph" in arrays:
             flat = np.ascontiguousarray(arrays["graph"], dtype=np.int32)
             index._graph = _C.HnswGraph.from_flat(flat.ctypes.data, flat.size)
+            if index._graph.row_dtype() != _C.DTYPE_CODES[dtype]:
+                raise storage.IndexFormatError(f"{path}: the graph was built over rows of another dtype than {dtype!r}")
         return index
 
 

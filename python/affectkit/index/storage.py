@@ -13,6 +13,11 @@ Layout (little-endian):
     E+8 8 bytes  end magic b"AFKEND\\0\\0"
 The file is written to a temporary name in the same folder and renamed over the target
 (os.replace), so a crash never leaves a half-written index under the real name.
+
+Versions: 1 holds float32 vectors only; 2 has the same layout and may hold float16 vectors
+(meta["dtype"]). Writers pick the lowest version that describes the file, so float32 indexes
+stay readable by affectkit releases that know only version 1, and those refuse float16 files
+("unsupported version 2") instead of reading their vectors as float32.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import numpy as np
 
 MAGIC = b"AFKINDEX"
 END_MAGIC = b"AFKEND\0\0"
-VERSION = 1
+VERSION = 2  # the newest version; save() writes version 1 unless told otherwise
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sIIQ")
 _TRAILER = struct.Struct("<II8s")
 _ALIGN = 64
@@ -41,7 +47,9 @@ def _aligned(x: int) -> int:
     return (x + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def save(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+def save(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray], version: int = 1) -> None:
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"version: expected one of {READABLE_VERSIONS}, got {version!r}")
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     # Lay out the arrays after a header whose size depends on the offsets: iterate to a fix point.
@@ -70,7 +78,7 @@ def save(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]) -> 
                 f.write(b)
                 crc = zlib.crc32(b, crc)
 
-            write(_PREFIX.pack(MAGIC, VERSION, 0, len(header)))
+            write(_PREFIX.pack(MAGIC, version, 0, len(header)))
             write(header)
             pos = _PREFIX.size + len(header)
             for entry, arr in zip(table, arrays.values()):
@@ -111,8 +119,9 @@ def load(path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> tup
             raise IndexFormatError(f"{path}: not an affectkit index file (expected magic {MAGIC!r} at the start, "
                                    f"got {prefix[:8]!r})")
         magic, version, _, header_len = _PREFIX.unpack(prefix)
-        if version != VERSION:
-            raise IndexFormatError(f"{path}: unsupported index format version {version} (this affectkit reads {VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise IndexFormatError(f"{path}: unsupported index format version {version} "
+                                   f"(this affectkit reads versions {', '.join(map(str, READABLE_VERSIONS))})")
         if size < _PREFIX.size + header_len:
             raise IndexFormatError(f"{path}: truncated file ({size} bytes, the header alone needs "
                                    f"{_PREFIX.size + header_len})")

@@ -1,0 +1,127 @@
+"""Baselines shared by the filtered k-NN benchmarks: exact numpy/torch searches, and FAISS and
+hnswlib graphs (optional: `pip install affectkit[bench-knn]`; absent ones skip with a reason).
+
+Every search here answers "the k nearest rows passing `mask` (a boolean row mask)" with inner
+product on unit vectors (cosine), returning row indices, so recall is comparable across them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)  # graph beam widths tried, cheapest first
+TARGET_RECALL = 0.95
+
+
+def recall(got, want) -> float:
+    """Mean fraction of each query's exact answer (ignoring -1 padding) found in `got`."""
+    return float(np.mean([len(set(g[g >= 0]) & set(w[w >= 0])) / max(1, (w >= 0).sum()) for g, w in zip(got, want)]))
+
+
+def numpy_gather(x, q, mask, k):
+    """Gather the passing rows, one matrix product, argpartition: the simple exact baseline."""
+    rows = np.flatnonzero(mask)
+    scores = q @ x[rows].T
+    kk = min(k, len(rows))
+    top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+    return rows[np.take_along_axis(top, order, 1)]
+
+
+def torch_masked(x, q, mask, k):
+    """The stock PyTorch path: the full score matrix, masked_fill, topk."""
+    scores = (q @ x.T).masked_fill_(~mask, float("-inf"))
+    return scores.topk(k, dim=1).indices
+
+
+def faiss_or_none():
+    try:
+        import faiss  # noqa: PLC0415 - optional benchmark dependency
+
+        return faiss
+    except ImportError:
+        return None
+
+
+def hnswlib_or_none():
+    try:
+        import hnswlib  # noqa: PLC0415 - optional benchmark dependency
+
+        return hnswlib
+    except ImportError:
+        return None
+
+
+def skip_without(name: str):
+    pytest.skip(f"{name} is not installed (optional benchmark baseline: pip install affectkit[bench-knn])")
+
+
+def build_faiss(faiss, x, M=32, ef_construction=100, tag=""):
+    """(IndexFlatIP, IndexHNSWFlat) over x; prints the graph's build time."""
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    hnsw = faiss.IndexHNSWFlat(x.shape[1], M, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = ef_construction
+    t = time.perf_counter()
+    hnsw.add(x)
+    print(f"[{tag}] faiss HNSW M={M} efC={ef_construction} build {time.perf_counter() - t:.1f} s")
+    return flat, hnsw
+
+
+def build_hnswlib(hnswlib, x, M=16, ef_construction=100, tag=""):
+    index = hnswlib.Index(space="ip", dim=x.shape[1])
+    index.init_index(max_elements=len(x), ef_construction=ef_construction, M=M, random_seed=0)
+    t = time.perf_counter()
+    index.add_items(x, np.arange(len(x)))
+    print(f"[{tag}] hnswlib M={M} efC={ef_construction} build {time.perf_counter() - t:.1f} s")
+    return index
+
+
+def faiss_selector_params(faiss, mask, **kw):
+    """SearchParameters restricted to `mask`; returns (params, bits): keep `bits` alive while
+    the parameters are used (the selector holds a raw pointer into it)."""
+    bits = np.packbits(mask, bitorder="little")
+    sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+    cls = faiss.SearchParametersHNSW if "efSearch" in kw else faiss.SearchParameters
+    return cls(sel=sel, **kw), bits, sel
+
+
+def hnswlib_search(index, q, k, mask):
+    """hnswlib's filtered search: the filter is a Python callable run for every visited node.
+    Fewer than k passing rows is an error in hnswlib; ask for at most that many."""
+    allowed = mask.tolist()
+    kk = min(k, int(mask.sum()))
+    keep = lambda i: allowed[i]  # noqa: E731
+    try:
+        labels, _ = index.knn_query(q, k=kk, filter=keep)
+        return labels.astype(np.int64)
+    except RuntimeError:  # some query found fewer than kk passing rows: redo one by one
+        out = np.full((len(q), kk), -1, dtype=np.int64)
+        for i in range(len(q)):
+            try:
+                out[i] = index.knn_query(q[i : i + 1], k=kk, filter=keep)[0][0]
+            except RuntimeError:
+                pass  # counted as misses
+        return out
+
+
+def sweep_ef(search_at, want, sweep_rows=None):
+    """The cheapest ef in EF_SWEEP whose recall reaches TARGET_RECALL (or the best tried):
+    (ef, recall). `search_at(ef)` returns ids for all queries (or `sweep_rows` of them)."""
+    best = None
+    for ef in EF_SWEEP:
+        got = search_at(ef)
+        rec = recall(got, want if sweep_rows is None else want[sweep_rows])
+        if best is None or rec > best[1]:
+            best = (ef, rec)
+        if rec >= TARGET_RECALL:
+            return ef, rec
+    return best
+
+
+def torch_inputs(x, q, mask):
+    return torch.from_numpy(x), torch.from_numpy(q), torch.from_numpy(mask)
