@@ -502,6 +502,179 @@ def test_core_rejects_bad_values_itself():
                             no_mask, view, view)
 
 
+# ------------------------------------------------------------- additive mask gradient
+
+MASK_SHAPES = {  # name: shape of the additive mask for (B, H, Lq, Lk)
+    "row": lambda B, H, Lq, Lk: (Lq, Lk),
+    "key": lambda B, H, Lq, Lk: (B, 1, 1, Lk),
+    "head": lambda B, H, Lq, Lk: (1, H, Lq, Lk),
+    "head_3d": lambda B, H, Lq, Lk: (H, Lq, Lk),
+    "full": lambda B, H, Lq, Lk: (B, H, Lq, Lk),
+}
+
+
+def _additive_mask(gen, shape, dtype, neg_inf=True):
+    """A random additive mask with some -inf entries and, when it has more than one row,
+    one fully masked row."""
+    mask = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if neg_inf:
+        mask = mask.masked_fill(torch.rand(shape, generator=gen) < 0.2, float("-inf"))
+        if shape[-2] > 1:
+            mask[..., 1, :] = float("-inf")
+    return mask.to(dtype)
+
+
+def _mask_grads(fn, q, k, v, mask, g):
+    q, k, v, mask = (t.detach().requires_grad_() for t in (q, k, v, mask))
+    out = fn(q, k, v, mask)
+    out.backward(g)
+    return out, q.grad, k.grad, v.grad, mask.grad
+
+
+@pytest.mark.parametrize("mask_shape", list(MASK_SHAPES))
+def test_additive_mask_gradcheck_float64(mask_shape, gen):
+    B, H, Lq, Lk = 2, 3, 5, 6
+    q, k, v = _inputs(gen, B, H, Lq, Lk, 3, 2, dtype=torch.float64)
+    mask = _additive_mask(gen, MASK_SHAPES[mask_shape](B, H, Lq, Lk), torch.float64)
+    q, k, v, mask = (t.requires_grad_() for t in (q, k, v, mask))
+    for kw in (dict(), dict(kv_lengths=torch.tensor([6, 0]), q_lengths=torch.tensor([4, 5]), causal=True, scale=0.6)):
+        fn = lambda a, b, c, m: ops.cross_modal_attention(a, b, c, attn_mask=m, **kw)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+        # Masked-out entries (and keys past the lengths, rows with no key) get exactly zero.
+        _, _, _, _, gm = _mask_grads(fn, q, k, v, mask, torch.randn(B, H, Lq, 2, generator=gen, dtype=torch.float64))
+        assert torch.isfinite(gm).all() and (gm[mask == float("-inf")] == 0).all()
+
+
+def test_additive_mask_gradcheck_with_dropout(gen):
+    q, k, v = _inputs(gen, 2, 2, 4, 7, 3, 3, dtype=torch.float64)
+    mask = _additive_mask(gen, (2, 1, 4, 7), torch.float64)
+    kw = dict(dropout_p=0.3, kv_lengths=torch.tensor([7, 3]), causal=True)
+    q, k, v, mask = (t.requires_grad_() for t in (q, k, v, mask))
+    # The same seed before every call: the same dropout mask in forward and backward.
+    fn = lambda a, b, c, m: (torch.manual_seed(21), ops.cross_modal_attention(a, b, c, attn_mask=m, **kw))[1]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+
+
+@pytest.mark.parametrize("mask_shape", list(MASK_SHAPES))
+def test_additive_mask_grad_float32_matches_reference(mask_shape, gen):
+    B, H, Lq, Lk, D, Dv = 3, 4, 70, 83, 24, 20  # several tiles each way, ragged edges
+    q, k, v = _inputs(gen, B, H, Lq, Lk, D, Dv)
+    mask = _additive_mask(gen, MASK_SHAPES[mask_shape](B, H, Lq, Lk), torch.float32)
+    g = torch.randn(B, H, Lq, Dv, generator=gen, dtype=torch.float64)
+    for kw in (dict(), dict(kv_lengths=torch.tensor([83, 0, 40]), q_lengths=torch.tensor([70, 9, 66]), causal=True)):
+        got = _mask_grads(lambda a, b, c, m: ops.cross_modal_attention(a, b, c, attn_mask=m, **kw), q, k, v, mask,
+                          g.float())
+        want = _mask_grads(lambda a, b, c, m: reference(a, b, c, attn_mask=m, **kw), q.double(), k.double(),
+                           v.double(), mask.double(), g)
+        assert got[4].shape == mask.shape and got[4].dtype == torch.float32
+        assert torch.isfinite(got[4]).all()
+        assert rel_error(got[4], want[4]) <= 5e-5
+        for a, b in zip(got[:4], want[:4]):
+            assert rel_error(a, b) <= 5e-5
+
+
+def test_additive_mask_grad_other_dtype_and_no_grad(gen):
+    # A float64 mask with float32 inputs: its gradient comes back float64; a mask that does
+    # not require grad, and a bool mask, get none.
+    q, k, v = _inputs(gen, 2, 2, 9, 10, 8, 8)
+    mask = torch.randn(9, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    ops.cross_modal_attention(q, k, v, attn_mask=mask).sum().backward()
+    assert mask.grad.dtype == torch.float64 and mask.grad.shape == (9, 10) and mask.grad.abs().sum() > 0
+    qg = q.clone().requires_grad_()
+    const = torch.randn(9, 10, generator=gen)
+    ops.cross_modal_attention(qg, k, v, attn_mask=const).sum().backward()
+    assert const.grad is None and qg.grad is not None
+    bool_mask = torch.rand(9, 10, generator=gen) > 0.3
+    with pytest.raises(RuntimeError):
+        bool_mask.requires_grad_()
+    out, lse = torch.ops.affectkit.cross_modal_attention(q, k, v, None, None, None, None, 9, 10,
+                                                         bool_mask[None, None], False, 0.5, 0.0, None)
+    with pytest.raises(ValueError, match="mask_grad: expected a 4-D additive float attn_mask to differentiate"):
+        torch.ops.affectkit.cross_modal_attention_backward(out, q, k, v, out, lse, None, None, None, None, 9, 10,
+                                                           bool_mask[None, None], False, 0.5, 0.0, None, True)
+
+
+def test_additive_mask_grad_varlen_gradcheck(gen):
+    lq, lk = torch.tensor([3, 0, 4]), torch.tensor([2, 5, 5])
+    q = torch.randn(7, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(12, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(12, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = _additive_mask(gen, (3, 1, 4, 5), torch.float64).requires_grad_()
+    fn = lambda a, b, c, m: ops.cross_modal_attention_varlen(a, b, c, _cu(lq), _cu(lk), 4, 5, attn_mask=m,  # noqa: E731
+                                                              causal=True)
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask))
+    fn(q, k, v, mask).sum().backward()
+    assert (mask.grad[0, :, 3:] == 0).all() and (mask.grad[0, :, :, 2:] == 0).all() and (mask.grad[1] == 0).all()
+
+
+def test_kernel_writes_every_mask_grad_element(gen):
+    import affectkit._C as C
+    from affectkit.ops._bridge import ptr
+
+    B, H, Lq, Lk, D, Dv = 3, 2, 70, 41, 10, 9
+    q, k, v = _inputs(gen, B, H, Lq, Lk, D, Dv)
+    kv_lengths, q_lengths = torch.tensor([41, 0, 5]), torch.tensor([70, 12, 3])
+    mask = _additive_mask(gen, (B, H, Lq, Lk), torch.float32)
+    f32 = C.DTYPE_CODES["float32"]
+    view = lambda t: (ptr(t), t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    dims, index = (B, H, Lq, Lk, D, Dv), (ptr(q_lengths), ptr(kv_lengths), 0, 0, 0, 0)
+    mask_view = (ptr(mask), f32, *mask.stride())
+    out, lse = torch.empty(B, H, Lq, Dv), torch.empty(B, H, Lq)
+    C.attention_forward(C.DEVICE_CPU, f32, dims, index, True, 0.25, 0.0, 0, view(q), view(k), view(v), mask_view,
+                        view(out), view(lse))
+    g = torch.randn(B, H, Lq, Dv, generator=gen)
+    grads = [torch.empty(t.shape) for t in (q, k, v)]
+    grad_mask = torch.full((B, H, Lq, Lk), float("nan"))
+    C.attention_backward(C.DEVICE_CPU, f32, dims, index, True, 0.25, 0.0, 0, view(q), view(k), view(v), mask_view,
+                         view(out), view(g), view(lse), *(view(t) for t in grads), ptr(grad_mask))
+    want = _mask_grads(lambda a, b, c, m: reference(a, b, c, attn_mask=m, kv_lengths=kv_lengths,
+                                                    q_lengths=q_lengths, causal=True, scale=0.25),
+                       q.double(), k.double(), v.double(), mask.double(), g.double())
+    assert torch.isfinite(grad_mask).all()
+    assert rel_error(grad_mask, want[4]) <= 5e-5
+    assert (grad_mask[1] == 0).all() and (grad_mask[2, :, 3:] == 0).all() and (grad_mask[2, :, :, 5:] == 0).all()
+    with pytest.raises(ValueError, match="grad_mask: expected an additive float attn_mask to differentiate, got no mask"):
+        C.attention_backward(C.DEVICE_CPU, f32, dims, index, True, 0.25, 0.0, 0, view(q), view(k), view(v),
+                             (0, C.DTYPE_CODES["bool"], 0, 0, 0, 0), view(out), view(g), view(lse),
+                             *(view(t) for t in grads), ptr(grad_mask))
+
+
+def test_additive_mask_grad_opcheck(gen):
+    q, k, v = _inputs(gen, 2, 3, 5, 7, 4, 6, dtype=torch.float64)
+    kvl, ql = torch.tensor([7, 2]), torch.tensor([1, 5])
+    mask = _additive_mask(gen, (1, 3, 5, 7), torch.float64)
+    op = torch.ops.affectkit.cross_modal_attention.default
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), kvl, ql, None, None, 5, 7,
+            mask.requires_grad_(), True, 0.5, 0.0, None)
+    torch.library.opcheck(op, args)
+    out, lse = op(*args)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    bwd = torch.ops.affectkit.cross_modal_attention_backward.default
+    for m, want in ((mask.detach(), True), (mask.detach()[:1, :1], True), (mask.detach(), False)):
+        torch.library.opcheck(bwd, (g, q.detach(), k.detach(), v.detach(), out.detach(), lse, kvl, ql, None, None,
+                                    5, 7, m, True, 0.5, 0.0, None, want))
+
+
+def test_torch_compile_additive_mask_grad(gen):
+    torch._dynamo.reset()
+
+    def step(q, k, v, kv_lengths, mask):
+        out = ops.cross_modal_attention(q, k, v, kv_lengths=kv_lengths, attn_mask=mask, causal=True)
+        return (out * out).sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for B, H, Lq, Lk, D in [(3, 2, 5, 9, 8), (4, 3, 11, 13, 8)]:  # two shapes: dynamic
+        q, k, v = (t.requires_grad_() for t in _inputs(gen, B, H, Lq, Lk, D, D))
+        kvl = torch.randint(1, Lk + 1, (B,), generator=gen)
+        mask = _additive_mask(gen, (B, 1, 1, Lk), torch.float32).requires_grad_()
+        compiled(q, k, v, kvl, mask).backward()
+        qr, kr, vr, mr = (t.detach().double().requires_grad_() for t in (q, k, v, mask))
+        (reference(qr, kr, vr, kv_lengths=kvl, attn_mask=mr, causal=True) ** 2).sum().backward()
+        assert mask.grad.shape == mask.shape
+        for a, b in ((q, qr), (k, kr), (v, vr), (mask, mr)):
+            assert rel_error(a.grad, b.grad) <= 5e-5
+
+
 # ------------------------------------------------------------------------------ CUDA
 
 
@@ -559,3 +732,20 @@ def test_cuda_opcheck_and_compile(gen):
     step = _compiled_step("inductor")
     step(q, k, v, torch.tensor([7, 3]).cuda(), (torch.rand(2, 1, 5, 7, generator=gen) > 0.2).cuda()).backward()
     assert torch.isfinite(q.grad).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_additive_mask_grad_matches_cpu(dtype, gen):
+    B, H, Lq, Lk, D = 3, 4, 37, 50, 32
+    q, k, v = _inputs(gen, B, H, Lq, Lk, D, D)
+    mask = _additive_mask(gen, (B, 1, Lq, Lk), torch.float32)
+    g = torch.randn(B, H, Lq, D, generator=gen)
+    kw = dict(kv_lengths=torch.tensor([50, 0, 20]), q_lengths=torch.tensor([37, 5, 30]), causal=True)
+    want = _mask_grads(lambda a, b, c, m: reference(a, b, c, attn_mask=m, **kw), q.double(), k.double(), v.double(),
+                       mask.double(), g.double())
+    kw_cuda = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+    got = _mask_grads(lambda a, b, c, m: ops.cross_modal_attention(a, b, c, attn_mask=m, **kw_cuda),
+                      q.to(dtype).cuda(), k.to(dtype).cuda(), v.to(dtype).cuda(), mask.cuda(), g.to(dtype).cuda())
+    assert got[4].shape == mask.shape and torch.isfinite(got[4]).all()
+    assert rel_error(got[4].cpu(), want[4]) <= GRAD_TOL[dtype]

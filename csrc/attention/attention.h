@@ -63,9 +63,15 @@ void attention_forward(Device device, DType dtype, const Problem& p, View q, Vie
 
 // Gradients of out with respect to q, k, v given grad_out (laid out like out). Deterministic:
 // the same inputs give bit-identical gradients (no atomics, fixed summation order).
+// grad_mask (optional, needs an additive float mask): the gradient of the scores,
+// dS = P * (dP - rowsum(dO * O)) with P and dP after dropout, written for every
+// (b, h, i, j) of a contiguous (B, H, Lq, Lk) buffer in the accumulation type, zero where
+// the key is invisible or the row is past q_lengths or sees no key. It is the gradient
+// with respect to a full additive mask; the caller sums it over the mask's broadcast axes.
 void attention_backward(Device device, DType dtype, const Problem& p, View q, View k, View v,
                         Mask mask, View out, View grad_out, View lse, MutView grad_q,
-                        MutView grad_k, MutView grad_v, uintptr_t stream = 0);
+                        MutView grad_k, MutView grad_v, void* grad_mask = nullptr,
+                        uintptr_t stream = 0);
 
 // Attention probabilities (after dropout) recomputed from lse, in the input dtype, contiguous:
 // head-averaged (B, Lq, Lk) when average_heads, else per head (B, H, Lq, Lk); zeros outside
@@ -76,11 +82,11 @@ void attention_weights(Device device, DType dtype, const Problem& p, View q, Vie
 namespace detail {
 void forward_cpu(DType, const Problem&, View, View, View, Mask, MutView, MutView);
 void backward_cpu(DType, const Problem&, View, View, View, Mask, View, View, View, MutView,
-                  MutView, MutView);
+                  MutView, MutView, void*);
 void weights_cpu(DType, const Problem&, View, View, Mask, View, void*, bool);
 void forward_cuda(DType, const Problem&, View, View, View, Mask, MutView, MutView, uintptr_t);
 void backward_cuda(DType, const Problem&, View, View, View, Mask, View, View, View, MutView,
-                   MutView, MutView, uintptr_t);
+                   MutView, MutView, void*, uintptr_t);
 void weights_cuda(DType, const Problem&, View, View, Mask, View, void*, bool, uintptr_t);
 }  // namespace detail
 

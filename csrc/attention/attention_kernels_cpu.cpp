@@ -494,7 +494,7 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
                                          const View& k, const View& v, const Mask& mask,
                                          const View& out, const View& gout, const View& lse,
                                          const MutView& gq, const MutView& gk,
-                                         const MutView& gv, int64_t b, int64_t h,
+                                         const MutView& gv, T* gmask, int64_t b, int64_t h,
                                          BackwardScratch<T>& w) {
   const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, kCW), Dvp = round_up(Dv, kCW);
   const Seq sq = seq_info(p, b);
@@ -502,6 +502,9 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
   const int64_t kend = qlen > 0 ? key_end(p, sq, qlen - 1) : 0;
   const int64_t ldq = round_up(qlen, kCW) + kCW;  // room for a tile starting anywhere
   w.dq.assign(qlen * Dp, T(0));
+  // The (Lq, Lk) slab of this head's score gradient: zeros except where a tile writes dS.
+  T* gm = gmask != nullptr ? gmask + (b * p.H + h) * p.Lq * p.Lk : nullptr;
+  if (gm != nullptr) std::fill(gm, gm + p.Lq * p.Lk, T(0));
   if (kend > 0) {
     w.qt.resize(D * ldq);
     w.gt.resize(Dv * ldq);
@@ -616,6 +619,8 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
             drow[c] = pj;
           }
         }
+        if (gm != nullptr)  // dS is the gradient of the additive mask (added after the scale)
+          for (int64_t c = 0; c < mq; ++c) gm[(i0 + c) * p.Lk + jabs] = srow[c];
       }
       // dV += (P z)^T dO; dK += dS^T Q; dQ += dS K  (scale applied at the end).
       gemm_acc<T>(nk, Dvp, mq, dpt, kBQ, 1, grows + i0 * ldgr, ldgr, dv, Dvp, !first);
@@ -652,7 +657,7 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
 
 template <typename T>
 void backward(const Problem& p, View q, View k, View v, Mask mask, View out, View gout, View lse,
-              MutView gq, MutView gk, MutView gv) {
+              MutView gq, MutView gk, MutView gv, T* gmask) {
   const Params<T> pr(p);
 #pragma omp parallel
   {
@@ -660,7 +665,7 @@ void backward(const Problem& p, View q, View k, View v, Mask mask, View out, Vie
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < p.B; ++b)
       for (int64_t h = 0; h < p.H; ++h)
-        backward_task<T>(p, pr, q, k, v, mask, out, gout, lse, gq, gk, gv, b, h, w);
+        backward_task<T>(p, pr, q, k, v, mask, out, gout, lse, gq, gk, gv, gmask, b, h, w);
   }
 }
 
@@ -724,9 +729,9 @@ void forward_cpu(DType dtype, const Problem& p, View q, View k, View v, Mask mas
   AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] { forward<T>(p, q, k, v, mask, out, lse); });
 }
 void backward_cpu(DType dtype, const Problem& p, View q, View k, View v, Mask mask, View out,
-                  View gout, View lse, MutView gq, MutView gk, MutView gv) {
+                  View gout, View lse, MutView gq, MutView gk, MutView gv, void* gmask) {
   AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "q", T, [&] {
-    backward<T>(p, q, k, v, mask, out, gout, lse, gq, gk, gv);
+    backward<T>(p, q, k, v, mask, out, gout, lse, gq, gk, gv, static_cast<T*>(gmask));
   });
 }
 void weights_cpu(DType dtype, const Problem& p, View q, View k, Mask mask, View lse, void* w,

@@ -130,11 +130,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Problem p, View q, Vi
   if (lane == 0) *lrow = any ? m + log_acc(l) : A(INFINITY);
 }
 
-// dq (warp per query row), and delta_i = dO_i . O_i for the dk/dv kernel.
+// dq (warp per query row), and delta_i = dO_i . O_i for the dk/dv kernel; with gmask, also
+// the row's score gradient dS (the buffer is zeroed before, so only visible keys are written).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dq_kernel(Problem p, View q, View k, View v, Mask mask, View out,
                                                      View gout, View lse, MutView gq,
-                                                     typename Acc<T>::type* delta, uint32_t threshold) {
+                                                     typename Acc<T>::type* delta, uint32_t threshold,
+                                                     typename Acc<T>::type* gmask) {
   using A = typename Acc<T>::type;
   const int lane = threadIdx.x & 31;
   const int64_t b = blockIdx.z, h = blockIdx.y;
@@ -158,6 +160,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Problem p, View q, View k,
     const A inv_keep = p.dropout_p > 0 ? static_cast<A>(1.0 / (1.0 - p.dropout_p)) : A(1);
     const int64_t kend = isinf(lse_i) ? 0 : key_end(p, s, i);
     const uint64_t key = threshold > 0 ? dropout_row_key(p.seed, b, h, i) : 0;
+    A* gmrow = gmask != nullptr ? gmask + ((b * p.H + h) * p.Lq + i) * p.Lk : nullptr;
     for (int64_t j0 = 0; j0 < kend; j0 += 32) {
       const int64_t j = j0 + lane;
       A ds = 0;
@@ -169,6 +172,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Problem p, View q, View k,
           if (threshold > 0) dp = dropout_keep(key, j, threshold) ? dp * inv_keep : A(0);
           ds = pj * (dp - di);
         }
+        if (gmrow != nullptr) gmrow[j] = ds;
       }
       const int64_t n = clamp64(kend - j0, 0, 32);
       for (int jj = 0; jj < n; ++jj) {
@@ -319,19 +323,23 @@ void forward_cuda(DType dtype, const Problem& p, View q, View k, View v, Mask ma
 }
 
 void backward_cuda(DType dtype, const Problem& p, View q, View k, View v, Mask mask, View out,
-                   View gout, View lse, MutView gq, MutView gk, MutView gv, uintptr_t stream) {
+                   View gout, View lse, MutView gq, MutView gk, MutView gv, void* gmask,
+                   uintptr_t stream) {
   if (p.B == 0 || p.H == 0) return;
   check_grid(p, "attention_backward");
   const cudaStream_t st = as_stream(stream);
   AFFECTKIT_DISPATCH_CUDA_FLOAT(dtype, "q", T, [&] {
     using A = typename Acc<T>::type;
+    A* gm = static_cast<A*>(gmask);
+    if (gm != nullptr && p.Lq > 0 && p.Lk > 0)
+      cuda_check(cudaMemsetAsync(gm, 0, p.B * p.H * p.Lq * p.Lk * sizeof(A), st), "attention_backward: grad_mask");
     const uint32_t threshold = dropout_threshold(p.dropout_p);
     A* delta = nullptr;
     const int64_t n_delta = std::max<int64_t>(p.H * p.B * p.Lq, 1);
     cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&delta), n_delta * sizeof(A), st), "attention_backward: scratch");
     if (p.Lq > 0) {
       dim3 grid(row_blocks(p.Lq), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
-      dq_kernel<T><<<grid, kThreads, 0, st>>>(p, q, k, v, mask, out, gout, lse, gq, delta, threshold);
+      dq_kernel<T><<<grid, kThreads, 0, st>>>(p, q, k, v, mask, out, gout, lse, gq, delta, threshold, gm);
     }
     if (p.Lk > 0) {
       dim3 grid(row_blocks(p.Lk), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));

@@ -116,8 +116,11 @@ void attention_forward(Device device, DType dtype, const Problem& p, View q, Vie
 
 void attention_backward(Device device, DType dtype, const Problem& p, View q, View k, View v,
                         Mask mask, View out, View grad_out, View lse, MutView grad_q,
-                        MutView grad_k, MutView grad_v, uintptr_t stream) {
+                        MutView grad_k, MutView grad_v, void* grad_mask, uintptr_t stream) {
   validate("attention_backward", device, dtype, p, mask);
+  if (grad_mask != nullptr && (mask.data == nullptr || mask.dtype == DType::Bool))
+    throw ValueError(std::string("grad_mask: expected an additive float attn_mask to differentiate, got ") +
+                     (mask.data == nullptr ? "no mask" : "a bool mask"));
   const int64_t nq = rows_q(p) * p.H, nk = rows_k(p) * p.H;
   check_pointer("q", q.data, nq * p.D);
   check_pointer("k", k.data, nk * p.D);
@@ -130,12 +133,13 @@ void attention_backward(Device device, DType dtype, const Problem& p, View q, Vi
   check_pointer("grad_v", grad_v.data, nk * p.Dv);
   if (device == Device::CUDA) {
 #ifdef AFFECTKIT_WITH_CUDA
-    detail::backward_cuda(dtype, p, q, k, v, mask, out, grad_out, lse, grad_q, grad_k, grad_v, stream);
+    detail::backward_cuda(dtype, p, q, k, v, mask, out, grad_out, lse, grad_q, grad_k, grad_v, grad_mask,
+                          stream);
 #endif
     return;
   }
   (void)stream;
-  detail::backward_cpu(dtype, p, q, k, v, mask, out, grad_out, lse, grad_q, grad_k, grad_v);
+  detail::backward_cpu(dtype, p, q, k, v, mask, out, grad_out, lse, grad_q, grad_k, grad_v, grad_mask);
 }
 
 void attention_weights(Device device, DType dtype, const Problem& p, View q, View k, Mask mask,

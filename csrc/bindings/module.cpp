@@ -133,19 +133,22 @@ PYBIND11_MODULE(_C, m) {
       [=](int device, int dtype, AttnDims dims, AttnIndex index, bool causal, double scale,
           double dropout_p, uint64_t seed, AttnView q, AttnView k, AttnView v, AttnMask mask,
           AttnView out, AttnView grad_out, AttnView lse, AttnView grad_q, AttnView grad_k,
-          AttnView grad_v, uintptr_t stream) {
+          AttnView grad_v, uintptr_t grad_mask, uintptr_t stream) {
         attention::attention_backward(device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
                                       attn_problem(dims, index, causal, scale, dropout_p, seed),
                                       attn_view(q), attn_view(k), attn_view(v), attn_mask(mask),
                                       attn_view(out), attn_view(grad_out), attn_view(lse),
-                                      attn_mut(grad_q), attn_mut(grad_k), attn_mut(grad_v), stream);
+                                      attn_mut(grad_q), attn_mut(grad_k), attn_mut(grad_v),
+                                      mptr<void>(grad_mask), stream);
       },
       py::arg("device"), py::arg("dtype"), py::arg("dims"), py::arg("index"), py::arg("causal"),
       py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("q"), py::arg("k"),
       py::arg("v"), py::arg("mask"), py::arg("out"), py::arg("grad_out"), py::arg("lse"),
-      py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("stream") = 0,
-      py::call_guard<py::gil_scoped_release>(),
-      "Fused attention backward (deterministic): grad_q, grad_k, grad_v from grad_out and lse.");
+      py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("grad_mask") = 0,
+      py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Fused attention backward (deterministic): grad_q, grad_k, grad_v from grad_out and lse; with\n"
+      "grad_mask (a contiguous (B, H, Lq, Lk) buffer in the accumulation dtype, 0 = none), also the\n"
+      "gradient of the scores, which is the gradient of a full additive attn_mask.");
   m.def(
       "attention_weights",
       [=](int device, int dtype, AttnDims dims, AttnIndex index, bool causal, double scale,

@@ -53,7 +53,8 @@ def cross_modal_attention(
         kv_lengths, q_lengths: optional (B,) int32/int64 valid lengths on q's device. Keys at
             or past kv_lengths[b] are ignored; query rows at or past q_lengths[b] are zeros.
         attn_mask: optional bool (True = attend) or additive float mask broadcastable to
-            (B, H, Lq, Lk). The additive mask is treated as a constant (no gradient).
+            (B, H, Lq, Lk). An additive mask that requires grad gets its gradient (summed
+            over its broadcast axes; zero where a key is invisible); a bool mask gets none.
         causal: key j is visible to query i iff j <= i + (Lk - Lq) (bottom-right aligned).
         scale: multiplies q k^T; default 1 / sqrt(D).
         dropout_p: dropout on the probabilities in [0, 1), applied whenever > 0; the mask is a
@@ -83,7 +84,7 @@ def cross_modal_attention(
     if not need_weights:
         return out
     weights = torch.ops.affectkit.cross_modal_attention_weights(
-        q.detach(), k.detach(), lse.detach(), kv_lengths, q_lengths, None, None, Lq, Lk, mask, bool(causal),
+        q.detach(), k.detach(), lse.detach(), kv_lengths, q_lengths, None, None, Lq, Lk, _detached(mask), bool(causal),
         scale, float(dropout_p), seed, _average_heads(need_weights),
     )
     return out, weights
@@ -148,7 +149,7 @@ def cross_modal_attention_varlen(
         return out
     weights = torch.ops.affectkit.cross_modal_attention_weights(
         q.detach(), k.detach(), lse.detach(), None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        mask, bool(causal), scale, float(dropout_p), seed, _average_heads(need_weights),
+        _detached(mask), bool(causal), scale, float(dropout_p), seed, _average_heads(need_weights),
     )
     return out, weights
 
@@ -214,8 +215,12 @@ def _prepare_mask(attn_mask, q, target):
             raise ValueError(f"attn_mask: expected a shape broadcastable to {tuple(target)}, got {tuple(attn_mask.shape)}")
     mask = attn_mask.reshape(shape)
     if mask.dtype != torch.bool:
-        mask = mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32).detach()
+        mask = mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32)  # differentiable
     return mask
+
+
+def _detached(mask):
+    return None if mask is None else mask.detach()
 
 
 def _check_scale(scale, D) -> float:
@@ -359,8 +364,10 @@ def _attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     kv_lengths: Optional[torch.Tensor], q_lengths: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
     cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[torch.Tensor],
-    causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    causal: bool, scale: float, dropout_p: float, seed: Optional[torch.Tensor], mask_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_q, grad_k, grad_v and, when mask_grad, the gradient of the additive attn_mask in
+    attn_mask's (4-D, broadcast) shape; else an empty (0,) tensor in its place."""
     q, k, v, out, grad_out = (_feature_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
     packed, dims, index, keep = _problem(q, k, v, kv_lengths, q_lengths, cu_seqlens_q, cu_seqlens_k,
@@ -368,21 +375,39 @@ def _attention_backward(
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # The kernel writes the score gradient of every (b, h, i, j); summing it over the mask's
+    # broadcast axes gives the mask's gradient.
+    _check_mask_grad(mask_grad, attn_mask)
+    full = q.new_empty(dims[:4], dtype=_acc_dtype(q.dtype)) if mask_grad else None
     _C.attention_backward(
         device_code(q), dtype_code(q), dims, index, causal, scale, dropout_p, _seed_value(seed, dropout_p),
         _view(q, packed), _view(k, packed), _view(v, packed), _mask_view(attn_mask, *dims[:4]),
         _view(out, packed), _view(grad_out, packed), _lse_view(lse, packed),
-        _view(grad_q, packed), _view(grad_k, packed), _view(grad_v, packed), stream_handle(q),
+        _view(grad_q, packed), _view(grad_k, packed), _view(grad_v, packed), ptr(full) if mask_grad else 0,
+        stream_handle(q),
     )
     del keep
-    return grad_q, grad_k, grad_v
+    if not mask_grad:
+        return grad_q, grad_k, grad_v, q.new_empty((0,), dtype=_acc_dtype(q.dtype))
+    axes = [d for d in range(4) if attn_mask.shape[d] == 1 and dims[d] != 1]
+    grad_mask = full.sum(axes, keepdim=True) if axes else full
+    return grad_q, grad_k, grad_v, grad_mask.reshape(attn_mask.shape)
+
+
+def _check_mask_grad(mask_grad, attn_mask):
+    if mask_grad and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.dim() != 4):
+        got = "None" if attn_mask is None else f"dtype {attn_mask.dtype}, shape {tuple(attn_mask.shape)}"
+        raise ValueError(f"mask_grad: expected a 4-D additive float attn_mask to differentiate, got {got}")
 
 
 @_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, kv_lengths, q_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      attn_mask, causal, scale, dropout_p, seed):
+      attn_mask, causal, scale, dropout_p, seed, mask_grad=False):
+    _check_mask_grad(mask_grad, attn_mask)
+    grad_mask = (attn_mask.new_empty(attn_mask.shape) if mask_grad
+                 else q.new_empty((0,), dtype=_acc_dtype(q.dtype)))
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+            torch.empty(v.shape, dtype=v.dtype, device=v.device), grad_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -391,16 +416,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, kv_lengths, q_lengths, cu_q, cu_k, mask, seed)
     ctx.args = (max_q, max_k, causal, scale, dropout_p)
     ctx.mark_non_differentiable(lse)
+    # A float mask that requires grad (a bool one never can): the backward also returns dS.
+    ctx.mask_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, kv_lengths, q_lengths, cu_q, cu_k, mask, seed = ctx.saved_tensors
     max_q, max_k, causal, scale, dropout_p = ctx.args
-    grad_q, grad_k, grad_v = torch.ops.affectkit.cross_modal_attention_backward(
+    grad_q, grad_k, grad_v, grad_mask = torch.ops.affectkit.cross_modal_attention_backward(
         grad_out, q, k, v, out, lse, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, mask, causal, scale,
-        dropout_p, seed,
+        dropout_p, seed, ctx.mask_grad,
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None, None, None
+    grad_mask = grad_mask if ctx.mask_grad else None
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, grad_mask, None, None, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
