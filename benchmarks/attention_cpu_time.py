@@ -6,6 +6,7 @@ steadier estimate of the work each implementation does. Usage:
 
     python benchmarks/attention_cpu_time.py          # 1 thread, thread CPU time
     python benchmarks/attention_cpu_time.py 2        # 2 threads, wall clock
+    python benchmarks/attention_cpu_time.py 1 bfloat16   # bfloat16 inputs (both sides)
 """
 
 import sys
@@ -31,12 +32,12 @@ def _best(fns, rounds, clock):
     return [b * 1e3 for b in best]
 
 
-def main(threads: int) -> None:
+def main(threads: int, dtype: torch.dtype = torch.float32) -> None:
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
     for B, H, Lq, Lk, D in SHAPES:
         g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(B, H, L, D, generator=g, requires_grad=True) for L in (Lq, Lk, Lk))
+        q, k, v = (torch.randn(B, H, L, D, generator=g).to(dtype).requires_grad_() for L in (Lq, Lk, Lk))
         lengths = torch.randint(1, Lk + 1, (B,), generator=g)
         mask = (torch.arange(Lk)[None, :] < lengths[:, None])[:, None, None, :]
 
@@ -56,9 +57,9 @@ def main(threads: int) -> None:
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
         a, b = _best([fwd(ours), fwd(sdpa)], 15, clock)
         c, d = _best([fwd_bwd(ours), fwd_bwd(sdpa)], 8, clock)
-        print(f"B={B} H={H} {Lq}x{Lk} D={D}: fwd {a:.2f} vs SDPA {b:.2f} ms = {b / a:.2f}x | "
+        print(f"{str(dtype).removeprefix('torch.')} B={B} H={H} {Lq}x{Lk} D={D}: fwd {a:.2f} vs SDPA {b:.2f} ms = {b / a:.2f}x | "
               f"fwd+bwd {c:.2f} vs {d:.2f} ms = {d / c:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1, getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.float32)

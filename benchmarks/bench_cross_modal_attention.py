@@ -14,6 +14,9 @@ out written once, 4*B*H*(2*Lq*D + 2*Lk*D) in float32 (backward about twice that)
 - MulT B=32 H=8 50x375 D=32: 614 MFLOP, 28 MB: compute bound, ~3.4 ms at GEMM speed.
 - D=6: 13 MFLOP (33x33) with 1.6 MB: neither; one exp per score and per-row bookkeeping set
   the time.
+bfloat16 on the CPU (the "bfloat16" groups): half the bytes read; affectkit widens q, k, v
+to float32 once and runs its float32 kernels (float32 accumulation), SDPA runs its bfloat16
+CPU path; the flops are the same as above.
 On the shared development machine (load average 6-10 on 2 cores during measurement) the
 single-thread kernel reaches ~50-80 GFLOP/s nominal at 33x33 D=64 and ~95 at MulT; see
 benchmarks/RESULTS.md and benchmarks/attention_cpu_time.py for steadier CPU-time ratios.
@@ -34,9 +37,9 @@ SHAPES = {  # B, H, Lq, Lk, D
 }
 
 
-def _inputs(B, H, Lq, Lk, D, requires_grad=False):
+def _inputs(B, H, Lq, Lk, D, requires_grad=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, generator=g, requires_grad=requires_grad) for L in (Lq, Lk, Lk))
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(dtype).requires_grad_(requires_grad) for L in (Lq, Lk, Lk))
     lengths = torch.randint(1, Lk + 1, (B,), generator=g)
     mask = (torch.arange(Lk)[None, :] < lengths[:, None])[:, None, None, :]
     return q, k, v, lengths, mask
@@ -83,6 +86,19 @@ def bench_cross_modal_attention_bool_mask(bench, impl, name):
     args = _inputs(*SHAPES[name])
     with torch.no_grad():
         bench(f"attention fwd (bool mask) {name}", impl, ours_mask if impl == "affectkit" else torch_sdpa, *args)
+
+
+@pytest.mark.parametrize("impl", ["affectkit", "torch"])
+@pytest.mark.parametrize("name", ["m2fnet_64x8x33x33_d64", "mult_32x8x50x375_d32", "mult_d6_64x8x33x33"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def bench_cross_modal_attention_bfloat16(bench, impl, name, mode):
+    args = _inputs(*SHAPES[name], requires_grad=mode == "fwd+bwd", dtype=torch.bfloat16)
+    fn = ours_lengths if impl == "affectkit" else torch_sdpa
+    if mode == "fwd":
+        with torch.no_grad():
+            bench(f"attention bfloat16 fwd {name}", impl, fn, *args)
+    else:
+        bench(f"attention bfloat16 fwd+bwd {name}", impl, _fwd_bwd(fn), *args)
 
 
 class _MHAFusion(torch.nn.Module):

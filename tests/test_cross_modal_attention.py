@@ -447,8 +447,8 @@ def _bad(**over):
         (_bad(v=torch.zeros(2, 3, 4, 6)), ValueError, r"v: expected \(B, H, Lk\) = \(2, 3, 5\)"),
         (_bad(q=torch.zeros(2, 3, 4, 300), k=torch.zeros(2, 3, 5, 300)), ValueError, r"q: expected a head dimension in \[1, 256\], got 300"),
         (_bad(v=torch.zeros(2, 3, 5, 257)), ValueError, r"v: expected a head dimension in \[1, 256\], got 257"),
-        (_bad(q=torch.zeros(2, 3, 4, 8, dtype=torch.int64)), TypeError, r"q: expected dtype float32, float64, got int64"),
-        (_bad(q=torch.zeros(2, 3, 4, 8, dtype=torch.float16)), TypeError, r"q: expected dtype float32, float64, got float16"),
+        (_bad(q=torch.zeros(2, 3, 4, 8, dtype=torch.int64)), TypeError, r"q: expected dtype float32, float64, bfloat16, got int64"),
+        (_bad(q=torch.zeros(2, 3, 4, 8, dtype=torch.float16)), TypeError, r"q: expected dtype float32, float64, bfloat16, got float16"),
         (_bad(k=torch.zeros(2, 3, 5, 8, dtype=torch.float64)), TypeError, r"k: expected dtype float32 \(the dtype of q\), got float64"),
         (_bad(kv_lengths=torch.tensor([1, 6])), ValueError, r"kv_lengths: expected values in \[0, 5\], got kv_lengths\[1\] = 6"),
         (_bad(q_lengths=torch.tensor([-1, 2])), ValueError, r"q_lengths: expected values in \[0, 4\], got q_lengths\[0\] = -1"),
@@ -491,7 +491,7 @@ def test_core_rejects_bad_values_itself():
     with pytest.raises(ValueError, match=r"q: expected a head dimension D in \[1, 256\], got 0"):
         C.attention_forward(C.DEVICE_CPU, f32, (1, 1, 1, 1, 0, 1), (0,) * 6, False, 1.0, 0.0, 0, view, view, view,
                             no_mask, view, view)
-    with pytest.raises(TypeError, match=r"q: expected dtype float32 or float64, got int32"):
+    with pytest.raises(TypeError, match=r"q: expected dtype float32 or float64 or bfloat16, got int32"):
         C.attention_forward(C.DEVICE_CPU, C.DTYPE_CODES["int32"], (0, 1, 1, 1, 4, 4), (0,) * 6, False, 1.0, 0.0, 0,
                             view, view, view, no_mask, view, view)
     with pytest.raises(TypeError, match=r"attn_mask: expected dtype bool or float32, got float64"):
@@ -673,6 +673,104 @@ def test_torch_compile_additive_mask_grad(gen):
         assert mask.grad.shape == mask.shape
         for a, b in ((q, qr), (k, kr), (v, vr), (mask, mr)):
             assert rel_error(a.grad, b.grad) <= 5e-5
+
+
+# ------------------------------------------------------------------------ bfloat16 on CPU
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_cpu_matches_reference(shape, gen):
+    B, H, Lq, Lk, D, Dv = shape
+    q, k, v = _inputs(gen, *shape, dtype=torch.bfloat16)
+    kv_lengths = torch.randint(0, Lk + 1, (B,), generator=gen)
+    q_lengths = torch.randint(0, Lq + 1, (B,), generator=gen)
+    for causal in (False, True):
+        _check_against_reference(gen, q, k, v, causal=causal)
+        _check_against_reference(gen, q, k, v, kv_lengths=kv_lengths, q_lengths=q_lengths, causal=causal)
+
+
+def test_bfloat16_cpu_masks_weights_and_mask_grad(gen):
+    B, H, Lq, Lk, D = 3, 4, 37, 45, 32
+    q, k, v = _inputs(gen, B, H, Lq, Lk, D, D, dtype=torch.bfloat16)
+    kw = dict(kv_lengths=torch.tensor([45, 0, 20]), causal=True)
+    _check_against_reference(gen, q, k, v, attn_mask=torch.rand(B, 1, Lq, Lk, generator=gen) > 0.3, **kw)
+    mask = _additive_mask(gen, (B, 1, 1, Lk), torch.float32)
+    g = torch.randn(B, H, Lq, D, generator=gen, dtype=torch.float64)
+    got = _mask_grads(lambda a, b, c, m: ops.cross_modal_attention(a, b, c, attn_mask=m, **kw), q, k, v, mask,
+                      g.bfloat16())
+    want = _mask_grads(lambda a, b, c, m: reference(a, b, c, attn_mask=m, **kw), q.double(), k.double(), v.double(),
+                       mask.double(), g)
+    assert got[0].dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in got[1:4])
+    assert got[4].dtype == torch.float32
+    assert rel_error(got[0], want[0]) <= TOL[torch.bfloat16]
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.isfinite(a).all() and rel_error(a, b) <= GRAD_TOL[torch.bfloat16]
+    out, w = ops.cross_modal_attention(q, k, v, need_weights=True, **kw)
+    assert w.dtype == torch.bfloat16
+    assert rel_error(w, _reference_weights(q.double(), k.double(), **kw)) <= TOL[torch.bfloat16]
+
+
+def test_bfloat16_cpu_non_contiguous_dropout_and_varlen(gen):
+    base = torch.randn(2, 19, 3, 2, 16, generator=gen).bfloat16()
+    q = base[..., 0, :].transpose(1, 2)  # (2, 3, 19, 16), strided
+    k = base[..., 1, :].transpose(1, 2)
+    v = base[..., 1, ::2].transpose(1, 2)  # feature stride 2: copied
+    _check_against_reference(gen, q, k, v, kv_lengths=torch.tensor([19, 7]))
+    # Dropout: the bfloat16 path drops exactly what the float32 path drops for the same seed.
+    torch.manual_seed(3)
+    got = ops.cross_modal_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    want = ops.cross_modal_attention(q.float(), k.float(), v.float(), dropout_p=0.3)
+    assert rel_error(got, want) <= TOL[torch.bfloat16]
+    lq, lk = torch.tensor([5, 0, 19]), torch.tensor([19, 7, 1])
+    qp = torch.randn(24, 3, 16, generator=gen).bfloat16()
+    kp = torch.randn(27, 3, 16, generator=gen).bfloat16()
+    vp = torch.randn(27, 3, 8, generator=gen).bfloat16()
+    got = ops.cross_modal_attention_varlen(qp, kp, vp, _cu(lq), _cu(lk), 19, 19, causal=True)
+    want = ops.cross_modal_attention_varlen(qp.double(), kp.double(), vp.double(), _cu(lq), _cu(lk), 19, 19,
+                                            causal=True)
+    assert got.dtype == torch.bfloat16 and rel_error(got, want) <= TOL[torch.bfloat16]
+
+
+def test_bfloat16_cpu_kernel_writes_every_output_element(gen):
+    import affectkit._C as C
+    from affectkit.ops._bridge import ptr
+
+    B, H, Lq, Lk, D, Dv = 3, 2, 70, 41, 10, 9
+    q, k, v = _inputs(gen, B, H, Lq, Lk, D, Dv, dtype=torch.bfloat16)
+    kv_lengths, q_lengths = torch.tensor([41, 0, 5]), torch.tensor([70, 12, 0])
+    bf16 = C.DTYPE_CODES["bfloat16"]
+    view = lambda t: (ptr(t), t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    dims, index = (B, H, Lq, Lk, D, Dv), (ptr(q_lengths), ptr(kv_lengths), 0, 0, 0, 0)
+    no_mask = (0, C.DTYPE_CODES["bool"], 0, 0, 0, 0)
+    out = torch.full((B, H, Lq, Dv), float("nan"), dtype=torch.bfloat16)
+    lse = torch.full((B, H, Lq), float("nan"))
+    C.attention_forward(C.DEVICE_CPU, bf16, dims, index, False, 0.25, 0.0, 0, view(q), view(k), view(v), no_mask,
+                        view(out), view(lse))
+    kw = dict(kv_lengths=kv_lengths, q_lengths=q_lengths, scale=0.25)
+    assert rel_error(out, reference(q, k, v, **kw)) <= TOL[torch.bfloat16]
+    g = torch.randn(B, H, Lq, Dv, generator=gen).bfloat16()
+    grads = [torch.full(t.shape, float("nan"), dtype=torch.bfloat16) for t in (q, k, v)]
+    C.attention_backward(C.DEVICE_CPU, bf16, dims, index, False, 0.25, 0.0, 0, view(q), view(k), view(v), no_mask,
+                         view(out), view(g), view(lse), *(view(t) for t in grads))
+    want = _grads(lambda a, b, c: reference(a, b, c, **kw), q.double(), k.double(), v.double(), g.double())
+    for a, b in zip(grads, want[1:]):
+        assert torch.isfinite(a).all() and rel_error(a, b) <= GRAD_TOL[torch.bfloat16]
+    weights = torch.full((B, Lq, Lk), float("nan"), dtype=torch.bfloat16)
+    C.attention_weights(C.DEVICE_CPU, bf16, dims, index, False, 0.25, 0.0, 0, view(q), view(k), no_mask, view(lse),
+                        ptr(weights))
+    assert torch.isfinite(weights).all()
+
+
+def test_bfloat16_cpu_opcheck_and_compile(gen):
+    q, k, v = (t.requires_grad_() for t in _inputs(gen, 2, 3, 5, 7, 4, 6, dtype=torch.bfloat16))
+    torch.library.opcheck(torch.ops.affectkit.cross_modal_attention.default,
+                          (q, k, v, torch.tensor([7, 2]), None, None, None, 5, 7, None, True, 0.5, 0.0, None))
+    torch._dynamo.reset()
+    step = torch.compile(lambda a, b, c: ops.cross_modal_attention(a, b, c, causal=True).float().sum(),
+                         backend="aot_eager", fullgraph=True, dynamic=True)
+    step(q, k, v).backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
 
 
 # ------------------------------------------------------------------------------ CUDA

@@ -23,7 +23,7 @@ struct MutView {
 
 // Optional mask broadcastable to (B, H, Lq, Lk): dtype Bool (true = attend) or an additive
 // float mask in the accumulation type (float32 for float32/16-bit inputs, float64 for
-// float64). Strides are in elements; 0 on broadcast axes. data == nullptr: no mask.
+// float64). Input dtypes: float32, float64, bfloat16 on the CPU; also float16 on CUDA. Strides are in elements; 0 on broadcast axes. data == nullptr: no mask.
 struct Mask {
   const void* data = nullptr;
   DType dtype = DType::Bool;
@@ -84,6 +84,11 @@ void forward_cpu(DType, const Problem&, View, View, View, Mask, MutView, MutView
 void backward_cpu(DType, const Problem&, View, View, View, Mask, View, View, View, MutView,
                   MutView, MutView, void*);
 void weights_cpu(DType, const Problem&, View, View, Mask, View, void*, bool);
+// bfloat16 on the CPU: widened to float32, the float32 kernels, rounded back.
+void forward_cpu_bf16(const Problem&, View, View, View, Mask, MutView, MutView);
+void backward_cpu_bf16(const Problem&, View, View, View, Mask, View, View, View, MutView, MutView,
+                       MutView, void*);
+void weights_cpu_bf16(const Problem&, View, View, Mask, View, void*, bool);
 void forward_cuda(DType, const Problem&, View, View, View, Mask, MutView, MutView, uintptr_t);
 void backward_cuda(DType, const Problem&, View, View, View, Mask, View, View, View, MutView,
                    MutView, MutView, void*, uintptr_t);

@@ -63,7 +63,7 @@ void validate(const char* fn, Device device, DType dtype, const Problem& p, cons
     check_cuda_compiled(fn);
     check_dtype_in("q", dtype, {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16});
   } else {
-    check_dtype_in("q", dtype, {DType::Float32, DType::Float64});
+    check_dtype_in("q", dtype, {DType::Float32, DType::Float64, DType::BFloat16});
   }
   const bool packed = p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr;
   if (packed) {
@@ -111,7 +111,8 @@ void attention_forward(Device device, DType dtype, const Problem& p, View q, Vie
     return;
   }
   (void)stream;
-  detail::forward_cpu(dtype, p, q, k, v, mask, out, lse);
+  if (dtype == DType::BFloat16) detail::forward_cpu_bf16(p, q, k, v, mask, out, lse);
+  else detail::forward_cpu(dtype, p, q, k, v, mask, out, lse);
 }
 
 void attention_backward(Device device, DType dtype, const Problem& p, View q, View k, View v,
@@ -139,7 +140,10 @@ void attention_backward(Device device, DType dtype, const Problem& p, View q, Vi
     return;
   }
   (void)stream;
-  detail::backward_cpu(dtype, p, q, k, v, mask, out, grad_out, lse, grad_q, grad_k, grad_v, grad_mask);
+  if (dtype == DType::BFloat16)
+    detail::backward_cpu_bf16(p, q, k, v, mask, out, grad_out, lse, grad_q, grad_k, grad_v, grad_mask);
+  else
+    detail::backward_cpu(dtype, p, q, k, v, mask, out, grad_out, lse, grad_q, grad_k, grad_v, grad_mask);
 }
 
 void attention_weights(Device device, DType dtype, const Problem& p, View q, View k, Mask mask,
@@ -157,7 +161,8 @@ void attention_weights(Device device, DType dtype, const Problem& p, View q, Vie
     return;
   }
   (void)stream;
-  detail::weights_cpu(dtype, p, q, k, mask, lse, weights, average_heads);
+  if (dtype == DType::BFloat16) detail::weights_cpu_bf16(p, q, k, mask, lse, weights, average_heads);
+  else detail::weights_cpu(dtype, p, q, k, mask, lse, weights, average_heads);
 }
 
 }  // namespace affectkit::attention

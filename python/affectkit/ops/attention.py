@@ -14,8 +14,8 @@ import torch
 
 from .. import _C
 from ._bridge import (
+    CUDA_FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_float_dtype,
     check_lengths_range,
     check_same_device,
     check_tensor,
@@ -26,6 +26,8 @@ from ._bridge import (
 )
 
 MAX_HEAD_DIM = 256
+# bfloat16 on the CPU runs the float32 kernels on widened copies (float32 accumulation).
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------
 # Public functions: validation that traces under torch.compile, then the op.
@@ -49,7 +51,8 @@ def cross_modal_attention(
 
     Args:
         q: (B, H, Lq, D); k: (B, H, Lk, D); v: (B, H, Lk, Dv). D and Dv in [1, 256];
-            float32/float64 on CPU, also float16/bfloat16 on CUDA. Any strides.
+            float32/float64/bfloat16 on CPU (bfloat16 accumulates in float32), also float16 on
+            CUDA. Any strides.
         kv_lengths, q_lengths: optional (B,) int32/int64 valid lengths on q's device. Keys at
             or past kv_lengths[b] are ignored; query rows at or past q_lengths[b] are zeros.
         attn_mask: optional bool (True = attend) or additive float mask broadcastable to
@@ -166,7 +169,7 @@ def _check_qkv(q, k, v, *, packed: bool) -> None:
     ndim = 3 if packed else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=ndim)
-        check_float_dtype(name, t)
+        check_tensor(name, t, dtypes=CUDA_FLOAT_DTYPES if t.is_cuda else CPU_DTYPES)
     for name, t in (("k", k), ("v", v)):
         check_same_device(name, t, "q", q)
         if t.dtype != q.dtype:
