@@ -607,6 +607,26 @@ def test_additive_mask_grad_varlen_gradcheck(gen):
     assert (mask.grad[0, :, 3:] == 0).all() and (mask.grad[0, :, :, 2:] == 0).all() and (mask.grad[1] == 0).all()
 
 
+def test_additive_mask_grad_is_bit_identical_across_thread_counts(gen):
+    import affectkit._C as C
+
+    q, k, v = _inputs(gen, 3, 5, 70, 45, 16, 24)
+    mask = _additive_mask(gen, (3, 1, 70, 45), torch.float32)
+    g = torch.randn(3, 5, 70, 24, generator=gen)
+    kw = dict(kv_lengths=torch.tensor([45, 20, 3]), causal=True, dropout_p=0.2)
+    fn = lambda a, b, c, m: (torch.manual_seed(5), ops.cross_modal_attention(a, b, c, attn_mask=m, **kw))[1]  # noqa: E731
+    before = C.num_threads()
+    try:
+        C.set_num_threads(1)
+        one = _mask_grads(fn, q, k, v, mask, g)
+        C.set_num_threads(2)
+        two = _mask_grads(fn, q, k, v, mask, g)
+    finally:
+        C.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
 def test_kernel_writes_every_mask_grad_element(gen):
     import affectkit._C as C
     from affectkit.ops._bridge import ptr
