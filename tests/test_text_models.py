@@ -63,7 +63,7 @@ def test_save_and_reload_round_trip(emotion, tmp_path):
 
 
 def test_bad_models_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"expected one of \['text-emotion', 'vad', 'empathy'\]"):
+    with pytest.raises(ValueError, match=r"expected one of \['text-emotion', 'vad', 'empathy', 'erc-meld'\]"):
         affectkit.load("no-such-model")
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors model file"):

@@ -27,8 +27,8 @@ from ..text.encoder import DEFAULT_MODEL, clean_texts
 from .erc import ERCModel, ERCNet, extra_features, pack
 from .m2fnet import class_weights, focal_loss, speaker_ids
 
-HYPER = dict(tuned_layers=2, d_model=256, num_heads=4, num_layers=2, dropout=0.3, encoder_dropout=0.1,
-             lr=3e-4, encoder_lr=5e-5, weight_decay=1e-2, epochs=5, batch_dialogues=16,
+HYPER = dict(tuned_layers=4, d_model=256, num_heads=4, num_layers=2, dropout=0.3, encoder_dropout=0.1,
+             lr=3e-4, encoder_lr=5e-5, weight_decay=1e-2, epochs=8, batch_dialogues=16,
              class_weight_power=0.5, focal_gamma=0.0, extra_features=("lexicon", "text-emotion"))
 
 
