@@ -136,7 +136,7 @@ def test_torch_attention_twin_gives_the_same_predictions(erc):
     ([("Ann", "hi"), ("Bob", "   ")], ValueError, r"utterances\[1\].*empty"),
     ([("", "hi")], ValueError, r"utterances\[0\]: expected a speaker"),
     ([("Ann", "hi", "extra")], TypeError, r"utterances\[0\]: expected a \(speaker, text\) pair"),
-    ([("Ann", 3)], ValueError, "empty"),
+    ([("Ann", 3)], TypeError, r"utterances\[0\]: expected the utterance as text, got int"),
 ])
 def test_bad_dialogues(bad, error, match):
     with pytest.raises(error, match=match):

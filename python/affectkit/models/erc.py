@@ -103,7 +103,9 @@ def check_dialogue(utterances, where: str = "utterances") -> tuple[list[str], li
         speaker, text = pair
         if not isinstance(speaker, str) or not speaker.strip():
             raise ValueError(f"{where}[{i}]: expected a speaker name, got {speaker!r}")
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise TypeError(f"{where}[{i}]: expected the utterance as text, got {type(text).__name__}")
+        if not text.strip():
             raise ValueError(f"{where}[{i}]: the utterance of {speaker!r} is empty")
         speakers.append(speaker)
         texts.append(text)
@@ -143,9 +145,9 @@ class ERCModel:
             chunk = parsed[start:start + batch]
             texts = clean_texts([t for _, ts in chunk for t in ts])
             states = self.net.encoder.frozen_states(texts)
-            lex = extra_features(texts, self.config.get("extra_features", ["lexicon"]))
+            extra = extra_features(texts, self.config.get("extra_features", ["lexicon"]))
             speakers, lengths = pack([speaker_ids(s) for s, _ in chunk])
-            logits = self.net(states, lex, speakers, lengths)
+            logits = self.net(states, extra, speakers, lengths)
             out += [logits[b, : int(n)].double().numpy() for b, n in enumerate(lengths)]
         return out
 
