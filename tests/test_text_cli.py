@@ -93,18 +93,24 @@ def _tiny_goemotions(folder):
 
 
 def test_train_then_evaluate_with_plots(tmp_path):
+    from safetensors import safe_open
+
     data = tmp_path / "goemotions"
     _tiny_goemotions(data)
     out = tmp_path / "model"
-    proc = _run("train", "text-emotion", "--data", str(data), "--out", str(out), "--json", cache=tmp_path / "cache")
+    proc = _run("train", "text-emotion", "--data", str(data), "--out", str(out), "--json", "--tuned-layers", "1",
+                "--epochs", "2", cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert {"macro_f1", "ece", "temperature", "cross_fitted"} <= set(metrics)
+    assert len(metrics["dev_score_per_epoch"]) == 2 and metrics["hyper"]["tuned_layers"] == 1
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "metrics.json", "README.md"}
-    assert "## Dev scores" in (out / "README.md").read_text()
-    # A second run reads every embedding from the cache.
-    proc = _run("train", "text-emotion", "--data", str(data), "--out", str(out), "--json", cache=tmp_path / "cache")
-    assert json.loads(proc.stdout)["texts_encoded_this_run"] == 0
+    card = (out / "README.md").read_text()
+    assert "## Dev scores" in card and "top 1 layers fine-tuned" in card
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        tuned = [k for k in f.keys() if k.startswith("encoder.layers.0.")]
+        assert json.loads(f.metadata()["config"])["tuned_layers"] == 1
+    assert len(tuned) == 16  # query/key/value/attn_out/ffn_in/ffn_out weights and biases, two LayerNorms
     proc = _run("evaluate", str(out), "--data", str(data / "dev.tsv"), "--plots", str(tmp_path / "plots"), "--json",
                 cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
@@ -112,6 +118,27 @@ def test_train_then_evaluate_with_plots(tmp_path):
     assert result["model"] == "text-emotion" and result["rows"] == 3 and 0 <= result["macro_f1"] <= 1
     for png in ("confusion_matrix.png", "reliability_diagram.png"):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_frozen_recipe_reuses_the_embedding_cache(tmp_path):
+    data = tmp_path / "goemotions"
+    _tiny_goemotions(data)
+    args = ("train", "text-emotion", "--data", str(data), "--out", str(tmp_path / "model"), "--json",
+            "--tuned-layers", "0")
+    first = json.loads(_run(*args, cache=tmp_path / "cache").stdout)
+    assert first["texts_encoded_this_run"] == 35 and first["hyper"]["tuned_layers"] == 0
+    assert json.loads(_run(*args, cache=tmp_path / "cache").stdout)["texts_encoded_this_run"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("vad", "--epochs", "3"), "only for erc and text-emotion"),
+    (("text-emotion", "--tuned-layers", "7"), "--tuned-layers: expected 0..6, got 7"),
+    (("erc", "--epochs", "0"), "--epochs: expected 1..10000, got 0"),
+])
+def test_train_bad_recipe_options(tmp_path, args, message):
+    proc = _run("train", *args, "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_evaluate_regression_file(tmp_path):

@@ -111,17 +111,28 @@ def _cmd_analyze(args, console) -> int:
 def _cmd_train(args, console) -> int:
     import os
 
+    hyper = {}
+    if args.epochs is not None:
+        hyper["epochs"] = args.epochs
+    if args.tuned_layers is not None:
+        hyper["tuned_layers"] = args.tuned_layers
+    if hyper and args.kind not in ("erc", "text-emotion"):
+        return _fail(f"--epochs/--tuned-layers: only for erc and text-emotion, got kind {args.kind!r}")
+    for name, low in (("epochs", 1), ("tuned_layers", 0)):
+        if name in hyper and not low <= hyper[name] <= (6 if name == "tuned_layers" else 10_000):
+            return _fail(f"--{name.replace('_', '-')}: expected {low}..{6 if name == 'tuned_layers' else 10_000}, "
+                         f"got {hyper[name]}")
+    log = None if args.json else console.print
     if args.kind == "erc":
         from .models.erc_training import train as train_erc
 
         _, metrics = train_erc(args.data, args.out, encoder_name=args.encoder, seed=args.seed, progress=not args.json,
-                               hyper={"epochs": args.epochs} if args.epochs else None,
-                               log=None if args.json else console.print)
+                               hyper=hyper or None, log=log)
     else:
         from .models.training import train
 
         _, metrics = train(args.kind, args.data, args.out, encoder_name=args.encoder, seed=args.seed,
-                           progress=not args.json)
+                           progress=not args.json, hyper=hyper or None, log=log)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
     if args.json:
@@ -191,7 +202,11 @@ def add_text_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="sentence-transformers model name or path")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="erc only: training epochs (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="erc and text-emotion: training epochs (default: the recipe's)")
+    p.add_argument("--tuned-layers", type=int, default=None,
+                   help="erc and text-emotion: encoder layers fine-tuned (default: the recipe's, 4); text-emotion "
+                        "with 0 trains a head on the frozen, cached embedding in about a minute")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_guarded(_cmd_train))
 

@@ -36,12 +36,7 @@ def render_card(config: dict, metrics: dict) -> str:
         DATA.get(kind, "see metrics.json"),
         "",
         "## Recipe",
-        f"- Features: `{config['encoder']}` sentence embedding (frozen, mean-pooled, L2-normalised) "
-        f"followed by {NUM_FEATURES} NRC EmoLex lexicon and surface features (the `nrclex` package); "
-        f"{config['in_dim']} inputs, standardised with the train split's mean and std.",
-        f"- Head: {'one hidden layer of ' + str(config['hidden']) + ' GELU units' if config['hidden'] else 'linear'}, "
-        "dropout, AdamW; the epoch with the lowest dev loss is kept "
-        f"(epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} run).",
+        *_recipe_lines(config, metrics),
     ]
     if config.get("ngram_features"):
         lines.append(
@@ -58,7 +53,8 @@ def render_card(config: dict, metrics: dict) -> str:
     heading = "Held-out 20% scores" if kind == "empathy" else "Dev scores"
     lines += ["", f"## {heading}", "", "| metric | value |", "|---|---|"]
     skip = {"per_label_f1", "cross_fitted", "best_epoch", "epochs_run", "head_training_seconds",
-            "total_seconds_including_encoding", "texts_encoded_this_run"}
+            "total_seconds_including_encoding", "texts_encoded_this_run", "hyper", "finetune_seconds",
+            "frozen_layers_seconds"}
     for key, value in metrics.items():
         if key not in skip:
             lines.append(f"| {key} | {_fmt(value)} |")
@@ -79,19 +75,53 @@ def render_card(config: dict, metrics: dict) -> str:
         "Run `affectkit evaluate " + kind + " --data <test file>` on it.",
         "",
         "## Training time",
-        f"Head training {metrics.get('head_training_seconds', 0):.0f} s; whole run "
-        f"{metrics.get('total_seconds_including_encoding', 0):.0f} s with "
-        f"{metrics.get('texts_encoded_this_run', 0)} texts encoded in that run (the rest came from the embedding "
-        f"cache) on 2 CPU cores shared with other jobs ({platform.machine()}, torch {torch.__version__}). "
-        "Encoding from scratch on the same machine ran at about 19 texts/s for GoEmotions comments and "
-        "7-10 essays/s for the empathy essays (GoEmotions train + dev: about 45 minutes, once; the cache "
-        "keeps the vectors for every later run).",
+        _training_time(config, metrics),
         "",
         "## Limits",
         "English only; trained on Reddit comments / news-reaction essays / mixed-genre sentences and weaker outside "
         "them. The encoder reads the first 256 word pieces; inputs over 5,000 characters are truncated with a warning.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _recipe_lines(config: dict, metrics: dict) -> list[str]:
+    head = (f"one hidden layer of {config['hidden']} GELU units" if config["hidden"] else "linear")
+    lexicon = (f"followed by {NUM_FEATURES} NRC EmoLex lexicon and surface features (the `nrclex` package); "
+               f"{config['in_dim']} inputs")
+    k = config.get("tuned_layers", 0)
+    if not k:
+        return [
+            f"- Features: `{config['encoder']}` sentence embedding (frozen, mean-pooled, L2-normalised) {lexicon}, "
+            "standardised with the train split's mean and std.",
+            f"- Head: {head}, dropout, AdamW; the epoch with the lowest dev loss is kept "
+            f"(epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} run).",
+        ]
+    hp = metrics.get("hyper", {})
+    return [
+        f"- Encoder: `{config['encoder']}` with its top {k} layers fine-tuned jointly with the head (their weights "
+        "are in this file, in float16; the frozen bottom layers come from the encoder's own package). The tuned "
+        "layers run on affectkit's fused attention over each text's real tokens.",
+        f"- Features: the mean-pooled, L2-normalised embedding {lexicon}, standardised with the untuned "
+        "embedding's train statistics.",
+        f"- Head: {head}, dropout {hp.get('dropout')}. AdamW with a one-cycle schedule: encoder learning rate "
+        f"{hp.get('encoder_lr')}, head {hp.get('lr')}, batches of {hp.get('batch')} texts, {hp.get('epochs')} "
+        f"epochs; the epoch with the best cross-fitted dev macro-F1 is kept (epoch {metrics.get('best_epoch')}; "
+        f"per epoch: {metrics.get('dev_score_per_epoch')}).",
+    ]
+
+
+def _training_time(config: dict, metrics: dict) -> str:
+    machine = f"2 CPU cores ({platform.machine()}, torch {torch.__version__})"
+    if config.get("tuned_layers", 0):
+        return (f"{metrics.get('total_seconds_including_encoding', 0) / 60:.0f} min for the whole run on {machine}: "
+                f"the frozen layers over every text once ({metrics.get('frozen_layers_seconds', 0):.0f} s), "
+                f"fine-tuning {metrics.get('finetune_seconds', 0) / 60:.0f} min, then calibration.")
+    return (f"Head training {metrics.get('head_training_seconds', 0):.0f} s; whole run "
+            f"{metrics.get('total_seconds_including_encoding', 0):.0f} s with "
+            f"{metrics.get('texts_encoded_this_run', 0)} texts encoded in that run (the rest came from the embedding "
+            f"cache) on {machine}, shared with other jobs. Encoding from scratch on the same machine ran at about "
+            "19 texts/s for GoEmotions comments and 7-10 essays/s for the empathy essays (GoEmotions train + dev: "
+            "about 45 minutes, once; the cache keeps the vectors for every later run).")
 
 
 def write_card(out_dir, config: dict, metrics: dict) -> Path:

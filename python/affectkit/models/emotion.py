@@ -10,6 +10,7 @@ from scipy.special import expit
 
 from ..data.goemotions import EKMAN
 from ..text.encoder import clean_texts
+from ..text.lexicon import lexicon_features
 from ..text.ngrams import hashed_ngrams
 from .base import WEIGHTS_FILE, head_from_state, run_head, save_weights, shared_features
 from .calibration import decide
@@ -18,8 +19,11 @@ from .calibration import decide
 class TextEmotionModel:
     """Multi-label emotion classifier over sentence-embedding + lexicon features.
 
-    `predict_proba` returns sigmoid(logits / temperature), the temperature fitted on GoEmotions
-    dev; `predict` applies per-label thresholds chosen on dev.
+    With config["tuned_layers"] = k > 0 the embedding comes from the encoder whose top k layers
+    were fine-tuned with the head (their weights are in the model file); otherwise from the
+    frozen, cached encoder. `predict_proba` returns sigmoid(logits / temperature), the
+    temperature fitted on GoEmotions dev; `predict` applies per-label thresholds chosen on dev.
+    `features` (the frozen encoder) also embeds texts for `nearest_examples`.
     """
 
     kind = "text-emotion"
@@ -33,6 +37,7 @@ class TextEmotionModel:
         self.temperature = float(tensors["temperature"].item())
         self.thresholds = tensors["thresholds"].double().numpy()
         self.features = features if features is not None else shared_features(config["encoder"])
+        self.tuned = _tuned_net(tensors, config, self.head) if config.get("tuned_layers", 0) else None
         self.ekman_labels: tuple[str, ...] = tuple(EKMAN)
         groups = np.zeros((len(self.labels), len(EKMAN)), dtype=bool)
         for j, members in enumerate(EKMAN.values()):
@@ -45,6 +50,11 @@ class TextEmotionModel:
         texts = clean_texts(texts)
         n_hash = self.config.get("ngram_features", 0)
         sparse = hashed_ngrams(texts, n_hash) if n_hash else None
+        if self.tuned is not None:
+            from .finetune import frozen_states, run_net
+
+            states = frozen_states(self.tuned.encoder, texts, progress)
+            return run_net(self.tuned, states, lexicon_features(texts), sparse)
         return run_head(self.head, self.features(texts, progress=progress), sparse)
 
     def predict_proba(self, texts, *, progress: bool = False) -> np.ndarray:
@@ -107,9 +117,22 @@ class TextEmotionModel:
         path = Path(out_dir) / WEIGHTS_FILE
         # The n-gram table is most of the file; float16 halves it at no measurable cost.
         tensors = {f"head.{k}": v.half() if k == "sparse_weight" else v for k, v in self.head.state_dict().items()}
+        if self.tuned is not None:  # float16 too: the layers are most of the file
+            tensors.update({f"encoder.layers.{k}": v.half() for k, v in self.tuned.encoder.layers.state_dict().items()})
         tensors["temperature"] = torch.tensor([self.temperature], dtype=torch.float32)
         tensors["thresholds"] = torch.from_numpy(self.thresholds.astype(np.float32))
         save_weights(path, tensors, self.config)
         return path
 
 
+
+
+def _tuned_net(tensors: dict[str, torch.Tensor], config: dict, head):
+    """The fine-tuned encoder layers stored in the model file, joined to `head`."""
+    from ..text.utterance_encoder import UtteranceEncoder
+    from .finetune import TunedTextNet
+
+    encoder = UtteranceEncoder(config["encoder"], config["tuned_layers"])
+    prefix = "encoder.layers."
+    encoder.layers.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+    return TunedTextNet(encoder, head).eval()

@@ -29,7 +29,8 @@ from .m2fnet import class_weights, focal_loss, speaker_ids
 
 HYPER = dict(tuned_layers=4, d_model=256, num_heads=4, num_layers=2, dropout=0.3, encoder_dropout=0.1,
              lr=3e-4, encoder_lr=5e-5, weight_decay=1e-2, epochs=8, batch_dialogues=16,
-             class_weight_power=0.5, focal_gamma=0.0, extra_features=("lexicon", "text-emotion"))
+             class_weight_power=0.5, focal_gamma=0.0, extra_features=("lexicon", "text-emotion"),
+             encoder_init=None)
 
 
 class _Split:
@@ -75,6 +76,21 @@ def _flat_logits(net, split: _Split, batch: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
+def init_tuned_layers(net: ERCNet, model) -> None:
+    """Start the encoder's tuned layers from those of a fine-tuned text model (a name such as
+    "text-emotion" or a trained folder): intermediate-task transfer from its corpus to MELD."""
+    from . import resolve
+    from .base import read_weights
+
+    tensors, config = read_weights(resolve(model))
+    k = len(net.encoder.layers)
+    if config.get("tuned_layers", 0) != k or config.get("encoder") != net.encoder.base:
+        raise ValueError(f"encoder_init: expected a model with the top {k} layers of {net.encoder.base!r} tuned, got "
+                         f"{config.get('tuned_layers', 0)} tuned layers of {config.get('encoder')!r}")
+    prefix = "encoder.layers."
+    net.encoder.layers.load_state_dict({n[len(prefix):]: v.float() for n, v in tensors.items() if n.startswith(prefix)})
+
+
 def fit_softmax_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     """The T > 0 minimising the negative log-likelihood of softmax(logits / T)."""
     def nll(log_t):
@@ -92,6 +108,8 @@ def train_erc(data, *, encoder_name: str = DEFAULT_MODEL, seed: int = 0, progres
               "extra_features": list(hp["extra_features"]),
               **{k: hp[k] for k in ("tuned_layers", "d_model", "num_heads", "num_layers", "dropout", "encoder_dropout")}}
     net = ERCNet(config)
+    if hp["encoder_init"]:
+        init_tuned_layers(net, hp["encoder_init"])
     start = time.perf_counter()
     train = _Split(train_df, net, config["extra_features"], progress)
     dev = _Split(dev_df, net, config["extra_features"], progress)

@@ -25,8 +25,12 @@ from .calibration import choose_thresholds, decide, fit_temperature
 from ..metrics import expected_calibration_error, multilabel_metrics, regression_metrics
 
 HYPER = {
-    "text-emotion": dict(hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=25, batch=256, patience=3,
-                         ngram_features=2**17, sparse_lr=4e-3, sparse_weight_decay=0.0),
+    # The shipped recipe: the encoder's top 4 layers fine-tuned with the head (see finetune.py).
+    "text-emotion": dict(tuned_layers=4, hidden=512, dropout=0.3, lr=1e-3, encoder_lr=5e-5, weight_decay=1e-2,
+                         epochs=3, batch=32, ngram_features=0, sparse_lr=4e-3),
+    # tuned_layers=0: the frozen embedding (cached) and the head alone, in seconds.
+    "text-emotion-frozen": dict(tuned_layers=0, hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=25,
+                                batch=256, patience=3, ngram_features=2**17, sparse_lr=4e-3, sparse_weight_decay=0.0),
     "vad": dict(hidden=512, dropout=0.5, lr=1e-3, weight_decay=5e-2, epochs=80, batch=128, patience=8),
     "empathy": dict(hidden=0, dropout=0.3, lr=1e-3, weight_decay=0.1, epochs=150, batch=64, patience=15),
 }
@@ -100,7 +104,7 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _check_ranks_agree(head: Head) -> None:
+def _check_ranks_agree(head: nn.Module) -> None:
     """DDP keeps replicas identical; fail loudly if they drifted (e.g. ranks saw different data)."""
     import torch.distributed as dist
 
@@ -122,31 +126,42 @@ def _features(encoder, texts, progress):
 
 
 def train_text_emotion(data, *, encoder: TextEncoder | None = None, seed: int = 0, progress: bool = False,
-                       hyper: dict | None = None):
-    """GoEmotions train -> model; dev -> early stopping, temperature, thresholds, metrics."""
+                       hyper: dict | None = None, log=None):
+    """GoEmotions train -> model; dev -> epoch choice, temperature, thresholds, metrics.
+    hyper["tuned_layers"] = 0 selects the frozen-embedding recipe."""
     from ..data import goemotions
     from .emotion import TextEmotionModel
 
     encoder = encoder or TextEncoder(DEFAULT_MODEL)
+    hyper = dict(hyper or {})
+    tuned = hyper.get("tuned_layers", HYPER["text-emotion"]["tuned_layers"])
+    hp = dict(HYPER["text-emotion" if tuned else "text-emotion-frozen"], **hyper)
     train, dev = goemotions.load(data, "train"), goemotions.load(data, "dev")
-    x_tr, x_dev = _features(encoder, train["text"], progress), _features(encoder, dev["text"], progress)
+    t_tr, t_dev = clean_texts(list(train["text"])), clean_texts(list(dev["text"]))
     y_tr, y_dev = goemotions.multi_hot(train["labels"]), goemotions.multi_hot(dev["labels"])
-    start = time.perf_counter()
-    hp = dict(HYPER["text-emotion"], **(hyper or {}))
     s_tr = s_dev = None
     if hp["ngram_features"]:
-        s_tr = hashed_ngrams(clean_texts(list(train["text"])), hp["ngram_features"])
-        s_dev = hashed_ngrams(clean_texts(list(dev["text"])), hp["ngram_features"])
-    head, fit = fit_head(x_tr, y_tr, x_dev, y_dev, loss="bce", seed=seed, progress=progress, s_tr=s_tr, s_dev=s_dev, **hp)
-    logits = run_head(head, x_dev, s_dev)
+        s_tr, s_dev = hashed_ngrams(t_tr, hp["ngram_features"]), hashed_ngrams(t_dev, hp["ngram_features"])
+    config = {"kind": "text-emotion", "labels": list(goemotions.LABELS), "encoder": encoder.name,
+              "out_dim": y_tr.shape[1], "hidden": hp["hidden"], "ngram_features": hp["ngram_features"],
+              "tuned_layers": tuned}
+    start = time.perf_counter()
+    if tuned:
+        tensors, logits, fit = _fit_tuned_text_emotion(encoder.name, (t_tr, y_tr, s_tr), (t_dev, y_dev, s_dev), hp,
+                                                       seed, progress, log)
+        config["in_dim"] = int(tensors["head.mean"].shape[0])
+    else:
+        x_tr, x_dev = _features(encoder, t_tr, progress), _features(encoder, t_dev, progress)
+        start = time.perf_counter()
+        head, fit = fit_head(x_tr, y_tr, x_dev, y_dev, loss="bce", seed=seed, progress=progress, s_tr=s_tr,
+                             s_dev=s_dev, **{k: v for k, v in hp.items() if k != "tuned_layers"})
+        logits = run_head(head, x_dev, s_dev)
+        tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
+        config["in_dim"] = x_tr.shape[1]
     temperature = fit_temperature(logits, y_dev)
     probs = 1 / (1 + np.exp(-logits / temperature))
     thresholds = choose_thresholds(probs, y_dev)
     seconds = time.perf_counter() - start
-    config = {"kind": "text-emotion", "labels": list(goemotions.LABELS), "encoder": encoder.name,
-              "in_dim": x_tr.shape[1], "out_dim": y_tr.shape[1], "hidden": hp["hidden"],
-              "ngram_features": hp["ngram_features"] if s_tr is not None else 0}
-    tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
     tensors["temperature"] = torch.tensor([temperature], dtype=torch.float32)
     tensors["thresholds"] = torch.from_numpy(thresholds)
     model = TextEmotionModel(tensors, config, FeatureExtractor(encoder))
@@ -155,9 +170,41 @@ def train_text_emotion(data, *, encoder: TextEncoder | None = None, seed: int = 
         ece_before_temperature=expected_calibration_error(1 / (1 + np.exp(-logits)), y_dev),
         temperature=temperature,
         cross_fitted=cross_fitted_f1(probs, y_dev, seed),
-        train_rows=len(train), dev_rows=len(dev), head_training_seconds=seconds, **fit,
+        train_rows=len(train), dev_rows=len(dev), head_training_seconds=seconds, hyper=hp, **fit,
     )
     return model, metrics
+
+
+def _fit_tuned_text_emotion(encoder_name: str, train: tuple, dev: tuple, hp: dict, seed: int, progress: bool, log):
+    """Fine-tune the top hp["tuned_layers"] encoder layers with the head; the epoch with the best
+    cross-fitted dev macro-F1 is kept. Returns (tensors, dev logits, info)."""
+    from scipy.special import expit
+
+    from ..text.lexicon import lexicon_features
+    from ..text.utterance_encoder import UtteranceEncoder
+    from .finetune import TunedTextNet, finetune, frozen_states, run_net
+
+    torch.manual_seed(seed)
+    encoder = UtteranceEncoder(encoder_name, hp["tuned_layers"], dropout=0.1)
+    (t_tr, y_tr, s_tr), (t_dev, y_dev, s_dev) = train, dev
+    start = time.perf_counter()
+    st_tr, st_dev = frozen_states(encoder, t_tr, progress), frozen_states(encoder, t_dev, progress)
+    frozen_seconds = time.perf_counter() - start
+    lx_tr, lx_dev = lexicon_features(t_tr), lexicon_features(t_dev)
+    head = Head(encoder.dim + lx_tr.shape[1], y_tr.shape[1], hp["hidden"], hp["dropout"],
+                sparse_dim=hp["ngram_features"] if s_tr is not None else 0)
+    net = TunedTextNet(encoder, head)
+    with torch.no_grad():  # standardise with the untuned embedding's statistics
+        emb = torch.cat([net.embed(st_tr[i:i + 512]) for i in range(0, len(st_tr), 512)]).numpy()
+    head.set_standardisation(np.hstack([emb, lx_tr]))
+    info = finetune(net, (st_tr, lx_tr, y_tr, s_tr), (st_dev, lx_dev, y_dev, s_dev), loss="bce",
+                    score=lambda logits: cross_fitted_f1(expit(logits), y_dev, seed)["macro_f1"],
+                    lr=hp["lr"], encoder_lr=hp["encoder_lr"], weight_decay=hp["weight_decay"], epochs=hp["epochs"],
+                    batch=hp["batch"], sparse_lr=hp["sparse_lr"], seed=seed, progress=progress, log=log)
+    logits = run_net(net, st_dev, lx_dev, s_dev)
+    tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
+    tensors.update({f"encoder.layers.{k}": v for k, v in encoder.layers.state_dict().items()})
+    return tensors, logits, {"frozen_layers_seconds": frozen_seconds, **info}
 
 
 def cross_fitted_f1(probs, y, seed: int = 0, folds: int = 2) -> dict:
@@ -223,8 +270,12 @@ def _init_distributed_from_env() -> bool:
     return True
 
 
-def train(kind: str, data, out_dir, *, encoder_name: str = DEFAULT_MODEL, seed: int = 0, progress: bool = False):
-    """Train `kind`, write out_dir/model.safetensors, metrics.json and README.md (the card)."""
+def train(kind: str, data, out_dir, *, encoder_name: str = DEFAULT_MODEL, seed: int = 0, progress: bool = False,
+          hyper: dict | None = None, log=None):
+    """Train `kind`, write out_dir/model.safetensors, metrics.json and README.md (the card).
+    hyper overrides the text-emotion recipe (HYPER["text-emotion"]; tuned_layers=0: the frozen one)."""
+    if hyper and kind != "text-emotion":
+        raise ValueError(f"hyper: only the text-emotion recipe takes overrides, got {sorted(hyper)} for {kind!r}")
     from .card import write_card
 
     encoder = TextEncoder(encoder_name)
@@ -233,7 +284,8 @@ def train(kind: str, data, out_dir, *, encoder_name: str = DEFAULT_MODEL, seed: 
     try:
         rank, _ = _dist_rank_world()
         if kind == "text-emotion":
-            model, metrics = train_text_emotion(data, encoder=encoder, seed=seed, progress=progress and rank == 0)
+            model, metrics = train_text_emotion(data, encoder=encoder, seed=seed, progress=progress and rank == 0,
+                                                hyper=hyper, log=log if rank == 0 else None)
         else:
             model, metrics = train_regression(kind, data, encoder=encoder, seed=seed, progress=progress and rank == 0)
     finally:
