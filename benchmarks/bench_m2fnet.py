@@ -4,7 +4,7 @@
 Shapes are MELD's: dialogues of 1..24 utterances (mean about 9.6), 13 word pieces per
 utterance on average. `m2fnet` is the multimodal model (text 408-d, audio 128-d, visual 512-d
 utterance features, width 256, 4 heads, 2 encoder and 2 fusion layers); `erc-meld` is the
-shipped text model from the frozen encoder's token states on (2 tuned MiniLM layers + M2FNet).
+shipped text model from the frozen encoder's token states on (its tuned MiniLM layers + M2FNet).
 
 Floor: the attention here is tiny (a 10 x 10 score matrix per head and dialogue; 13 x 13 per
 utterance in the encoder), so the linear layers dominate the arithmetic: per utterance about

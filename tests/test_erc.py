@@ -12,7 +12,8 @@ import torch
 
 import affectkit
 from affectkit.data import meld
-from affectkit.models.erc import ERCModel, check_dialogue
+from affectkit.models import resolve
+from affectkit.models.erc import ERCModel, ERCNet, check_dialogue
 from affectkit.text.encoder import _load_sentence_transformer
 from affectkit.text.utterance_encoder import UtteranceEncoder
 
@@ -83,7 +84,7 @@ def test_training_on_meld_files_learns_and_round_trips(tmp_path):
     _write_meld(tmp_path / "dev_sent_emo.csv", 12, rng)
     out = tmp_path / "model"
     hyper = dict(tuned_layers=1, d_model=32, num_heads=2, num_layers=1, epochs=12, batch_dialogues=4, lr=3e-3,
-                 encoder_lr=1e-4, dropout=0.1)
+                 encoder_lr=1e-4, dropout=0.1, encoder_init=None)
     model, metrics = train(tmp_path, out, hyper=hyper)
     assert metrics["weighted_f1"] >= 0.8, metrics["dev_weighted_f1_per_epoch"]
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "metrics.json", "README.md"}
@@ -93,6 +94,26 @@ def test_training_on_meld_files_learns_and_round_trips(tmp_path):
     assert isinstance(loaded, ERCModel) and loaded.labels == meld.LABELS
     np.testing.assert_allclose(loaded.predict_dialogue_proba(DIALOGUE), model.predict_dialogue_proba(DIALOGUE),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_tuned_layers_start_from_a_fine_tuned_text_model():
+    from affectkit.models.base import read_weights
+    from affectkit.models.erc_training import init_tuned_layers
+
+    tensors, config = read_weights(resolve("text-emotion"))
+    k = config["tuned_layers"]
+    cfg = {"kind": "erc", "labels": list(meld.LABELS), "encoder": config["encoder"], "tuned_layers": k, "d_model": 16,
+           "num_heads": 2, "num_layers": 1, "dropout": 0.0, "encoder_dropout": 0.0, "extra_features": ["lexicon"]}
+    net = ERCNet(cfg)
+    name = "0.ffn_in.weight"
+    assert not torch.equal(net.encoder.layers.state_dict()[name], tensors[f"encoder.layers.{name}"].float())
+    init_tuned_layers(net, "text-emotion")
+    for n, v in net.encoder.layers.state_dict().items():
+        assert torch.equal(v, tensors[f"encoder.layers.{n}"].float()), n
+    with pytest.raises(ValueError, match=f"encoder_init: expected a model with the top 1 layers .* got {k} tuned"):
+        init_tuned_layers(ERCNet(dict(cfg, tuned_layers=1)), "text-emotion")
+    with pytest.raises(ValueError, match="got 0 tuned layers"):
+        init_tuned_layers(net, "vad")
 
 
 def test_shipped_model_interface(erc):

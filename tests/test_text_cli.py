@@ -130,10 +130,18 @@ def test_train_frozen_recipe_reuses_the_embedding_cache(tmp_path):
     assert json.loads(_run(*args, cache=tmp_path / "cache").stdout)["texts_encoded_this_run"] == 0
 
 
+def test_train_more_tuned_layers_than_the_encoder_has(tmp_path):
+    data = tmp_path / "goemotions"
+    _tiny_goemotions(data)
+    proc = _run("train", "text-emotion", "--data", str(data), "--out", str(tmp_path / "o"), "--tuned-layers", "7")
+    assert proc.returncode == 2 and "tuned_layers: expected 0..6 for 'all-MiniLM-L6-v2', got 7" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (("vad", "--epochs", "3"), "only for erc and text-emotion"),
-    (("text-emotion", "--tuned-layers", "7"), "--tuned-layers: expected 0..6, got 7"),
-    (("erc", "--epochs", "0"), "--epochs: expected 1..10000, got 0"),
+    (("text-emotion", "--tuned-layers", "-1"), "--tuned-layers: expected at least 0, got -1"),
+    (("erc", "--epochs", "0"), "--epochs: expected at least 1, got 0"),
 ])
 def test_train_bad_recipe_options(tmp_path, args, message):
     proc = _run("train", *args, "--data", str(tmp_path), "--out", str(tmp_path / "o"))

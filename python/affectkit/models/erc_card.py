@@ -32,7 +32,9 @@ def render_erc_card(config: dict, metrics: dict) -> str:
         "",
         "## Model (`affectkit.models.M2FNet`, text only)",
         f"- Utterances: `{config['encoder']}`; its bottom layers frozen, its top {config['tuned_layers']} layers "
-        "fine-tuned on MELD (running on affectkit's fused attention with each utterance's real token count), "
+        + (f"started from those of `{hp['encoder_init']}` (fine-tuned on its corpus first) and " if hp.get("encoder_init")
+           else "")
+        + "fine-tuned on MELD (running on affectkit's fused attention with each utterance's real token count), "
         "mean-pooled, joined with " + _extras(config.get("extra_features", ["lexicon"])) + ".",
         f"- Dialogue: speaker embeddings (speakers numbered by first appearance, so any names work), sinusoidal "
         f"utterance positions, {config['num_layers']} transformer encoder layers (width {config['d_model']}, "
@@ -61,7 +63,7 @@ def render_erc_card(config: dict, metrics: dict) -> str:
         "",
         "## Training time",
         f"Frozen encoder pass {metrics['encode_seconds']:.0f} s, training {metrics['train_seconds']:.0f} s "
-        f"({metrics['machine']}; a 2-core machine shared with other jobs).",
+        f"({metrics['machine']}; a 2-core machine, at times shared with other jobs).",
         "",
         "## Limits",
         "English, scripted sitcom dialogue; weaker on other genres. Rare classes (fear, disgust) are hard: see their "

@@ -1,7 +1,8 @@
 """Training recipe of `erc-meld` (what `affectkit train erc` runs).
 
 MELD train dialogues; the frozen bottom of the encoder runs once over every utterance, then
-the tuned top layers and M2FNet train jointly with AdamW on a
+the tuned top layers (started from the shipped text-emotion model's, which were fine-tuned on
+GoEmotions: intermediate-task transfer) and M2FNet train jointly with AdamW on a
 class-weighted cross-entropy (MELD is 47 % neutral). The epoch with the best dev weighted F1
 is kept and a softmax temperature is fitted on dev. The test split is never read.
 """
@@ -28,9 +29,9 @@ from .erc import ERCModel, ERCNet, extra_features, pack
 from .m2fnet import class_weights, focal_loss, speaker_ids
 
 HYPER = dict(tuned_layers=4, d_model=256, num_heads=4, num_layers=2, dropout=0.3, encoder_dropout=0.1,
-             lr=3e-4, encoder_lr=5e-5, weight_decay=1e-2, epochs=8, batch_dialogues=16,
+             lr=3e-4, encoder_lr=5e-5, weight_decay=1e-2, epochs=12, batch_dialogues=16,
              class_weight_power=0.5, focal_gamma=0.0, extra_features=("lexicon", "text-emotion"),
-             encoder_init=None)
+             encoder_init="text-emotion")
 
 
 class _Split:
@@ -86,7 +87,8 @@ def init_tuned_layers(net: ERCNet, model) -> None:
     k = len(net.encoder.layers)
     if config.get("tuned_layers", 0) != k or config.get("encoder") != net.encoder.base:
         raise ValueError(f"encoder_init: expected a model with the top {k} layers of {net.encoder.base!r} tuned, got "
-                         f"{config.get('tuned_layers', 0)} tuned layers of {config.get('encoder')!r}")
+                         f"{config.get('tuned_layers', 0)} tuned layers of {config.get('encoder')!r} (match tuned_layers to "
+                         "it, or set encoder_init=None)")
     prefix = "encoder.layers."
     net.encoder.layers.load_state_dict({n[len(prefix):]: v.float() for n, v in tensors.items() if n.startswith(prefix)})
 
