@@ -82,3 +82,12 @@ def test_head_sees_embedding_then_lexicon(hidden):
     with torch.no_grad():
         expect = net.head(torch.cat([net.embed(states), torch.from_numpy(lex)], 1)).double().numpy()
     np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_states_with_a_progress_bar_match_without():
+    enc = UtteranceEncoder(tuned_layers=1)
+    texts = HAPPY + ANGRY
+    quiet, shown = frozen_states(enc, texts, step=5), frozen_states(enc, texts, progress=True, step=5)
+    assert len(shown) == len(texts)
+    for a, b in zip(quiet, shown):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

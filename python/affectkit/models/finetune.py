@@ -39,7 +39,7 @@ def frozen_states(encoder: UtteranceEncoder, texts: list[str], progress: bool = 
     from rich.progress import Progress
 
     out = []
-    with Progress(disable=not progress or rank != 0, transient=True) as bar:
+    with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("encoding (frozen layers)", total=len(texts))
         for i in range(0, len(texts), step):
             out += encoder.frozen_states(texts[i:i + step])
