@@ -8,6 +8,7 @@ dialogue by M2FNet (speaker embeddings and a dialogue transformer on the fused k
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -36,14 +37,20 @@ def extra_features(texts: list[str], names: Sequence[str]) -> torch.Tensor:
         if name == "lexicon":
             cols.append(lexicon_features(texts))
         elif name == "text-emotion":
-            from . import load
-
-            cols.append(load("text-emotion").logits(texts).astype(np.float32))
+            cols.append(_text_emotion_model().logits(texts).astype(np.float32))
         else:
             raise ValueError(f"extra_features: expected names among {list(EXTRA_FEATURES)}, got {name!r}")
     if not cols:
         return torch.zeros(len(texts), 0)
     return torch.from_numpy(np.hstack(cols).astype(np.float32))
+
+
+@lru_cache(maxsize=1)
+def _text_emotion_model():
+    """Loaded once per process: it carries its own tuned encoder, slow to build per batch."""
+    from . import load
+
+    return load("text-emotion")
 
 
 class ERCNet(nn.Module):
