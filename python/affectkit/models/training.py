@@ -1,8 +1,10 @@
 """Training recipes for `text-emotion`, `vad` and `empathy` (what `affectkit train` runs).
 
-Recipe (all three): frozen sentence embedding (cached) + NRC EmoLex features, standardised,
-into a one-hidden-layer MLP trained with AdamW; the epoch with the best dev loss is kept.
-text-emotion then fits a temperature and per-label thresholds on dev.
+vad and empathy: frozen sentence embedding (cached) + NRC EmoLex features, standardised, into
+a small head (MLP or linear) trained with AdamW; the epoch with the best dev loss is kept.
+text-emotion: the encoder's top layers fine-tuned together with such a head (finetune.py; the
+epoch with the best cross-fitted dev macro-F1 is kept), or with tuned_layers=0 the frozen recipe
+above plus hashed n-grams; then a temperature and per-label thresholds are fitted on dev.
 """
 
 from __future__ import annotations
