@@ -527,7 +527,7 @@ def test_cuda_stream_errors_opcheck_and_compile(gen):
     with pytest.raises(ValueError, match="assignment: expected every parent"):
         ops.hierarchical_pool(x, torch.zeros(14, dtype=torch.int64, device="cuda"), num_parents=2)
     xs = x[:4, :5, :3].double().requires_grad_()
-    torch.library.opcheck(torch.ops.affectkit.graph_conv.default, (xs, A[:5, :5].double(), None, None, 4))
+    torch.library.opcheck(torch.ops.affectkit.graph_conv.default, (xs, A[:5, :5].double()[None], None, None, 4))
     torch._dynamo.reset()
     step = torch.compile(_level, backend="inductor", fullgraph=True, dynamic=True)
     args = [rand(*s, gen=gen, dtype=torch.float32).cuda().requires_grad_() for s in [(6, 7, 3), (7, 7), (3, 5), (5,)]]

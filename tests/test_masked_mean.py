@@ -160,7 +160,7 @@ def test_cuda_runs_on_current_stream_and_checks_lengths(gen):
 
 @requires_cuda
 def test_cuda_opcheck_and_compile(gen):
-    x = torch.randn(3, 6, 5, generator=gen, device="cuda", requires_grad=True)
+    x = torch.randn(3, 6, 5, generator=gen).cuda().requires_grad_()
     lengths = torch.tensor([2, 0, 6], device="cuda")
     torch.library.opcheck(torch.ops.affectkit.masked_mean.default, (x, lengths))
     step = _compiled_step("inductor")

@@ -36,7 +36,7 @@ def _compare(mha, ours, args, kwargs, tol, gen):
         assert got_w is None
     else:
         assert got_w.shape == want_w.shape and rel_error(got_w, want_w) <= tol
-    g = torch.randn(want.shape, generator=gen, dtype=want.dtype)
+    g = torch.randn(want.shape, generator=gen, dtype=want.dtype).to(want.device)
     want.backward(g)
     got.backward(g)
     for a, b in zip(args_a, args_b):

@@ -33,11 +33,22 @@ py::dict build_info_dict() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "affectkit C++/CUDA core (torch-free: pointers, sizes, dtype codes, streams)";
 
-  py::register_exception_translator([](std::exception_ptr p) {
+  // Module-local and exhaustive: every C++ exception leaving the core becomes a Python one
+  // here, so none falls through to global translators that other pybind11 modules (torch's)
+  // may have registered in shared pybind11 internals.
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const affectkit::TypeError& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const affectkit::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::bad_alloc&) {
+      PyErr_SetString(PyExc_MemoryError, "affectkit: out of host memory");
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::exception& e) {  // CudaError and anything else
+      PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
 

@@ -18,6 +18,7 @@ from ._bridge import (
     check_float_dtype,
     check_same_device,
     check_tensor,
+    checks_values,
     device_code,
     dtype_code,
     ptr,
@@ -121,7 +122,7 @@ def _check_assignment(x, assignment, scores, num_parents) -> int:
 def _prepare_assignment(assignment: torch.Tensor, P: int) -> torch.Tensor:
     """int64, contiguous; on CUDA the values are checked here (the CPU core checks its own)."""
     assignment = assignment.to(torch.int64).contiguous()
-    if assignment.is_cuda:
+    if assignment.is_cuda and checks_values(assignment):
         N = assignment.shape[0]
         if N:
             lo, hi = (int(v) for v in torch.aminmax(assignment))

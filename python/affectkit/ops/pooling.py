@@ -7,6 +7,7 @@ import torch
 from .. import _C
 from ._bridge import (
     INDEX_DTYPES,
+    call_direct_or_op,
     check_float_dtype,
     check_lengths_range,
     check_same_device,
@@ -34,7 +35,8 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     check_same_device("lengths", lengths, "x", x)
     if lengths.shape[0] != x.shape[0]:
         raise ValueError(f"lengths: expected {x.shape[0]} entries (x.shape[0]), got {lengths.shape[0]}")
-    return torch.ops.affectkit.masked_mean(x, lengths)
+    # Without autograd to record, eager calls skip the dispatcher (see call_direct_or_op).
+    return call_direct_or_op(_masked_mean_impl, torch.ops.affectkit.masked_mean, x, lengths)
 
 
 def _prepare_lengths(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -44,14 +46,18 @@ def _prepare_lengths(lengths: torch.Tensor, L: int) -> torch.Tensor:
     return lengths
 
 
-@torch.library.custom_op("affectkit::masked_mean", mutates_args=(), device_types=("cpu", "cuda"))
-def _masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _masked_mean_impl(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     B, L, F = x.shape
     lengths = _prepare_lengths(lengths, L)
     out = x.new_empty((B, F))
     _C.masked_mean_forward(device_code(x), dtype_code(x), ptr(x), ptr(lengths), ptr(out), B, L, F, stream_handle(x))
     return out
+
+
+_masked_mean = torch.library.custom_op("affectkit::masked_mean", mutates_args=(), device_types=("cpu", "cuda"))(
+    _masked_mean_impl
+)
 
 
 @_masked_mean.register_fake
