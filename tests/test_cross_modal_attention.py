@@ -63,8 +63,8 @@ def _grads(fn, q, k, v, g):
 def _check_against_reference(gen, q, k, v, **kw):
     tol, gtol = TOL[q.dtype], GRAD_TOL[q.dtype]
     g = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen, dtype=torch.float64)
-    got = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g.to(q.dtype))
-    want = _grads(lambda a, b, c: reference(a, b, c, **kw), q.double(), k.double(), v.double(), g)
+    got = _grads(lambda a, b, c: ops.cross_modal_attention(a, b, c, **kw), q, k, v, g.to(q.device, q.dtype))
+    want = _grads(lambda a, b, c: reference(a, b, c, **kw), q.double(), k.double(), v.double(), g.to(q.device))
     assert torch.isfinite(got[0]).all()
     assert got[0].dtype == q.dtype and got[0].shape == want[0].shape
     assert rel_error(got[0], want[0]) <= tol
@@ -867,3 +867,102 @@ def test_cuda_additive_mask_grad_matches_cpu(dtype, gen):
                       q.to(dtype).cuda(), k.to(dtype).cuda(), v.to(dtype).cuda(), mask.cuda(), g.to(dtype).cuda())
     assert got[4].shape == mask.shape and torch.isfinite(got[4]).all()
     assert rel_error(got[4].cpu(), want[4]) <= GRAD_TOL[dtype]
+
+
+# The tensor-core forward (csrc/attention/cross_attention_tc.cu) takes fp16/bf16 with D and Dv
+# multiples of 8 up to 128, 16-byte aligned rows and no dropout; everything else here either
+# runs it at awkward sizes or checks the fallback. The backward (generic kernels) recomputes
+# probabilities from its lse, so the gradients check the lse too.
+TC_SHAPES = [  # B, H, Lq, Lk, D, Dv
+    (2, 2, 1, 1, 16, 16),
+    (3, 2, 17, 65, 64, 64),
+    (2, 3, 33, 33, 64, 64),
+    (2, 2, 64, 257, 128, 128),
+    (2, 1, 65, 17, 32, 64),
+    (1, 2, 200, 64, 16, 16),
+    (2, 1, 257, 200, 128, 128),
+    (2, 2, 33, 200, 40, 24),
+    (1, 1, 257, 1, 64, 128),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", TC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_tensor_core_forward_matches_reference(dtype, shape, gen):
+    B, H, Lq, Lk, D, Dv = shape
+    q, k, v = (t.cuda() for t in _inputs(gen, *shape, dtype=dtype))
+    kvl = torch.randint(0, Lk + 1, (B,), generator=gen)
+    kvl[0] = 0 if B > 1 else kvl[0]  # a sequence with no key: zeros, lse = +inf
+    ql = torch.randint(0, Lq + 1, (B,), generator=gen)
+    kvl, ql = kvl.cuda(), ql.cuda()
+    bool_mask = (torch.rand(B, 1, Lq, Lk, generator=gen) > 0.3).cuda()
+    bool_mask[0, 0, Lq // 2] = False  # a fully masked row
+    key_mask = (torch.rand(Lk, generator=gen) > 0.2).cuda()  # broadcast over B, H, Lq
+    add_mask = _additive_mask(gen, (1, H, 1, Lk), torch.float32).cuda()
+    add_full = _additive_mask(gen, (B, H, Lq, Lk), torch.float32).cuda()
+    for kw in (
+        dict(),
+        dict(kv_lengths=kvl),
+        dict(kv_lengths=kvl, q_lengths=ql, causal=True),
+        dict(causal=True, scale=0.7),
+        dict(attn_mask=bool_mask, kv_lengths=kvl),
+        dict(attn_mask=key_mask, causal=True),
+        dict(attn_mask=add_mask, q_lengths=ql),
+        dict(attn_mask=add_full, kv_lengths=kvl, causal=True, scale=0.3),
+    ):
+        _check_against_reference(gen, q, k, v, **kw)
+    out = ops.cross_modal_attention(q, k, v, kv_lengths=kvl, q_lengths=ql)
+    for b in range(B):  # rows past q_lengths and sequences with no key are exact zeros
+        n = int(ql[b]) if int(kvl[b]) > 0 else 0
+        assert (out[b, :, n:] == 0).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tensor_core_forward_strides_and_fallbacks(dtype, gen):
+    B, H, Lq, Lk, D = 2, 3, 70, 130, 64
+    # (B, L, H, D) memory viewed as (B, H, L, D): arbitrary but 16-byte aligned row strides.
+    q = torch.randn(B, Lq, H, D, generator=gen).to(dtype).cuda().transpose(1, 2)
+    k = torch.randn(B, Lk, H, D, generator=gen).to(dtype).cuda().transpose(1, 2)
+    v = torch.randn(B, Lk, H, 2 * D, generator=gen).to(dtype).cuda().transpose(1, 2)[..., D:]
+    kvl = torch.tensor([Lk, 37]).cuda()
+    _check_against_reference(gen, q, k, v, kv_lengths=kvl, causal=True)
+    # Misaligned rows (odd row stride), D not a multiple of 8, and dropout take the generic kernel.
+    qo = torch.randn(B, H, Lq, D + 1, generator=gen).to(dtype).cuda()[..., 1:]
+    _check_against_reference(gen, qo, k.contiguous(), v.contiguous(), kv_lengths=kvl)
+    q5, k5, v5 = (t.cuda() for t in _inputs(gen, B, H, Lq, Lk, 20, 20, dtype=dtype))
+    _check_against_reference(gen, q5, k5, v5, causal=True)
+    torch.manual_seed(3)
+    out = ops.cross_modal_attention(q, k, v, dropout_p=0.2)
+    assert torch.isfinite(out).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_tensor_core_forward_varlen(dtype, causal, gen):
+    H, D, Dv = 2, 32, 64
+    lq = torch.tensor([1, 65, 0, 17, 130])
+    lk = torch.tensor([4, 200, 5, 0, 64])
+    Lq, Lk = 130, 200
+    qp = torch.randn(int(lq.sum()), H, D, generator=gen, dtype=torch.float64).to(dtype)
+    kp = torch.randn(int(lk.sum()), H, D, generator=gen, dtype=torch.float64).to(dtype)
+    vp = torch.randn(int(lk.sum()), H, Dv, generator=gen, dtype=torch.float64).to(dtype)
+    mask = (torch.rand(1, H, Lq, Lk, generator=gen) > 0.25)
+    g = torch.randn(int(lq.sum()), H, Dv, generator=gen, dtype=torch.float64)
+
+    def run(device, cast):
+        ts = [t.to(device, cast).detach().requires_grad_() for t in (qp, kp, vp)]
+        out = ops.cross_modal_attention_varlen(*ts, _cu(lq).to(device), _cu(lk).to(device), Lq, Lk,
+                                               attn_mask=mask.to(device), causal=causal)
+        out.backward(g.to(device, cast))
+        return [out.detach().cpu()] + [t.grad.cpu() for t in ts]
+
+    got = run("cuda", dtype)
+    want = run("cpu", torch.float64)
+    assert got[0].dtype == dtype and torch.isfinite(got[0]).all()
+    assert rel_error(got[0], want[0]) <= TOL[dtype]
+    for name, a, b in zip(("q", "k", "v"), got[1:], want[1:]):
+        assert torch.isfinite(a).all(), name
+        assert rel_error(a, b) <= GRAD_TOL[dtype], name

@@ -11,6 +11,7 @@
 #include "../core/dispatch.h"
 #include "attention.h"
 #include "attention_common.h"
+#include "cross_attention_tc.h"
 
 namespace affectkit::attention::detail {
 namespace {
@@ -314,6 +315,8 @@ void forward_cuda(DType dtype, const Problem& p, View q, View k, View v, Mask ma
                   MutView lse, uintptr_t stream) {
   if (p.B == 0 || p.H == 0 || p.Lq == 0) return;
   check_grid(p, "attention_forward");
+  // fp16/bf16 problems it takes go to the tensor-core kernel (cross_attention_tc.cu).
+  if (forward_cuda_tensor_cores(dtype, p, q, k, v, mask, out, lse, stream)) return;
   AFFECTKIT_DISPATCH_CUDA_FLOAT(dtype, "q", T, [&] {
     dim3 grid(row_blocks(p.Lq), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
     forward_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(p, q, k, v, mask, out, lse,

@@ -19,6 +19,8 @@ from ._bridge import (
     check_lengths_range,
     check_same_device,
     check_tensor,
+    call_direct_or_op as _call,
+    checks_values,
     device_code,
     dtype_code,
     ptr,
@@ -81,15 +83,14 @@ def cross_modal_attention(
     mask = _prepare_mask(attn_mask, q, (B, H, Lq, Lk))
     scale = _check_scale(scale, D)
     seed = _draw_seed(dropout_p)
-    out, lse = torch.ops.affectkit.cross_modal_attention(
-        q, k, v, kv_lengths, q_lengths, None, None, Lq, Lk, mask, bool(causal), scale, float(dropout_p), seed
-    )
+    out, lse = _call(_attention_impl, torch.ops.affectkit.cross_modal_attention,
+                     q, k, v, kv_lengths, q_lengths, None, None, Lq, Lk, mask, bool(causal), scale, float(dropout_p), seed,
+                     function=_AttentionFunction)
     if not need_weights:
         return out
-    weights = torch.ops.affectkit.cross_modal_attention_weights(
-        q.detach(), k.detach(), lse.detach(), kv_lengths, q_lengths, None, None, Lq, Lk, _detached(mask), bool(causal),
-        scale, float(dropout_p), seed, _average_heads(need_weights),
-    )
+    weights = _call(_attention_weights_impl, torch.ops.affectkit.cross_modal_attention_weights,
+                    q.detach(), k.detach(), lse.detach(), kv_lengths, q_lengths, None, None, Lq, Lk, _detached(mask),
+                    bool(causal), scale, float(dropout_p), seed, _average_heads(need_weights))
     return out, weights
 
 
@@ -144,16 +145,15 @@ def cross_modal_attention_varlen(
     mask = _prepare_mask(attn_mask, q, (B, H, max_seqlen_q, max_seqlen_k))
     scale = _check_scale(scale, D)
     seed = _draw_seed(dropout_p)
-    out, lse = torch.ops.affectkit.cross_modal_attention(
-        q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bool(causal), scale,
-        float(dropout_p), seed,
-    )
+    out, lse = _call(_attention_impl, torch.ops.affectkit.cross_modal_attention,
+                     q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bool(causal),
+                     scale, float(dropout_p), seed, function=_AttentionFunction)
     if not need_weights:
         return out
-    weights = torch.ops.affectkit.cross_modal_attention_weights(
-        q.detach(), k.detach(), lse.detach(), None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        _detached(mask), bool(causal), scale, float(dropout_p), seed, _average_heads(need_weights),
-    )
+    weights = _call(_attention_weights_impl, torch.ops.affectkit.cross_modal_attention_weights,
+                    q.detach(), k.detach(), lse.detach(), None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, _detached(mask), bool(causal), scale, float(dropout_p), seed,
+                    _average_heads(need_weights))
     return out, weights
 
 
@@ -292,7 +292,7 @@ def _index(q, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, total_q, total_k)
         keep.append(t)
         return ptr(t)
 
-    if cu_q is not None and q.is_cuda:
+    if cu_q is not None and q.is_cuda and checks_values(q):
         _check_cu_seqlens_cuda("cu_seqlens_q", cu_q, total_q, max_q)
         _check_cu_seqlens_cuda("cu_seqlens_k", cu_k, total_k, max_k)
     index = (
@@ -333,8 +333,7 @@ def _seed_value(seed, dropout_p) -> int:
     return int(seed.reshape(-1)[0].item()) if (seed is not None and dropout_p > 0) else 0
 
 
-@torch.library.custom_op("affectkit::cross_modal_attention", mutates_args=(), device_types=("cpu", "cuda"))
-def _attention(
+def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: Optional[torch.Tensor],
     q_lengths: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[torch.Tensor], causal: bool, scale: float,
@@ -354,6 +353,9 @@ def _attention(
     return out, lse
 
 
+_attention = torch.library.custom_op("affectkit::cross_modal_attention", mutates_args=(), device_types=("cpu", "cuda"))(_attention_impl)
+
+
 @_attention.register_fake
 def _(q, k, v, kv_lengths, q_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, causal,
       scale, dropout_p, seed):
@@ -362,8 +364,7 @@ def _(q, k, v, kv_lengths, q_lengths, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     return out, lse
 
 
-@torch.library.custom_op("affectkit::cross_modal_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def _attention_backward(
+def _attention_backward_impl(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     kv_lengths: Optional[torch.Tensor], q_lengths: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
     cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[torch.Tensor],
@@ -397,6 +398,9 @@ def _attention_backward(
     return grad_q, grad_k, grad_v, grad_mask.reshape(attn_mask.shape)
 
 
+_attention_backward = torch.library.custom_op("affectkit::cross_modal_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))(_attention_backward_impl)
+
+
 def _check_mask_grad(mask_grad, attn_mask):
     if mask_grad and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.dim() != 4):
         got = "None" if attn_mask is None else f"dtype {attn_mask.dtype}, shape {tuple(attn_mask.shape)}"
@@ -426,7 +430,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, kv_lengths, q_lengths, cu_q, cu_k, mask, seed = ctx.saved_tensors
     max_q, max_k, causal, scale, dropout_p = ctx.args
-    grad_q, grad_k, grad_v, grad_mask = torch.ops.affectkit.cross_modal_attention_backward(
+    grad_q, grad_k, grad_v, grad_mask = _call(
+        _attention_backward_impl, torch.ops.affectkit.cross_modal_attention_backward,
         grad_out, q, k, v, out, lse, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, mask, causal, scale,
         dropout_p, seed, ctx.mask_grad,
     )
@@ -437,8 +442,21 @@ def _backward(ctx, grad_out, grad_lse):
 _attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("affectkit::cross_modal_attention_weights", mutates_args=(), device_types=("cpu", "cuda"))
-def _attention_weights(
+class _AttentionFunction(torch.autograd.Function):
+    """The same forward and backward as the op, for eager calls that skip the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _attention_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse)
+
+
+def _attention_weights_impl(
     q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, kv_lengths: Optional[torch.Tensor],
     q_lengths: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[torch.Tensor], causal: bool, scale: float,
@@ -457,6 +475,9 @@ def _attention_weights(
     )
     del keep
     return weights
+
+
+_attention_weights = torch.library.custom_op("affectkit::cross_modal_attention_weights", mutates_args=(), device_types=("cpu", "cuda"))(_attention_weights_impl)
 
 
 @_attention_weights.register_fake

@@ -1,0 +1,457 @@
+// Tensor-core forward of the fused attention (fp16 / bf16), FlashAttention-2 style.
+//
+// Design. A block owns a tile of query rows of one (b, h): 16 rows per warp, 4 warps (64 rows)
+// or, for long queries with enough blocks to fill the GPU, 8 warps (128 rows, halving the
+// K/V traffic from L2 per FLOP). The block stages its Q tile in shared memory once (each warp
+// then keeps its 16 x D slice in registers as mma A fragments) and walks the key axis in tiles
+// of 64 keys; K and V tiles are copied to shared memory with 16-byte cp.async, double
+// buffered (the copy of tile t + 1 overlaps the math on tile t). Per tile and warp:
+//   S (16 x 64, fp32) = Q K^T       mma.sync.m16n8k16, B fragments by ldmatrix from K rows;
+//   scale, key limits (kv length, causal bottom-right), bool/additive mask -> -inf;
+//   online softmax in fp32 in the log2 domain (running max m, running sum l per row; a tile
+//   with nothing visible keeps m = -inf and is neutral: exp2 is taken against 0 then);
+//   P -> fp16/bf16, reusing the S accumulator layout directly as the A fragment of
+//   O (16 x Dv, fp32) += P V       mma.sync.m16n8k16, B fragments by ldmatrix.trans from V.
+// Then O / l is written in the input dtype and lse = ln2 * m + ln(l) (the true natural-log
+// logsumexp of the scaled, masked scores, which the backward and weights kernels recompute
+// probabilities from); a row with no visible key gets zeros and lse = +inf, a row past the q
+// length (padded form) zeros and +inf, exactly as forward_kernel in cross_attention.cu.
+// Shared-memory rows are padded by 8 elements (16 bytes): with D / 8 even the row stride is an
+// odd number of 16-byte units, so the 8 row addresses of every ldmatrix phase hit 8 distinct
+// bank groups (conflict-free) without a swizzle. D and Dv are rounded up to 32, 64 or 128
+// (zero-filled columns, mma k-steps / n-tiles past D or Dv skipped at run time), so only 9
+// shape instantiations per dtype exist.
+//
+// Bounds. Key rows at or past the block's largest visible key (and every feature past D/Dv)
+// are zero-filled in shared memory, never read from global memory; query rows at or past the
+// q length are zero-filled; lengths and offsets are the clamped values of seq_info/key_end, so
+// every global read stays inside the rows seq_info says exist. Key tiles past the block's
+// visible range are never loaded (causal and kv-length skipping); a warp whose rows see
+// nothing of a tile skips its math but still takes part in the block's copies and barriers
+// (every __syncthreads sits in block-uniform control flow).
+//
+// Floors (H100 SXM: ~3.35 TB/s HBM, ~660 TFLOP/s dense fp16/bf16 through mma.sync, ~990 through
+// wgmma). FLOPs = 2 * B * H * Lq * Lk_visible * (D + Dv); bytes = 2 * B * H * (Lq * (D + Dv) +
+// Lk * (D + Dv)) + 4 * B * H * Lq (lse).
+//   B=64 H=8 33x33 D=64: 8.7 MB -> 2.6 us of HBM; one tile per block, 512 blocks of 4 warps all
+//     resident at once; expected ~5-8 us (launch + one load/compute/store latency chain).
+//   B=32 H=8 50x375 D=32: 13.9 MB -> 4.2 us; 256 blocks x 6 key tiles; expected ~7-12 us.
+//   B=4 H=16 4096^2 D=64: 275 GFLOP -> 0.42 ms at mma.sync peak; the softmax (exp2 on the
+//     16/clk/SM MUFU) costs about as much as the mma at D=64, so ~1.0-1.4 ms is expected;
+//     D=128: 550 GFLOP, ~1.7-2.5 ms. (SDPA's 0.57 / 0.85 ms use Hopper wgmma/TMA kernels.)
+// Why: one warp per row with scalar dot products re-reads K and V from L2 for every query row
+// (Lq times per head) and runs on the FP32 pipes; here K/V are read once per 64 or 128 rows
+// and every multiply-add is on the tensor cores.
+//
+// Not taken here (the generic kernel runs): float32/float64, dropout > 0, D or Dv not a
+// multiple of 8 or above 128, rows not 16-byte aligned, devices below sm_80, lengths >= 2^30,
+// or AFFECTKIT_ATTENTION_TENSOR_CORES=0 in the environment (read once).
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "../core/cuda_utils.cuh"
+#include "attention.h"
+#include "attention_common.h"
+#include "cross_attention_tc.h"
+
+namespace affectkit::attention::detail {
+namespace {
+
+constexpr int kKeys = 64;     // keys per tile
+constexpr int kPad = 8;       // elements of padding at the end of every shared-memory row
+constexpr int kMaxWarps = 8;  // rows per block = 16 * warps (4 or 8)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m. Without .trans
+// lane L receives row L/4, columns 2(L%4), 2(L%4)+1 of each matrix; with .trans, rows
+// 2(L%4), 2(L%4)+1 of column L/4.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// D (16x8 fp32) += A (16x16, row) * B (16x8, col). With g = lane / 4, c = lane % 4:
+// A regs: {(g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)} as (row, k);
+// B regs: {(k 2c..2c+1, n g), (k 2c+8.., n g)}; D: {(g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)}.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> one register of two 16-bit values, `lo` in the low half (the lower index).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Copy `nrows` rows of `chunks` 16-byte chunks (row r from src + r * stride) into shared memory
+// rows of `sstride` elements; rows >= `valid_rows` and chunks >= `valid_chunks` become zeros.
+template <typename T, int kChunks>
+__device__ __forceinline__ void stage_rows(T* dst, int sstride, const T* src, int64_t stride, int nrows,
+                                           int valid_rows, int valid_chunks) {
+  for (int c = threadIdx.x; c < nrows * kChunks; c += blockDim.x) {
+    const int r = c / kChunks, ch = c % kChunks;
+    T* d = dst + r * sstride + ch * 8;
+    if (r < valid_rows && ch < valid_chunks) {
+      cp_async16(smem_addr(d), src + static_cast<int64_t>(r) * stride + ch * 8);
+    } else {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+template <typename T, int kD, int kDv>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    tc_forward_kernel(Problem p, View q, View k, View v, Mask mask, MutView out, MutView lse, float scale_log2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int kSQ = kD + kPad;   // shared row stride of Q and K (elements)
+  constexpr int kSV = kDv + kPad;  // of V
+  constexpr int kStage = kKeys * (kSQ + kSV);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const sQ = reinterpret_cast<T*>(smem_raw);
+
+  const int nwarps = static_cast<int>(blockDim.x >> 5);
+  const int rows = nwarps * 16;
+  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int g = lane >> 2, c4 = lane & 3;
+  T* const sK0 = sQ + rows * kSQ;  // stage s: K at sK0 + s * kStage, V right after it
+
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const Seq s = seq_info(p, b);
+  // Reverse order: under causal masking the last row tiles are the longest; start them first.
+  const int r0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * rows;
+  if (r0 >= s.qrows) return;  // block-uniform, before any barrier
+  const int qlen = static_cast<int>(s.qlen);
+  const int qvalid = qlen - r0;  // valid rows of this tile (may be <= 0)
+  const int kend_blk = qvalid > 0 ? static_cast<int>(key_end(p, s, r0 + min(rows, qvalid) - 1)) : 0;
+  const int n_tiles = (kend_blk + kKeys - 1) / kKeys;
+
+  // This thread's two rows (g and g + 8 of its warp) and their key limits; the warp's range.
+  const int wr0 = r0 + warp * 16;
+  const int ia = wr0 + g, ib = wr0 + g + 8;
+  const int kend_a = ia < qlen ? static_cast<int>(key_end(p, s, ia)) : 0;
+  const int kend_b = ib < qlen ? static_cast<int>(key_end(p, s, ib)) : 0;
+  const int warp_kmin = wr0 + 15 < qlen ? static_cast<int>(key_end(p, s, wr0)) : 0;
+  const int warp_kmax = wr0 < qlen ? static_cast<int>(key_end(p, s, min(wr0 + 15, qlen - 1))) : 0;
+  const bool has_mask = mask.data != nullptr;
+  const bool bool_mask = mask.dtype == DType::Bool;
+  const int64_t mrow_a = has_mask ? b * mask.sb + h * mask.sh + static_cast<int64_t>(ia) * mask.si : 0;
+  const int64_t mrow_b = has_mask ? b * mask.sb + h * mask.sh + static_cast<int64_t>(ib) * mask.si : 0;
+  const float scale = static_cast<float>(p.scale);
+
+  const T* const qbase = static_cast<const T*>(q.data) + b * q.sb + h * q.sh + (s.q0 + r0) * q.sr;
+  const T* const kbase = static_cast<const T*>(k.data) + b * k.sb + h * k.sh + s.k0 * k.sr;
+  const T* const vbase = static_cast<const T*>(v.data) + b * v.sb + h * v.sh + s.k0 * v.sr;
+  const int dchunks = static_cast<int>(p.D / 8), dvchunks = static_cast<int>(p.Dv / 8);
+
+  auto stage_kv = [&](int t) {
+    const int j0 = t * kKeys;
+    T* const dK = sK0 + (t & 1) * kStage;
+    T* const dV = dK + kKeys * kSQ;
+    const int valid = kend_blk - j0;  // > 0 for every tile we load
+    stage_rows<T, kD / 8>(dK, kSQ, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kKeys, valid, dchunks);
+    stage_rows<T, kDv / 8>(dV, kSV, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kKeys, valid, dvchunks);
+  };
+
+  // Group 0: Q and the first K/V tile.
+  stage_rows<T, kD / 8>(sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, dchunks);
+  if (n_tiles > 0) stage_kv(0);
+  cp_async_commit();
+
+  uint32_t qf[kD / 16][4];
+  float o[kDv / 8][4];
+#pragma unroll
+  for (int n = 0; n < kDv / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+  const bool warp_active = warp_kmax > 0;  // some row of this warp sees some key
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) stage_kv(t + 1);
+    cp_async_commit();   // possibly empty: "all but the newest group" is then tile t
+    cp_async_wait_1();
+    __syncthreads();
+    const int j0 = t * kKeys;
+    if (warp_active && t == 0) {
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        const int row = warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const int col = ks * 16 + (lane >> 4) * 8;
+        ldsm_x4(qf[ks], smem_addr(sQ + row * kSQ + col));
+      }
+    }
+    if (warp_active && j0 < warp_kmax) {  // warp-uniform
+      const T* const Ks = sK0 + (t & 1) * kStage;
+      const T* const Vs = Ks + kKeys * kSQ;
+      float sc[kKeys / 8][4];
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kD / 16; ++ks) {
+        if (ks * 16 >= p.D) break;  // zero-filled columns
+#pragma unroll
+        for (int np = 0; np < kKeys / 16; ++np) {
+          uint32_t bk[4];
+          const int key = np * 16 + (lane >> 4) * 8 + (lane & 7);
+          const int col = ks * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4(bk, smem_addr(Ks + key * kSQ + col));
+          mma16816<T>(sc[2 * np], qf[ks], bk[0], bk[1]);
+          mma16816<T>(sc[2 * np + 1], qf[ks], bk[2], bk[3]);
+        }
+      }
+      // Scale into the log2 domain and apply the key limits and the mask.
+      if (!has_mask && j0 + kKeys <= warp_kmin) {
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[n][e] *= scale_log2;
+      } else {
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = j0 + n * 8 + 2 * c4 + (e & 1);
+            const bool upper = e < 2;
+            float x = sc[n][e] * scale_log2;
+            if (j >= (upper ? kend_a : kend_b)) {
+              x = -INFINITY;
+            } else if (has_mask) {
+              const int64_t off = (upper ? mrow_a : mrow_b) + static_cast<int64_t>(j) * mask.sj;
+              if (bool_mask) {
+                if (!static_cast<const uint8_t*>(mask.data)[off]) x = -INFINITY;
+              } else {
+                x = fmaf(sc[n][e], scale, static_cast<const float*>(mask.data)[off]) * kLog2e;
+              }
+            }
+            sc[n][e] = x;
+          }
+        }
+      }
+      // Online softmax (a row's four owners are lanes 4g..4g+3).
+      float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+        mx_a = fmaxf(mx_a, fmaxf(sc[n][0], sc[n][1]));
+        mx_b = fmaxf(mx_b, fmaxf(sc[n][2], sc[n][3]));
+      }
+      mx_a = quad_max(mx_a);
+      mx_b = quad_max(mx_b);
+      const float base_a = mx_a == -INFINITY ? 0.f : mx_a;  // nothing visible yet: stay neutral
+      const float base_b = mx_b == -INFINITY ? 0.f : mx_b;
+      const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);  // exp2(-inf) = 0
+      m_a = mx_a;
+      m_b = mx_b;
+      float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+        sc[n][0] = exp2f(sc[n][0] - base_a);
+        sc[n][1] = exp2f(sc[n][1] - base_a);
+        sc[n][2] = exp2f(sc[n][2] - base_b);
+        sc[n][3] = exp2f(sc[n][3] - base_b);
+        sum_a += sc[n][0] + sc[n][1];
+        sum_b += sc[n][2] + sc[n][3];
+      }
+      l_a = l_a * alpha_a + sum_a;  // per-lane partial sums; reduced over the quad at the end
+      l_b = l_b * alpha_b + sum_b;
+#pragma unroll
+      for (int n = 0; n < kDv / 8; ++n) {
+        o[n][0] *= alpha_a;
+        o[n][1] *= alpha_a;
+        o[n][2] *= alpha_b;
+        o[n][3] *= alpha_b;
+      }
+      // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of keys
+      // 16kk..16kk+15.
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        if (j0 + kk * 16 >= warp_kmax) break;  // all of P is zero from here on
+        uint32_t pa[4];
+        pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+        pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+        pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < kDv / 16; ++np) {
+          if (np * 16 >= p.Dv) break;
+          uint32_t bv[4];
+          const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+          const int col = np * 16 + (lane >> 4) * 8;
+          ldsm_x4_trans(bv, smem_addr(Vs + key * kSV + col));
+          mma16816<T>(o[2 * np], pa, bv[0], bv[1]);
+          mma16816<T>(o[2 * np + 1], pa, bv[2], bv[3]);
+        }
+      }
+    }
+    __syncthreads();  // the stage read here is overwritten by the copy issued next iteration
+  }
+
+  // Epilogue: O / l in the input dtype, lse; zeros and +inf where nothing was visible.
+  l_a = quad_sum(l_a);
+  l_b = quad_sum(l_b);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = half == 0 ? ia : ib;
+    if (i >= s.qrows) continue;
+    const float l = half == 0 ? l_a : l_b;
+    const float m = half == 0 ? m_a : m_b;
+    const bool any = l > 0.f;
+    const float inv = any ? 1.f / l : 0.f;
+    const int64_t row = s.q0 + i;
+    T* const orow = static_cast<T*>(out.data) + b * out.sb + h * out.sh + row * out.sr;
+#pragma unroll
+    for (int n = 0; n < kDv / 8; ++n) {
+      const int col = n * 8 + 2 * c4;
+      if (col < p.Dv)
+        *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+    }
+    if (c4 == 0) {
+      float* const lrow = static_cast<float*>(lse.data) + b * lse.sb + h * lse.sh + row * lse.sr;
+      *lrow = any ? m * kLn2 + __logf(l) : INFINITY;
+    }
+  }
+#else
+  __trap();  // never launched: the dispatcher requires sm_80+
+#endif
+}
+
+constexpr int kMaxDevices = 64;
+
+int device_attr(cudaDeviceAttr attr, int dev, std::atomic<int>* cache) {
+  if (dev < 0 || dev >= kMaxDevices) {
+    int value = 0;
+    cuda_check(cudaDeviceGetAttribute(&value, attr, dev), "attention_forward: device attribute");
+    return value;
+  }
+  int value = cache[dev].load(std::memory_order_relaxed);
+  if (value == 0) {
+    cuda_check(cudaDeviceGetAttribute(&value, attr, dev), "attention_forward: device attribute");
+    cache[dev].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && sr % 8 == 0;
+}
+
+size_t smem_bytes(int kD, int kDv, int warps, int stages) {
+  return static_cast<size_t>(warps * 16 * (kD + kPad) + stages * kKeys * ((kD + kPad) + (kDv + kPad))) * 2;
+}
+
+template <typename T, int kD, int kDv>
+void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev, int sms,
+            cudaStream_t stream) {
+  auto* kernel = tc_forward_kernel<T, kD, kDv>;
+  // Raise the dynamic shared-memory limit to this kernel's largest configuration, once per device.
+  static std::atomic<uint64_t> configured{0};
+  const size_t max_bytes = smem_bytes(kD, kDv, kMaxWarps, 2);
+  const uint64_t bit = dev >= 0 && dev < kMaxDevices ? uint64_t{1} << dev : 0;
+  if (max_bytes > 48 * 1024 && (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit))) {
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_bytes)),
+               "attention_forward: shared memory");
+    configured.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const int64_t tiles128 = (p.Lq + 127) / 128;
+  const int warps = p.Lq >= 256 && p.B * p.H * tiles128 >= 2 * static_cast<int64_t>(sms) ? 8 : 4;
+  const int rows = warps * 16;
+  const int stages = p.Lk > kKeys ? 2 : 1;  // one key tile at most: a single stage
+  dim3 grid(static_cast<unsigned>((p.Lq + rows - 1) / rows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
+  kernel<<<grid, warps * 32, smem_bytes(kD, kDv, warps, stages), stream>>>(
+      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634));
+}
+
+template <typename T, int kD>
+void launch_dv(int dv_bucket, const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev,
+               int sms, cudaStream_t stream) {
+  if (dv_bucket == 32) launch<T, kD, 32>(p, q, k, v, mask, out, lse, dev, sms, stream);
+  else if (dv_bucket == 64) launch<T, kD, 64>(p, q, k, v, mask, out, lse, dev, sms, stream);
+  else launch<T, kD, 128>(p, q, k, v, mask, out, lse, dev, sms, stream);
+}
+
+template <typename T>
+void launch_d(int d_bucket, int dv_bucket, const Problem& p, View q, View k, View v, Mask mask, MutView out,
+              MutView lse, int dev, int sms, cudaStream_t stream) {
+  if (d_bucket == 32) launch_dv<T, 32>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, stream);
+  else if (d_bucket == 64) launch_dv<T, 64>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, stream);
+  else launch_dv<T, 128>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, stream);
+}
+
+int bucket(int64_t d) { return d <= 32 ? 32 : (d <= 64 ? 64 : 128); }
+
+}  // namespace
+
+bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, View v, Mask mask, MutView out,
+                               MutView lse, uintptr_t stream) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("AFFECTKIT_ATTENTION_TENSOR_CORES");
+    return !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  if (!enabled) return false;
+  if (dtype != DType::Float16 && dtype != DType::BFloat16) return false;
+  if (p.dropout_p > 0) return false;
+  if (p.D < 8 || p.D > 128 || p.D % 8 != 0 || p.Dv < 8 || p.Dv > 128 || p.Dv % 8 != 0) return false;
+  if (p.Lq >= (int64_t{1} << 30) || p.Lk >= (int64_t{1} << 30)) return false;
+  if (!aligned16(q.data, q.sb, q.sh, q.sr) || !aligned16(k.data, k.sb, k.sh, k.sr) ||
+      !aligned16(v.data, v.sb, v.sh, v.sr) || !aligned16(out.data, out.sb, out.sh, out.sr))
+    return false;
+  if (mask.data != nullptr && mask.dtype != DType::Bool && mask.dtype != DType::Float32) return false;
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), "attention_forward: device");
+  static std::atomic<int> cc_major[kMaxDevices];
+  static std::atomic<int> sm_count[kMaxDevices];
+  if (device_attr(cudaDevAttrComputeCapabilityMajor, dev, cc_major) < 8) return false;
+  const int sms = device_attr(cudaDevAttrMultiProcessorCount, dev, sm_count);
+  const cudaStream_t st = as_stream(stream);
+  const int db = bucket(p.D), dvb = bucket(p.Dv);
+  if (dtype == DType::Float16) launch_d<__half>(db, dvb, p, q, k, v, mask, out, lse, dev, sms, st);
+  else launch_d<__nv_bfloat16>(db, dvb, p, q, k, v, mask, out, lse, dev, sms, st);
+  cuda_check(cudaGetLastError(), "attention_forward");
+  return true;
+}
+
+}  // namespace affectkit::attention::detail
