@@ -341,3 +341,57 @@ def test_kernels_without_avx512_match_too(tmp_path):
     env = dict(__import__("os").environ, AFFECTKIT_NO_AVX512="1")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _reference_by_query_chunks(q, x, mask, k, metric, step=8):
+    """reference() a few queries at a time (distances64 broadcasts (nq, n, d) for l2)."""
+    parts_d, parts_i = [], []
+    for s in range(0, q.shape[0], step):
+        m = mask if mask is None or mask.dim() == 1 else mask[s : s + step]
+        d, i = reference(q[s : s + step], x, m, k, metric)
+        parts_d.append(d)
+        parts_i.append(i)
+    return torch.cat(parts_d), torch.cat(parts_i)
+
+
+@requires_cuda
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("d", [16, 48, 384])
+def test_cuda_float16_tensor_core_path_awkward_sizes(metric, d, gen):
+    # float16 with d % 16 == 0 runs the tensor-core kernel (exact_knn_tc.cu): 128-row tiles,
+    # 64-column stages, query blocks of 32/64/128, row chunks merged afterwards.
+    for nq, n, k in ((1, 1, 1), (1, 127, 256), (37, 4099, 10), (130, 127, 256), (37, 1, 10),
+                     (1, 4099, 10), (130, 4099, 256)):
+        q, x = int_vectors(nq, d, gen), int_vectors(n, d, gen)
+        x[0] = 0  # zero rows: orthogonal to everything under cosine
+        if nq > 1:
+            q[-1] = 0
+        per_query = torch.rand(nq, n, generator=gen) < 0.3
+        per_query[0] = False  # a query with nothing allowed
+        masks = (None, torch.rand(n, generator=gen) < 0.5, torch.zeros(n, dtype=torch.bool), per_query)
+        for mask in masks:
+            got_d, got_i = ops.filtered_knn(q.cuda().half(), x.cuda().half(),
+                                            None if mask is None else mask.cuda(), k, metric)
+            assert got_d.dtype == torch.float16 and got_d.shape == (nq, k) and got_i.shape == (nq, k)
+            got_d, got_i = got_d.cpu(), got_i.cpu()
+            if metric == "cosine":
+                check_close(got_d.float(), got_i, q, x, mask, k, metric, 2e-3)
+            else:
+                want_d, want_i = _reference_by_query_chunks(q, x, mask, k, metric)
+                assert torch.equal(got_i, want_i), (nq, n, k, d)
+                assert torch.equal(got_d.double(), want_d.half().double()), (nq, n, k, d)
+
+
+@requires_cuda
+def test_cuda_float16_unaligned_or_odd_width_falls_back(gen):
+    # d % 16 != 0 and a database starting 2 bytes into its storage use the scalar kernel
+    for d, offset in ((40, 0), (24, 1)):
+        q, x = int_vectors(19, d, gen), int_vectors(700, d, gen)
+        store = torch.zeros(700 * d + offset, dtype=torch.float16, device="cuda")
+        xs = store[offset:].view(700, d)
+        xs.copy_(x.half())
+        mask = torch.rand(700, generator=gen) < 0.5
+        got_d, got_i = ops.filtered_knn(q.cuda().half(), xs, mask.cuda(), 7, "ip")
+        want_d, want_i = reference(q, x, mask, 7, "ip")
+        assert torch.equal(got_i.cpu(), want_i)
+        assert torch.equal(got_d.cpu().double(), want_d.half().double())

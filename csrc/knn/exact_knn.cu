@@ -9,6 +9,7 @@
 
 #include "../core/cuda_utils.cuh"
 #include "../core/dispatch.h"
+#include "exact_knn_tc.h"
 #include "knn.h"
 
 namespace affectkit::knn::detail {
@@ -171,7 +172,13 @@ void run(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d, Metric
              "cudaDeviceGetAttribute");
   const int64_t qblocks = (nq + kQueries - 1) / kQueries;
   int64_t nchunks = 0, chunk_rows = 0;
-  if (n > 0) {
+  TcPlan tc;  // float16 with d % 16 == 0: the tensor-core kernel (exact_knn_tc.cu)
+  if constexpr (std::is_same_v<T, __half>)
+    tc = plan_exact_tc(queries, nq, db, n, d, k, row_ids, device, sms);
+  if (tc.ok) {
+    nchunks = tc.nchunks;
+    chunk_rows = tc.chunk_rows;
+  } else if (n > 0) {
     nchunks = std::max<int64_t>(1, (4 * sms + qblocks - 1) / qblocks);
     nchunks = std::min<int64_t>({nchunks, (n + 255) / 256, 65535});
     chunk_rows = (n + nchunks - 1) / nchunks;
@@ -199,11 +206,18 @@ void run(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d, Metric
       cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&part_n), nq * nchunks * sizeof(int), stream),
                  "exact_knn workspace");
       cuda_check(cudaMemsetAsync(heads, 0, nq * nchunks * sizeof(int), stream), "cudaMemsetAsync");
-      const dim3 grid(static_cast<unsigned>(qblocks), static_cast<unsigned>(nchunks));
-      fused_topk_kernel<T><<<grid, dim3(kLanes, kQueries), 0, stream>>>(
-          queries, db, filter.mask, filter.mask_per_query, row_ids, nq, n, d,
-          static_cast<int>(metric), static_cast<int>(k), chunk_rows, part_d, part_i, part_n);
-      cuda_check(cudaGetLastError(), "exact_knn fused kernel launch");
+      if constexpr (std::is_same_v<T, __half>) {
+        if (tc.ok)
+          launch_exact_tc(tc, queries, nq, db, n, d, static_cast<int>(metric), static_cast<int>(k),
+                          filter.mask, filter.mask_per_query, part_d, part_i, part_n, stream);
+      }
+      if (!tc.ok) {
+        const dim3 grid(static_cast<unsigned>(qblocks), static_cast<unsigned>(nchunks));
+        fused_topk_kernel<T><<<grid, dim3(kLanes, kQueries), 0, stream>>>(
+            queries, db, filter.mask, filter.mask_per_query, row_ids, nq, n, d,
+            static_cast<int>(metric), static_cast<int>(k), chunk_rows, part_d, part_i, part_n);
+        cuda_check(cudaGetLastError(), "exact_knn fused kernel launch");
+      }
     }
     const int threads = 128;
     merge_kernel<T><<<static_cast<unsigned>((nq + threads - 1) / threads), threads, 0, stream>>>(

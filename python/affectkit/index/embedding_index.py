@@ -12,6 +12,7 @@ import numpy as np
 from .. import _C
 from . import storage
 from .attributes import AttributeTable
+from .device_mirror import MAX_CUDA_K, DeviceMirror, parse_device
 from .filters import Filter, as_filter
 from .planner import Plan, PlannerSettings, choose
 
@@ -101,6 +102,12 @@ class EmbeddingIndex:
         M, ef_construction, ef_search: graph parameters (approximate mode).
         exact_max_rows, graph_min_rows: planner thresholds (see ``planner.PlannerSettings``).
         seed: seed of the graph's level draws (graph builds are deterministic).
+        device: "cpu" (default) or "cuda" / "cuda:N": a CUDA index also keeps its stored rows
+            on that GPU and runs exact searches there (``affectkit.ops.filtered_knn``; float16
+            rows on the tensor cores, with queries rounded to float16 too); "auto" then always
+            scans exactly on the GPU, "approx" still runs the graph on the CPU. Host arrays
+            remain the source of truth (saving, the graph, filters); k above 256 and empty
+            queries use the CPU scan.
 
     Thread safety: searches run concurrently (the C++ kernels release the GIL); add,
     remove and graph builds take an exclusive lock and wait for running searches.
@@ -108,7 +115,7 @@ class EmbeddingIndex:
 
     def __init__(self, dim: int, metric: str = "cosine", dtype=np.float32, *, M: int = 16,
                  ef_construction: int = 100, ef_search: int = 64, exact_max_rows: int = 2_000,
-                 graph_min_rows: int = 20_000, seed: int = 0):
+                 graph_min_rows: int = 20_000, seed: int = 0, device="cpu"):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise ValueError(f"dim: expected a positive int, got {dim!r}")
         if metric not in METRICS:
@@ -135,6 +142,8 @@ class EmbeddingIndex:
         self._next_id = 0
         self._graph = None
         self._lookup = None  # (sorted live ids, their rows), rebuilt after add/remove
+        self.device = parse_device(device)
+        self._mirror = DeviceMirror(self.device, self.dim, self.dtype) if self.device != "cpu" else None
 
     # ---- sizes --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -282,6 +291,9 @@ class EmbeddingIndex:
                 mask = self._current_mask(n, mask)
                 if plan.mode == "approx":
                     d, i = self._search_graph(q[rows], k, n, mask, int(ef) if ef is not None else plan.ef)
+                elif self._mirror is not None and k <= MAX_CUDA_K and len(rows):
+                    self._mirror.sync(self._vectors, self._ids, n)
+                    d, i = self._mirror.search(q[rows], k, n, mask, self.metric)
                 else:
                     d, i = self._search_exact(q[rows], k, n, mask)
                 out_d[rows], out_i[rows] = d, i
@@ -343,6 +355,9 @@ class EmbeddingIndex:
                     est = min(1.0, max(0.0, float(f.estimate(self._table, ids))))
                     matching = int(mask.sum())
                 plan = choose(mode, est, matching, live, self.settings)
+                if self._mirror is not None and mode == "auto":
+                    plan = choose("exact", est, matching, live, self.settings)
+                    plan.reason = f"device {self.device}: exact scan on the GPU"
                 if mask is None and live < n:
                     mask = alive.copy()
                 out.append((rows, n, mask, plan))
@@ -410,8 +425,9 @@ class EmbeddingIndex:
             storage.save(path, meta, arrays, version=1 if self.dtype == np.float32 else 2)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "EmbeddingIndex":
-        """Open a saved index; with mmap=True the vectors stay on disk (mapped read-only) until an add."""
+    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True, device="cpu") -> "EmbeddingIndex":
+        """Open a saved index; with mmap=True the vectors stay on disk (mapped read-only) until
+        an add; device as in the constructor (a CUDA index copies its rows to the GPU)."""
         meta, arrays = storage.load(path, mmap=mmap, verify=verify)
         if meta.get("kind") != "affectkit.EmbeddingIndex":
             raise storage.IndexFormatError(f"{path}: not an EmbeddingIndex (kind {meta.get('kind')!r})")
@@ -423,7 +439,7 @@ class EmbeddingIndex:
         index = cls(meta["dim"], meta["metric"], dtype, M=meta["graph_params"]["M"],
                     ef_construction=meta["graph_params"]["ef_construction"], ef_search=s["ef"],
                     exact_max_rows=s["exact_max_rows"], graph_min_rows=s["graph_min_rows"],
-                    seed=meta["graph_params"]["seed"])
+                    seed=meta["graph_params"]["seed"], device=device)
         index.settings.exact_speedup = s["exact_speedup"]
         n = meta["count"]
         index._vectors, index._sqnorms, index._ids = arrays["vectors"], arrays["sqnorms"], arrays["ids"]

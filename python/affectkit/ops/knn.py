@@ -83,16 +83,20 @@ def filtered_knn(
     return torch.ops.affectkit.filtered_knn(queries, database, allow_mask, k, metric)
 
 
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length, zero rows left zero. 16-bit rows are normalised in float32:
+    in float16 normalize's eps (1e-12) underflows to 0 and a zero row became 0/0 = NaN."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return torch.nn.functional.normalize(t.float(), dim=1).to(t.dtype)
+    return torch.nn.functional.normalize(t, dim=1)
+
+
 @torch.library.custom_op("affectkit::filtered_knn", mutates_args=(), device_types=("cpu", "cuda"))
 def _filtered_knn(
     queries: torch.Tensor, database: torch.Tensor, allow_mask: torch.Tensor | None, k: int, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if metric == "cosine":
-        queries = torch.nn.functional.normalize(queries, dim=1)
-        if database.dtype != queries.dtype:  # float16 rows on the CPU: normalise in float32
-            database = torch.nn.functional.normalize(database.float(), dim=1).to(database.dtype)
-        else:
-            database = torch.nn.functional.normalize(database, dim=1)
+        queries, database = _unit_rows(queries), _unit_rows(database)
     queries = queries.contiguous()
     database = database.contiguous()
     nq, d = queries.shape
