@@ -5,7 +5,7 @@
 #                           cannot hide another file's results), with a time limit
 #   targets[:PARTS]         benchmarks/gpu_targets.py (the issues' CUDA targets vs stock)
 #   old-kernels             the same for the kernels before the tensor-core paths
-#   sanitizer:K_EXPR        compute-sanitizer memcheck over the CUDA tests matching K_EXPR
+#   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 # Without arguments: every CUDA test file, all targets. That machine's python3 already has
 # torch, pytest, CMake, ninja, pybind11 and scikit-build-core; it has no network.
 set -uo pipefail
@@ -40,7 +40,7 @@ for step in $STEPS; do
       timeout "$limit" "${PYTEST[@]}" -v "$REPO/$file" -k "cuda or core_module or graphs" 2>&1 \
         | tee -a "$OUT/tests.log" | grep -E "FAILED|Error|rror:|Fatal| passed| failed" | tail -8
       if [[ $file == *core_module* ]] && grep -q "Fatal Python" "$OUT/tests.log"; then
-        timeout 90 cuda-gdb -q -batch -ex run -ex bt --args "${PYTEST[@]}" "$REPO/$file" > "$OUT/gdb.log" 2>&1
+        timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "${PYTEST[@]}" "$REPO/$file" > "$OUT/gdb.log" 2>&1
         grep -A14 "SIGSEGV" "$OUT/gdb.log" | head -24
       fi ;;
     targets*)
@@ -53,10 +53,10 @@ for step in $STEPS; do
       AFFECTKIT_ATTENTION_TENSOR_CORES=0 AFFECTKIT_KNN_TENSOR_CORES=0 timeout 90 python3 \
         "$REPO/benchmarks/gpu_targets.py" --only attention-small,knn --out "$OUT/targets_old.md" 2>&1 \
         | tee -a "$LOG" | grep -v '^|' ;;
-    sanitizer:*)
-      timeout 120 compute-sanitizer --tool memcheck --print-limit 20 "${PYTEST[@]}" -x \
+    sanitizer)
+      timeout 100 compute-sanitizer --tool memcheck --print-limit 20 "${PYTEST[@]}" -x \
         "$REPO/tests/test_cross_modal_attention.py" "$REPO/tests/test_exact_knn.py" "$REPO/tests/test_graph_ops.py" \
-        -k "${step#sanitizer:}" > "$OUT/sanitizer.log" 2>&1
+        -k "${SANITIZE_K:-tensor_core}" > "$OUT/sanitizer.log" 2>&1
       echo "sanitizer exit $?"; grep -m8 "ERROR SUMMARY\|Invalid\| passed\| failed" "$OUT/sanitizer.log" ;;
   esac
   echo "[$step: $(( $(date +%s) - t0 )) s]" | tee -a "$LOG"

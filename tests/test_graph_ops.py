@@ -488,8 +488,17 @@ def test_cuda_graph_conv_matches_reference(dtype, N, F, Fo, per_sample, gen):
     grads = torch.autograd.grad(ops.graph_conv(*leaves, act), leaves, g.to("cuda", dtype))
     ref_leaves = [t.detach().cpu().double().requires_grad_() for t in cu]
     want_grads = torch.autograd.grad(conv_ref(*ref_leaves, act), ref_leaves, g.double())
-    for a, w in zip(grads, want_grads):
-        assert rel_error(a.cpu(), w) <= 4 * CUDA_TOL[dtype]
+    if dtype in (torch.float16, torch.bfloat16):
+        # Elementwise against the size of what each gradient sums (the same products on |inputs|):
+        # a gradient that cancels to near zero (N = F = 1 sums a few terms) has no meaningful
+        # relative error at 16-bit precision, while a wrong kernel still misses this bound.
+        abs_leaves = [t.detach().cpu().double().abs().requires_grad_() for t in cu]
+        scale = torch.autograd.grad(conv_ref(*abs_leaves, None), abs_leaves, g.double().abs())
+        for a, w, sc in zip(grads, want_grads, scale):
+            assert ((a.cpu().double() - w).abs() <= 4 * CUDA_TOL[dtype] * (sc + sc.max() * 1e-3)).all()
+    else:
+        for a, w in zip(grads, want_grads):
+            assert rel_error(a.cpu(), w) <= 4 * CUDA_TOL[dtype]
 
 
 @requires_cuda
@@ -554,10 +563,11 @@ def test_pytorch_backward_used_on_cuda_matches_the_cpu_kernel(per_sample, act, g
     for a, b in zip(got, want):
         assert rel_error(a, b) <= 1e-12
     L = rand(14, 14, gen=gen) / 4
-    for coef in (rand(3, gen=gen), rand(3, 5, 9, gen=gen)):
+    for coef in [rand(K, gen=gen) for K in (1, 2, 3, 5)] + [rand(K, 5, 9, gen=gen) for K in (1, 2, 4)]:
         Fo = 5 if coef.dim() == 1 else 9
         g = rand(6, 14, Fo, gen=gen)
         want = torch.ops.affectkit.cheb_graph_conv_backward(g, x, L, coef, True, True, True)
-        got = _cheb_backward_torch(g, x, L, coef, True, True, True)
+        with torch.no_grad():  # it must not need autograd (under torch.compile it runs below it)
+            got = _cheb_backward_torch(g, x, L, coef, True, True, True)
         for a, b in zip(got, want):
             assert rel_error(a, b) <= 1e-12

@@ -330,6 +330,8 @@ void backward_cuda(DType dtype, const Problem& p, View q, View k, View v, Mask m
                    uintptr_t stream) {
   if (p.B == 0 || p.H == 0) return;
   check_grid(p, "attention_backward");
+  // fp16/bf16 problems it takes go to the tensor-core kernels (cross_attention_tc_backward.cu).
+  if (backward_cuda_tensor_cores(dtype, p, q, k, v, mask, out, gout, lse, gq, gk, gv, gmask, stream)) return;
   const cudaStream_t st = as_stream(stream);
   AFFECTKIT_DISPATCH_CUDA_FLOAT(dtype, "q", T, [&] {
     using A = typename Acc<T>::type;

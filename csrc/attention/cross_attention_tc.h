@@ -15,4 +15,14 @@ namespace affectkit::attention::detail {
 bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, View v, Mask mask,
                                MutView out, MutView lse, uintptr_t stream);
 
+// The tensor-core backward (cross_attention_tc_backward.cu): grad_q, grad_k, grad_v and, when
+// grad_mask != nullptr, the score gradient dS (the buffer is zeroed here first), with the
+// semantics of attention_backward. Takes what the forward takes, plus 16-byte aligned rows of
+// out, grad_out, grad_q, grad_k and grad_v and Lq, Lk > 0; returns false, having done nothing,
+// otherwise (the caller runs the generic kernels). Deterministic (no atomics). Throws
+// CudaError on a failed launch.
+bool backward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, View v, Mask mask, View out,
+                                View grad_out, View lse, MutView grad_q, MutView grad_k, MutView grad_v,
+                                void* grad_mask, uintptr_t stream);
+
 }  // namespace affectkit::attention::detail

@@ -75,6 +75,18 @@ def checks_values(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def affectkit_op(name: str):
+    """torch.library.custom_op for a CPU/CUDA op that mutates nothing; the op keeps its plain
+    implementation as `.plain` for call_direct_or_op."""
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=(), device_types=("cpu", "cuda"))(fn)
+        op.plain = fn
+        return op
+
+    return register
+
+
 def call_direct_or_op(impl, op, *args, function=None):
     """op(*args), the registered custom op, or a shortcut to the same code when nothing needs
     the dispatcher: eager execution (not traced by torch.compile, no functorch transform),

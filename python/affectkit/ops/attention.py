@@ -16,6 +16,7 @@ from .. import _C
 from ._bridge import (
     CUDA_FLOAT_DTYPES,
     INDEX_DTYPES,
+    affectkit_op,
     check_lengths_range,
     check_same_device,
     check_tensor,
@@ -353,7 +354,7 @@ def _attention_impl(
     return out, lse
 
 
-_attention = torch.library.custom_op("affectkit::cross_modal_attention", mutates_args=(), device_types=("cpu", "cuda"))(_attention_impl)
+_attention = affectkit_op("affectkit::cross_modal_attention")(_attention_impl)
 
 
 @_attention.register_fake
@@ -398,7 +399,7 @@ def _attention_backward_impl(
     return grad_q, grad_k, grad_v, grad_mask.reshape(attn_mask.shape)
 
 
-_attention_backward = torch.library.custom_op("affectkit::cross_modal_attention_backward", mutates_args=(), device_types=("cpu", "cuda"))(_attention_backward_impl)
+_attention_backward = affectkit_op("affectkit::cross_modal_attention_backward")(_attention_backward_impl)
 
 
 def _check_mask_grad(mask_grad, attn_mask):
@@ -477,7 +478,7 @@ def _attention_weights_impl(
     return weights
 
 
-_attention_weights = torch.library.custom_op("affectkit::cross_modal_attention_weights", mutates_args=(), device_types=("cpu", "cuda"))(_attention_weights_impl)
+_attention_weights = affectkit_op("affectkit::cross_modal_attention_weights")(_attention_weights_impl)
 
 
 @_attention_weights.register_fake

@@ -15,6 +15,8 @@ import torch
 from .. import _C
 from ._bridge import (
     INDEX_DTYPES,
+    affectkit_op,
+    call_direct_or_op,
     check_float_dtype,
     check_same_device,
     check_tensor,
@@ -170,7 +172,7 @@ def graph_conv(
     code = _activation_code(activation)
     lead = x.shape[:-2]
     adj3 = adjacency if adjacency.dim() == 3 else adjacency.unsqueeze(0)
-    out = torch.ops.affectkit.graph_conv(_flatten(x), adj3, weight, bias, code)
+    out = call_direct_or_op(_graph_conv.plain, torch.ops.affectkit.graph_conv, _flatten(x), adj3, weight, bias, code)
     return out.reshape(*lead, x.shape[-2], out.shape[-1])
 
 
@@ -198,7 +200,7 @@ def hierarchical_pool(
     P = _check_assignment(x, assignment, scores, num_parents)
     lead = x.shape[:-2]
     s2 = None if scores is None else scores.reshape(math.prod(lead), x.shape[-2])
-    out = torch.ops.affectkit.hierarchical_pool(_flatten(x), assignment, s2, P)
+    out = call_direct_or_op(_hierarchical_pool.plain, torch.ops.affectkit.hierarchical_pool, _flatten(x), assignment, s2, P)
     return out.reshape(*lead, P, x.shape[-1])
 
 
@@ -224,7 +226,8 @@ def graph_conv_pool(
     lead, N = x.shape[:-2], x.shape[-2]
     adj3 = adjacency if adjacency.dim() == 3 else adjacency.unsqueeze(0)
     s2 = None if scores is None else scores.reshape(math.prod(lead), N)
-    node, pooled = torch.ops.affectkit.graph_conv_pool(_flatten(x), adj3, weight, bias, code, assignment, s2, P)
+    node, pooled = call_direct_or_op(_graph_conv_pool.plain, torch.ops.affectkit.graph_conv_pool,
+                                      _flatten(x), adj3, weight, bias, code, assignment, s2, P)
     Fo = node.shape[-1]
     return node.reshape(*lead, N, Fo), pooled.reshape(*lead, P, Fo)
 
@@ -257,7 +260,7 @@ def cheb_graph_conv(x: torch.Tensor, laplacian: torch.Tensor, coefficients: torc
         raise ValueError(f"coefficients: expected shape (K,) or (K, F, F_out) with K >= 1 and F = {F} "
                          f"(x.shape[-1]), got {tuple(coefficients.shape)}")
     lead = x.shape[:-2]
-    out = torch.ops.affectkit.cheb_graph_conv(_flatten(x), laplacian, coefficients)
+    out = call_direct_or_op(_cheb_graph_conv.plain, torch.ops.affectkit.cheb_graph_conv, _flatten(x), laplacian, coefficients)
     return out.reshape(*lead, N, out.shape[-1])
 
 
@@ -314,20 +317,36 @@ def _conv_backward_torch(grad_out, out, x, adjacency, weight, activation, need_x
 
 
 def _cheb_backward_torch(grad_out, x, laplacian, coefficients, need_x, need_laplacian, need_coefficients):
+    """Reverse mode through the recurrence t_0 = X, t_1 = L X, t_k = 2 L t_{k-1} - t_{k-2},
+    y = sum_k t_k theta_k, written out (it runs inside the op, below autograd, where
+    torch.autograd cannot record: under torch.compile it must not rely on it)."""
     acc = _acc_dtype(x)
-    leaves = [t.detach().to(acc).requires_grad_() for t in (x, laplacian, coefficients)]
-    X, L, C = leaves
-    with torch.enable_grad():
-        terms = [X] + ([L @ X] if C.shape[0] > 1 else [])
-        for _ in range(2, C.shape[0]):
-            terms.append(2 * (L @ terms[-1]) - terms[-2])
-        y = sum(c * t for c, t in zip(C, terms)) if C.dim() == 1 else sum(t @ c for c, t in zip(C, terms))
-        grads = torch.autograd.grad(y, leaves, grad_out.to(acc), allow_unused=True, materialize_grads=True)
+    X, L, C, G = (t.to(acc) for t in (x, laplacian, coefficients, grad_out))
+    K = C.shape[0]
+    terms = [X] + ([L @ X] if K > 1 else [])
+    for _ in range(2, K):
+        terms.append(2 * (L @ terms[-1]) - terms[-2])
+    if C.dim() == 1:
+        gc = torch.stack([(G * t).sum() for t in terms])
+        adj = [C[k] * G for k in range(K)]  # adjoint of each t_k from y directly
+    else:
+        gc = torch.stack([t.reshape(-1, t.shape[-1]).T @ G.reshape(-1, G.shape[-1]) for t in terms])
+        adj = [G @ C[k].T for k in range(K)]
+    gl = torch.zeros_like(L)
+    Lt = L.T
+    for k in range(K - 1, 1, -1):  # t_k = 2 L t_{k-1} - t_{k-2}
+        adj[k - 1] = adj[k - 1] + 2 * (Lt @ adj[k])
+        adj[k - 2] = adj[k - 2] - adj[k]
+        gl = gl + 2 * (adj[k] @ terms[k - 1].transpose(-1, -2)).sum(0)
+    if K > 1:  # t_1 = L t_0
+        adj[0] = adj[0] + Lt @ adj[1]
+        gl = gl + (adj[1] @ terms[0].transpose(-1, -2)).sum(0)
+    grads = (adj[0], gl, gc)
     wanted = (need_x, need_laplacian, need_coefficients)
     return tuple(gr.to(t.dtype) if w else _empty(x) for gr, t, w in zip(grads, (x, laplacian, coefficients), wanted))
 
 
-@torch.library.custom_op("affectkit::graph_conv", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::graph_conv")
 def _graph_conv(
     x: torch.Tensor, adjacency: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], activation: int
 ) -> torch.Tensor:
@@ -348,7 +367,7 @@ def _(x, adjacency, weight, bias, activation):
     return x.new_empty((x.shape[0], x.shape[1], Fo))
 
 
-@torch.library.custom_op("affectkit::graph_conv_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::graph_conv_backward")
 def _graph_conv_backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
@@ -422,7 +441,7 @@ _graph_conv.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("affectkit::hierarchical_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::hierarchical_pool")
 def _hierarchical_pool(
     x: torch.Tensor, assignment: torch.Tensor, scores: Optional[torch.Tensor], num_parents: int
 ) -> torch.Tensor:
@@ -442,7 +461,7 @@ def _(x, assignment, scores, num_parents):
     return x.new_empty((x.shape[0], num_parents, x.shape[2]))
 
 
-@torch.library.custom_op("affectkit::hierarchical_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::hierarchical_pool_backward")
 def _hierarchical_pool_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -495,7 +514,7 @@ _hierarchical_pool.register_autograd(_pool_backward, setup_context=_pool_setup_c
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("affectkit::graph_conv_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::graph_conv_pool")
 def _graph_conv_pool(
     x: torch.Tensor,
     adjacency: torch.Tensor,
@@ -559,7 +578,7 @@ def _cheb_out_features(x: torch.Tensor, coefficients: torch.Tensor) -> int:
     return coefficients.shape[2] if coefficients.dim() == 3 else x.shape[2]
 
 
-@torch.library.custom_op("affectkit::cheb_graph_conv", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::cheb_graph_conv")
 def _cheb_graph_conv(x: torch.Tensor, laplacian: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     x, laplacian, coefficients = x.contiguous(), laplacian.contiguous(), coefficients.contiguous()
     S, N, F = x.shape
@@ -577,7 +596,7 @@ def _(x, laplacian, coefficients):
     return x.new_empty((x.shape[0], x.shape[1], _cheb_out_features(x, coefficients)))
 
 
-@torch.library.custom_op("affectkit::cheb_graph_conv_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::cheb_graph_conv_backward")
 def _cheb_graph_conv_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,

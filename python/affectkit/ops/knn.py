@@ -12,6 +12,8 @@ import torch
 
 from .. import _C
 from ._bridge import (
+    affectkit_op,
+    call_direct_or_op,
     check_float_dtype,
     check_same_device,
     check_tensor,
@@ -80,7 +82,7 @@ def filtered_knn(
         raise ValueError(f"k: expected at most {CUDA_MAX_K} on CUDA, got {k}")
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {sorted(METRICS)}, got {metric!r}")
-    return torch.ops.affectkit.filtered_knn(queries, database, allow_mask, k, metric)
+    return call_direct_or_op(_filtered_knn.plain, torch.ops.affectkit.filtered_knn, queries, database, allow_mask, k, metric)
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,7 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=1)
 
 
-@torch.library.custom_op("affectkit::filtered_knn", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::filtered_knn")
 def _filtered_knn(
     queries: torch.Tensor, database: torch.Tensor, allow_mask: torch.Tensor | None, k: int, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

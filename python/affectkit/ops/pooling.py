@@ -7,6 +7,7 @@ import torch
 from .. import _C
 from ._bridge import (
     INDEX_DTYPES,
+    affectkit_op,
     call_direct_or_op,
     check_float_dtype,
     check_lengths_range,
@@ -55,7 +56,7 @@ def _masked_mean_impl(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_masked_mean = torch.library.custom_op("affectkit::masked_mean", mutates_args=(), device_types=("cpu", "cuda"))(
+_masked_mean = affectkit_op("affectkit::masked_mean")(
     _masked_mean_impl
 )
 
@@ -65,7 +66,7 @@ def _(x, lengths):
     return x.new_empty((x.shape[0], x.shape[2]))
 
 
-@torch.library.custom_op("affectkit::masked_mean_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@affectkit_op("affectkit::masked_mean_backward")
 def _masked_mean_backward(grad_out: torch.Tensor, lengths: torch.Tensor, L: int) -> torch.Tensor:
     grad_out = grad_out.contiguous()
     B, F = grad_out.shape

@@ -1,0 +1,97 @@
+// Internal: the mma.sync / ldmatrix / cp.async helpers shared by the tensor-core attention
+// kernels (cross_attention_tc.cu, the forward; cross_attention_tc_backward.cu, the backward).
+// Moved verbatim from cross_attention_tc.cu. Each translation unit gets its own internal copy
+// (anonymous namespace), so no symbol is shared across objects.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../core/cuda_utils.cuh"
+
+namespace affectkit::attention::detail {
+namespace {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m. Without .trans
+// lane L receives row L/4, columns 2(L%4), 2(L%4)+1 of each matrix; with .trans, rows
+// 2(L%4), 2(L%4)+1 of column L/4.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// D (16x8 fp32) += A (16x16, row) * B (16x8, col). With g = lane / 4, c = lane % 4:
+// A regs: {(g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)} as (row, k);
+// B regs: {(k 2c..2c+1, n g), (k 2c+8.., n g)}; D: {(g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)}.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> one register of two 16-bit values, `lo` in the low half (the lower index).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Copy `nrows` rows of `chunks` 16-byte chunks (row r from src + r * stride) into shared memory
+// rows of `sstride` elements; rows >= `valid_rows` and chunks >= `valid_chunks` become zeros.
+template <typename T, int kChunks>
+__device__ __forceinline__ void stage_rows(T* dst, int sstride, const T* src, int64_t stride, int nrows,
+                                           int valid_rows, int valid_chunks) {
+  for (int c = threadIdx.x; c < nrows * kChunks; c += blockDim.x) {
+    const int r = c / kChunks, ch = c % kChunks;
+    T* d = dst + r * sstride + ch * 8;
+    if (r < valid_rows && ch < valid_chunks) {
+      cp_async16(smem_addr(d), src + static_cast<int64_t>(r) * stride + ch * 8);
+    } else {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace affectkit::attention::detail
