@@ -70,3 +70,13 @@ def test_fast_path_gradcheck_and_compile_still_use_the_op(gen):
                              backend="aot_eager")
     got = compiled(q, k, v)
     assert torch.equal(got, ops.cross_modal_attention(q, k, v, kv_lengths=lengths))
+
+
+def test_jit_trace_records_the_op(gen):
+    q, k, v, lengths = _inputs(gen, False)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda a, b, c: ops.cross_modal_attention(a, b, c, kv_lengths=lengths), (q, k, v),
+                                 check_trace=False)
+    assert "affectkit::cross_modal_attention" in str(traced.graph)
+    q2, k2, v2, _ = _inputs(gen, False)  # new values: a trace that baked in the result would fail
+    assert torch.equal(traced(q2, k2, v2), ops.cross_modal_attention(q2, k2, v2, kv_lengths=lengths))

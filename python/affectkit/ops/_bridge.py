@@ -91,7 +91,7 @@ def call_direct_or_op(impl, op, *args, function=None):
     """op(*args), the registered custom op, or a shortcut to the same code when nothing needs
     the dispatcher: eager execution (not traced by torch.compile, no functorch transform),
     plain tensors (no FakeTensor or other subclass) and no active torch-function or dispatch
-    mode. The shortcut is impl(*args), the op's own implementation, when there is no autograd
+    mode, no torch.jit.trace in progress. The shortcut is impl(*args), the op's own implementation, when there is no autograd
     graph to record, else function.apply(*args), an autograd.Function with the op's own
     backward. The custom-op machinery costs about 300 us of Python per differentiable call on
     a 2-core machine (40 us without grad), which dominates small GPU calls."""
@@ -100,7 +100,8 @@ def call_direct_or_op(impl, op, *args, function=None):
             or any(type(t) is not torch.Tensor for t in tensors)
             or torch._C._is_torch_function_mode_enabled()
             or _python_dispatch._get_current_dispatch_mode() is not None
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None):  # torch.jit.trace records the op
         return op(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return op(*args) if function is None else function.apply(*args)
