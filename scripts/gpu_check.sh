@@ -5,6 +5,8 @@
 #                           cannot hide another file's results), with a time limit
 #   targets[:PARTS]         benchmarks/gpu_targets.py (the issues' CUDA targets vs stock)
 #   old-kernels             the same for the kernels before the tensor-core paths
+#   bench:EXPR              the pytest benchmarks matching -k "EXPR and cuda" (no spaces in
+#                           EXPR), e.g. bench:m2fnet for #7's training step and latency
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 # Without arguments: every CUDA test file, all targets. That machine's python3 already has
 # torch, pytest, CMake, ninja, pybind11 and scikit-build-core; it has no network.
@@ -53,6 +55,10 @@ for step in $STEPS; do
       AFFECTKIT_ATTENTION_TENSOR_CORES=0 AFFECTKIT_KNN_TENSOR_CORES=0 timeout 90 python3 \
         "$REPO/benchmarks/gpu_targets.py" --only attention-small,knn --out "$OUT/targets_old.md" 2>&1 \
         | tee -a "$LOG" | grep -v '^|' ;;
+    bench:*)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/benchmarks" --benchmark-only \
+        -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \
+        | grep -A40 "speed-up" ;;
     sanitizer)
       timeout 100 compute-sanitizer --tool memcheck --print-limit 20 "${PYTEST[@]}" -x \
         "$REPO/tests/test_cross_modal_attention.py" "$REPO/tests/test_exact_knn.py" "$REPO/tests/test_graph_ops.py" \
