@@ -89,12 +89,13 @@ def affectkit_op(name: str):
 
 def call_direct_or_op(impl, op, *args, function=None):
     """op(*args), the registered custom op, or a shortcut to the same code when nothing needs
-    the dispatcher: eager execution (not traced by torch.compile, no functorch transform),
-    plain tensors (no FakeTensor or other subclass) and no active torch-function or dispatch
-    mode, no torch.jit.trace in progress. The shortcut is impl(*args), the op's own implementation, when there is no autograd
-    graph to record, else function.apply(*args), an autograd.Function with the op's own
-    backward. The custom-op machinery costs about 300 us of Python per differentiable call on
-    a 2-core machine (40 us without grad), which dominates small GPU calls."""
+    the dispatcher: eager execution (not traced by torch.compile or torch.jit.trace, no
+    functorch transform), plain tensors (no FakeTensor or other subclass) and no active
+    torch-function or dispatch mode. The shortcut is impl(*args), the op's own implementation,
+    when there is no autograd graph to record, else function.apply(*args), an
+    autograd.Function with the op's own backward. The custom-op machinery costs about 300 us
+    of Python per differentiable call on a 2-core machine (40 us without grad), which
+    dominates small GPU calls."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if (torch.compiler.is_compiling()
             or any(type(t) is not torch.Tensor for t in tensors)

@@ -85,8 +85,8 @@ def cross_modal_attention(
     scale = _check_scale(scale, D)
     seed = _draw_seed(dropout_p)
     out, lse = _call(_attention_impl, torch.ops.affectkit.cross_modal_attention,
-                     q, k, v, kv_lengths, q_lengths, None, None, Lq, Lk, mask, bool(causal), scale, float(dropout_p), seed,
-                     function=_AttentionFunction)
+                     q, k, v, kv_lengths, q_lengths, None, None, Lq, Lk, mask, bool(causal), scale, float(dropout_p),
+                     seed, function=_AttentionFunction)
     if not need_weights:
         return out
     weights = _call(_attention_weights_impl, torch.ops.affectkit.cross_modal_attention_weights,

@@ -172,7 +172,8 @@ def graph_conv(
     code = _activation_code(activation)
     lead = x.shape[:-2]
     adj3 = adjacency if adjacency.dim() == 3 else adjacency.unsqueeze(0)
-    out = call_direct_or_op(_graph_conv.plain, torch.ops.affectkit.graph_conv, _flatten(x), adj3, weight, bias, code)
+    out = call_direct_or_op(_graph_conv.plain, torch.ops.affectkit.graph_conv,
+                            _flatten(x), adj3, weight, bias, code)
     return out.reshape(*lead, x.shape[-2], out.shape[-1])
 
 
@@ -200,7 +201,8 @@ def hierarchical_pool(
     P = _check_assignment(x, assignment, scores, num_parents)
     lead = x.shape[:-2]
     s2 = None if scores is None else scores.reshape(math.prod(lead), x.shape[-2])
-    out = call_direct_or_op(_hierarchical_pool.plain, torch.ops.affectkit.hierarchical_pool, _flatten(x), assignment, s2, P)
+    out = call_direct_or_op(_hierarchical_pool.plain, torch.ops.affectkit.hierarchical_pool,
+                            _flatten(x), assignment, s2, P)
     return out.reshape(*lead, P, x.shape[-1])
 
 
@@ -260,7 +262,8 @@ def cheb_graph_conv(x: torch.Tensor, laplacian: torch.Tensor, coefficients: torc
         raise ValueError(f"coefficients: expected shape (K,) or (K, F, F_out) with K >= 1 and F = {F} "
                          f"(x.shape[-1]), got {tuple(coefficients.shape)}")
     lead = x.shape[:-2]
-    out = call_direct_or_op(_cheb_graph_conv.plain, torch.ops.affectkit.cheb_graph_conv, _flatten(x), laplacian, coefficients)
+    out = call_direct_or_op(_cheb_graph_conv.plain, torch.ops.affectkit.cheb_graph_conv,
+                            _flatten(x), laplacian, coefficients)
     return out.reshape(*lead, N, out.shape[-1])
 
 

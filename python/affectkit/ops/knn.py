@@ -82,7 +82,8 @@ def filtered_knn(
         raise ValueError(f"k: expected at most {CUDA_MAX_K} on CUDA, got {k}")
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {sorted(METRICS)}, got {metric!r}")
-    return call_direct_or_op(_filtered_knn.plain, torch.ops.affectkit.filtered_knn, queries, database, allow_mask, k, metric)
+    return call_direct_or_op(_filtered_knn.plain, torch.ops.affectkit.filtered_knn,
+                             queries, database, allow_mask, k, metric)
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:

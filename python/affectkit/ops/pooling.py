@@ -37,7 +37,7 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     if lengths.shape[0] != x.shape[0]:
         raise ValueError(f"lengths: expected {x.shape[0]} entries (x.shape[0]), got {lengths.shape[0]}")
     # Without autograd to record, eager calls skip the dispatcher (see call_direct_or_op).
-    return call_direct_or_op(_masked_mean_impl, torch.ops.affectkit.masked_mean, x, lengths)
+    return call_direct_or_op(_masked_mean.plain, torch.ops.affectkit.masked_mean, x, lengths)
 
 
 def _prepare_lengths(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -47,18 +47,14 @@ def _prepare_lengths(lengths: torch.Tensor, L: int) -> torch.Tensor:
     return lengths
 
 
-def _masked_mean_impl(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+@affectkit_op("affectkit::masked_mean")
+def _masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     B, L, F = x.shape
     lengths = _prepare_lengths(lengths, L)
     out = x.new_empty((B, F))
     _C.masked_mean_forward(device_code(x), dtype_code(x), ptr(x), ptr(lengths), ptr(out), B, L, F, stream_handle(x))
     return out
-
-
-_masked_mean = affectkit_op("affectkit::masked_mean")(
-    _masked_mean_impl
-)
 
 
 @_masked_mean.register_fake
