@@ -72,8 +72,9 @@ class DeviceMirror:
             grown_ids[: self.rows] = self.ids[: self.rows]
             self.vectors, self.ids = grown, grown_ids
         new = slice(self.rows, n)
-        self.vectors[new] = torch.from_numpy(np.ascontiguousarray(vectors[new])).to(self.device)
-        self.ids[new] = torch.from_numpy(np.ascontiguousarray(ids[new])).to(self.device)
+        # np.array copies: a loaded index's rows may be a read-only memory map
+        self.vectors[new] = torch.from_numpy(np.array(vectors[new])).to(self.device)
+        self.ids[new] = torch.from_numpy(np.array(ids[new])).to(self.device)
         self.rows = n
 
     def search(self, q: np.ndarray, k: int, n: int, mask: np.ndarray | None, metric: str):
