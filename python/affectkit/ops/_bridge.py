@@ -87,6 +87,27 @@ def affectkit_op(name: str):
     return register
 
 
+def register_autograd(op, backward, setup_context):
+    """op.register_autograd, plus op.function: an autograd.Function with the same forward
+    (op.plain), context and backward, which call_direct_or_op uses for eager calls that need
+    a gradient."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = op.plain(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Function.__name__ = Function.__qualname__ = f"{op.plain.__name__}_function"
+    op.function = Function
+
+
 def call_direct_or_op(impl, op, *args, function=None):
     """op(*args), the registered custom op, or a shortcut to the same code when nothing needs
     the dispatcher: eager execution (not traced by torch.compile or torch.jit.trace, no

@@ -25,6 +25,7 @@ from ._bridge import (
     device_code,
     dtype_code,
     ptr,
+    register_autograd,
     stream_handle,
 )
 
@@ -86,7 +87,7 @@ def cross_modal_attention(
     seed = _draw_seed(dropout_p)
     out, lse = _call(_attention_impl, torch.ops.affectkit.cross_modal_attention,
                      q, k, v, kv_lengths, q_lengths, None, None, Lq, Lk, mask, bool(causal), scale, float(dropout_p),
-                     seed, function=_AttentionFunction)
+                     seed, function=_attention.function)
     if not need_weights:
         return out
     weights = _call(_attention_weights_impl, torch.ops.affectkit.cross_modal_attention_weights,
@@ -148,7 +149,7 @@ def cross_modal_attention_varlen(
     seed = _draw_seed(dropout_p)
     out, lse = _call(_attention_impl, torch.ops.affectkit.cross_modal_attention,
                      q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bool(causal),
-                     scale, float(dropout_p), seed, function=_AttentionFunction)
+                     scale, float(dropout_p), seed, function=_attention.function)
     if not need_weights:
         return out
     weights = _call(_attention_weights_impl, torch.ops.affectkit.cross_modal_attention_weights,
@@ -440,21 +441,7 @@ def _backward(ctx, grad_out, grad_lse):
     return grad_q, grad_k, grad_v, None, None, None, None, None, None, grad_mask, None, None, None, None
 
 
-_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _AttentionFunction(torch.autograd.Function):
-    """The same forward and backward as the op, for eager calls that skip the dispatcher."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out, lse = _attention_impl(*inputs)
-        _setup_context(ctx, inputs, (out, lse))
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return _backward(ctx, grad_out, grad_lse)
+register_autograd(_attention, _backward, _setup_context)
 
 
 def _attention_weights_impl(

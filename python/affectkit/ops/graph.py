@@ -24,6 +24,7 @@ from ._bridge import (
     device_code,
     dtype_code,
     ptr,
+    register_autograd,
     stream_handle,
 )
 
@@ -173,7 +174,7 @@ def graph_conv(
     lead = x.shape[:-2]
     adj3 = adjacency if adjacency.dim() == 3 else adjacency.unsqueeze(0)
     out = call_direct_or_op(_graph_conv.plain, torch.ops.affectkit.graph_conv,
-                            _flatten(x), adj3, weight, bias, code)
+                            _flatten(x), adj3, weight, bias, code, function=_graph_conv.function)
     return out.reshape(*lead, x.shape[-2], out.shape[-1])
 
 
@@ -202,7 +203,7 @@ def hierarchical_pool(
     lead = x.shape[:-2]
     s2 = None if scores is None else scores.reshape(math.prod(lead), x.shape[-2])
     out = call_direct_or_op(_hierarchical_pool.plain, torch.ops.affectkit.hierarchical_pool,
-                            _flatten(x), assignment, s2, P)
+                            _flatten(x), assignment, s2, P, function=_hierarchical_pool.function)
     return out.reshape(*lead, P, x.shape[-1])
 
 
@@ -229,7 +230,8 @@ def graph_conv_pool(
     adj3 = adjacency if adjacency.dim() == 3 else adjacency.unsqueeze(0)
     s2 = None if scores is None else scores.reshape(math.prod(lead), N)
     node, pooled = call_direct_or_op(_graph_conv_pool.plain, torch.ops.affectkit.graph_conv_pool,
-                                      _flatten(x), adj3, weight, bias, code, assignment, s2, P)
+                                      _flatten(x), adj3, weight, bias, code, assignment, s2, P,
+                                      function=_graph_conv_pool.function)
     Fo = node.shape[-1]
     return node.reshape(*lead, N, Fo), pooled.reshape(*lead, P, Fo)
 
@@ -263,7 +265,7 @@ def cheb_graph_conv(x: torch.Tensor, laplacian: torch.Tensor, coefficients: torc
                          f"(x.shape[-1]), got {tuple(coefficients.shape)}")
     lead = x.shape[:-2]
     out = call_direct_or_op(_cheb_graph_conv.plain, torch.ops.affectkit.cheb_graph_conv,
-                            _flatten(x), laplacian, coefficients)
+                            _flatten(x), laplacian, coefficients, function=_cheb_graph_conv.function)
     return out.reshape(*lead, N, out.shape[-1])
 
 
@@ -436,7 +438,7 @@ def _conv_backward(ctx, grad_out):
     return (*grads, None)
 
 
-_graph_conv.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+register_autograd(_graph_conv, _conv_backward, _conv_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -509,7 +511,7 @@ def _pool_backward(ctx, grad_out):
     return gx if need_x else None, None, gs if need_scores else None, None
 
 
-_hierarchical_pool.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+register_autograd(_hierarchical_pool, _pool_backward, _pool_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -569,7 +571,7 @@ def _level_backward(ctx, grad_node, grad_pooled):
     return gx, ga, gw, gb, None, None, g_scores if need_scores else None, None
 
 
-_graph_conv_pool.register_autograd(_level_backward, setup_context=_level_setup_context)
+register_autograd(_graph_conv_pool, _level_backward, _level_setup_context)
 
 
 # --------------------------------------------------------------------------------------
@@ -646,4 +648,4 @@ def _cheb_backward(ctx, grad_out):
     return gx if nx else None, gl if nl else None, gc if nc else None
 
 
-_cheb_graph_conv.register_autograd(_cheb_backward, setup_context=_cheb_setup_context)
+register_autograd(_cheb_graph_conv, _cheb_backward, _cheb_setup_context)

@@ -16,6 +16,7 @@ from ._bridge import (
     device_code,
     dtype_code,
     ptr,
+    register_autograd,
     stream_handle,
 )
 
@@ -36,8 +37,9 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     check_same_device("lengths", lengths, "x", x)
     if lengths.shape[0] != x.shape[0]:
         raise ValueError(f"lengths: expected {x.shape[0]} entries (x.shape[0]), got {lengths.shape[0]}")
-    # Without autograd to record, eager calls skip the dispatcher (see call_direct_or_op).
-    return call_direct_or_op(_masked_mean.plain, torch.ops.affectkit.masked_mean, x, lengths)
+    # Plain eager calls skip the dispatcher (see call_direct_or_op).
+    return call_direct_or_op(_masked_mean.plain, torch.ops.affectkit.masked_mean, x, lengths,
+                             function=_masked_mean.function)
 
 
 def _prepare_lengths(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -91,7 +93,7 @@ def _backward(ctx, grad_out):
     return torch.ops.affectkit.masked_mean_backward(grad_out, lengths, ctx.L), None
 
 
-_masked_mean.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_masked_mean, _backward, _setup_context)
 
 
 # The backward is linear in grad_out, and its adjoint is masked_mean itself:
