@@ -419,7 +419,8 @@ def _(grad_out, out, x, adjacency, weight, activation, need_x, need_adjacency, n
 def _conv_grads(ctx, grad_out, out, x, adjacency, weight, has_bias, activation):
     """(grad_x, grad_adjacency, grad_weight, grad_bias), None where not needed."""
     nx, na, nw, nb = ctx.needs_input_grad[:4]
-    gx, ga, gw, gb = torch.ops.affectkit.graph_conv_backward(
+    gx, ga, gw, gb = call_direct_or_op(
+        _graph_conv_backward.plain, torch.ops.affectkit.graph_conv_backward,
         grad_out, out, x, adjacency, weight, activation, nx, na, nw and weight is not None, nb and has_bias)
     return (gx if nx else None, ga if na else None, gw if nw and weight is not None else None,
             gb if nb and has_bias else None)
@@ -507,7 +508,8 @@ def _pool_backward(ctx, grad_out):
     x, assignment, scores = ctx.saved_tensors
     need_x, _, need_scores = ctx.needs_input_grad[:3]
     need_scores = need_scores and scores is not None
-    gx, gs = torch.ops.affectkit.hierarchical_pool_backward(grad_out, x, assignment, scores, need_x, need_scores)
+    gx, gs = call_direct_or_op(_hierarchical_pool_backward.plain, torch.ops.affectkit.hierarchical_pool_backward,
+                               grad_out, x, assignment, scores, need_x, need_scores)
     return gx if need_x else None, None, gs if need_scores else None, None
 
 
@@ -563,7 +565,8 @@ def _level_backward(ctx, grad_node, grad_pooled):
     x, adjacency, weight, node, assignment, scores = ctx.saved_tensors
     need_scores = ctx.needs_input_grad[6] and scores is not None
     # The pooled output feeds back into the node output's gradient (and the scores').
-    g_node, g_scores = torch.ops.affectkit.hierarchical_pool_backward(
+    g_node, g_scores = call_direct_or_op(
+        _hierarchical_pool_backward.plain, torch.ops.affectkit.hierarchical_pool_backward,
         grad_pooled, node, assignment, scores, True, need_scores)
     if grad_node is not None:
         g_node = g_node + grad_node
@@ -644,7 +647,8 @@ def _cheb_setup_context(ctx, inputs, output):
 def _cheb_backward(ctx, grad_out):
     x, laplacian, coefficients = ctx.saved_tensors
     nx, nl, nc = ctx.needs_input_grad[:3]
-    gx, gl, gc = torch.ops.affectkit.cheb_graph_conv_backward(grad_out, x, laplacian, coefficients, nx, nl, nc)
+    gx, gl, gc = call_direct_or_op(_cheb_graph_conv_backward.plain, torch.ops.affectkit.cheb_graph_conv_backward,
+                                   grad_out, x, laplacian, coefficients, nx, nl, nc)
     return gx if nx else None, gl if nl else None, gc if nc else None
 
 

@@ -90,7 +90,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     (lengths,) = ctx.saved_tensors
-    return torch.ops.affectkit.masked_mean_backward(grad_out, lengths, ctx.L), None
+    return call_direct_or_op(_masked_mean_backward.plain, torch.ops.affectkit.masked_mean_backward,
+                             grad_out, lengths, ctx.L), None
 
 
 register_autograd(_masked_mean, _backward, _setup_context)
