@@ -283,6 +283,7 @@ def train(kind: str, data, out_dir, *, encoder_name: str = DEFAULT_MODEL, seed: 
     encoder = TextEncoder(encoder_name)
     start = time.perf_counter()
     started_here = _init_distributed_from_env()
+    finished = False
     try:
         rank, _ = _dist_rank_world()
         if kind == "text-emotion":
@@ -290,10 +291,13 @@ def train(kind: str, data, out_dir, *, encoder_name: str = DEFAULT_MODEL, seed: 
                                                 hyper=hyper, log=log if rank == 0 else None)
         else:
             model, metrics = train_regression(kind, data, encoder=encoder, seed=seed, progress=progress and rank == 0)
+        finished = True
     finally:
         if started_here:
             import torch.distributed as dist
 
+            if finished:  # no rank tears the group down while another still talks on it
+                dist.barrier()
             dist.destroy_process_group()
     metrics["total_seconds_including_encoding"] = time.perf_counter() - start
     metrics["texts_encoded_this_run"] = encoder.calls
