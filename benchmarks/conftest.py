@@ -36,13 +36,14 @@ def pytest_terminal_summary(terminalreporter, config):
 def bench(benchmark):
     """benchmark with the group/impl convention: bench(group, impl, fn, *args).
 
-    With CUDA tensors among the arguments, each timed call ends with a synchronize, so the
-    time is the GPU's, not the launch's."""
+    With CUDA tensors among the arguments, or "cuda" in the group name (closures over CUDA
+    models), each timed call ends with a synchronize, so the time is the GPU's, not the
+    launch's."""
 
     def run(group, impl, fn, *args):
         benchmark.group = group
         benchmark.extra_info["impl"] = impl
-        if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        if "cuda" in group or any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
             inner = fn
 
             def fn(*a):

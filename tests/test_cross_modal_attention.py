@@ -870,8 +870,9 @@ def test_cuda_additive_mask_grad_matches_cpu(dtype, gen):
 
 
 # The tensor-core forward (csrc/attention/cross_attention_tc.cu) takes fp16/bf16 with D and Dv
-# multiples of 8 up to 128, 16-byte aligned rows and no dropout; everything else here either
-# runs it at awkward sizes or checks the fallback. The backward (generic kernels) recomputes
+# up to 128 and no dropout: 16-byte row copies when D, Dv are multiples of 8 and rows aligned,
+# element-wise staging otherwise (MulT's D = 6, odd D and Dv, odd strides); everything here
+# either runs it at awkward sizes or checks the fallback. The backward (generic kernels) recomputes
 # probabilities from its lse, so the gradients check the lse too.
 TC_SHAPES = [  # B, H, Lq, Lk, D, Dv
     (2, 2, 1, 1, 16, 16),
@@ -883,6 +884,11 @@ TC_SHAPES = [  # B, H, Lq, Lk, D, Dv
     (2, 1, 257, 200, 128, 128),
     (2, 2, 33, 200, 40, 24),
     (1, 1, 257, 1, 64, 128),
+    (2, 3, 33, 33, 6, 6),      # MulT's head dimension: element-wise staging
+    (2, 2, 50, 130, 6, 6),
+    (2, 1, 17, 70, 1, 1),
+    (1, 2, 65, 129, 13, 7),    # odd D and Dv: element-wise out stores
+    (2, 1, 20, 65, 100, 24),   # D past 64, not a multiple of 8
 ]
 
 
@@ -928,11 +934,14 @@ def test_cuda_tensor_core_forward_strides_and_fallbacks(dtype, gen):
     v = torch.randn(B, Lk, H, 2 * D, generator=gen).to(dtype).cuda().transpose(1, 2)[..., D:]
     kvl = torch.tensor([Lk, 37]).cuda()
     _check_against_reference(gen, q, k, v, kv_lengths=kvl, causal=True)
-    # Misaligned rows (odd row stride), D not a multiple of 8, and dropout take the generic kernel.
+    # Misaligned rows (odd row strides) take the element-wise staging.
     qo = torch.randn(B, H, Lq, D + 1, generator=gen).to(dtype).cuda()[..., 1:]
     _check_against_reference(gen, qo, k.contiguous(), v.contiguous(), kv_lengths=kvl)
+    vo = torch.randn(B, H, Lk, 7, generator=gen).to(dtype).cuda()[..., 1:]  # Dv = 6, row stride 7
+    _check_against_reference(gen, qo, k.contiguous(), vo, kv_lengths=kvl, causal=True)
     q5, k5, v5 = (t.cuda() for t in _inputs(gen, B, H, Lq, Lk, 20, 20, dtype=dtype))
     _check_against_reference(gen, q5, k5, v5, causal=True)
+    # Dropout takes the generic kernel.
     torch.manual_seed(3)
     out = ops.cross_modal_attention(q, k, v, dropout_p=0.2)
     assert torch.isfinite(out).all()

@@ -43,9 +43,14 @@
 // (Lq times per head) and runs on the FP32 pipes; here K/V are read once per 64 or 128 rows
 // and every multiply-add is on the tensor cores.
 //
-// Not taken here (the generic kernel runs): float32/float64, dropout > 0, D or Dv not a
-// multiple of 8 or above 128, rows not 16-byte aligned, devices below sm_80, lengths >= 2^30,
-// or AFFECTKIT_ATTENTION_TENSOR_CORES=0 in the environment (read once).
+// D or Dv not a multiple of 8 (MulT's D = 6), or rows not 16-byte aligned: rows are staged with
+// 2-byte loads instead of cp.async (zero-filled to the next 16 columns), and out is written
+// element by element where its rows are not 4-byte aligned or Dv is odd; the math is the same.
+// (The generic kernel took D = 6 at 36.6 us for B=64 H=8 33x33 on an H100, graph replay.)
+//
+// Not taken here (the generic kernel runs): float32/float64, dropout > 0, D or Dv above 128,
+// devices below sm_80, lengths >= 2^30, or AFFECTKIT_ATTENTION_TENSOR_CORES=0 in the
+// environment (read once).
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -68,7 +73,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    tc_forward_kernel(Problem p, View q, View k, View v, Mask mask, MutView out, MutView lse, float scale_log2) {
+    tc_forward_kernel(Problem p, View q, View k, View v, Mask mask, MutView out, MutView lse, float scale_log2,
+                      bool vec_rows, bool pair_store) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kSQ = kD + kPad;   // shared row stride of Q and K (elements)
   constexpr int kSV = kDv + kPad;  // of V
@@ -109,18 +115,29 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const T* const kbase = static_cast<const T*>(k.data) + b * k.sb + h * k.sh + s.k0 * k.sr;
   const T* const vbase = static_cast<const T*>(v.data) + b * v.sb + h * v.sh + s.k0 * v.sr;
   const int dchunks = static_cast<int>(p.D / 8), dvchunks = static_cast<int>(p.Dv / 8);
+  // Element-wise staging (vec_rows false) fills K and V only up to the 16-column k-steps used.
+  const int dfill = min(kD, static_cast<int>((p.D + 15) / 16) * 16);
+  const int dvfill = min(kDv, static_cast<int>((p.Dv + 15) / 16) * 16);
 
   auto stage_kv = [&](int t) {
     const int j0 = t * kKeys;
     T* const dK = sK0 + (t & 1) * kStage;
     T* const dV = dK + kKeys * kSQ;
     const int valid = kend_blk - j0;  // > 0 for every tile we load
-    stage_rows<T, kD / 8>(dK, kSQ, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kKeys, valid, dchunks);
-    stage_rows<T, kDv / 8>(dV, kSV, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kKeys, valid, dvchunks);
+    const T* const ksrc = kbase + static_cast<int64_t>(j0) * k.sr;
+    const T* const vsrc = vbase + static_cast<int64_t>(j0) * v.sr;
+    if (vec_rows) {
+      stage_rows<T, kD / 8>(dK, kSQ, ksrc, k.sr, kKeys, valid, dchunks);
+      stage_rows<T, kDv / 8>(dV, kSV, vsrc, v.sr, kKeys, valid, dvchunks);
+    } else {
+      stage_rows_scalar<T>(dK, kSQ, ksrc, k.sr, kKeys, valid, static_cast<int>(p.D), dfill);
+      stage_rows_scalar<T>(dV, kSV, vsrc, v.sr, kKeys, valid, static_cast<int>(p.Dv), dvfill);
+    }
   };
 
-  // Group 0: Q and the first K/V tile.
-  stage_rows<T, kD / 8>(sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, dchunks);
+  // Group 0: Q and the first K/V tile. (Q is filled to kD: every k-step's fragment is loaded.)
+  if (vec_rows) stage_rows<T, kD / 8>(sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, dchunks);
+  else stage_rows_scalar<T>(sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, static_cast<int>(p.D), kD);
   if (n_tiles > 0) stage_kv(0);
   cp_async_commit();
 
@@ -266,8 +283,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
     for (int n = 0; n < kDv / 8; ++n) {
       const int col = n * 8 + 2 * c4;
-      if (col < p.Dv)
-        *reinterpret_cast<uint32_t*>(orow + col) = pack2<T>(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+      if (col >= p.Dv) continue;
+      const uint32_t two = pack2<T>(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+      if (pair_store) {  // Dv even, 4-byte aligned row: one store for both columns
+        *reinterpret_cast<uint32_t*>(orow + col) = two;
+      } else {
+        reinterpret_cast<uint16_t*>(orow)[col] = static_cast<uint16_t>(two & 0xffffu);
+        if (col + 1 < p.Dv) reinterpret_cast<uint16_t*>(orow)[col + 1] = static_cast<uint16_t>(two >> 16);
+      }
     }
     if (c4 == 0) {
       float* const lrow = static_cast<float*>(lse.data) + b * lse.sb + h * lse.sh + row * lse.sr;
@@ -299,6 +322,10 @@ bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && sr % 8 == 0;
 }
 
+bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
+}
+
 size_t smem_bytes(int kD, int kDv, int warps, int stages) {
   return static_cast<size_t>(warps * 16 * (kD + kPad) + stages * kKeys * ((kD + kPad) + (kDv + kPad))) * 2;
 }
@@ -306,6 +333,11 @@ size_t smem_bytes(int kD, int kDv, int warps, int stages) {
 template <typename T, int kD, int kDv>
 void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev, int sms,
             cudaStream_t stream) {
+  // 16-byte cp.async row copies need D, Dv multiples of 8 and 16-byte aligned rows; otherwise
+  // rows are staged element by element (MulT's D = 6, odd strides): slower copies, same math.
+  const bool vec_rows = p.D % 8 == 0 && p.Dv % 8 == 0 && aligned16(q.data, q.sb, q.sh, q.sr) &&
+                        aligned16(k.data, k.sb, k.sh, k.sr) && aligned16(v.data, v.sb, v.sh, v.sr);
+  const bool pair_store = p.Dv % 2 == 0 && aligned4(out.data, out.sb, out.sh, out.sr);
   auto* kernel = tc_forward_kernel<T, kD, kDv>;
   // Raise the dynamic shared-memory limit to this kernel's largest configuration, once per device.
   static std::atomic<uint64_t> configured{0};
@@ -322,7 +354,7 @@ void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, Mu
   const int stages = p.Lk > kKeys ? 2 : 1;  // one key tile at most: a single stage
   dim3 grid(static_cast<unsigned>((p.Lq + rows - 1) / rows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
   kernel<<<grid, warps * 32, smem_bytes(kD, kDv, warps, stages), stream>>>(
-      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634));
+      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634), vec_rows, pair_store);
 }
 
 template <typename T, int kD>
@@ -354,11 +386,8 @@ bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, Vi
   if (!enabled) return false;
   if (dtype != DType::Float16 && dtype != DType::BFloat16) return false;
   if (p.dropout_p > 0) return false;
-  if (p.D < 8 || p.D > 128 || p.D % 8 != 0 || p.Dv < 8 || p.Dv > 128 || p.Dv % 8 != 0) return false;
+  if (p.D < 1 || p.D > 128 || p.Dv < 1 || p.Dv > 128) return false;
   if (p.Lq >= (int64_t{1} << 30) || p.Lk >= (int64_t{1} << 30)) return false;
-  if (!aligned16(q.data, q.sb, q.sh, q.sr) || !aligned16(k.data, k.sb, k.sh, k.sr) ||
-      !aligned16(v.data, v.sb, v.sh, v.sr) || !aligned16(out.data, out.sb, out.sh, out.sr))
-    return false;
   if (mask.data != nullptr && mask.dtype != DType::Bool && mask.dtype != DType::Float32) return false;
   int dev = 0;
   cuda_check(cudaGetDevice(&dev), "attention_forward: device");

@@ -9,8 +9,8 @@
 namespace affectkit::attention::detail {
 
 // Runs the tensor-core forward and returns true when the problem is one it takes (fp16 or
-// bf16, no dropout, D and Dv multiples of 8 and at most 128, 16-byte aligned rows, an sm_80+
-// device, AFFECTKIT_ATTENTION_TENSOR_CORES not "0"); returns false, having done nothing,
+// bf16, no dropout, D and Dv at most 128, an sm_80+ device, AFFECTKIT_ATTENTION_TENSOR_CORES
+// not "0"; any row strides); returns false, having done nothing,
 // otherwise, and the caller runs the generic kernel. Throws CudaError on a failed launch.
 bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, View v, Mask mask,
                                MutView out, MutView lse, uintptr_t stream);

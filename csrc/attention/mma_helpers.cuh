@@ -93,5 +93,21 @@ __device__ __forceinline__ void stage_rows(T* dst, int sstride, const T* src, in
   }
 }
 
+// stage_rows for rows that cannot be copied in 16-byte pieces (D or Dv not a multiple of 8, or
+// rows not 16-byte aligned): 2-byte loads. Rows >= `valid_rows` and columns [valid_cols,
+// fill_cols) become zeros; columns from fill_cols on are not written (callers pass fill_cols
+// = D rounded up to the 16-column mma k-step, past which the mma loops never read).
+template <typename T>
+__device__ __forceinline__ void stage_rows_scalar(T* dst, int sstride, const T* src, int64_t stride, int nrows,
+                                                  int valid_rows, int valid_cols, int fill_cols) {
+  static_assert(sizeof(T) == 2, "fp16 / bf16 only");
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int e = threadIdx.x; e < nrows * fill_cols; e += blockDim.x) {
+    const int r = e / fill_cols, c = e - r * fill_cols;
+    d[r * sstride + c] = r < valid_rows && c < valid_cols ? s[static_cast<int64_t>(r) * stride + c] : uint16_t{0};
+  }
+}
+
 }  // namespace
 }  // namespace affectkit::attention::detail
