@@ -102,15 +102,16 @@ def bench_attention(long_sequences: bool = True):
             both(f"attention bf16 fwd, key padding, {name}",
                  lambda: ops.cross_modal_attention(q, k, v, kv_lengths=lengths),
                  lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "SDPA+mask", target)
-    q, k, v, lengths, mask = attention_inputs(64, 8, 33, 33, 64, grad=True)
-    g = torch.randn_like(q)
-
-    def step(fn):
+    def step(fn, q, k, v, g):
         return lambda: torch.autograd.grad(fn(), (q, k, v), g)
 
-    both("attention bf16 fwd+bwd, key padding, B=64 H=8 33x33 D=64",
-         step(lambda: ops.cross_modal_attention(q, k, v, kv_lengths=lengths)),
-         step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), "SDPA+mask", "< 80 us")
+    for name, shape, target in [("B=64 H=8 33x33 D=64", (64, 8, 33, 33, 64), "< 80 us"),
+                                ("MulT B=32 H=8 50x375 D=6", (32, 8, 50, 375, 6), "")]:
+        q, k, v, lengths, mask = attention_inputs(*shape, grad=True)
+        g = torch.randn_like(q)
+        both(f"attention bf16 fwd+bwd, key padding, {name}",
+             step(lambda: ops.cross_modal_attention(q, k, v, kv_lengths=lengths), q, k, v, g),
+             step(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), q, k, v, g), "SDPA+mask", target)
     for D in (64, 128) if long_sequences else ():  # throughput against SDPA's flash path (no mask)
         B, H, L = 4, 16, 4096
         q, k, v, lengths, mask = attention_inputs(B, H, L, L, D, full=True)

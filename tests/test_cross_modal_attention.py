@@ -978,7 +978,8 @@ def test_cuda_tensor_core_forward_varlen(dtype, causal, gen):
 
 
 # The tensor-core backward (csrc/attention/cross_attention_tc_backward.cu) takes the same
-# problems as the tensor-core forward (plus 16-byte aligned out / grad_out rows): key tiles of
+# problems as the tensor-core forward (element-wise staging unless D, Dv are multiples of 8 and
+# the rows of q, k, v, out and grad_out are 16-byte aligned): key tiles of
 # 64, query tiles of 64 (32 at D = Dv = 128), so these sizes cover partial, single and multiple
 # tiles on both axes, empty key sets, causal offsets of both signs and the dS (mask) output.
 TC_BWD_SHAPES = [  # B, H, Lq, Lk, D, Dv
@@ -989,6 +990,9 @@ TC_BWD_SHAPES = [  # B, H, Lq, Lk, D, Dv
     (2, 2, 17, 1, 64, 64),
     (1, 2, 200, 200, 16, 16),
     (2, 1, 33, 65, 64, 32),
+    (2, 3, 33, 33, 6, 6),     # MulT's head dimension: element-wise staging
+    (2, 2, 17, 70, 13, 7),    # odd D and Dv: 2-byte gradient stores
+    (2, 1, 65, 20, 1, 1),
 ]
 
 

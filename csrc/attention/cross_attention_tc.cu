@@ -283,14 +283,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
     for (int n = 0; n < kDv / 8; ++n) {
       const int col = n * 8 + 2 * c4;
-      if (col >= p.Dv) continue;
-      const uint32_t two = pack2<T>(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
-      if (pair_store) {  // Dv even, 4-byte aligned row: one store for both columns
-        *reinterpret_cast<uint32_t*>(orow + col) = two;
-      } else {
-        reinterpret_cast<uint16_t*>(orow)[col] = static_cast<uint16_t>(two & 0xffffu);
-        if (col + 1 < p.Dv) reinterpret_cast<uint16_t*>(orow)[col + 1] = static_cast<uint16_t>(two >> 16);
-      }
+      if (col < p.Dv) store_pair<T>(orow, col, static_cast<int>(p.Dv), pair_store, o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
     }
     if (c4 == 0) {
       float* const lrow = static_cast<float*>(lse.data) + b * lse.sb + h * lse.sh + row * lse.sr;

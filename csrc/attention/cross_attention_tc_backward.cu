@@ -52,10 +52,11 @@
 // re-read K/V (dq) or Q/dO (dk/dv) from L2 for every row; here every multiply-add is on the
 // tensor cores and each operand tile is read once per 64 rows.
 //
-// Not taken here (the generic kernels run): float32/float64, dropout > 0, D or Dv not a
-// multiple of 8 or above 128, any of q, k, v, out, grad_out, grad_q, grad_k, grad_v with rows
-// not 16-byte aligned, devices below sm_80, lengths >= 2^30, Lq or Lk == 0, or
-// AFFECTKIT_ATTENTION_TENSOR_CORES=0 in the environment (read once, as the forward reads it).
+// D or Dv not a multiple of 8, or rows not 16-byte aligned: element-wise staging and 2-byte
+// stores where needed, as in the forward; same math.
+// Not taken here (the generic kernels run): float32/float64, dropout > 0, D or Dv above 128,
+// devices below sm_80, lengths >= 2^30, Lq or Lk == 0, or AFFECTKIT_ATTENTION_TENSOR_CORES=0
+// in the environment (read once, as the forward reads it).
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -104,7 +105,7 @@ __device__ __forceinline__ float2 unpack2(uint32_t x) {
 template <typename T, int kD, int kDv>
 __global__ void AFFECTKIT_TC_DQ_BOUNDS
     tc_dq_kernel(Problem p, View q, View k, View v, Mask mask, View out, View gout, View lse, MutView gq,
-                 float* delta, float* gmask, float scale_log2) {
+                 float* delta, float* gmask, float scale_log2, bool vec, bool pair) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kSQ = kD + kPad;
   constexpr int kSV = kDv + kPad;
@@ -133,20 +134,20 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
   const T* const obase = static_cast<const T*>(out.data) + b * out.sb + h * out.sh + (s.q0 + r0) * out.sr;
   const T* const kbase = static_cast<const T*>(k.data) + b * k.sb + h * k.sh + s.k0 * k.sr;
   const T* const vbase = static_cast<const T*>(v.data) + b * v.sb + h * v.sh + s.k0 * v.sr;
-  const int dchunks = static_cast<int>(p.D / 8), dvchunks = static_cast<int>(p.Dv / 8);
+  const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
 
   auto stage_kv = [&](int t) {
     const int j0 = t * kTile;
     T* const dK = sK0 + (t & 1) * kStage;
     T* const dV = dK + kTile * kSQ;
     const int valid = kend_blk - j0;
-    stage_rows<T, kD / 8>(dK, kSQ, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kTile, valid, dchunks);
-    stage_rows<T, kDv / 8>(dV, kSV, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kTile, valid, dvchunks);
+    stage_rows_either<T, kD>(vec, dK, kSQ, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kTile, valid, D);
+    stage_rows_either<T, kDv>(vec, dV, kSV, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kTile, valid, Dv);
   };
 
   // Group 0: Q, dO and the first K/V tile.
-  stage_rows<T, kD / 8>(sQ, kSQ, qbase, q.sr, kTile, n_tiles > 0 ? qvalid : 0, dchunks);
-  stage_rows<T, kDv / 8>(sO, kSV, gobase, gout.sr, kTile, n_tiles > 0 ? qvalid : 0, dvchunks);
+  stage_rows_either<T, kD>(vec, sQ, kSQ, qbase, q.sr, kTile, n_tiles > 0 ? qvalid : 0, D);
+  stage_rows_either<T, kDv>(vec, sO, kSV, gobase, gout.sr, kTile, n_tiles > 0 ? qvalid : 0, Dv);
   if (n_tiles > 0) stage_kv(0);
   cp_async_commit();
 
@@ -159,7 +160,8 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
     if (rr < qvalid) {
       const T* const gorow = gobase + static_cast<int64_t>(rr) * gout.sr;
       const T* const orow = obase + static_cast<int64_t>(rr) * out.sr;
-      for (int ch = half; ch < dvchunks; ch += 2) {
+      for (int c = half; !vec && c < Dv; c += 2) acc = fmaf(to_float(gorow[c]), to_float(orow[c]), acc);
+      for (int ch = half; vec && ch < Dv / 8; ch += 2) {
         const uint4 x = *reinterpret_cast<const uint4*>(gorow + ch * 8);
         const uint4 y = *reinterpret_cast<const uint4*>(orow + ch * 8);
         const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
@@ -330,8 +332,7 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
 #pragma unroll
     for (int n = 0; n < kD / 8; ++n) {
       const int col = n * 8 + 2 * c4;
-      if (col < p.D)
-        *reinterpret_cast<uint32_t*>(row + col) = pack2<T>(dq[n][2 * half] * scale, dq[n][2 * half + 1] * scale);
+      if (col < D) store_pair<T>(row, col, D, pair, dq[n][2 * half] * scale, dq[n][2 * half + 1] * scale);
     }
   }
 #else
@@ -344,7 +345,7 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
 template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kThreads)
     tc_dkdv_kernel(Problem p, View q, View k, View v, Mask mask, View gout, View lse, MutView gk, MutView gv,
-                   const float* delta, float scale_log2) {
+                   const float* delta, float scale_log2, bool vec, bool pair) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kQT = dkdv_query_tile<kD, kDv>();  // query rows per tile
   constexpr int kSQ = kD + kPad;
@@ -377,15 +378,15 @@ __global__ void __launch_bounds__(kThreads)
   const T* const gobase = static_cast<const T*>(gout.data) + b * gout.sb + h * gout.sh + s.q0 * gout.sr;
   const float* const lsebase = static_cast<const float*>(lse.data) + b * lse.sb + h * lse.sh;
   const float* const dbase = delta + (b * p.H + h) * p.Lq;
-  const int dchunks = static_cast<int>(p.D / 8), dvchunks = static_cast<int>(p.Dv / 8);
+  const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
 
   auto stage_q = [&](int t) {
     const int i0 = i_begin + t * kQT;
     T* const dQ = sQ0 + (t & 1) * kStage;
     T* const dO = dQ + kQT * kSQ;
     const int valid = qlen - i0;  // > 0 for every tile we load
-    stage_rows<T, kD / 8>(dQ, kSQ, qbase + static_cast<int64_t>(i0) * q.sr, q.sr, kQT, valid, dchunks);
-    stage_rows<T, kDv / 8>(dO, kSV, gobase + static_cast<int64_t>(i0) * gout.sr, gout.sr, kQT, valid, dvchunks);
+    stage_rows_either<T, kD>(vec, dQ, kSQ, qbase + static_cast<int64_t>(i0) * q.sr, q.sr, kQT, valid, D);
+    stage_rows_either<T, kDv>(vec, dO, kSV, gobase + static_cast<int64_t>(i0) * gout.sr, gout.sr, kQT, valid, Dv);
     float* const dl = sL0 + (t & 1) * 2 * kQT;
     for (int r = static_cast<int>(threadIdx.x); r < kQT; r += static_cast<int>(blockDim.x)) {
       const int i = i0 + r;
@@ -396,8 +397,8 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   // Group 0: K, V and the first query tile.
-  stage_rows<T, kD / 8>(sK, kSQ, kbase, k.sr, kTile, n_tiles > 0 ? kvalid : 0, dchunks);
-  stage_rows<T, kDv / 8>(sV, kSV, vbase, v.sr, kTile, n_tiles > 0 ? kvalid : 0, dvchunks);
+  stage_rows_either<T, kD>(vec, sK, kSQ, kbase, k.sr, kTile, n_tiles > 0 ? kvalid : 0, D);
+  stage_rows_either<T, kDv>(vec, sV, kSV, vbase, v.sr, kTile, n_tiles > 0 ? kvalid : 0, Dv);
   if (n_tiles > 0) stage_q(0);
   cp_async_commit();
 
@@ -549,13 +550,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int n = 0; n < kD / 8; ++n) {
       const int col = n * 8 + 2 * c4;
-      if (col < p.D)
-        *reinterpret_cast<uint32_t*>(krow + col) = pack2<T>(dk[n][2 * half] * scale, dk[n][2 * half + 1] * scale);
+      if (col < D) store_pair<T>(krow, col, D, pair, dk[n][2 * half] * scale, dk[n][2 * half + 1] * scale);
     }
 #pragma unroll
     for (int n = 0; n < kDv / 8; ++n) {
       const int col = n * 8 + 2 * c4;
-      if (col < p.Dv) *reinterpret_cast<uint32_t*>(vrow + col) = pack2<T>(dv[n][2 * half], dv[n][2 * half + 1]);
+      if (col < Dv) store_pair<T>(vrow, col, Dv, pair, dv[n][2 * half], dv[n][2 * half + 1]);
     }
   }
 #else
@@ -585,6 +585,10 @@ bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && sr % 8 == 0;
 }
 
+bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
+}
+
 size_t dq_smem_bytes(int kD, int kDv, int stages) {
   return static_cast<size_t>(kTile * ((kD + kPad) + (kDv + kPad)) * (1 + stages)) * 2 + kTile * sizeof(float);
 }
@@ -612,6 +616,8 @@ struct Args {
   MutView gq, gk, gv;
   float* delta;
   float* gmask;
+  bool vec;   // 16-byte row copies (else element-wise staging)
+  bool pair;  // 4-byte gradient stores (else 2-byte)
 };
 
 template <typename T, int kD, int kDv>
@@ -627,7 +633,8 @@ void launch(const Args& a, int dev, cudaStream_t stream) {
     dim3 grid(static_cast<unsigned>((p.Lq + kTile - 1) / kTile), static_cast<unsigned>(p.H),
               static_cast<unsigned>(p.B));
     kernel<<<grid, kThreads, dq_smem_bytes(kD, kDv, stages), stream>>>(p, a.q, a.k, a.v, a.mask, a.out, a.gout,
-                                                                        a.lse, a.gq, a.delta, a.gmask, scale_log2);
+                                                                        a.lse, a.gq, a.delta, a.gmask, scale_log2,
+                                                                        a.vec, a.pair);
   }
   {
     auto* kernel = tc_dkdv_kernel<T, kD, kDv>;
@@ -639,7 +646,7 @@ void launch(const Args& a, int dev, cudaStream_t stream) {
     dim3 grid(static_cast<unsigned>((p.Lk + kTile - 1) / kTile), static_cast<unsigned>(p.H),
               static_cast<unsigned>(p.B));
     kernel<<<grid, kThreads, dkdv_smem_bytes(kD, kDv, kQT, stages), stream>>>(
-        p, a.q, a.k, a.v, a.mask, a.gout, a.lse, a.gk, a.gv, a.delta, scale_log2);
+        p, a.q, a.k, a.v, a.mask, a.gout, a.lse, a.gk, a.gv, a.delta, scale_log2, a.vec, a.pair);
   }
 }
 
@@ -672,13 +679,15 @@ bool backward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, V
   if (dtype != DType::Float16 && dtype != DType::BFloat16) return false;
   if (p.dropout_p > 0) return false;
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0 || p.Lk <= 0) return false;
-  if (p.D < 8 || p.D > 128 || p.D % 8 != 0 || p.Dv < 8 || p.Dv > 128 || p.Dv % 8 != 0) return false;
+  if (p.D < 1 || p.D > 128 || p.Dv < 1 || p.Dv > 128) return false;
   if (p.Lq >= (int64_t{1} << 30) || p.Lk >= (int64_t{1} << 30)) return false;
-  if (!aligned16(q.data, q.sb, q.sh, q.sr) || !aligned16(k.data, k.sb, k.sh, k.sr) ||
-      !aligned16(v.data, v.sb, v.sh, v.sr) || !aligned16(out.data, out.sb, out.sh, out.sr) ||
-      !aligned16(gout.data, gout.sb, gout.sh, gout.sr) || !aligned16(gq.data, gq.sb, gq.sh, gq.sr) ||
-      !aligned16(gk.data, gk.sb, gk.sh, gk.sr) || !aligned16(gv.data, gv.sb, gv.sh, gv.sr))
-    return false;
+  // 16-byte row copies (and delta's 16-byte loads) need D, Dv multiples of 8 and aligned rows of
+  // q, k, v, out, grad_out; otherwise rows are staged element by element (MulT's D = 6).
+  const bool vec = p.D % 8 == 0 && p.Dv % 8 == 0 && aligned16(q.data, q.sb, q.sh, q.sr) &&
+                   aligned16(k.data, k.sb, k.sh, k.sr) && aligned16(v.data, v.sb, v.sh, v.sr) &&
+                   aligned16(out.data, out.sb, out.sh, out.sr) && aligned16(gout.data, gout.sb, gout.sh, gout.sr);
+  const bool pair = p.D % 2 == 0 && p.Dv % 2 == 0 && aligned4(gq.data, gq.sb, gq.sh, gq.sr) &&
+                    aligned4(gk.data, gk.sb, gk.sh, gk.sr) && aligned4(gv.data, gv.sb, gv.sh, gv.sr);
   if (mask.data != nullptr && mask.dtype != DType::Bool && mask.dtype != DType::Float32) return false;
   if (gmask != nullptr && (mask.data == nullptr || mask.dtype != DType::Float32)) return false;
   int dev = 0;
@@ -695,7 +704,7 @@ bool backward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, V
   cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&delta), static_cast<size_t>(p.B * p.H * p.Lq) * sizeof(float),
                              st),
              "attention_backward: scratch");
-  const Args args{p, q, k, v, mask, out, gout, lse, gq, gk, gv, delta, gm};
+  const Args args{p, q, k, v, mask, out, gout, lse, gq, gk, gv, delta, gm, vec, pair};
   const int db = bucket(p.D), dvb = bucket(p.Dv);
   cudaError_t launch_status = cudaSuccess;
   try {

@@ -109,5 +109,28 @@ __device__ __forceinline__ void stage_rows_scalar(T* dst, int sstride, const T* 
   }
 }
 
+// Either staging: 16-byte cp.async pieces when `vec` (D multiple of 8, aligned rows), else
+// element-wise; both zero-fill rows >= valid_rows and columns [valid_cols, kCols).
+template <typename T, int kCols>
+__device__ __forceinline__ void stage_rows_either(bool vec, T* dst, int sstride, const T* src, int64_t stride,
+                                                  int nrows, int valid_rows, int valid_cols) {
+  if (vec) stage_rows<T, kCols / 8>(dst, sstride, src, stride, nrows, valid_rows, valid_cols / 8);
+  else stage_rows_scalar<T>(dst, sstride, src, stride, nrows, valid_rows, valid_cols, kCols);
+}
+
+// Writes outputs col and col + 1 (when col + 1 < ncols) of a row, col < ncols: one 4-byte store
+// where `pair` (even widths, 4-byte aligned rows), else two 2-byte stores.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* row, int col, int ncols, bool pair, float lo, float hi) {
+  const uint32_t two = pack2<T>(lo, hi);
+  if (pair) {
+    *reinterpret_cast<uint32_t*>(row + col) = two;
+  } else {
+    uint16_t* const r16 = reinterpret_cast<uint16_t*>(row);
+    r16[col] = static_cast<uint16_t>(two & 0xffffu);
+    if (col + 1 < ncols) r16[col + 1] = static_cast<uint16_t>(two >> 16);
+  }
+}
+
 }  // namespace
 }  // namespace affectkit::attention::detail
