@@ -395,3 +395,165 @@ def test_cuda_float16_unaligned_or_odd_width_falls_back(gen):
         want_d, want_i = reference(q, x, mask, 7, "ip")
         assert torch.equal(got_i.cpu(), want_i)
         assert torch.equal(got_d.cpu().double(), want_d.half().double())
+
+
+# --- float16 tensor-core path with a shared mask: the allowed rows are compacted on the device
+# (exact_knn_tc.cu) and only they are scored; chunks are derived from the device-side count.
+
+
+def _distances64_fast(q, x, metric):
+    """distances64 without l2's (nq, n, d) broadcast: |q|^2 + |x|^2 - 2 q.x in float64, exact
+    for the small-integer (or +-1) entries used here."""
+    if metric != "l2":
+        return distances64(q, x, metric)
+    q, x = q.double(), x.double()
+    return (q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * (q @ x.T)
+
+
+def _topk64(D, mask, k):
+    """reference() for precomputed float64 distances D (nq, n), all queries at once: the stable
+    sort keeps the smaller row index first on ties; pads with (inf, -1)."""
+    nq, n = D.shape
+    if mask is not None:
+        D = D.masked_fill(~mask.bool().expand(nq, n), math.inf)
+    vals, idx = torch.sort(D, dim=1, stable=True)
+    m = min(k, n)
+    out_d = torch.full((nq, k), math.inf, dtype=torch.float64)
+    out_i = torch.full((nq, k), -1, dtype=torch.int64)
+    out_d[:, :m] = vals[:, :m]
+    out_i[:, :m] = idx[:, :m]
+    out_i[torch.isinf(out_d)] = -1
+    return out_d, out_i
+
+
+def _pm1_rows(n, d, nnz, gen):
+    """Rows with exactly nnz entries +-1 (nnz in 1, 4, 16, 64): their unit rows are exact in
+    float16, so cosine scores are exact multiples of a power of two on every path."""
+    pos = torch.rand(n, d, generator=gen).topk(nnz, dim=1).indices
+    sign = torch.randint(0, 2, (n, nnz), generator=gen).float() * 2 - 1
+    return torch.zeros(n, d).scatter_(1, pos, sign)
+
+
+def _exact_vectors(nq, n, d, metric, gen):
+    """Data whose float16 results are exact: small integers (ip, l2), or +-1 rows with 16
+    (database) and 4 (queries) nonzeros, norms 4 and 2 (cosine)."""
+    if metric == "cosine":
+        return _pm1_rows(nq, d, 4, gen), _pm1_rows(n, d, 16, gen)
+    return int_vectors(nq, d, gen), int_vectors(n, d, gen)
+
+
+def _shared_masks(n, nq, gen):
+    one = torch.zeros(n, dtype=torch.bool)
+    one[int(torch.randint(0, n, (1,), generator=gen))] = True
+    few = torch.zeros(n, dtype=torch.bool)
+    few[torch.randperm(n, generator=gen)[:3]] = True  # fewer allowed rows than k = 10
+    # uint8: every nonzero value allows the row
+    half = (torch.rand(n, generator=gen) < 0.5).to(torch.uint8)
+    half *= torch.randint(1, 256, (n,), generator=gen, dtype=torch.uint8)
+    return [
+        ("none_allowed", torch.zeros(n, dtype=torch.bool)),
+        ("one_allowed", one),
+        ("fewer_than_k", few),
+        ("1%", torch.rand(n, generator=gen) < 0.01),
+        ("50%_uint8", half),
+        ("all_allowed", torch.ones(n, dtype=torch.bool)),
+        ("no_mask", None),  # unchanged paths, same sizes
+        ("per_query", torch.rand(nq, n, generator=gen) < 0.3),
+    ]
+
+
+def test_fast_reference_helpers_match_reference(gen):
+    # the helpers the CUDA tests below rely on agree with reference() (runs without a GPU)
+    for metric in METRICS:
+        for nq, n, d in ((1, 1, 16), (7, 129, 48), (5, 300, 16)):
+            q, x = _exact_vectors(nq, n, d, metric, gen)
+            x[n // 2:] = x[: n - n // 2].clone()  # duplicate rows: ties
+            D = _distances64_fast(q, x, metric)
+            assert torch.equal(D, distances64(q, x, metric))
+            for _, mask in _shared_masks(n, nq, gen):
+                for k in (1, 10, n + 5):
+                    got_d, got_i = _topk64(D, mask, k)
+                    want_d, want_i = reference(q, x, mask, k, metric)
+                    assert torch.equal(got_i, want_i) and torch.equal(got_d, want_d)
+    q = _pm1_rows(9, 48, 4, gen)
+    assert torch.equal(q.abs().sum(1), torch.full((9,), 4.0))
+
+
+@requires_cuda
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("d", [16, 48, 384])
+def test_cuda_float16_shared_filter_compacted_rows_awkward_sizes(metric, d, gen):
+    # every result is exact here (cosine included), so ids and distances must match exactly
+    for n in (1, 127, 129, 1000, 40000):
+        for nq in (1, 7, 130):
+            q, x = _exact_vectors(nq, n, d, metric, gen)
+            D = _distances64_fast(q, x, metric)
+            qc, xc = q.cuda().half(), x.cuda().half()
+            for name, mask in _shared_masks(n, nq, gen):
+                want_d, want_i = _topk64(D, mask, 256)
+                mc = None if mask is None else mask.cuda()
+                for k in (1, 10, 256):
+                    got_d, got_i = ops.filtered_knn(qc, xc, mc, k, metric)
+                    ctx = (name, n, nq, d, k)
+                    assert got_d.dtype == torch.float16 and got_d.shape == (nq, k), ctx
+                    assert got_i.shape == (nq, k), ctx
+                    assert torch.equal(got_i.cpu(), want_i[:, :k]), ctx
+                    assert torch.equal(got_d.cpu().double(), want_d[:, :k].half().double()), ctx
+
+
+@requires_cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_cuda_float16_shared_filter_ties_go_to_smaller_id(metric, gen):
+    # 23 distinct +-1 rows repeated over the database: the k best are long runs of exact ties
+    # spread over many chunks; the smaller allowed row index must win every tie
+    d = 48
+    for n, nq in ((129, 7), (40000, 1), (40000, 130)):
+        base = _pm1_rows(23, d, 16, gen)
+        x = base[torch.randint(0, 23, (n,), generator=gen)]
+        q = _pm1_rows(nq, d, 4, gen)
+        D = _distances64_fast(q, x, metric)
+        qc, xc = q.cuda().half(), x.cuda().half()
+        for frac in (0.01, 0.5, 1.0):
+            mask = torch.rand(n, generator=gen) < frac
+            for k in (10, 256):
+                want_d, want_i = _topk64(D, mask, k)
+                if n >= 40000:  # ~1700 copies of each row (17 at 1 %): the test really has ties
+                    assert (want_d[:, 0] == want_d[:, 1]).all()
+                got_d, got_i = ops.filtered_knn(qc, xc, mask.cuda(), k, metric)
+                assert torch.equal(got_i.cpu(), want_i), (n, nq, frac, k)
+                assert torch.equal(got_d.cpu().double(), want_d.half().double()), (n, nq, frac, k)
+
+
+@requires_cuda
+@pytest.mark.parametrize("metric", METRICS)
+def test_cuda_float16_shared_filter_graph_replay_follows_new_mask(metric, gen):
+    # the compacted row count stays on the device: one captured call serves any selectivity
+    nq, n, d, k = 33, 5000, 64, 10
+    q, x = _exact_vectors(nq, n, d, metric, gen)
+    qc, xc = q.cuda().half(), x.cuda().half()
+    mask = torch.rand(n, generator=gen).cuda() < 0.5
+
+    def call():
+        return ops.filtered_knn(qc, xc, mask, k, metric)
+
+    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for frac in (0.01, 0.5, 0.0, 1.0, 0.001):
+        new_mask = torch.rand(n, generator=gen) < frac
+        if frac == 0.001:  # new queries too
+            q = _exact_vectors(nq, n, d, metric, gen)[0]
+            qc.copy_(q.half())
+        mask.copy_(new_mask)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_d, want_i = _topk64(_distances64_fast(q, x, metric), new_mask, k)
+        assert torch.equal(captured[1].cpu(), want_i), frac
+        assert torch.equal(captured[0].cpu().double(), want_d.half().double()), frac
+        eager_d, eager_i = call()
+        assert torch.equal(eager_i, captured[1]) and torch.equal(eager_d, captured[0])

@@ -571,3 +571,168 @@ def test_pytorch_backward_used_on_cuda_matches_the_cpu_kernel(per_sample, act, g
             got = _cheb_backward_torch(g, x, L, coef, True, True, True)
         for a, b in zip(got, want):
             assert rel_error(a, b) <= 1e-12
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA graph_conv forward: both kernels, called directly with poisoned outputs
+# ----------------------------------------------------------------------------------------
+#
+# graph_conv_forward_cuda sends a shared graph (B == 1) without pooling and with a small sample
+# ((N*F + N*M) accumulators <= 4 KB, M = F for (A x) W when F <= Fo, else Fo; M = 0 without a
+# weight) to a warp-per-sample kernel, and everything else (B > 1, pooling, large samples) to
+# the tiled kernel. The output buffers are filled with NaN and followed by a guard region, so
+# an element left unwritten or a write past the end fails the test.
+
+WARP_TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+_GUARD = 64  # elements after each output that must stay untouched
+_GUARD_VALUE = 12345.0
+
+
+def _tol(dtype, act):
+    # On CUDA, float32 tanh is built with --use_fast_math as tanh.approx.f32 (relative error
+    # up to about 2^-11), far above 2e-5; every other activation stays within 2e-5.
+    if dtype == torch.float32 and act == "tanh":
+        return 1e-3
+    return WARP_TOL[dtype]
+
+
+def _poisoned(n, dtype):
+    buf = torch.full((n + _GUARD,), float("nan"), dtype=dtype, device="cuda")
+    buf[n:] = _GUARD_VALUE
+    return buf
+
+
+def _check_guard(buf, n):
+    assert (buf[n:] == _GUARD_VALUE).all(), "a kernel wrote past the end of its output"
+
+
+def _cuda_conv_raw(x, A, W, b, act, assignment=None, scores=None, P=0):
+    """graph_conv_forward (or graph_conv_pool_forward with an assignment) on CUDA tensors,
+    straight through affectkit._C: x (S, N, F), A (N, N) or (B, N, N). Returns the output
+    (S, N, Fo) (and the pooled (S, P, Fo)) after checking the guard regions."""
+    import affectkit._C as C
+
+    S, N, F = x.shape
+    Fo = F if W is None else W.shape[1]
+    B = 1 if A.dim() == 2 else A.shape[0]
+    code = C.DTYPE_CODES[str(x.dtype).removeprefix("torch.")]
+    stream = torch.cuda.current_stream().cuda_stream
+    n = S * N * Fo
+    out = _poisoned(n, x.dtype)
+    opt = lambda t: 0 if t is None else _c(t)  # noqa: E731
+    act_code = ACTS.index(act)
+    if assignment is None:
+        C.graph_conv_forward(C.DEVICE_CUDA, code, _c(x), _c(A), opt(W), opt(b), _c(out), S, N, F, Fo, B,
+                             act_code, stream)
+        torch.cuda.synchronize()
+        _check_guard(out, n)
+        return out[:n].reshape(S, N, Fo)
+    pooled = _poisoned(S * P * Fo, x.dtype)
+    C.graph_conv_pool_forward(C.DEVICE_CUDA, code, _c(x), _c(A), opt(W), opt(b), _c(assignment), opt(scores),
+                              _c(out), _c(pooled), S, N, F, Fo, B, P, act_code, stream)
+    torch.cuda.synchronize()
+    _check_guard(out, n)
+    _check_guard(pooled, S * P * Fo)
+    return out[:n].reshape(S, N, Fo), pooled[: S * P * Fo].reshape(S, P, Fo)
+
+
+def _cuda_inputs(S, N, F, Fo, B, with_w, with_b, dtype, gen):
+    """CUDA inputs in dtype and their float64 CPU copies (rounded to dtype first)."""
+    x = rand(S, N, F, gen=gen)
+    A = rand(*((B,) if B > 1 else ()), N, N, gen=gen) / N**0.5
+    W = rand(F, Fo, gen=gen) / max(F, 1) ** 0.5 if with_w else None
+    b = rand(Fo, gen=gen) if with_b else None
+    cu = [None if t is None else t.to("cuda", dtype) for t in (x, A, W, b)]
+    ref = [None if t is None else t.cpu().double() for t in cu]
+    return cu, ref
+
+
+def _conv_ref_grouped(x, A, W, b, act):
+    """conv_ref for x (S, N, F) with A (N, N) or (B, N, N), sample s using graph s // (S // B)."""
+    if A.dim() == 2:
+        return conv_ref(x, A, W, b, act)
+    B, (S, N, _) = A.shape[0], x.shape
+    y = conv_ref(x.reshape(B, S // B, N, -1), A, W, b, act)
+    return y.reshape(S, N, -1)
+
+
+# Mostly warp-kernel shapes. With a weight, float32/16-bit N = 32 with 32 -> 32 or 32 -> 5 and
+# float64 N >= 13 with 32 -> 32 (N = 32 with 32 -> 5) exceed the per-warp budget and check the
+# same calls on the tiled kernel.
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(WARP_TOL))
+@pytest.mark.parametrize("N", [1, 2, 13, 14, 32])
+@pytest.mark.parametrize("F, Fo", [(5, 32), (32, 32), (32, 5), (1, 1), (7, 33)])
+def test_cuda_graph_conv_shared_graph_every_variant(dtype, N, F, Fo, gen):
+    combos = list(itertools.product(ACTS, [True, False], [True, False]))  # activation, weight, bias
+    calls = [(act, w, b, [1, 7, 8, 9, 17][i % 5]) for i, (act, w, b) in enumerate(combos)]
+    calls.append((*combos[(N + F + Fo) % len(combos)], 8193))  # a grid-stride loop over many samples
+    for act, with_w, with_b, S in calls:
+        fo = Fo if with_w else F
+        cu, ref = _cuda_inputs(S, N, F, fo, 1, with_w, with_b, dtype, gen)
+        got = _cuda_conv_raw(*cu, act)
+        assert got.shape == (S, N, fo)
+        assert not torch.isnan(got).any(), (act, with_w, with_b, S)
+        err = rel_error(got.cpu(), conv_ref(*ref, act))
+        assert err <= _tol(dtype, act), (act, with_w, with_b, S, err)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(WARP_TOL))
+@pytest.mark.parametrize(
+    "S, N, F, Fo, B",
+    [
+        (27, 14, 5, 32, 3),  # one graph per group of samples
+        (8, 14, 32, 32, 8),
+        (9, 1, 1, 1, 9),
+        (10, 62, 64, 64, 1),  # large samples with a shared graph
+        (19, 32, 32, 32, 1),
+        (6, 200, 7, 3, 1),
+        (6, 62, 64, 9, 2),
+    ],
+)
+def test_cuda_graph_conv_tiled_kernel_shapes(dtype, S, N, F, Fo, B, gen):
+    # Shared-graph shapes too large for the warp kernel with a weight (without one, the
+    # float32 N = 32 32 -> 32 sample just fits it).
+    for i, act in enumerate(ACTS):
+        with_w, with_b = i % 3 != 2, i % 2 == 0
+        fo = Fo if with_w else F
+        cu, ref = _cuda_inputs(S, N, F, fo, B, with_w, with_b, dtype, gen)
+        got = _cuda_conv_raw(*cu, act)
+        assert not torch.isnan(got).any(), (act, with_w, with_b)
+        err = rel_error(got.cpu(), _conv_ref_grouped(*ref, act))
+        assert err <= _tol(dtype, act), (act, with_w, with_b, err)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(WARP_TOL))
+@pytest.mark.parametrize("S, N, P, F, Fo, B", [(16, 14, 4, 5, 32, 1), (9, 14, 4, 5, 32, 3), (11, 13, 13, 1, 1, 1)])
+@pytest.mark.parametrize("attention", [False, True], ids=["mean", "softmax"])
+def test_cuda_graph_conv_pool_tiled_kernel(dtype, S, N, P, F, Fo, B, attention, gen):
+    # Pooling always takes the tiled kernel, also for shapes the warp kernel takes without it.
+    assignment = random_assignment(N, P, gen)
+    scores = rand(S, N, gen=gen) if attention else None
+    cu, ref = _cuda_inputs(S, N, F, Fo, B, True, True, dtype, gen)
+    s_cu = None if scores is None else scores.to("cuda", dtype)
+    node, pooled = _cuda_conv_raw(*cu, "relu", assignment=assignment.cuda(), scores=s_cu, P=P)
+    node_ref = _conv_ref_grouped(*ref, "relu")
+    assert rel_error(node.cpu(), node_ref) <= WARP_TOL[dtype]
+    pool_want = pool_ref(node_ref, assignment, None if s_cu is None else s_cu.cpu(), P)
+    assert rel_error(pooled.cpu(), pool_want) <= 2 * WARP_TOL[dtype]
+    # The same level without pooling (on the warp kernel where it fits) gives the same nodes.
+    assert rel_error(_cuda_conv_raw(*cu, "relu").cpu(), node_ref) <= WARP_TOL[dtype]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", list(WARP_TOL))
+def test_cuda_graph_conv_public_op_on_the_warp_kernel(dtype, gen):
+    # Through ops.graph_conv: leading dimensions, a transposed weight, a shared graph.
+    x = rand(4, 33, 14, 5, gen=gen).to("cuda", dtype)
+    A = (rand(14, 14, gen=gen) / 14**0.5).to("cuda", dtype)
+    W = (rand(32, 5, gen=gen) / 5**0.5).to("cuda", dtype).T
+    b = rand(32, gen=gen).to("cuda", dtype)
+    for act in ACTS:
+        got = ops.graph_conv(x, A, W, b, act)
+        assert got.shape == (4, 33, 14, 32) and got.dtype == dtype
+        want = conv_ref(*(t.cpu() for t in (x, A, W, b)), act)
+        assert rel_error(got.cpu(), want) <= _tol(dtype, act), act

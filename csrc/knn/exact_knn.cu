@@ -2,6 +2,8 @@
 // memory tiled product), applies the filter and folds the tile into a per-query running
 // top-k held in shared memory; a second kernel merges the per-chunk lists of each query.
 // The (nq, n) score matrix never exists. Ties go to the smaller id, as on the CPU.
+// float16 with d % 16 == 0 uses the tensor-core kernel (exact_knn_tc.cu) instead of the fused
+// one; it visits only the rows a shared mask allows (compacted on the device).
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -207,6 +209,8 @@ void run(const T* queries, int64_t nq, const T* db, int64_t n, int64_t d, Metric
                  "exact_knn workspace");
       cuda_check(cudaMemsetAsync(heads, 0, nq * nchunks * sizeof(int), stream), "cudaMemsetAsync");
       if constexpr (std::is_same_v<T, __half>) {
+        // a shared mask is compacted to the allowed rows on the stream inside launch_exact_tc
+        // (device-side count, no host sync); chunks it leaves empty report part_n = 0
         if (tc.ok)
           launch_exact_tc(tc, queries, nq, db, n, d, static_cast<int>(metric), static_cast<int>(k),
                           filter.mask, filter.mask_per_query, part_d, part_i, part_n, stream);

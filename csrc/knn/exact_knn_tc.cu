@@ -3,6 +3,10 @@
 // Why: the scalar fused kernel (exact_knn.cu) computes 32x8 tiles with FMAs through shared
 // memory; at 1000 queries x 1M x 384 it is bound by scalar FMA issue (157 ms), while the work
 // is one fp16 GEMM, 0.77 TFLOP (~1 ms on tensor cores) over 768 MB of rows (0.26 ms of HBM).
+// Why compact shared filters: scoring every row and masking afterwards made the time
+// independent of selectivity (H100, 1000 x 1M x 384, k = 10: 5.70 ms at 1 % allowed, 6.33 ms
+// at 100 %); visiting only the allowed rows makes it proportional to them, plus a compaction
+// pass over the n-byte mask (microseconds).
 //
 // Design (one block = 256 threads = 8 warps; grid = (query blocks, row chunks)):
 //   * The block's BQ queries (BQ = 128, 64 or 32, the largest that fits in shared memory and
@@ -13,10 +17,22 @@
 //     128 rows x 64 columns. Each warp owns a (BQ/WQ) x (128/WN) piece of the BQ x 128 score
 //     tile and computes it with WMMA 16x16x16 fp16 x fp16 -> fp32 (exact products, fp32 sums:
 //     small-integer inputs give exact scores, as on the CPU).
+//   * A shared filter (one allow-mask for all queries) is applied before the kernel, not in
+//     it: launch_exact_tc compacts the allowed row indices on the device (CUB DeviceSelect::
+//     Flagged over a counting iterator -> ascending int32 `rows` and a device int32 `count`,
+//     workspace from cudaMallocAsync on the call's stream; nothing is read back, so the call
+//     stays asynchronous and capturable in a CUDA graph). The kernel's row space is then
+//     [0, *count): the host plans grid.y = nchunks from n as usual, and each block reads
+//     *count and takes chunk c = [c * cr, min(count, (c + 1) * cr)) with
+//     cr = round_up(ceil(count / nchunks), 128); blocks left with nothing write empty lists
+//     (part_n = 0, +inf, -1), which the merge skips. Tiles gather rows[j] (row indices for
+//     the next tile are loaded one tile ahead into registers) and the id recorded is rows[j],
+//     so the (distance, id) tie rule is unchanged (rows is ascending). Per-query masks and
+//     no mask use the identity row space and test the per-query mask in the epilogue.
 //   * The fp32 score tile goes to shared memory; the metric is applied there (ip: -s; cosine:
 //     1 - s, the rows/queries were normalised by the caller, zero vectors give 1; l2:
 //     |q|^2 + |x|^2 - 2 s with fp32 norms of the fp16 values, clamped at 0, NaN kept), then
-//     the filter, then a per-query running top-k: one warp owns BQ/8 queries; each lane takes
+//     a per-query filter, then a per-query running top-k: one warp owns BQ/8 queries; each lane takes
 //     4 consecutive rows of a query (one 16-byte shared load) and rejects a candidate with a
 //     single compare against the query's current k-th distance (+inf until the list is full).
 //     Survivors (rare: ~k ln(n/k) per query and chunk on random data) are inserted into the
@@ -24,12 +40,21 @@
 //     The next tile's first row stage is already in flight during this epilogue.
 //   * Rows are split into chunks (multiples of 128 rows) so that query blocks x chunks fill
 //     the GPU in one wave; each (query, chunk) list is written out in the scalar kernel's
-//     layout and merged by its merge kernel. Ids are row indices (int32 inside the kernel).
+//     layout and merged by its merge kernel. Ids are database row indices (int32 inside the
+//     kernel; rows[j] on the compacted path).
 // Floor at the benchmark shape: max(0.77 TFLOP / ~600 TFLOP/s (mma.sync-class issue on H100),
 // 6 GB of L2 reads / ~7 TB/s) ~ 1 ms; WMMA through shared memory with 8 warps per SM and an
 // unoverlapped epilogue should land at ~2-3x that.
 // AFFECTKIT_KNN_TENSOR_CORES=0 (read once) disables this path.
+
+// CUB's NVTX ranges would pull NVTX's dlopen-based injection into this object; not wanted.
+#ifndef CCCL_DISABLE_NVTX
+#define CCCL_DISABLE_NVTX
+#endif
 #include <mma.h>
+#include <thrust/iterator/counting_iterator.h>
+
+#include <cub/device/device_select.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -129,10 +154,16 @@ __device__ void insert(float* ld, int* lr, int* cnt_p, float* thr_p, int k, floa
 }
 
 // grid: (ceil(nq / BQ), nchunks); block: 256 threads; dynamic shared memory: Layout(BQ, d, k).
+// rows == nullptr: the row space is [0, n), split into chunks of chunk_rows.
+// rows != nullptr (a compacted shared filter; the caller then passes mask == nullptr): the row
+// space is [0, *count), position j standing for database row rows[j] (ascending), split into
+// nchunks chunks of round_up(ceil(*count / nchunks), 128) rows derived here on the device; the
+// ids written are the database rows rows[j].
 template <int BQ>
 __global__ void __launch_bounds__(kThreads, 1)
 tc_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db,
-               const uint8_t* __restrict__ mask, bool mask_per_query, int64_t nq, int64_t n,
+               const uint8_t* __restrict__ mask, bool mask_per_query,
+               const int* __restrict__ rows, const int* __restrict__ count, int64_t nq, int64_t n,
                int64_t d, int metric, int k, int64_t chunk_rows, float* __restrict__ part_d,
                long long* __restrict__ part_i, int* __restrict__ part_n) {
   constexpr int WQ = BQ == 128 ? 4 : 2;  // warps along queries
@@ -159,17 +190,26 @@ tc_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * BQ;
   const int64_t chunk = blockIdx.y;
   const int64_t nchunks = gridDim.y;
+  int64_t n_rows = n;  // size of the row space
+  if (rows != nullptr) {
+    n_rows = *count;  // 0 <= *count <= n
+    chunk_rows = (n_rows + nchunks - 1) / nchunks;
+    chunk_rows = (chunk_rows + kBN - 1) / kBN * kBN;
+  }
   const int64_t r_begin = chunk * chunk_rows;
-  const int64_t r_end = min(n, r_begin + chunk_rows);
+  const int64_t r_end = min(n_rows, r_begin + chunk_rows);
+  const bool has_rows = r_begin < r_end;  // block-uniform; false: write empty lists only
   const int QLD = static_cast<int>(d) + 8;  // halves per resident query row
   const int d8 = static_cast<int>(d / 8);   // 16-byte pieces per row
   const bool l2 = metric == 1;
 
   // Resident queries (rows past nq are zero), list state.
-  for (int c = tid; c < BQ * d8; c += kThreads) {
-    const int r = c / d8, p = c - r * d8;
-    const bool ok = q0 + r < nq;
-    cp_async16(qs + r * QLD + p * 8, ok ? queries + (q0 + r) * d + p * 8 : queries, ok);
+  if (has_rows) {
+    for (int c = tid; c < BQ * d8; c += kThreads) {
+      const int r = c / d8, p = c - r * d8;
+      const bool ok = q0 + r < nq;
+      cp_async16(qs + r * QLD + p * 8, ok ? queries + (q0 + r) * d + p * 8 : queries, ok);
+    }
   }
   cp_async_commit();
   for (int i = tid; i < BQ; i += kThreads) {
@@ -178,7 +218,7 @@ tc_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db
   }
   cp_async_wait<0>();
   __syncthreads();
-  if (l2) {
+  if (l2 && has_rows) {
     for (int i = warp; i < BQ; i += kWarps) {
       float s = 0.f;
       for (int c = lane; c < d; c += 32) {
@@ -191,25 +231,39 @@ tc_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db
   }
   __syncthreads();
 
-  // One pipeline stage: rows [r0, r0 + 128) x columns [d0, d0 + 64), zero outside.
-  auto load_x = [&](int stage, int64_t r0, int64_t d0) {
+  // Thread tid stages the 16-byte piece tid % 8 of tile rows tid / 8 + 32 * it. Their database
+  // rows (-1: past r_end, zero-filled) are held in registers for the tile being loaded; with a
+  // compacted list the next tile's are fetched from rows[] one tile ahead (next_row), so the
+  // gather adds no dependent global load in front of the cp.async.
+  constexpr int kPieces = (kBN * kBK / 8) / kThreads;
+  auto db_row = [&](int64_t j) -> int {
+    return j < r_end ? (rows != nullptr ? rows[j] : static_cast<int>(j)) : -1;
+  };
+  int cur_row[kPieces], next_row[kPieces];
+#pragma unroll
+  for (int it = 0; it < kPieces; ++it) cur_row[it] = db_row(r_begin + (tid >> 3) + it * 32);
+
+  // One pipeline stage: tile rows cur_row[] x columns [d0, d0 + 64), zero outside.
+  auto load_x = [&](int stage, int64_t d0) {
     __half* dst = xs + stage * (kBN * kXLD);
 #pragma unroll
-    for (int it = 0; it < (kBN * kBK / 8) / kThreads; ++it) {
-      const int c = tid + it * kThreads;
-      const int r = c >> 3, p = c & 7;
-      const int64_t row = r0 + r, col = d0 + p * 8;
-      const bool ok = row < r_end && col < d;
-      cp_async16(dst + r * kXLD + p * 8, ok ? db + row * d + col : db, ok);
+    for (int it = 0; it < kPieces; ++it) {
+      const int r = (tid >> 3) + it * 32, p = tid & 7;
+      const int64_t col = d0 + p * 8;
+      const bool ok = cur_row[it] >= 0 && col < d;
+      cp_async16(dst + r * kXLD + p * 8, ok ? db + static_cast<int64_t>(cur_row[it]) * d + col : db,
+                 ok);
     }
   };
 
   const int ksteps = static_cast<int>((d + kBK - 1) / kBK);
   int step = 0;  // global stage counter: stage = step & 1
-  if (r_begin < r_end) load_x(0, r_begin, 0);
+  if (has_rows) load_x(0, 0);
   cp_async_commit();
 
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kBN) {
+#pragma unroll
+    for (int it = 0; it < kPieces; ++it) next_row[it] = db_row(r0 + kBN + (tid >> 3) + it * 32);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FQ][FN];
 #pragma unroll
     for (int i = 0; i < FQ; ++i)
@@ -218,8 +272,13 @@ tc_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db
     float xpart = 0.f;  // l2: partial |x|^2 of row tid / 2, column half tid % 2
 
     for (int ks = 0; ks < ksteps; ++ks, ++step) {
-      if (ks + 1 < ksteps) load_x((step + 1) & 1, r0, static_cast<int64_t>(ks + 1) * kBK);
-      else if (r0 + kBN < r_end) load_x((step + 1) & 1, r0 + kBN, 0);
+      if (ks + 1 < ksteps) {
+        load_x((step + 1) & 1, static_cast<int64_t>(ks + 1) * kBK);
+      } else if (r0 + kBN < r_end) {
+#pragma unroll
+        for (int it = 0; it < kPieces; ++it) cur_row[it] = next_row[it];
+        load_x((step + 1) & 1, 0);
+      }
       cp_async_commit();
       cp_async_wait<1>();
       __syncthreads();
@@ -274,10 +333,13 @@ tc_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db
     const int c0 = lane * 4;
     const int64_t row0 = r0 + c0;
     bool in_range[4];
+    int id[4];               // database row (the id) of tile row c0 + j
     unsigned shared_ok = 0;  // bit j: row c0 + j in range and allowed by a shared mask
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       in_range[j] = row0 + j < r_end;
+      id[j] = in_range[j] ? (rows != nullptr ? rows[row0 + j] : static_cast<int>(row0 + j)) : 0;
+      // with rows (compacted: every row passes the shared filter) mask is nullptr
       const bool ok = in_range[j] && (mask == nullptr || mask_per_query || mask[row0 + j] != 0);
       shared_ok |= ok ? (1u << j) : 0u;
     }
@@ -323,7 +385,7 @@ tc_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db
             const int src = __ffs(pending) - 1;
             pending &= pending - 1;
             const float cd = __shfl_sync(full, dist[j], src);
-            const int cr = static_cast<int>(r0 + src * 4 + j);
+            const int cr = __shfl_sync(full, id[j], src);
             insert(ld, lr, list_n + qi, thr + qi, k, cd, cr);
           }
         }
@@ -415,15 +477,46 @@ void launch_exact_tc(const TcPlan& plan, const __half* queries, int64_t nq, cons
                      cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((nq + plan.bq - 1) / plan.bq),
                   static_cast<unsigned>(plan.nchunks));
-#define AFFECTKIT_TC_LAUNCH(BQ)                                                               \
-  tc_topk_kernel<BQ><<<grid, kThreads, plan.smem, stream>>>(                                 \
-      queries, database, mask, mask_per_query, nq, n, d, metric, k, plan.chunk_rows, part_d, \
-      part_i, part_n)
-  if (plan.bq == 128) AFFECTKIT_TC_LAUNCH(128);
-  else if (plan.bq == 64) AFFECTKIT_TC_LAUNCH(64);
-  else AFFECTKIT_TC_LAUNCH(32);
+  // A shared mask: compact the allowed rows on the device (ascending int32 list + count; CUB
+  // select, stream-ordered workspace, no host synchronisation), and let the kernel visit only
+  // them. The count never comes back to the host: the kernel derives its chunks from it.
+  const bool compact = mask != nullptr && !mask_per_query;
+  unsigned char* ws = nullptr;
+  int* rows = nullptr;
+  int* count = nullptr;
+  try {
+    if (compact) {
+      const thrust::counting_iterator<int> first(0);
+      size_t temp_bytes = 0;
+      cuda_check(cub::DeviceSelect::Flagged(nullptr, temp_bytes, first, mask, rows, count, n, stream),
+                 "exact_knn filter compaction (size query)");
+      // CUB wants 256-byte aligned temporary storage (cudaMallocAsync gives at least that)
+      const size_t rows_bytes = (static_cast<size_t>(n) * sizeof(int) + 255) & ~size_t(255);
+      const size_t count_bytes = 256;
+      cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&ws), rows_bytes + count_bytes + temp_bytes,
+                                 stream),
+                 "exact_knn filter compaction workspace");
+      rows = reinterpret_cast<int*>(ws);
+      count = reinterpret_cast<int*>(ws + rows_bytes);
+      cuda_check(cub::DeviceSelect::Flagged(ws + rows_bytes + count_bytes, temp_bytes, first, mask,
+                                            rows, count, n, stream),
+                 "exact_knn filter compaction");
+    }
+    const uint8_t* kmask = compact ? nullptr : mask;  // compacted rows all pass the filter
+#define AFFECTKIT_TC_LAUNCH(BQ)                                                                 \
+  tc_topk_kernel<BQ><<<grid, kThreads, plan.smem, stream>>>(                                   \
+      queries, database, kmask, mask_per_query, rows, count, nq, n, d, metric, k, plan.chunk_rows, \
+      part_d, part_i, part_n)
+    if (plan.bq == 128) AFFECTKIT_TC_LAUNCH(128);
+    else if (plan.bq == 64) AFFECTKIT_TC_LAUNCH(64);
+    else AFFECTKIT_TC_LAUNCH(32);
 #undef AFFECTKIT_TC_LAUNCH
-  cuda_check(cudaGetLastError(), "exact_knn tensor-core kernel launch");
+    cuda_check(cudaGetLastError(), "exact_knn tensor-core kernel launch");
+  } catch (...) {
+    if (ws) cudaFreeAsync(ws, stream);
+    throw;
+  }
+  if (ws) cudaFreeAsync(ws, stream);  // stream-ordered: after the kernel
 }
 
 }  // namespace affectkit::knn::detail

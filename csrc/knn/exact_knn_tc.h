@@ -28,6 +28,11 @@ TcPlan plan_exact_tc(const void* queries, int64_t nq, const void* database, int6
 // Launches the fused kernel for a plan with plan.ok: writes, for each query q and chunk c,
 // part_n[q * nchunks + c] and the sorted list part_d/part_i[(q * nchunks + c) * k + j]
 // (padding +inf / -1), exactly as the scalar fused kernel does.
+// A shared mask (mask != nullptr, !mask_per_query) is first compacted on `stream` into the
+// ascending list of allowed rows (a stream-ordered workspace, freed on the stream), and the
+// kernel visits only those rows, spread over the same nchunks chunks by the count it reads
+// on the device; some chunks may then be empty (part_n = 0). No host synchronisation: the
+// call is asynchronous and can be captured in a CUDA graph.
 void launch_exact_tc(const TcPlan& plan, const __half* queries, int64_t nq, const __half* database,
                      int64_t n, int64_t d, int metric, int k, const uint8_t* mask,
                      bool mask_per_query, float* part_d, long long* part_i, int* part_n,
