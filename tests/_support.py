@@ -11,3 +11,17 @@ requires_cuda = pytest.mark.skipif(
     reason="needs a visible CUDA GPU and affectkit built with CUDA "
     f"(cuda_compiled={_C.build_info()['cuda_compiled']}, torch.cuda.is_available()={torch.cuda.is_available()})",
 )
+
+
+def capture_cuda_graph(fn):
+    """Warm fn up on a side stream (as torch.cuda.graph requires), capture one call in a CUDA
+    graph, return (graph, output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -4,21 +4,7 @@ checks that read data back are skipped then), and replays on new inputs match ea
 import torch
 
 import affectkit.ops as ops
-from _support import requires_cuda
-
-
-def _capture(fn):
-    """Warm up on a side stream (as torch.cuda.graph requires), capture one call, return
-    (graph, output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+from _support import capture_cuda_graph as _capture, requires_cuda
 
 
 @requires_cuda

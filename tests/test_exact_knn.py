@@ -10,7 +10,7 @@ import affectkit._C as C
 import affectkit.ops as ops
 from affectkit.ops._bridge import ptr
 
-from _support import requires_cuda
+from _support import capture_cuda_graph, requires_cuda
 
 METRICS = ["l2", "ip", "cosine"]
 
@@ -536,14 +536,7 @@ def test_cuda_float16_shared_filter_graph_replay_follows_new_mask(metric, gen):
     def call():
         return ops.filtered_knn(qc, xc, mask, k, metric)
 
-    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graph requires
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = call()
+    graph, captured = capture_cuda_graph(call)
     for frac in (0.01, 0.5, 0.0, 1.0, 0.001):
         new_mask = torch.rand(n, generator=gen) < frac
         if frac == 0.001:  # new queries too
