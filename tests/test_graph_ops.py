@@ -578,7 +578,7 @@ def test_pytorch_backward_used_on_cuda_matches_the_cpu_kernel(per_sample, act, g
 # ----------------------------------------------------------------------------------------
 #
 # graph_conv_forward_cuda sends a shared graph (B == 1) without pooling and with a small sample
-# ((N*F + N*M) accumulators <= 4 KB, M = F for (A x) W when F <= Fo, else Fo; M = 0 without a
+# ((N*F + N*M) accumulators <= 2 KB, M = F for (A x) W when F <= Fo, else Fo; M = 0 without a
 # weight) to a warp-per-sample kernel, and everything else (B > 1, pooling, large samples) to
 # the tiled kernel. The output buffers are filled with NaN and followed by a guard region, so
 # an element left unwritten or a write past the end fails the test.
@@ -656,9 +656,8 @@ def _conv_ref_grouped(x, A, W, b, act):
     return y.reshape(S, N, -1)
 
 
-# Mostly warp-kernel shapes. With a weight, float32/16-bit N = 32 with 32 -> 32 or 32 -> 5 and
-# float64 N >= 13 with 32 -> 32 (N = 32 with 32 -> 5) exceed the per-warp budget and check the
-# same calls on the tiled kernel.
+# Warp-kernel shapes and, past the per-warp budget (2 KB: e.g. N >= 13 with 32 -> 32, N = 32
+# with 5 -> 32 in float64), the same calls on the tiled kernel.
 @requires_cuda
 @pytest.mark.parametrize("dtype", list(WARP_TOL))
 @pytest.mark.parametrize("N", [1, 2, 13, 14, 32])

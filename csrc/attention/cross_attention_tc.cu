@@ -43,14 +43,16 @@
 // (Lq times per head) and runs on the FP32 pipes; here K/V are read once per 64 or 128 rows
 // and every multiply-add is on the tensor cores.
 //
-// D or Dv not a multiple of 8 (MulT's D = 6), or rows not 16-byte aligned: rows are staged with
-// 2-byte loads instead of cp.async (zero-filled to the next 16 columns), and out is written
-// element by element where its rows are not 4-byte aligned or Dv is odd; the math is the same.
+// D or Dv not a multiple of 8 (MulT's D = 6), or rows not 16-byte aligned: rows are staged by
+// 4-byte cp.async pairs (even D, 4-byte aligned rows) or batched 2-byte loads, zero-filled to
+// the next 16 columns, and out is written element by element where its rows are not 4-byte
+// aligned or Dv is odd; the math is the same.
 // (The generic kernel took D = 6 at 36.6 us for B=64 H=8 33x33 on an H100, graph replay.)
 //
 // Not taken here (the generic kernel runs): float32/float64, dropout > 0, D or Dv above 128,
 // devices below sm_80, lengths >= 2^30, or AFFECTKIT_ATTENTION_TENSOR_CORES=0 in the
 // environment (read once).
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -74,7 +76,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     tc_forward_kernel(Problem p, View q, View k, View v, Mask mask, MutView out, MutView lse, float scale_log2,
-                      bool vec_rows, bool pair_store) {
+                      int row_copy, bool pair_store) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kSQ = kD + kPad;   // shared row stride of Q and K (elements)
   constexpr int kSV = kDv + kPad;  // of V
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const T* const kbase = static_cast<const T*>(k.data) + b * k.sb + h * k.sh + s.k0 * k.sr;
   const T* const vbase = static_cast<const T*>(v.data) + b * v.sb + h * v.sh + s.k0 * v.sr;
   const int dchunks = static_cast<int>(p.D / 8), dvchunks = static_cast<int>(p.Dv / 8);
-  // Element-wise staging (vec_rows false) fills K and V only up to the 16-column k-steps used.
+  // kCopy4 / kCopy2 staging fills K and V only up to the 16-column k-steps used.
   const int dfill = min(kD, static_cast<int>((p.D + 15) / 16) * 16);
   const int dvfill = min(kDv, static_cast<int>((p.Dv + 15) / 16) * 16);
 
@@ -126,18 +128,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const int valid = kend_blk - j0;  // > 0 for every tile we load
     const T* const ksrc = kbase + static_cast<int64_t>(j0) * k.sr;
     const T* const vsrc = vbase + static_cast<int64_t>(j0) * v.sr;
-    if (vec_rows) {
+    if (row_copy == kCopy16) {
       stage_rows<T, kD / 8>(dK, kSQ, ksrc, k.sr, kKeys, valid, dchunks);
       stage_rows<T, kDv / 8>(dV, kSV, vsrc, v.sr, kKeys, valid, dvchunks);
     } else {
-      stage_rows_scalar<T>(dK, kSQ, ksrc, k.sr, kKeys, valid, static_cast<int>(p.D), dfill);
-      stage_rows_scalar<T>(dV, kSV, vsrc, v.sr, kKeys, valid, static_cast<int>(p.Dv), dvfill);
+      stage_rows_small<T>(row_copy, dK, kSQ, ksrc, k.sr, kKeys, valid, static_cast<int>(p.D), dfill);
+      stage_rows_small<T>(row_copy, dV, kSV, vsrc, v.sr, kKeys, valid, static_cast<int>(p.Dv), dvfill);
     }
   };
 
   // Group 0: Q and the first K/V tile. (Q is filled to kD: every k-step's fragment is loaded.)
-  if (vec_rows) stage_rows<T, kD / 8>(sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, dchunks);
-  else stage_rows_scalar<T>(sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, static_cast<int>(p.D), kD);
+  stage_rows_either<T, kD>(row_copy, sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, static_cast<int>(p.D));
   if (n_tiles > 0) stage_kv(0);
   cp_async_commit();
 
@@ -311,10 +312,6 @@ int device_attr(cudaDeviceAttr attr, int dev, std::atomic<int>* cache) {
   return value;
 }
 
-bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && sr % 8 == 0;
-}
-
 bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
 }
@@ -326,10 +323,10 @@ size_t smem_bytes(int kD, int kDv, int warps, int stages) {
 template <typename T, int kD, int kDv>
 void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev, int sms,
             cudaStream_t stream) {
-  // 16-byte cp.async row copies need D, Dv multiples of 8 and 16-byte aligned rows; otherwise
-  // rows are staged element by element (MulT's D = 6, odd strides): slower copies, same math.
-  const bool vec_rows = p.D % 8 == 0 && p.Dv % 8 == 0 && aligned16(q.data, q.sb, q.sh, q.sr) &&
-                        aligned16(k.data, k.sb, k.sh, k.sr) && aligned16(v.data, v.sb, v.sh, v.sr);
+  // The row copy every operand allows (16-byte, 4-byte or 2-byte pieces; see mma_helpers.cuh).
+  const int row_copy = std::max({row_copy_mode(p.D, q.data, q.sb, q.sh, q.sr),
+                                 row_copy_mode(p.D, k.data, k.sb, k.sh, k.sr),
+                                 row_copy_mode(p.Dv, v.data, v.sb, v.sh, v.sr)});
   const bool pair_store = p.Dv % 2 == 0 && aligned4(out.data, out.sb, out.sh, out.sr);
   auto* kernel = tc_forward_kernel<T, kD, kDv>;
   // Raise the dynamic shared-memory limit to this kernel's largest configuration, once per device.
@@ -347,7 +344,7 @@ void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, Mu
   const int stages = p.Lk > kKeys ? 2 : 1;  // one key tile at most: a single stage
   dim3 grid(static_cast<unsigned>((p.Lq + rows - 1) / rows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
   kernel<<<grid, warps * 32, smem_bytes(kD, kDv, warps, stages), stream>>>(
-      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634), vec_rows, pair_store);
+      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634), row_copy, pair_store);
 }
 
 template <typename T, int kD>

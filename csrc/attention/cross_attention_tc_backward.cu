@@ -52,11 +52,12 @@
 // re-read K/V (dq) or Q/dO (dk/dv) from L2 for every row; here every multiply-add is on the
 // tensor cores and each operand tile is read once per 64 rows.
 //
-// D or Dv not a multiple of 8, or rows not 16-byte aligned: element-wise staging and 2-byte
-// stores where needed, as in the forward; same math.
+// D or Dv not a multiple of 8, or rows not 16-byte aligned: 4-byte cp.async or 2-byte staging
+// and 2-byte stores where needed, as in the forward; same math.
 // Not taken here (the generic kernels run): float32/float64, dropout > 0, D or Dv above 128,
 // devices below sm_80, lengths >= 2^30, Lq or Lk == 0, or AFFECTKIT_ATTENTION_TENSOR_CORES=0
 // in the environment (read once, as the forward reads it).
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -105,7 +106,7 @@ __device__ __forceinline__ float2 unpack2(uint32_t x) {
 template <typename T, int kD, int kDv>
 __global__ void AFFECTKIT_TC_DQ_BOUNDS
     tc_dq_kernel(Problem p, View q, View k, View v, Mask mask, View out, View gout, View lse, MutView gq,
-                 float* delta, float* gmask, float scale_log2, bool vec, bool pair) {
+                 float* delta, float* gmask, float scale_log2, int copy, bool pair) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kSQ = kD + kPad;
   constexpr int kSV = kDv + kPad;
@@ -141,13 +142,13 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
     T* const dK = sK0 + (t & 1) * kStage;
     T* const dV = dK + kTile * kSQ;
     const int valid = kend_blk - j0;
-    stage_rows_either<T, kD>(vec, dK, kSQ, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kTile, valid, D);
-    stage_rows_either<T, kDv>(vec, dV, kSV, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kTile, valid, Dv);
+    stage_rows_either<T, kD>(copy, dK, kSQ, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kTile, valid, D);
+    stage_rows_either<T, kDv>(copy, dV, kSV, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kTile, valid, Dv);
   };
 
   // Group 0: Q, dO and the first K/V tile.
-  stage_rows_either<T, kD>(vec, sQ, kSQ, qbase, q.sr, kTile, n_tiles > 0 ? qvalid : 0, D);
-  stage_rows_either<T, kDv>(vec, sO, kSV, gobase, gout.sr, kTile, n_tiles > 0 ? qvalid : 0, Dv);
+  stage_rows_either<T, kD>(copy, sQ, kSQ, qbase, q.sr, kTile, n_tiles > 0 ? qvalid : 0, D);
+  stage_rows_either<T, kDv>(copy, sO, kSV, gobase, gout.sr, kTile, n_tiles > 0 ? qvalid : 0, Dv);
   if (n_tiles > 0) stage_kv(0);
   cp_async_commit();
 
@@ -160,8 +161,8 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
     if (rr < qvalid) {
       const T* const gorow = gobase + static_cast<int64_t>(rr) * gout.sr;
       const T* const orow = obase + static_cast<int64_t>(rr) * out.sr;
-      for (int c = half; !vec && c < Dv; c += 2) acc = fmaf(to_float(gorow[c]), to_float(orow[c]), acc);
-      for (int ch = half; vec && ch < Dv / 8; ch += 2) {
+      for (int c = half; copy != kCopy16 && c < Dv; c += 2) acc = fmaf(to_float(gorow[c]), to_float(orow[c]), acc);
+      for (int ch = half; copy == kCopy16 && ch < Dv / 8; ch += 2) {
         const uint4 x = *reinterpret_cast<const uint4*>(gorow + ch * 8);
         const uint4 y = *reinterpret_cast<const uint4*>(orow + ch * 8);
         const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
@@ -183,7 +184,7 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
 
   const int wr0 = r0 + warp * 16;
   const int ia = wr0 + g, ib = wr0 + g + 8;
-  const float delta_a = sDelta[warp * 16 + g], delta_b = sDelta[warp * 16 + g + 8];
+  float delta_a = sDelta[warp * 16 + g], delta_b = sDelta[warp * 16 + g + 8];
   const float* const lsebase = static_cast<const float*>(lse.data) + b * lse.sb + h * lse.sh;
   const float lse_a = ia < qlen ? lsebase[(s.q0 + ia) * lse.sr] : INFINITY;
   const float lse_b = ib < qlen ? lsebase[(s.q0 + ib) * lse.sr] : INFINITY;
@@ -253,16 +254,12 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
           mma16816<T>(dp[2 * np + 1], af, bv[2], bv[3]);
         }
       }
-      // P and dS = P (dP - delta), in place in sc.
+      // P, in place in sc.
       if (!has_mask && j0 + kTile <= warp_kmin) {
 #pragma unroll
         for (int n = 0; n < kTile / 8; ++n) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const bool upper = e < 2;
-            const float pr = exp2f(fmaf(sc[n][e], scale_log2, -(upper ? lse2_a : lse2_b)));
-            sc[n][e] = pr * (dp[n][e] - (upper ? delta_a : delta_b));
-          }
+          for (int e = 0; e < 4; ++e) sc[n][e] = exp2f(fmaf(sc[n][e], scale_log2, -(e < 2 ? lse2_a : lse2_b)));
         }
       } else {
 #pragma unroll
@@ -282,10 +279,33 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
                 x = fmaf(sc[n][e], scale, static_cast<const float*>(mask.data)[off]) * kLog2e;
               }
             }
-            const float pr = x == -INFINITY ? 0.f : exp2f(x - (upper ? lse2_a : lse2_b));
-            sc[n][e] = pr * (dp[n][e] - (upper ? delta_a : delta_b));
+            sc[n][e] = x == -INFINITY ? 0.f : exp2f(x - (upper ? lse2_a : lse2_b));
           }
         }
+      }
+      // When every visible key of the block is in this one tile, delta = sum_j P dP exactly
+      // (= dO . O before O was rounded to the input dtype): the rounded O's error would
+      // otherwise leak into dS, most visibly for rows that see one key, where dS is exactly 0.
+      // The dK/dV kernel reads the delta written here.
+      if (n_tiles == 1) {
+        float da = 0.f, db = 0.f;
+#pragma unroll
+        for (int n = 0; n < kTile / 8; ++n) {
+          da = fmaf(sc[n][0], dp[n][0], fmaf(sc[n][1], dp[n][1], da));
+          db = fmaf(sc[n][2], dp[n][2], fmaf(sc[n][3], dp[n][3], db));
+        }
+        delta_a = quad_sum(da);
+        delta_b = quad_sum(db);
+        if (c4 == 0) {
+          if (ia < qlen) delta[(b * p.H + h) * p.Lq + ia] = delta_a;
+          if (ib < qlen) delta[(b * p.H + h) * p.Lq + ib] = delta_b;
+        }
+      }
+      // dS = P (dP - delta), in place in sc.
+#pragma unroll
+      for (int n = 0; n < kTile / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[n][e] *= dp[n][e] - (e < 2 ? delta_a : delta_b);
       }
       if (gmask != nullptr) {  // dS of every visible (i, j); the rest of the buffer stays zero
 #pragma unroll
@@ -345,7 +365,7 @@ __global__ void AFFECTKIT_TC_DQ_BOUNDS
 template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kThreads)
     tc_dkdv_kernel(Problem p, View q, View k, View v, Mask mask, View gout, View lse, MutView gk, MutView gv,
-                   const float* delta, float scale_log2, bool vec, bool pair) {
+                   const float* delta, float scale_log2, int copy, bool pair) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kQT = dkdv_query_tile<kD, kDv>();  // query rows per tile
   constexpr int kSQ = kD + kPad;
@@ -385,8 +405,8 @@ __global__ void __launch_bounds__(kThreads)
     T* const dQ = sQ0 + (t & 1) * kStage;
     T* const dO = dQ + kQT * kSQ;
     const int valid = qlen - i0;  // > 0 for every tile we load
-    stage_rows_either<T, kD>(vec, dQ, kSQ, qbase + static_cast<int64_t>(i0) * q.sr, q.sr, kQT, valid, D);
-    stage_rows_either<T, kDv>(vec, dO, kSV, gobase + static_cast<int64_t>(i0) * gout.sr, gout.sr, kQT, valid, Dv);
+    stage_rows_either<T, kD>(copy, dQ, kSQ, qbase + static_cast<int64_t>(i0) * q.sr, q.sr, kQT, valid, D);
+    stage_rows_either<T, kDv>(copy, dO, kSV, gobase + static_cast<int64_t>(i0) * gout.sr, gout.sr, kQT, valid, Dv);
     float* const dl = sL0 + (t & 1) * 2 * kQT;
     for (int r = static_cast<int>(threadIdx.x); r < kQT; r += static_cast<int>(blockDim.x)) {
       const int i = i0 + r;
@@ -397,8 +417,8 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   // Group 0: K, V and the first query tile.
-  stage_rows_either<T, kD>(vec, sK, kSQ, kbase, k.sr, kTile, n_tiles > 0 ? kvalid : 0, D);
-  stage_rows_either<T, kDv>(vec, sV, kSV, vbase, v.sr, kTile, n_tiles > 0 ? kvalid : 0, Dv);
+  stage_rows_either<T, kD>(copy, sK, kSQ, kbase, k.sr, kTile, n_tiles > 0 ? kvalid : 0, D);
+  stage_rows_either<T, kDv>(copy, sV, kSV, vbase, v.sr, kTile, n_tiles > 0 ? kvalid : 0, Dv);
   if (n_tiles > 0) stage_q(0);
   cp_async_commit();
 
@@ -581,10 +601,6 @@ int device_attr(cudaDeviceAttr attr, int dev, std::atomic<int>* cache) {
   return value;
 }
 
-bool aligned16(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && sr % 8 == 0;
-}
-
 bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
 }
@@ -616,7 +632,7 @@ struct Args {
   MutView gq, gk, gv;
   float* delta;
   float* gmask;
-  bool vec;   // 16-byte row copies (else element-wise staging)
+  int copy;   // row copy mode (mma_helpers.cuh)
   bool pair;  // 4-byte gradient stores (else 2-byte)
 };
 
@@ -634,7 +650,7 @@ void launch(const Args& a, int dev, cudaStream_t stream) {
               static_cast<unsigned>(p.B));
     kernel<<<grid, kThreads, dq_smem_bytes(kD, kDv, stages), stream>>>(p, a.q, a.k, a.v, a.mask, a.out, a.gout,
                                                                         a.lse, a.gq, a.delta, a.gmask, scale_log2,
-                                                                        a.vec, a.pair);
+                                                                        a.copy, a.pair);
   }
   {
     auto* kernel = tc_dkdv_kernel<T, kD, kDv>;
@@ -646,7 +662,7 @@ void launch(const Args& a, int dev, cudaStream_t stream) {
     dim3 grid(static_cast<unsigned>((p.Lk + kTile - 1) / kTile), static_cast<unsigned>(p.H),
               static_cast<unsigned>(p.B));
     kernel<<<grid, kThreads, dkdv_smem_bytes(kD, kDv, kQT, stages), stream>>>(
-        p, a.q, a.k, a.v, a.mask, a.gout, a.lse, a.gk, a.gv, a.delta, scale_log2, a.vec, a.pair);
+        p, a.q, a.k, a.v, a.mask, a.gout, a.lse, a.gk, a.gv, a.delta, scale_log2, a.copy, a.pair);
   }
 }
 
@@ -681,11 +697,12 @@ bool backward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, V
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0 || p.Lk <= 0) return false;
   if (p.D < 1 || p.D > 128 || p.Dv < 1 || p.Dv > 128) return false;
   if (p.Lq >= (int64_t{1} << 30) || p.Lk >= (int64_t{1} << 30)) return false;
-  // 16-byte row copies (and delta's 16-byte loads) need D, Dv multiples of 8 and aligned rows of
-  // q, k, v, out, grad_out; otherwise rows are staged element by element (MulT's D = 6).
-  const bool vec = p.D % 8 == 0 && p.Dv % 8 == 0 && aligned16(q.data, q.sb, q.sh, q.sr) &&
-                   aligned16(k.data, k.sb, k.sh, k.sr) && aligned16(v.data, v.sb, v.sh, v.sr) &&
-                   aligned16(out.data, out.sb, out.sh, out.sr) && aligned16(gout.data, gout.sb, gout.sh, gout.sr);
+  // The row copy every staged operand allows (16-, 4- or 2-byte pieces; delta's 16-byte loads of
+  // out and grad_out go with kCopy16).
+  const int copy = std::max({row_copy_mode(p.D, q.data, q.sb, q.sh, q.sr), row_copy_mode(p.D, k.data, k.sb, k.sh, k.sr),
+                             row_copy_mode(p.Dv, v.data, v.sb, v.sh, v.sr),
+                             row_copy_mode(p.Dv, out.data, out.sb, out.sh, out.sr),
+                             row_copy_mode(p.Dv, gout.data, gout.sb, gout.sh, gout.sr)});
   const bool pair = p.D % 2 == 0 && p.Dv % 2 == 0 && aligned4(gq.data, gq.sb, gq.sh, gq.sr) &&
                     aligned4(gk.data, gk.sb, gk.sh, gk.sr) && aligned4(gv.data, gv.sb, gv.sh, gv.sr);
   if (mask.data != nullptr && mask.dtype != DType::Bool && mask.dtype != DType::Float32) return false;
@@ -704,7 +721,7 @@ bool backward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, V
   cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&delta), static_cast<size_t>(p.B * p.H * p.Lq) * sizeof(float),
                              st),
              "attention_backward: scratch");
-  const Args args{p, q, k, v, mask, out, gout, lse, gq, gk, gv, delta, gm, vec, pair};
+  const Args args{p, q, k, v, mask, out, gout, lse, gq, gk, gv, delta, gm, copy, pair};
   const int db = bucket(p.D), dvb = bucket(p.Dv);
   cudaError_t launch_status = cudaSuccess;
   try {

@@ -93,29 +93,68 @@ __device__ __forceinline__ void stage_rows(T* dst, int sstride, const T* src, in
   }
 }
 
-// stage_rows for rows that cannot be copied in 16-byte pieces (D or Dv not a multiple of 8, or
-// rows not 16-byte aligned): 2-byte loads. Rows >= `valid_rows` and columns [valid_cols,
-// fill_cols) become zeros; columns from fill_cols on are not written (callers pass fill_cols
-// = D rounded up to the 16-column mma k-step, past which the mma loops never read).
+// How rows reach shared memory. kCopy16: 16-byte cp.async pieces (D a multiple of 8, rows
+// 16-byte aligned). kCopy4: 4-byte cp.async pairs (D even, rows 4-byte aligned: MulT's D = 6),
+// still asynchronous, so the double buffering keeps working. kCopy2: 2-byte loads (odd D or
+// odd strides), batched so that eight loads per thread are in flight at once.
+enum RowCopy : int { kCopy16 = 0, kCopy4 = 1, kCopy2 = 2 };
+
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
+// Rows >= valid_rows and columns [valid_cols, fill_cols) become zeros; columns from fill_cols
+// on are not written (callers pass at least D rounded up to the 16-column mma k-step, past
+// which the mma loops never read). kCopy4 needs valid_cols and fill_cols even.
 template <typename T>
-__device__ __forceinline__ void stage_rows_scalar(T* dst, int sstride, const T* src, int64_t stride, int nrows,
-                                                  int valid_rows, int valid_cols, int fill_cols) {
+__device__ __forceinline__ void stage_rows_small(int copy, T* dst, int sstride, const T* __restrict__ src,
+                                                 int64_t stride, int nrows, int valid_rows, int valid_cols,
+                                                 int fill_cols) {
   static_assert(sizeof(T) == 2, "fp16 / bf16 only");
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  for (int e = threadIdx.x; e < nrows * fill_cols; e += blockDim.x) {
-    const int r = e / fill_cols, c = e - r * fill_cols;
-    d[r * sstride + c] = r < valid_rows && c < valid_cols ? s[static_cast<int64_t>(r) * stride + c] : uint16_t{0};
+  if (copy == kCopy4) {
+    const int pairs = fill_cols / 2;
+    for (int e = threadIdx.x; e < nrows * pairs; e += blockDim.x) {
+      const int r = e / pairs, c = (e - r * pairs) * 2;
+      T* const d = dst + r * sstride + c;
+      if (r < valid_rows && c < valid_cols) cp_async4(smem_addr(d), src + static_cast<int64_t>(r) * stride + c);
+      else *reinterpret_cast<uint32_t*>(d) = 0u;
+    }
+    return;
+  }
+  constexpr int kBatch = 8;
+  const uint16_t* __restrict__ s16 = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* const d16 = reinterpret_cast<uint16_t*>(dst);
+  const int total = nrows * fill_cols, step = static_cast<int>(blockDim.x);
+  for (int base = threadIdx.x; base < total; base += kBatch * step) {
+    uint16_t v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = base + u * step, r = e / fill_cols, c = e - r * fill_cols;
+      v[u] = e < total && r < valid_rows && c < valid_cols ? __ldg(s16 + static_cast<int64_t>(r) * stride + c)
+                                                           : uint16_t{0};
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = base + u * step, r = e / fill_cols, c = e - r * fill_cols;
+      if (e < total) d16[r * sstride + c] = v[u];
+    }
   }
 }
 
-// Either staging: 16-byte cp.async pieces when `vec` (D multiple of 8, aligned rows), else
-// element-wise; both zero-fill rows >= valid_rows and columns [valid_cols, kCols).
+// Any copy mode, zero-filled to kCols: rows >= valid_rows and columns [valid_cols, kCols).
 template <typename T, int kCols>
-__device__ __forceinline__ void stage_rows_either(bool vec, T* dst, int sstride, const T* src, int64_t stride,
+__device__ __forceinline__ void stage_rows_either(int copy, T* dst, int sstride, const T* src, int64_t stride,
                                                   int nrows, int valid_rows, int valid_cols) {
-  if (vec) stage_rows<T, kCols / 8>(dst, sstride, src, stride, nrows, valid_rows, valid_cols / 8);
-  else stage_rows_scalar<T>(dst, sstride, src, stride, nrows, valid_rows, valid_cols, kCols);
+  if (copy == kCopy16) stage_rows<T, kCols / 8>(dst, sstride, src, stride, nrows, valid_rows, valid_cols / 8);
+  else stage_rows_small<T>(copy, dst, sstride, src, stride, nrows, valid_rows, valid_cols, kCols);
+}
+
+// The copy mode for rows of D elements at ptr with strides (elements) sb, sh, sr.
+inline int row_copy_mode(int64_t D, const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
+  if (D % 8 == 0 && a % 16 == 0 && sb % 8 == 0 && sh % 8 == 0 && sr % 8 == 0) return kCopy16;
+  if (D % 2 == 0 && a % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0) return kCopy4;
+  return kCopy2;
 }
 
 // Writes outputs col and col + 1 (when col + 1 < ncols) of a row, col < ncols: one 4-byte store
