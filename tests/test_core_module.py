@@ -23,6 +23,19 @@ def test_imports_without_torch():
     assert json.loads(out.stdout)["version"] == _C.__version__
 
 
+def test_torch_is_loaded_before_the_core():
+    # Loading torch after affectkit._C crashed torch's import on the H100 machine (see
+    # affectkit/__init__.py); `import affectkit` must load torch first where it is installed.
+    pytest.importorskip("torch")
+    code = (
+        "import sys, affectkit\n"
+        "names = list(sys.modules)\n"
+        "print(names.index('torch') < names.index('affectkit._C'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
 def test_build_info_is_consistent():
     info = _C.build_info()
     from importlib.metadata import version

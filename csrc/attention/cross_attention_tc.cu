@@ -132,10 +132,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       stage_rows<T, kD / 8>(dK, kSQ, ksrc, k.sr, kKeys, valid, dchunks);
       stage_rows<T, kDv / 8>(dV, kSV, vsrc, v.sr, kKeys, valid, dvchunks);
     } else {
-      stage_rows_small<T>(row_copy, dK, kSQ, ksrc, k.sr, kKeys, valid, static_cast<int>(p.D), dfill);
-      stage_rows_small<T>(row_copy, dV, kSV, vsrc, v.sr, kKeys, valid, static_cast<int>(p.Dv), dvfill);
+      stage_rows_small<T>(row_copy, dK, kSQ, ksrc, k.sr, kKeys, valid, static_cast<int>(p.D), dfill, true);
+      stage_rows_small<T>(row_copy, dV, kSV, vsrc, v.sr, kKeys, valid, static_cast<int>(p.Dv), dvfill, true);
     }
   };
+  if (row_copy == kCopy4) {  // the pad columns of every K/V stage, zeroed once (never copied into)
+    for (int st = 0; st < (p.Lk > kKeys ? 2 : 1); ++st) {
+      zero_columns(sK0 + st * kStage, kSQ, kKeys, static_cast<int>(p.D), dfill);
+      zero_columns(sK0 + st * kStage + kKeys * kSQ, kSV, kKeys, static_cast<int>(p.Dv), dvfill);
+    }
+  }
 
   // Group 0: Q and the first K/V tile. (Q is filled to kD: every k-step's fragment is loaded.)
   stage_rows_either<T, kD>(row_copy, sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, static_cast<int>(p.D));

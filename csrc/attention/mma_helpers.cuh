@@ -103,22 +103,44 @@ __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
 
+// fn(r, p) for every row r < nrows and pair p < npairs (npairs <= blockDim.x): the pair index
+// takes the low bits of the thread index over a power-of-two span, so there is no integer
+// division per element (it cost more than the copies at D = 6).
+template <typename Fn>
+__device__ __forceinline__ void for_row_pairs(int nrows, int npairs, const Fn& fn) {
+  if (npairs <= 0) return;
+  int shift = 0;
+  while ((1 << shift) < npairs) ++shift;
+  const int pair = static_cast<int>(threadIdx.x) & ((1 << shift) - 1);
+  if (pair >= npairs) return;
+  const int step = static_cast<int>(blockDim.x) >> shift;
+  for (int r = static_cast<int>(threadIdx.x) >> shift; r < nrows; r += step) fn(r, pair);
+}
+
+// Zeros columns [c0, c1) (both even) of nrows shared-memory rows.
+template <typename T>
+__device__ __forceinline__ void zero_columns(T* dst, int sstride, int nrows, int c0, int c1) {
+  for_row_pairs(nrows, (c1 - c0) / 2, [&](int r, int pair) {
+    *reinterpret_cast<uint32_t*>(dst + r * sstride + c0 + 2 * pair) = 0u;
+  });
+}
+
 // Rows >= valid_rows and columns [valid_cols, fill_cols) become zeros; columns from fill_cols
 // on are not written (callers pass at least D rounded up to the 16-column mma k-step, past
-// which the mma loops never read). kCopy4 needs valid_cols and fill_cols even.
+// which the mma loops never read). kCopy4 needs valid_cols and fill_cols even, and with
+// pads_zeroed leaves columns [valid_cols, fill_cols) alone (the caller zeroed them once).
 template <typename T>
 __device__ __forceinline__ void stage_rows_small(int copy, T* dst, int sstride, const T* __restrict__ src,
                                                  int64_t stride, int nrows, int valid_rows, int valid_cols,
-                                                 int fill_cols) {
+                                                 int fill_cols, bool pads_zeroed = false) {
   static_assert(sizeof(T) == 2, "fp16 / bf16 only");
   if (copy == kCopy4) {
-    const int pairs = fill_cols / 2;
-    for (int e = threadIdx.x; e < nrows * pairs; e += blockDim.x) {
-      const int r = e / pairs, c = (e - r * pairs) * 2;
-      T* const d = dst + r * sstride + c;
-      if (r < valid_rows && c < valid_cols) cp_async4(smem_addr(d), src + static_cast<int64_t>(r) * stride + c);
+    for_row_pairs(nrows, valid_cols / 2, [&](int r, int pair) {
+      T* const d = dst + r * sstride + 2 * pair;
+      if (r < valid_rows) cp_async4(smem_addr(d), src + static_cast<int64_t>(r) * stride + 2 * pair);
       else *reinterpret_cast<uint32_t*>(d) = 0u;
-    }
+    });
+    if (!pads_zeroed) zero_columns(dst, sstride, nrows, valid_cols, fill_cols);
     return;
   }
   constexpr int kBatch = 8;

@@ -8,7 +8,15 @@ works without torch).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
+
+# torch, where installed, is loaded before the compiled core: on the H100 machine (torch
+# 2.11+cu130, the core built there with gcc 13.3 and linked to the system libgomp), importing
+# torch after affectkit._C crashed the process (SIGSEGV inside torch's import), while the other
+# order works. The core itself never needs torch.
+if importlib.util.find_spec("torch") is not None:
+    import torch  # noqa: F401
 
 from ._C import __version__
 from ._info import info
