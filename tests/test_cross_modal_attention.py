@@ -871,9 +871,9 @@ def test_cuda_additive_mask_grad_matches_cpu(dtype, gen):
 
 # The tensor-core forward (csrc/attention/cross_attention_tc.cu) takes fp16/bf16 with D and Dv
 # up to 128 and no dropout: 16-byte row copies when D, Dv are multiples of 8 and rows aligned,
-# element-wise staging otherwise (MulT's D = 6, odd D and Dv, odd strides); everything here
-# either runs it at awkward sizes or checks the fallback. The backward (generic kernels) recomputes
-# probabilities from its lse, so the gradients check the lse too.
+# 4-byte copies for even D (MulT's D = 6), 2-byte loads otherwise (odd D and Dv, odd strides);
+# everything here either runs it at awkward sizes or checks the fallback. The backward
+# recomputes probabilities from the forward's lse, so the gradients check the lse too.
 TC_SHAPES = [  # B, H, Lq, Lk, D, Dv
     (2, 2, 1, 1, 16, 16),
     (3, 2, 17, 65, 64, 64),
@@ -978,8 +978,8 @@ def test_cuda_tensor_core_forward_varlen(dtype, causal, gen):
 
 
 # The tensor-core backward (csrc/attention/cross_attention_tc_backward.cu) takes the same
-# problems as the tensor-core forward (element-wise staging unless D, Dv are multiples of 8 and
-# the rows of q, k, v, out and grad_out are 16-byte aligned): key tiles of
+# problems as the tensor-core forward (the same row copies, chosen over q, k, v, out and
+# grad_out): key tiles of
 # 64, query tiles of 64 (32 at D = Dv = 128), so these sizes cover partial, single and multiple
 # tiles on both axes, empty key sets, causal offsets of both signs and the dS (mask) output.
 TC_BWD_SHAPES = [  # B, H, Lq, Lk, D, Dv
