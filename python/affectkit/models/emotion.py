@@ -57,6 +57,19 @@ class TextEmotionModel:
             return run_net(self.tuned, states, lexicon_features(texts), sparse)
         return run_head(self.head, self.features(texts, progress=progress), sparse)
 
+    def embed(self, texts, *, progress: bool = False) -> np.ndarray:
+        """(n, d) float32: the L2-normalised embedding this model classifies (from its fine-tuned
+        encoder when it has one, else the frozen encoder's). Other models reuse it as features."""
+        texts = clean_texts(texts)
+        if self.tuned is None:
+            return self.features.encoder.encode(texts, progress=progress)
+        from .finetune import frozen_states
+
+        states = frozen_states(self.tuned.encoder, texts, progress)
+        with torch.no_grad():
+            self.tuned.eval()
+            return torch.cat([self.tuned.embed(states[i:i + 256]) for i in range(0, len(states), 256)]).numpy()
+
     def predict_proba(self, texts, *, progress: bool = False) -> np.ndarray:
         """(n, 28) calibrated probabilities, columns in `.labels` order."""
         return expit(self.logits(texts, progress=progress) / self.temperature)

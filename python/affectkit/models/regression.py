@@ -26,7 +26,7 @@ class RegressionModel:
         # The head predicts standardised targets; these undo that.
         self.target_mean = tensors["target_mean"].double().numpy()
         self.target_std = tensors["target_std"].double().numpy()
-        self.features = features if features is not None else shared_features(config["encoder"])
+        self.features = features if features is not None else _features_for(config)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -62,3 +62,16 @@ class RegressionModel:
         tensors["target_std"] = torch.from_numpy(self.target_std.astype(np.float32))
         save_weights(path, tensors, self.config)
         return path
+
+
+def _features_for(config: dict):
+    """The feature extractor a saved model was trained on."""
+    kind = config.get("features", "shared")
+    if kind == "shared":
+        return shared_features(config["encoder"])
+    from .emotion_features import KIND, EmotionAugmentedFeatures
+
+    if kind != KIND:
+        raise ValueError(f"config: expected features 'shared' or {KIND!r}, got {kind!r}")
+    return EmotionAugmentedFeatures(shared_features(config["encoder"]).encoder, config["emotion_model"],
+                                    config.get("emotion_model_sha256"))

@@ -1,7 +1,7 @@
 """Training recipes for `text-emotion`, `vad` and `empathy` (what `affectkit train` runs).
 
-vad and empathy: frozen sentence embedding (cached) + NRC EmoLex features, standardised, into
-a small head (MLP or linear) trained with AdamW; the epoch with the best dev loss is kept.
+vad: frozen sentence embedding (cached) + NRC EmoLex features, standardised, into a small MLP
+head trained with AdamW; the epoch with the best dev loss is kept. empathy: empathy_training.py.
 text-emotion: the encoder's top layers fine-tuned together with such a head (finetune.py; the
 epoch with the best cross-fitted dev macro-F1 is kept), or with tuned_layers=0 the frozen recipe
 above plus hashed n-grams; then a temperature and per-label thresholds are fitted on dev.
@@ -34,7 +34,6 @@ HYPER = {
     "text-emotion-frozen": dict(tuned_layers=0, hidden=512, dropout=0.3, lr=1e-3, weight_decay=1e-2, epochs=25,
                                 batch=256, patience=3, ngram_features=2**17, sparse_lr=4e-3, sparse_weight_decay=0.0),
     "vad": dict(hidden=512, dropout=0.5, lr=1e-3, weight_decay=5e-2, epochs=80, batch=128, patience=8),
-    "empathy": dict(hidden=0, dropout=0.3, lr=1e-3, weight_decay=0.1, epochs=150, batch=64, patience=15),
 }
 
 
@@ -223,23 +222,20 @@ def cross_fitted_f1(probs, y, seed: int = 0, folds: int = 2) -> dict:
 
 
 def train_regression(kind: str, data, *, encoder: TextEncoder | None = None, seed: int = 0, progress: bool = False):
-    """`vad`: EmoBank train -> model, dev for early stopping and scores. `empathy`: the essays
-    (no dev split) with a fixed 20% of message ids held out for early stopping and scores."""
+    """`vad`: EmoBank train -> model, dev for early stopping and scores. `empathy`: the ridge
+    recipe of empathy_training.py."""
     from .regression import RegressionModel
 
+    if kind == "empathy":
+        from .empathy_training import train_empathy
+
+        return train_empathy(data, encoder=encoder, seed=seed, progress=progress)
     encoder = encoder or TextEncoder(DEFAULT_MODEL)
     if kind == "vad":
         from ..data import emobank
 
         train, dev = emobank.load(data, "train"), emobank.load(data, "dev")
         targets, scale = list(emobank.DIMENSIONS), (1.0, 5.0)
-    elif kind == "empathy":
-        from ..data import empathic_reactions
-
-        essays = empathic_reactions.load(data)
-        held = holdout_mask(essays["message_id"])
-        train, dev = essays[~held].reset_index(drop=True), essays[held].reset_index(drop=True)
-        targets, scale = list(empathic_reactions.TARGETS), (1.0, 7.0)
     else:
         raise ValueError(f"kind: expected 'vad' or 'empathy', got {kind!r}")
     x_tr, x_dev = _features(encoder, train["text"], progress), _features(encoder, dev["text"], progress)

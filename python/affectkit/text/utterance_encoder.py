@@ -11,7 +11,6 @@ and saved, so a fine-tuned encoder ships in a few MB and the base comes from its
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
