@@ -207,10 +207,9 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
         T* d = gp.data() + (k * N + i) * Fop;
         slope_times_grad(gs + i * Fo, ys + i * Fo, d, Fo, a.act);
         for (int64_t f = Fo; f < Fop; ++f) d[f] = T(0);
-        if (a.gb)
-          for (int64_t f = 0; f < Fo; ++f) gbacc[f] += d[f];
       }
     }
+    if (a.gb) add_column_sums<T, VB>(gp.data(), g * N, Fop, gbacc.data());
     if (m_route) {  // M = A^T gp, grad_x = M W^T, grad_W += x^T M: three products, not four
       for (int64_t k = 0; k < g; ++k) {
         const T* xk = a.x + (s + k) * N * F;

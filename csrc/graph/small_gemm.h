@@ -96,6 +96,27 @@ AK_INLINE void gemm(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, c
   gemm_strided<T, VB, Acc>(M, Nc, K, A, lda, 1, B, ldb, C, ldc);
 }
 
+// acc[c] += sum_r m[r, c] for a row-major (rows, cols) block, cols a multiple of the lanes.
+// The sums stay in registers across rows (two chains per column vector, to hide the add
+// latency); adding row by row into acc would chain every row through a store and a load.
+template <typename T, int VB>
+AK_INLINE void add_column_sums(const T* m, int64_t rows, int64_t cols, T* acc) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  for (int64_t c = 0; c < cols; c += L) {
+    V s0{}, s1{}, v0, v1;
+    int64_t r = 0;
+    for (; r + 1 < rows; r += 2) {
+      vload<T, VB>(v0, m + r * cols + c);
+      vload<T, VB>(v1, m + (r + 1) * cols + c);
+      s0 += v0, s1 += v1;
+    }
+    if (r < rows) vload<T, VB>(v0, m + r * cols + c), s0 += v0;
+    vload<T, VB>(v1, acc + c);
+    vstore<T, VB>(acc + c, v1 + (s0 + s1));
+  }
+}
+
 // dst[r, c] = src[r, c] for c < cols, zero for cols <= c < ld_dst (pads stay zero).
 template <typename T>
 AK_INLINE void copy_padded(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst,
