@@ -183,6 +183,31 @@ def test_graph_conv_gradients_match_reference(N, F, Fo, per_sample, adjacency_gr
         assert rel_error(gg, ww) <= 1e-12, name
 
 
+@pytest.mark.parametrize("N", [1, 7, 14, 16, 17, 32, 64, 65])
+@pytest.mark.parametrize("F, Fo", [(1, 1), (5, 32), (16, 17), (3, 40)])
+@pytest.mark.parametrize("B", [1, 3], ids=["shared", "per_sample"])
+def test_graph_conv_float32_grad_x_w_b_with_fixed_graph(N, F, Fo, B, gen):
+    # float32 with a fixed graph, N <= 64 and F <= 16: the transposed-tile grad_x route on
+    # AVX-512 machines (N = 65 takes the general one). Gradients are poisoned before the call.
+    import affectkit._C as C
+
+    S, act = 6, (N + F + Fo) % 6
+    x, A = rand(S, N, F, gen=gen, dtype=torch.float32), rand(B, N, N, gen=gen, dtype=torch.float32) / N**0.5
+    W, b = rand(F, Fo, gen=gen, dtype=torch.float32), rand(Fo, gen=gen, dtype=torch.float32)
+    out = torch.empty(S, N, Fo)
+    C.graph_conv_forward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(x), _c(A), _c(W), _c(b), _c(out),
+                         S, N, F, Fo, B, act)
+    g = rand(S, N, Fo, gen=gen, dtype=torch.float32)
+    gx, gw, gb = (torch.full(shape, float("nan")) for shape in [(S, N, F), (F, Fo), (Fo,)])
+    C.graph_conv_backward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(g), _c(out), _c(x), _c(A), _c(W),
+                          _c(gx), 0, _c(gw), _c(gb), S, N, F, Fo, B, act)
+    xr = x.reshape(B, S // B, N, F).double().requires_grad_()
+    Wd, bd = W.double().requires_grad_(), b.double().requires_grad_()
+    conv_ref(xr, A.double(), Wd, bd, ACTS[act]).backward(g.reshape(B, S // B, N, Fo).double())
+    for name, got, want in [("x", gx, xr.grad.reshape(S, N, F)), ("W", gw, Wd.grad), ("b", gb, bd.grad)]:
+        assert rel_error(got, want) <= 2e-5, name
+
+
 def test_graph_conv_gradient_only_where_needed(gen):
     x, A = rand(4, 14, 5, gen=gen, requires_grad=True), rand(14, 14, gen=gen)
     W = rand(5, 8, gen=gen)

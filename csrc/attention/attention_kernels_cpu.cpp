@@ -20,6 +20,7 @@
 #endif
 
 #include "../core/dispatch.h"
+#include "../core/transpose_avx512.h"
 #include "attention.h"
 #include "attention_common.h"
 
@@ -239,6 +240,7 @@ AFFECTKIT_INLINE T* row_ptr(const MutView& t, int64_t b, int64_t h, int64_t row)
 #define AFFECTKIT_AVX512_TRANSPOSE 1
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, for the unpack intrinsics' undefined operand
 // dst[f * ld + j] = rows[j][f] for f < F, j < ld (rows j >= n read as zeros): 16 x 16 blocks
 // transposed in registers. ld is a multiple of 16. Called only when the CPU has AVX-512F.
 __attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64_t sr, int64_t n,
@@ -251,28 +253,10 @@ __attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64
         for (int64_t f = 0; f < fw; ++f) _mm512_storeu_ps(dst + (f0 + f) * ld + j0, _mm512_setzero_ps());
         continue;
       }
-      __m512 r[16], t[16];
+      __m512 r[16];
       for (int i = 0; i < 16; ++i)
         r[i] = j0 + i < n ? _mm512_maskz_loadu_ps(fmask, src + (j0 + i) * sr + f0) : _mm512_setzero_ps();
-      for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-      }
-      for (int i = 0; i < 16; i += 8)
-        for (int c = 0; c < 4; ++c) {
-          t[i + c] = _mm512_shuffle_f32x4(r[i + c], r[i + c + 4], 0x88);
-          t[i + c + 4] = _mm512_shuffle_f32x4(r[i + c], r[i + c + 4], 0xdd);
-        }
-      for (int c = 0; c < 8; ++c) {
-        r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
-        r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
-      }
+      transpose16x16_avx512(r);
       for (int64_t f = 0; f < fw; ++f) _mm512_storeu_ps(dst + (f0 + f) * ld + j0, r[f]);
     }
   }

@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/dispatch.h"
+#include "../core/transpose_avx512.h"
 #include "graph.h"
 #include "pool_kernels.h"
 #include "small_gemm.h"
@@ -158,6 +160,67 @@ AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s
 }
 AK_GRAPH_MULTIVERSION(forward_range, ForwardArgs)
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AK_GRAPH_SMALL_GRAD_X 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, for the unpack intrinsics' undefined operand
+// grad_x of one sample for small graphs and few input features (N <= 64, F <= 16; float,
+// AVX-512): gx = A^T (gp W^T) on transposed tiles. The general route computes gp W^T with a
+// row's F outputs in the vector lanes (5 of 16 lanes busy at F = 5, each FMA behind a scalar
+// broadcast); here the lanes hold 16 nodes: gpT = gp^T (register transposes),
+// HT[f] = sum_o W[f, o] gpT[o], gxT[f] = sum_i HT[f][i] A[i, :], and a last transpose gives
+// gx's rows. gp: (N, ldg); w: (F, Fo); arows: (N, Np) with Np = N rounded up to 16, A's rows
+// zero past column N; scratch: (round_up(Fo, 16) + 16) * Np floats.
+template <int kF>
+__attribute__((target("avx512f"))) void small_grad_x_avx512(const float* gp, int64_t ldg, int64_t Fo,
+                                                            const float* w, const float* arows,
+                                                            int64_t N, float* gx, float* scratch) {
+  const int64_t Np = (N + 15) / 16 * 16;
+  float* gpT = scratch;                             // (Fo, Np)
+  float* ht_rows = scratch + (Fo + 15) / 16 * 16 * Np;  // (kF, Np)
+  for (int64_t n0 = 0; n0 < Np; n0 += 16) {
+    for (int64_t o0 = 0; o0 < Fo; o0 += 16) {
+      const int64_t ow = std::min<int64_t>(16, Fo - o0);
+      const __mmask16 omask = static_cast<__mmask16>((1u << ow) - 1u);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = n0 + i < N ? _mm512_maskz_loadu_ps(omask, gp + (n0 + i) * ldg + o0) : _mm512_setzero_ps();
+      transpose16x16_avx512(r);
+      for (int64_t c = 0; c < ow; ++c) _mm512_storeu_ps(gpT + (o0 + c) * Np + n0, r[c]);
+    }
+    __m512 ht[kF];
+    for (int f = 0; f < kF; ++f) ht[f] = _mm512_setzero_ps();
+    for (int64_t o = 0; o < Fo; ++o) {
+      const __m512 col = _mm512_loadu_ps(gpT + o * Np + n0);
+      for (int f = 0; f < kF; ++f) ht[f] = _mm512_fmadd_ps(_mm512_set1_ps(w[f * Fo + o]), col, ht[f]);
+    }
+    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(ht_rows + f * Np + n0, ht[f]);
+  }
+  constexpr __mmask16 fmask = static_cast<__mmask16>((1u << kF) - 1u);
+  for (int64_t j0 = 0; j0 < Np; j0 += 16) {
+    __m512 gxt[16];
+    for (int f = 0; f < 16; ++f) gxt[f] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < N; ++i) {
+      const __m512 a = _mm512_loadu_ps(arows + i * Np + j0);
+      for (int f = 0; f < kF; ++f) gxt[f] = _mm512_fmadd_ps(_mm512_set1_ps(ht_rows[f * Np + i]), a, gxt[f]);
+    }
+    transpose16x16_avx512(gxt);
+    for (int64_t j = 0; j < 16 && j0 + j < N; ++j) _mm512_mask_storeu_ps(gx + (j0 + j) * kF, fmask, gxt[j]);
+  }
+}
+
+template <int kF = 1>
+void small_grad_x(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const float* w,
+                  const float* arows, int64_t N, float* gx, float* scratch) {
+  if constexpr (kF < 16) {
+    if (F != kF) return small_grad_x<kF + 1>(F, gp, ldg, Fo, w, arows, N, gx, scratch);
+  }
+  small_grad_x_avx512<kF>(gp, ldg, Fo, w, arows, N, gx, scratch);
+}
+#pragma GCC diagnostic pop
+#endif
+
 template <typename T>
 struct BackwardArgs {
   const T* g;    // grad_out (S, N, Fo)
@@ -186,7 +249,15 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   const int64_t G = F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
   // With grad_x and grad_W both wanted (and not grad_A), M = A^T gp serves both: cheaper
   // unless the features are few enough that grouping makes the A products nearly free.
-  const bool m_route = has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
+  // Small graphs with few features take the transposed-tile grad_x on AVX-512 (float).
+  bool small_gx = false;
+#ifdef AK_GRAPH_SMALL_GRAD_X
+  if constexpr (VB == 64 && std::is_same_v<T, float>)
+    small_gx = has_w && a.gx && !a.gA && N <= 64 && F >= 1 && F <= 16;
+#endif
+  const int64_t Np16 = round_up(N, 16);
+  const bool m_route = !small_gx && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
+  std::vector<T> arows(small_gx ? N * Np16 : 0, T(0)), scratch(small_gx ? (Fop + 16) * Np16 : 0);
   std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
   std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
   std::vector<T> gAacc(a.gA ? N * Np : 0), gWacc(a.gW ? F * Fop : 0, T(0)), gbacc(Fop, T(0));
@@ -198,6 +269,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
     if (s == s0 || s % a.R == 0) {  // a new graph begins
       A = a.adj + grp * N * N;
       std::fill(gAacc.begin(), gAacc.end(), T(0));
+      if (small_gx) copy_padded(A, N, N, N, arows.data(), Np16);
     }
     // gp[k] = grad_out * act'(out), zero-padded to Fop columns.
     for (int64_t k = 0; k < g; ++k) {
@@ -222,8 +294,15 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
       }
       continue;  // no grad_A on this route (it needs H = gp W^T)
     }
+#ifdef AK_GRAPH_SMALL_GRAD_X
+    if constexpr (VB == 64 && std::is_same_v<T, float>)
+      if (small_gx)
+        for (int64_t k = 0; k < g; ++k)
+          small_grad_x(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.gx + (s + k) * N * F,
+                       scratch.data());
+#endif
     // Hcat[:, kF:(k+1)F] = gp[k] W^T: the gradient with respect to A x_{s+k}.
-    if (a.gx || a.gA) {
+    if (!small_gx && (a.gx || a.gA)) {
       const T* Hs = gp.data();  // the group's gp rows are stacked: one product for all
       int64_t ldh = Fop;
       if (has_w) {
@@ -236,7 +315,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
       for (int64_t i = 0; i < N; ++i)
         for (int64_t c = g * F; c < Fp; ++c) Hcat[i * Fp + c] = T(0);
     }
-    if (a.gx) {  // grad_x = A^T H for the whole group (A^T read in place)
+    if (a.gx && !small_gx) {  // grad_x = A^T H for the whole group (A^T read in place)
       gemm_strided<T, VB, false>(N, Fp, N, A, 1, N, Hcat.data(), Fp, gxcat.data(), Fp);
       for (int64_t k = 0; k < g; ++k) {
         T* dst = a.gx + (s + k) * N * F;
