@@ -99,6 +99,31 @@ def test_graph_conv_matches_reference(N, F, Fo, per_sample, dtype, gen):
     assert rel_error(got, conv_ref(x, A, W, b, act)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("N", [1, 13, 16, 17, 33, 64, 65])
+@pytest.mark.parametrize("F, Fo", [(1, 1), (5, 32), (16, 17), (3, 40), (9, 16)])
+@pytest.mark.parametrize("act", ACTS)
+def test_graph_conv_float32_small_features_every_activation(N, F, Fo, act, gen):
+    # float32 with W, N <= 64 and F <= 16 takes the transposed-tile forward on AVX-512
+    # machines (none, relu and leaky_relu with the epilogue fused; N = 65 and F > 16 take the
+    # general one). The output is poisoned before the call; every other case drops the bias
+    # or uses per-sample graphs.
+    import affectkit._C as C
+
+    S, B = 6, 1 if (N + Fo) % 2 else 3
+    x, A = rand(S, N, F, gen=gen, dtype=torch.float32), rand(B, N, N, gen=gen, dtype=torch.float32) / N**0.5
+    W = rand(F, Fo, gen=gen, dtype=torch.float32)
+    b = rand(Fo, gen=gen, dtype=torch.float32) if (N + F) % 2 else None
+    out = torch.full((S, N, Fo), float("nan"))
+    C.graph_conv_forward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(x), _c(A), _c(W), _c(b) if b is not None else 0,
+                         _c(out), S, N, F, Fo, B, ops.graph.ACTIVATIONS[act])
+    want = conv_ref(x.reshape(B, S // B, N, F), A, W, b, act).reshape(S, N, Fo)
+    assert rel_error(out, want) <= 2e-5
+    if N > 1 and B == 1:  # the fused level: pooling reads the outputs the fused epilogue wrote
+        assignment = random_assignment(N, 2, gen)
+        node, pooled = ops.graph_conv_pool(x, A[0], assignment, W, b, act, None, 2)
+        assert rel_error(node, want) <= 2e-5 and rel_error(pooled, pool_ref(want, assignment, None, 2)) <= 2e-5
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("F", [1, 5, 16, 17])
 def test_graph_conv_without_weight_or_bias(act, F, gen):
