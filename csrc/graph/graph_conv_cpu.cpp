@@ -152,6 +152,38 @@ void small_grad_x(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const flo
   }
   small_grad_x_avx512<kF>(gp, ldg, Fo, w, arows, N, gx, scratch);
 }
+// grad_W of one sample for the same shapes: gw_acc (kF, Fop) += Z^T gp with Z = A x, Z's
+// columns computed 16 nodes per vector (as in the forward) and each gp row vector scaled by
+// broadcasts of Z. x: (N, kF); at_rows: (N, Np), row j = A[:, j]; gp: (N, Fop);
+// scratch: 16 * Np floats.
+template <int kF>
+__attribute__((target("avx512f"))) void small_grad_w_avx512(const float* x, const float* at_rows,
+                                                            const float* gp, int64_t Fop, int64_t N,
+                                                            float* gw_acc, float* scratch) {
+  const int64_t Np = (N + 15) / 16 * 16;
+  __m512 acc[kF];
+  for (int64_t n0 = 0; n0 < Np; n0 += 16) {
+    combine_rows_avx512<kF>(N, at_rows + n0, Np, x, kF, 1, acc);
+    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(scratch + f * Np + n0, acc[f]);
+  }
+  for (int64_t o0 = 0; o0 < Fop; o0 += 16) {
+    combine_rows_avx512<kF>(N, gp + o0, Fop, scratch, 1, Np, acc);
+    for (int f = 0; f < kF; ++f) {
+      float* dst = gw_acc + f * Fop + o0;
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[f]));
+    }
+  }
+}
+
+template <int kF = 1>
+void small_grad_w(int64_t F, const float* x, const float* at_rows, const float* gp, int64_t Fop,
+                  int64_t N, float* gw_acc, float* scratch) {
+  if constexpr (kF < 16) {
+    if (F != kF) return small_grad_w<kF + 1>(F, x, at_rows, gp, Fop, N, gw_acc, scratch);
+  }
+  small_grad_w_avx512<kF>(x, at_rows, gp, Fop, N, gw_acc, scratch);
+}
+
 // The small forward's epilogue when it is piecewise linear (none, ReLU, leaky ReLU): out =
 // act(y + bias) written straight from registers, negative values scaled by negative_slope.
 struct Fused {
@@ -350,7 +382,9 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
 #endif
   const int64_t Np16 = round_up(N, 16);
   const bool m_route = !small_gx && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
+  const bool small_gw = small_gx && a.gW;
   std::vector<T> arows(small_gx ? N * Np16 : 0, T(0)), scratch(small_gx ? (Fop + 16) * Np16 : 0);
+  std::vector<T> at_rows(small_gw ? N * Np16 : 0), scratch_w(small_gw ? 16 * Np16 : 0);
   std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
   std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
   std::vector<T> gAacc(a.gA ? N * Np : 0), gWacc(a.gW ? F * Fop : 0, T(0)), gbacc(Fop, T(0));
@@ -363,6 +397,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
       A = a.adj + grp * N * N;
       std::fill(gAacc.begin(), gAacc.end(), T(0));
       if (small_gx) copy_padded(A, N, N, N, arows.data(), Np16);
+      if (small_gw) transpose_padded(A, N, N, N, at_rows.data(), Np16);
     }
     // gp[k] = grad_out * act'(out), zero-padded to Fop columns.
     for (int64_t k = 0; k < g; ++k) {
@@ -390,9 +425,13 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
 #ifdef AK_GRAPH_AVX512_TILES
     if constexpr (VB == 64 && std::is_same_v<T, float>)
       if (small_gx)
-        for (int64_t k = 0; k < g; ++k)
+        for (int64_t k = 0; k < g; ++k) {
           small_grad_x(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.gx + (s + k) * N * F,
                        scratch.data());
+          if (small_gw)
+            small_grad_w(F, a.x + (s + k) * N * F, at_rows.data(), gp.data() + k * N * Fop, Fop, N,
+                         gWacc.data(), scratch_w.data());
+        }
 #endif
     // Hcat[:, kF:(k+1)F] = gp[k] W^T: the gradient with respect to A x_{s+k}.
     if (!small_gx && (a.gx || a.gA)) {
@@ -421,7 +460,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
         transpose_padded(a.x + (s + k) * N * F, N, F, F, xT.data(), Np);
         gemm<T, VB, true>(N, Np, F, Hcat.data() + k * F, Fp, xT.data(), Np, gAacc.data(), Np);
       }
-    if (a.gW) {
+    if (a.gW && !small_gw) {
       if (w_route1) {  // Z = A x for the group, then grad_W += Z_k^T gp_k (Z^T read in place)
         const T* xg = a.x + s * N * F;
         for (int64_t i = 0; i < N; ++i) {
