@@ -156,6 +156,28 @@ def test_graph_conv_empty_batch_and_zero_features(gen):
     assert ops.graph_conv(x0, A.detach()).shape == (4, 14, 0)
 
 
+@pytest.mark.parametrize("F, Fo", [(5, 0), (0, 6)])
+@pytest.mark.parametrize("pool", [False, True])
+def test_graph_conv_weight_without_elements(F, Fo, pool, gen):
+    # A (5, 0) or (0, 6) weight is a real weight: zero outputs, or outputs that are act(bias).
+    x, A = rand(4, 3, F, gen=gen, requires_grad=True), rand(3, 3, gen=gen)
+    W, b = rand(F, Fo, gen=gen, requires_grad=True), rand(Fo, gen=gen, requires_grad=True)
+    assignment = torch.tensor([0, 1, 0])
+    if pool:
+        y, pooled = ops.graph_conv_pool(x, A, assignment, W, b, "elu", None, 2)
+    else:
+        y = ops.graph_conv(x, A, W, b, "elu")
+    want = conv_ref(x, A, W, b, "elu")
+    assert y.shape == (4, 3, Fo) and rel_error(y, want) <= 1e-12
+    if pool:
+        assert rel_error(pooled, pool_ref(want, assignment, None, 2)) <= 1e-12
+    g = rand(4, 3, Fo, gen=gen)
+    got = torch.autograd.grad(y, (x, W, b), g, allow_unused=True)
+    ref = torch.autograd.grad(want, (x, W, b), g, allow_unused=True)
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and (a.numel() == 0 or rel_error(a, r) <= 1e-12)
+
+
 def _c(t):
     from affectkit.ops._bridge import ptr
 

@@ -304,6 +304,23 @@ def _activation_slope(y: torch.Tensor, activation: int) -> torch.Tensor:
     return torch.ones_like(y)
 
 
+_ACTIVATION_FNS = {0: lambda y: y, 1: torch.relu, 2: torch.nn.functional.elu,
+                   3: lambda y: torch.nn.functional.leaky_relu(y, 0.01), 4: torch.tanh, 5: torch.sigmoid}
+
+
+def _empty_weight(weight: Optional[torch.Tensor]) -> bool:
+    """A weight with no elements ((F, 0) or (0, F_out)): the core reads a null pointer as "no
+    weight", so these go through PyTorch (there is nothing to compute but the bias)."""
+    return weight is not None and weight.numel() == 0
+
+
+def _conv_forward_torch(x, adjacency, weight, bias, activation):
+    S, N, F = x.shape
+    B = adjacency.shape[0]
+    y = (adjacency.unsqueeze(1) @ x.reshape(B, S // B, N, F)).reshape(S, N, F) @ weight
+    return _ACTIVATION_FNS[activation](y if bias is None else y + bias)
+
+
 def _conv_backward_torch(grad_out, out, x, adjacency, weight, activation, need_x, need_adjacency, need_weight,
                          need_bias):
     acc = _acc_dtype(x)
@@ -316,7 +333,7 @@ def _conv_backward_torch(grad_out, out, x, adjacency, weight, activation, need_x
     H = g if weight is None else g @ weight.to(acc).T  # gradient with respect to A x
     gx = (A.transpose(1, 2).unsqueeze(1) @ H).reshape(S, N, F).to(x.dtype) if need_x else _empty(x)
     ga = (H @ X.transpose(2, 3)).sum(1).to(adjacency.dtype) if need_adjacency else _empty(x)
-    gw = ((A.unsqueeze(1) @ X).reshape(-1, F).T @ g.reshape(-1, Fo)).to(weight.dtype) if need_weight else _empty(x)
+    gw = ((A.unsqueeze(1) @ X).reshape(S * N, F).T @ g.reshape(S * N, Fo)).to(weight.dtype) if need_weight else _empty(x)
     gb = g.sum((0, 1, 2)).to(x.dtype) if need_bias else _empty(x)
     return gx, ga, gw, gb
 
@@ -356,6 +373,8 @@ def _graph_conv(
     x: torch.Tensor, adjacency: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], activation: int
 ) -> torch.Tensor:
     x, adjacency, weight, bias = x.contiguous(), adjacency.contiguous(), _contig(weight), _contig(bias)
+    if _empty_weight(weight):
+        return _conv_forward_torch(x, adjacency, weight, bias, activation)
     S, N, F = x.shape
     Fo = F if weight is None else weight.shape[1]
     out = x.new_empty((S, N, Fo))
@@ -385,7 +404,7 @@ def _graph_conv_backward(
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.is_cuda:
+    if x.is_cuda or _empty_weight(weight):
         return _conv_backward_torch(grad_out, out, x, adjacency, weight, activation,
                                     need_x, need_adjacency, need_weight, need_bias)
     grad_out, out, x, adjacency, weight = (
@@ -537,6 +556,9 @@ def _graph_conv_pool(
     S, N, F = x.shape
     Fo = F if weight is None else weight.shape[1]
     assignment = _prepare_assignment(assignment, num_parents)
+    if _empty_weight(weight):
+        node = _conv_forward_torch(x, adjacency, weight, bias, activation)
+        return node, _hierarchical_pool.plain(node, assignment, scores, num_parents)
     node = x.new_empty((S, N, Fo))
     pooled = x.new_empty((S, num_parents, Fo))
     _C.graph_conv_pool_forward(
