@@ -106,17 +106,21 @@ __attribute__((target("avx512f"), always_inline)) inline void combine_rows_avx51
   }
 }
 
-// grad_x of one sample for small graphs and few input features (N <= 64, F <= 16; float,
-// AVX-512): gx = A^T (gp W^T) on transposed tiles. The general route computes gp W^T with a
-// row's F outputs in the vector lanes (5 of 16 lanes busy at F = 5, each FMA behind a scalar
-// broadcast); here the lanes hold 16 nodes: gpT = gp^T (register transposes),
-// HT[f] = sum_o W[f, o] gpT[o], gxT[f] = sum_i HT[f][i] A[i, :], and a last transpose gives
-// gx's rows. gp: (N, ldg); w: (F, Fo); arows: (N, Np) with Np = N rounded up to 16, A's rows
-// zero past column N; scratch: (round_up(Fo, 16) + 16) * Np floats.
+// grad_x and grad_A of one sample for small graphs and few input features (N <= 64, F <= 16;
+// float, AVX-512), on transposed tiles. The general route computes H = gp W^T with a row's F
+// outputs in the vector lanes (5 of 16 lanes busy at F = 5, each FMA behind a scalar
+// broadcast); here the lanes hold 16 nodes: gpT = gp^T (register transposes) and
+// HT[f] = sum_o W[f, o] gpT[o]. Then, when asked for:
+//   grad_x = A^T H:  gxT[f] = sum_i HT[f][i] A[i, :], transposed back into gx's rows;
+//   grad_A += H x^T: row i of ga_acc += sum_f HT[f][i] x[:, f] (x's columns by transposes).
+// gp: (N, ldg); w: (F, Fo); arows: (N, Np), Np = N rounded up to 16, A's rows zero past
+// column N; x: (N, kF); gx: (N, kF) or null; ga_acc: (N, Np) or null; scratch:
+// (round_up(Fo, 16) + 16) * Np floats.
 template <int kF>
-__attribute__((target("avx512f"))) void small_grad_x_avx512(const float* gp, int64_t ldg, int64_t Fo,
-                                                            const float* w, const float* arows,
-                                                            int64_t N, float* gx, float* scratch) {
+__attribute__((target("avx512f"))) void small_grad_xa_avx512(const float* gp, int64_t ldg, int64_t Fo,
+                                                             const float* w, const float* arows,
+                                                             int64_t N, const float* x, float* gx,
+                                                             float* ga_acc, float* scratch) {
   const int64_t Np = (N + 15) / 16 * 16;
   float* gpT = scratch;                             // (Fo, Np)
   float* ht_rows = scratch + (Fo + 15) / 16 * 16 * Np;  // (kF, Np)
@@ -136,22 +140,35 @@ __attribute__((target("avx512f"))) void small_grad_x_avx512(const float* gp, int
   }
   constexpr __mmask16 fmask = static_cast<__mmask16>((1u << kF) - 1u);
   for (int64_t j0 = 0; j0 < Np; j0 += 16) {
-    __m512 gxt[16];
-    for (int f = kF; f < 16; ++f) gxt[f] = _mm512_setzero_ps();
-    combine_rows_avx512<kF>(N, arows + j0, Np, ht_rows, 1, Np, gxt);
-    transpose16x16_avx512(gxt);
-    for (int64_t j = 0; j < 16 && j0 + j < N; ++j) _mm512_mask_storeu_ps(gx + (j0 + j) * kF, fmask, gxt[j]);
+    __m512 t[16];
+    if (gx) {
+      for (int f = kF; f < 16; ++f) t[f] = _mm512_setzero_ps();
+      combine_rows_avx512<kF>(N, arows + j0, Np, ht_rows, 1, Np, t);
+      transpose16x16_avx512(t);
+      for (int64_t j = 0; j < 16 && j0 + j < N; ++j) _mm512_mask_storeu_ps(gx + (j0 + j) * kF, fmask, t[j]);
+    }
+    if (ga_acc) {
+      for (int j = 0; j < 16; ++j)
+        t[j] = j0 + j < N ? _mm512_maskz_loadu_ps(fmask, x + (j0 + j) * kF) : _mm512_setzero_ps();
+      transpose16x16_avx512(t);  // t[f] = x[j0:j0+16, f]
+      for (int64_t i = 0; i < N; ++i) {
+        __m512 acc = _mm512_loadu_ps(ga_acc + i * Np + j0);
+        for (int f = 0; f < kF; ++f) acc = _mm512_fmadd_ps(_mm512_set1_ps(ht_rows[f * Np + i]), t[f], acc);
+        _mm512_storeu_ps(ga_acc + i * Np + j0, acc);
+      }
+    }
   }
 }
 
 template <int kF = 1>
-void small_grad_x(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const float* w,
-                  const float* arows, int64_t N, float* gx, float* scratch) {
+void small_grad_xa(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const float* w,
+                   const float* arows, int64_t N, const float* x, float* gx, float* ga_acc, float* scratch) {
   if constexpr (kF < 16) {
-    if (F != kF) return small_grad_x<kF + 1>(F, gp, ldg, Fo, w, arows, N, gx, scratch);
+    if (F != kF) return small_grad_xa<kF + 1>(F, gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
   }
-  small_grad_x_avx512<kF>(gp, ldg, Fo, w, arows, N, gx, scratch);
+  small_grad_xa_avx512<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
 }
+
 // grad_W of one sample for the same shapes: gw_acc (kF, Fop) += Z^T gp with Z = A x, Z's
 // columns computed 16 nodes per vector (as in the forward) and each gp row vector scaled by
 // broadcasts of Z. x: (N, kF); at_rows: (N, Np), row j = A[:, j]; gp: (N, Fop);
@@ -375,14 +392,14 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   // With grad_x and grad_W both wanted (and not grad_A), M = A^T gp serves both: cheaper
   // unless the features are few enough that grouping makes the A products nearly free.
   // Small graphs with few features take the transposed-tile grad_x on AVX-512 (float).
-  bool small_gx = false;
+  bool small = false;
 #ifdef AK_GRAPH_AVX512_TILES
-  if constexpr (VB == 64 && std::is_same_v<T, float>)
-    small_gx = has_w && a.gx && !a.gA && N <= 64 && F >= 1 && F <= 16;
+  if constexpr (VB == 64 && std::is_same_v<T, float>) small = has_w && N <= 64 && F >= 1 && F <= 16;
 #endif
+  const bool small_gx = small && (a.gx || a.gA);  // grad_x and grad_A on tiles
   const int64_t Np16 = round_up(N, 16);
-  const bool m_route = !small_gx && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
-  const bool small_gw = small_gx && a.gW;
+  const bool m_route = !small && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
+  const bool small_gw = small && a.gW;
   std::vector<T> arows(small_gx ? N * Np16 : 0, T(0)), scratch(small_gx ? (Fop + 16) * Np16 : 0);
   std::vector<T> at_rows(small_gw ? N * Np16 : 0), scratch_w(small_gw ? 16 * Np16 : 0);
   std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
@@ -424,10 +441,12 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
     }
 #ifdef AK_GRAPH_AVX512_TILES
     if constexpr (VB == 64 && std::is_same_v<T, float>)
-      if (small_gx)
+      if (small)
         for (int64_t k = 0; k < g; ++k) {
-          small_grad_x(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.gx + (s + k) * N * F,
-                       scratch.data());
+          if (small_gx)
+            small_grad_xa(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.x + (s + k) * N * F,
+                          a.gx ? a.gx + (s + k) * N * F : nullptr, a.gA ? gAacc.data() : nullptr,
+                          scratch.data());
           if (small_gw)
             small_grad_w(F, a.x + (s + k) * N * F, at_rows.data(), gp.data() + k * N * Fop, Fop, N,
                          gWacc.data(), scratch_w.data());
@@ -455,7 +474,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
           for (int64_t f = 0; f < F; ++f) dst[i * F + f] = gxcat[i * Fp + k * F + f];
       }
     }
-    if (a.gA)  // grad_A += H_k x_k^T
+    if (a.gA && !small_gx)  // grad_A += H_k x_k^T
       for (int64_t k = 0; k < g; ++k) {
         transpose_padded(a.x + (s + k) * N * F, N, F, F, xT.data(), Np);
         gemm<T, VB, true>(N, Np, F, Hcat.data() + k * F, Fp, xT.data(), Np, gAacc.data(), Np);
