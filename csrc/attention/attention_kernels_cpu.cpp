@@ -353,7 +353,12 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
     for (int64_t j = 0; j < nk; ++j) {
       T* row = st + j * kBQ;
       const int64_t first = p.causal ? j0 + j - sq.offset - i0 : std::numeric_limits<int64_t>::min();
-      for (int64_t c = 0; c < npad; ++c) row[c] = c >= first && c < mv ? row[c] * pr.scale : neg_inf<T>();
+      // Lanes [lo, mv) are visible. Three plain loops: the one-line form with two 64-bit
+      // compares per lane stayed scalar and cost about as much as the exp.
+      const int64_t lo = clamp64(first, 0, mv);
+      for (int64_t c = 0; c < lo; ++c) row[c] = neg_inf<T>();
+      for (int64_t c = lo; c < mv; ++c) row[c] *= pr.scale;
+      for (int64_t c = mv; c < npad; ++c) row[c] = neg_inf<T>();
       if (mask.data != nullptr) {
         for (int64_t c = 0; c < mv; ++c) {
           const void* mr = mask_row(mask, b, h, i0 + c);
@@ -572,8 +577,11 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
         T* srow = st + j * kBQ;
         T* drow = dpt + j * kBQ;
         const int64_t jabs = j0 + j;
-        const int64_t lo = p.causal ? jabs - sq.offset - i0 : std::numeric_limits<int64_t>::min();
-        for (int64_t c = 0; c < mpad; ++c) srow[c] = c >= lo && c < mq ? srow[c] * pr.scale : neg_inf<T>();
+        // Lanes [lo, mq) are visible; three plain loops vectorise (see forward_task).
+        const int64_t lo = p.causal ? clamp64(jabs - sq.offset - i0, 0, mq) : 0;
+        for (int64_t c = 0; c < lo; ++c) srow[c] = neg_inf<T>();
+        for (int64_t c = lo; c < mq; ++c) srow[c] *= pr.scale;
+        for (int64_t c = mq; c < mpad; ++c) srow[c] = neg_inf<T>();
         if (mask.data != nullptr) {
           for (int64_t c = 0; c < mq; ++c) {
             const void* mr = mask_row(mask, b, h, i0 + c);
