@@ -80,6 +80,10 @@ void graph_conv_pool_forward(Device device, DType dtype, const void* x, const vo
                              int64_t N, int64_t F, int64_t Fo, int64_t B, int64_t P,
                              int32_t activation, uintptr_t stream = 0);
 
+// The instruction set the CPU graph kernels run with: 2 AVX-512, 1 AVX2+FMA, 0 baseline
+// (the environment variable AFFECTKIT_GRAPH_SIMD_LEVEL can cap it, for testing).
+int simd_level_in_use();
+
 namespace detail {
 // Shape checks shared by the CPU and CUDA entry points.
 void check_assignment_values(const int64_t* assignment, int64_t N, int64_t P);

@@ -1,4 +1,6 @@
 // Pieces shared by the graph kernels: activation codes, assignment checks, SIMD level.
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -35,11 +37,17 @@ int simd_level() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   static const int level = [] {
     __builtin_cpu_init();
+    int found = 0;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq"))
-      return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-    return 0;
+      found = 2;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      found = 1;
+    // AFFECTKIT_GRAPH_SIMD_LEVEL=0 or 1 caps the level, so that the tests exercise the AVX2
+    // and baseline kernels on an AVX-512 machine; it never raises it.
+    if (const char* cap = std::getenv("AFFECTKIT_GRAPH_SIMD_LEVEL"))
+      if (cap[0] >= '0' && cap[0] <= '2' && cap[1] == '\0') found = std::min(found, cap[0] - '0');
+    return found;
   }();
   return level;
 #else
@@ -48,4 +56,7 @@ int simd_level() {
 }
 
 }  // namespace detail
+
+int simd_level_in_use() { return detail::simd_level(); }
+
 }  // namespace affectkit::graph
