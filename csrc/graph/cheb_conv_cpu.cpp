@@ -101,9 +101,7 @@ AK_INLINE void cheb_backward_range_impl(const ChebArgs<T>& a, int64_t s0, int64_
           transpose_padded(Xk, N, F, Fp, XT.data(), N);  // (F, N)
           gemm<T, VB, true>(F, Fop, N, XT.data(), N, gp.data(), Fop, gC.data() + k * F * Fop, Fop);
         } else {
-          T dot = 0;
-          for (int64_t i = 0; i < step; ++i) dot += Xk[i] * gp[i];
-          gC[k] += dot;
+          gC[k] += dot_lanes<T, VB>(Xk, gp.data(), step);  // Fp == Fop here (Fo == F)
         }
       }
     }

@@ -96,6 +96,26 @@ AK_INLINE void gemm(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, c
   gemm_strided<T, VB, Acc>(M, Nc, K, A, lda, 1, B, ldb, C, ldc);
 }
 
+// sum_i a[i] b[i] for n a multiple of the lanes, in vector partial sums (a plain scalar loop
+// is a strictly ordered float reduction, which the compiler may not reorder or vectorise).
+template <typename T, int VB>
+AK_INLINE T dot_lanes(const T* a, const T* b, int64_t n) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  V s0{}, s1{}, x0, y0, x1, y1;
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    vload<T, VB>(x0, a + i), vload<T, VB>(y0, b + i);
+    vload<T, VB>(x1, a + i + L), vload<T, VB>(y1, b + i + L);
+    s0 += x0 * y0, s1 += x1 * y1;
+  }
+  if (i < n) vload<T, VB>(x0, a + i), vload<T, VB>(y0, b + i), s0 += x0 * y0;
+  s0 += s1;
+  T sum = 0;
+  for (int64_t c = 0; c < L; ++c) sum += s0[c];
+  return sum;
+}
+
 // acc[c] += sum_r m[r, c] for a row-major (rows, cols) block, cols a multiple of the lanes.
 // The sums stay in registers across rows (two chains per column vector, to hide the add
 // latency); adding row by row into acc would chain every row through a store and a load.
