@@ -41,6 +41,18 @@ def test_text_emotion_api(emotion):
     assert 0.05 < emotion.temperature < 20 and emotion.thresholds.shape == (28,)
 
 
+def test_long_inputs_run_in_chunks(emotion, monkeypatch):
+    # The tuned encoder keeps one chunk of token states in memory at a time; chunking must
+    # not change what comes out (texts of different lengths cross chunk boundaries).
+    texts = TEXTS * 3 + ["ok", "A much longer text that goes on and on about the weather and lunch."]
+    whole_logits, whole_embed = emotion.logits(texts), emotion.embed(texts)
+    monkeypatch.setattr(emotion, "CHUNK", 2)
+    np.testing.assert_allclose(emotion.logits(texts), whole_logits, atol=1e-4)
+    np.testing.assert_allclose(emotion.embed(texts), whole_embed, atol=1e-5)
+    assert whole_embed.shape == (len(texts), 384)
+    np.testing.assert_allclose(np.linalg.norm(whole_embed, axis=1), 1.0, rtol=1e-5)
+
+
 def test_single_string_is_one_text(emotion):
     assert emotion.predict_proba("I am scared of the dark").shape == (1, 28)
 

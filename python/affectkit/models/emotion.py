@@ -51,11 +51,29 @@ class TextEmotionModel:
         n_hash = self.config.get("ngram_features", 0)
         sparse = hashed_ngrams(texts, n_hash) if n_hash else None
         if self.tuned is not None:
-            from .finetune import frozen_states, run_net
+            from .finetune import run_net
 
-            states = frozen_states(self.tuned.encoder, texts, progress)
-            return run_net(self.tuned, states, lexicon_features(texts), sparse)
+            return np.concatenate([
+                run_net(self.tuned, states, lexicon_features(texts[i:i + len(states)]),
+                        sparse[i:i + len(states)] if sparse is not None else None)
+                for i, states in self._frozen_chunks(texts, progress)])
         return run_head(self.head, self.features(texts, progress=progress), sparse)
+
+    # Texts per chunk of frozen token states: a chunk's states (tokens x 384 floats per text)
+    # stay in memory only while that chunk runs, so long inputs do not hold them all at once.
+    CHUNK = 2048
+
+    def _frozen_chunks(self, texts: list[str], progress: bool):
+        """(offset, token states after the frozen layers) for consecutive chunks of texts."""
+        from rich.progress import Progress
+
+        from .finetune import frozen_states
+
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("encoding", total=len(texts))
+            for i in range(0, len(texts), self.CHUNK):
+                yield i, frozen_states(self.tuned.encoder, texts[i:i + self.CHUNK])
+                bar.advance(task, min(self.CHUNK, len(texts) - i))
 
     def embed(self, texts, *, progress: bool = False) -> np.ndarray:
         """(n, d) float32: the L2-normalised embedding this model classifies (from its fine-tuned
@@ -63,12 +81,12 @@ class TextEmotionModel:
         texts = clean_texts(texts)
         if self.tuned is None:
             return self.features.encoder.encode(texts, progress=progress)
-        from .finetune import frozen_states
-
-        states = frozen_states(self.tuned.encoder, texts, progress)
+        self.tuned.eval()
+        out = []
         with torch.no_grad():
-            self.tuned.eval()
-            return torch.cat([self.tuned.embed(states[i:i + 256]) for i in range(0, len(states), 256)]).numpy()
+            for _, states in self._frozen_chunks(texts, progress):
+                out += [self.tuned.embed(states[j:j + 256]) for j in range(0, len(states), 256)]
+        return torch.cat(out).numpy()
 
     def predict_proba(self, texts, *, progress: bool = False) -> np.ndarray:
         """(n, 28) calibrated probabilities, columns in `.labels` order."""
