@@ -45,7 +45,10 @@
 // Floor at the benchmark shape: max(0.77 TFLOP / ~600 TFLOP/s (mma.sync-class issue on H100),
 // 6 GB of L2 reads / ~7 TB/s) ~ 1 ms; WMMA through shared memory with 8 warps per SM and an
 // unoverlapped epilogue should land at ~2-3x that.
-// AFFECTKIT_KNN_TENSOR_CORES=0 (read once) disables this path.
+// AFFECTKIT_KNN_TENSOR_CORES=0 (read once) disables this path. Where its shared memory fits,
+// the mma.sync kernel of exact_knn_mma.cu (register epilogue, 128 x 256 tiles) replaces the
+// WMMA kernel below; AFFECTKIT_KNN_MMA=0 (read once) keeps WMMA. Planning and the compaction
+// of a shared filter here serve both.
 
 // CUB's NVTX ranges would pull NVTX's dlopen-based injection into this object; not wanted.
 #ifndef CCCL_DISABLE_NVTX
@@ -69,6 +72,7 @@ namespace affectkit::knn::detail {
 namespace {
 
 using namespace nvcuda;
+using namespace mma_common;
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kWarps = kThreads / 32;
@@ -97,61 +101,6 @@ struct Layout {
     total = off;
   }
 };
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: zero-fill, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ bool better(float da, int ia, float db, int ib) {
-  return da < db || (da == db && ia < ib);
-}
-
-// Warp-cooperative insertion of (cd, cr) into a sorted list of at most k entries (all lanes
-// call it with the same arguments). Keeps the k best by (distance, id); updates the threshold.
-__device__ void insert(float* ld, int* lr, int* cnt_p, float* thr_p, int k, float cd, int cr) {
-  const unsigned full = 0xffffffffu;
-  const int lane = threadIdx.x & 31;
-  const int cnt = *cnt_p;
-  if (cnt == k && !better(cd, cr, ld[k - 1], lr[k - 1])) return;  // warp-uniform
-  int pos = 0;
-  for (int j = lane; j < cnt; j += 32) pos += better(ld[j], lr[j], cd, cr) ? 1 : 0;
-  for (int off = 16; off > 0; off >>= 1) pos += __shfl_xor_sync(full, pos, off);
-  const int last = min(cnt, k - 1);  // elements [pos, last) move one place right
-  for (int base = last - 1; base >= pos; base -= 32) {
-    const int j = base - lane;
-    float vd = 0.f;
-    int vr = 0;
-    if (j >= pos) {
-      vd = ld[j];
-      vr = lr[j];
-    }
-    __syncwarp();
-    if (j >= pos) {
-      ld[j + 1] = vd;
-      lr[j + 1] = vr;
-    }
-    __syncwarp();
-  }
-  const int ncnt = min(cnt + 1, k);
-  if (lane == 0) {
-    ld[pos] = cd;
-    lr[pos] = cr;
-    *cnt_p = ncnt;
-  }
-  __syncwarp();
-  if (lane == 0) *thr_p = ncnt == k ? ld[k - 1] : INFINITY;
-  __syncwarp();
-}
 
 // grid: (ceil(nq / BQ), nchunks); block: 256 threads; dynamic shared memory: Layout(BQ, d, k).
 // rows == nullptr: the row space is [0, n), split into chunks of chunk_rows.
@@ -441,6 +390,15 @@ TcPlan plan_exact_tc(const void* queries, int64_t nq, const void* database, int6
     cudaGetLastError();
     return plan;
   }
+  plan.mma = plan_exact_mma(nq, n, d, static_cast<int>(k), device, optin, sms);
+  if (plan.mma.ok) {
+    plan.ok = true;
+    plan.bq = 128;
+    plan.nchunks = plan.mma.nchunks;
+    plan.chunk_rows = plan.mma.chunk_rows;
+    plan.smem = plan.mma.smem;
+    return plan;
+  }
   int bq = nq >= 96 ? 128 : nq >= 48 ? 64 : 32;
   while (bq >= 32 && Layout(bq, d, static_cast<int>(k)).total > static_cast<size_t>(optin))
     bq /= 2;
@@ -502,16 +460,21 @@ void launch_exact_tc(const TcPlan& plan, const __half* queries, int64_t nq, cons
                                             rows, count, n, stream),
                  "exact_knn filter compaction");
     }
-    const uint8_t* kmask = compact ? nullptr : mask;  // compacted rows all pass the filter
+    if (plan.mma.ok) {
+      launch_exact_mma(plan.mma, queries, nq, database, n, d, metric, k, mask, mask_per_query, rows,
+                       count, part_d, part_i, part_n, stream);
+    } else {
+      const uint8_t* kmask = compact ? nullptr : mask;  // compacted rows all pass the filter
 #define AFFECTKIT_TC_LAUNCH(BQ)                                                                 \
   tc_topk_kernel<BQ><<<grid, kThreads, plan.smem, stream>>>(                                   \
       queries, database, kmask, mask_per_query, rows, count, nq, n, d, metric, k, plan.chunk_rows, \
       part_d, part_i, part_n)
-    if (plan.bq == 128) AFFECTKIT_TC_LAUNCH(128);
-    else if (plan.bq == 64) AFFECTKIT_TC_LAUNCH(64);
-    else AFFECTKIT_TC_LAUNCH(32);
+      if (plan.bq == 128) AFFECTKIT_TC_LAUNCH(128);
+      else if (plan.bq == 64) AFFECTKIT_TC_LAUNCH(64);
+      else AFFECTKIT_TC_LAUNCH(32);
 #undef AFFECTKIT_TC_LAUNCH
-    cuda_check(cudaGetLastError(), "exact_knn tensor-core kernel launch");
+      cuda_check(cudaGetLastError(), "exact_knn tensor-core kernel launch");
+    }
   } catch (...) {
     if (ws) cudaFreeAsync(ws, stream);
     throw;

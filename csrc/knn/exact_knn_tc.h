@@ -1,4 +1,4 @@
-// Internal: the tensor-core (float16 WMMA) path of the CUDA exact filtered k-NN.
+// Internal: the tensor-core (float16 WMMA or mma.sync) path of the CUDA exact filtered k-NN.
 // exact_knn.cu asks for a plan; when plan.ok it launches this kernel instead of the scalar
 // fused kernel, with the same per-chunk output layout, and merges with its merge kernel.
 #pragma once
@@ -9,14 +9,17 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "exact_knn_mma.h"
+
 namespace affectkit::knn::detail {
 
 struct TcPlan {
   bool ok = false;         // false: use the scalar kernel
   int bq = 0;              // queries per block (32, 64 or 128)
   int64_t nchunks = 0;     // row chunks (grid.y); per-chunk lists are (nq, nchunks, k)
-  int64_t chunk_rows = 0;  // rows per chunk (a multiple of the 128-row tile)
+  int64_t chunk_rows = 0;  // rows per chunk (a multiple of the row tile: 128, mma 256)
   size_t smem = 0;         // dynamic shared memory per block, bytes
+  MmaPlan mma;             // mma.ok: the mma.sync kernel (exact_knn_mma.cu) runs, not WMMA
 };
 
 // Whether (and how) the tensor-core kernel can serve this call: float16 data is implied

@@ -1,0 +1,148 @@
+"""The mma.sync kernel of the CUDA exact filtered k-NN (csrc/knn/exact_knn_mma.cu) against a
+float64 reference, and the WMMA kernel it replaces, at awkward sizes.
+
+AFFECTKIT_KNN_MMA is read once per process, so each setting runs in one child process that
+checks every case and prints a JSON report; the tests below read those reports. Every input
+is exact in float16 (small integers; +-1 rows for cosine), so ids and distances must match the
+reference exactly, ties included (the smaller id wins).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from _support import requires_cuda
+
+pytestmark = requires_cuda
+
+METRICS = ["ip", "l2", "cosine"]
+
+# (nq, n, d, k, mask, fraction allowed, duplicate period): mask is "none", "shared" (one (n,)
+# mask), "few" (a shared mask allowing 3 rows, ~0 %) or "per_query" ((nq, n)); a duplicate
+# period p > 0 makes row i a copy of row i % p, so the best rows tie and the smaller id wins.
+CASES = [
+    (1, 1, 16, 1, "none", 1.0, 0),
+    (3, 5, 48, 10, "none", 1.0, 0),  # k > n: padding
+    (127, 127, 384, 64, "shared", 0.5, 0),
+    (129, 128, 16, 10, "per_query", 0.3, 0),
+    (129, 129, 48, 200, "none", 1.0, 0),  # k > n and k > 64
+    (1000, 4099, 384, 10, "shared", 0.01, 0),  # ~41 rows allowed: many queries, few rows
+    (127, 4099, 48, 64, "shared", 1.0, 23),
+    (129, 4099, 16, 10, "shared", 0.0, 0),  # all false
+    (127, 4099, 384, 33, "none", 1.0, 0),  # k just over 32 (the list leaves registers)
+    (3, 70001, 384, 10, "few", 0.0, 0),  # fewer allowed rows than k
+    (1000, 70001, 48, 10, "shared", 0.5, 37),
+    (129, 70001, 16, 64, "none", 1.0, 7),
+    (1, 70001, 384, 1, "per_query", 0.05, 0),
+    (1000, 70001, 384, 10, "shared", 1.0, 0),
+]
+
+CHILD = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+    import affectkit.ops as ops
+
+    def pm1_rows(n, d, nnz, gen):
+        pos = torch.rand(n, d, generator=gen).topk(nnz, dim=1).indices
+        sign = torch.randint(0, 2, (n, nnz), generator=gen).float() * 2 - 1
+        return torch.zeros(n, d).scatter_(1, pos, sign)
+
+    def data(nq, n, d, metric, dup, gen):
+        if metric == "cosine":  # unit rows exact in float16: norms 2 (queries) and 4 (rows)
+            q, x = pm1_rows(nq, d, 4, gen), pm1_rows(n, d, 16, gen)
+        else:
+            q = torch.randint(-3, 4, (nq, d), generator=gen).float()
+            x = torch.randint(-3, 4, (n, d), generator=gen).float()
+        if dup:
+            x = x[torch.arange(n) % dup]
+        return q, x
+
+    def reference(q, x, mask, k, metric):
+        # float64 on the GPU; the stable sort keeps the smaller row first on ties
+        q, x = q.double(), x.double()
+        if metric == "cosine":
+            D = 1 - (q / q.norm(dim=1, keepdim=True)) @ (x / x.norm(dim=1, keepdim=True)).T
+        elif metric == "ip":
+            D = -(q @ x.T)
+        else:
+            D = (q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * (q @ x.T)
+        if mask is not None:
+            D = D.masked_fill(~mask.expand_as(D), math.inf)
+        vals, idx = torch.sort(D, dim=1, stable=True)
+        m = min(k, D.shape[1])
+        want_d = torch.full((D.shape[0], k), math.inf, dtype=torch.float64, device=D.device)
+        want_i = torch.full((D.shape[0], k), -1, dtype=torch.int64, device=D.device)
+        want_d[:, :m], want_i[:, :m] = vals[:, :m], idx[:, :m]
+        want_i[torch.isinf(want_d)] = -1
+        return want_d, want_i
+
+    report = []
+    for metric in ("ip", "l2", "cosine"):
+        for ci, (nq, n, d, k, kind, frac, dup) in enumerate(json.loads(sys.argv[1])):
+            gen = torch.Generator().manual_seed(1000 * ci + len(metric))
+            q, x = data(nq, n, d, metric, dup, gen)
+            mask = None
+            if kind == "shared":
+                mask = torch.rand(n, generator=gen) < frac
+            elif kind == "few":
+                mask = torch.zeros(n, dtype=torch.bool)
+                mask[torch.randperm(n, generator=gen)[:3]] = True
+            elif kind == "per_query":
+                mask = torch.rand(nq, n, generator=gen) < frac
+            q, x = q.cuda(), x.cuda()
+            mask = None if mask is None else mask.cuda()
+            got_d, got_i = ops.filtered_knn(q.half(), x.half(), mask, k, metric)
+            want_d, want_i = reference(q, x, mask, k, metric)
+            pad = got_i == -1
+            problems = []
+            if got_d.dtype != torch.float16 or got_d.shape != (nq, k) or got_i.shape != (nq, k):
+                problems.append(f"shape/dtype {tuple(got_d.shape)} {got_d.dtype}")
+            else:
+                if not torch.equal(got_i, want_i):
+                    bad = (got_i != want_i).any(1).nonzero()[:3, 0].tolist()
+                    problems.append(f"ids differ in queries {bad}")
+                if not torch.equal(got_d.double(), want_d.half().double()):
+                    problems.append("distances differ")
+                if not torch.isinf(got_d[pad]).all():
+                    problems.append("padding (-1) without +inf distance")
+            report.append({"metric": metric, "case": [nq, n, d, k, kind, frac, dup],
+                           "padded": int(pad.sum()), "problems": problems})
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """{"1": report with the mma kernel, "0": with the WMMA kernel}, one child process each."""
+    out = {}
+    for setting in ("1", "0"):
+        env = dict(os.environ, AFFECTKIT_KNN_MMA=setting)
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], capture_output=True,
+                              text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        out[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+@pytest.mark.parametrize("setting", ["1", "0"], ids=["mma", "wmma"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_float64_reference(reports, setting, metric):
+    rows = [r for r in reports[setting] if r["metric"] == metric]
+    assert len(rows) == len(CASES)
+    failures = [(r["case"], r["problems"]) for r in rows if r["problems"]]
+    assert not failures, failures
+
+
+def test_cases_exercise_padding(reports):
+    # the cases with fewer allowed rows than k really produce padded outputs
+    for setting in ("1", "0"):
+        padded = {tuple(r["case"][:5]): r["padded"] for r in reports[setting] if r["metric"] == "ip"}
+        assert padded[(3, 5, 48, 10, "none")] == 3 * 5
+        assert padded[(129, 4099, 16, 10, "shared")] == 129 * 10
+        assert padded[(3, 70001, 384, 10, "few")] == 3 * 7
