@@ -1,6 +1,7 @@
 // CUDA path of graph_conv's forward (and the fused level with pooling).
 //
-// Two kernels; graph_conv_forward_cuda picks one per call:
+// Two kernels here and a tensor-core one in graph_conv_tc.cu; graph_conv_forward_cuda picks one
+// per call:
 //
 // * warp_conv_kernel: one shared graph (B == 1), no pooling, and a small sample
 //   ((N*F + N*M) accumulators <= 2 KB, M the width of the intermediate product; A, W and bias
@@ -18,14 +19,28 @@
 //   second product plus bias and activation to shared memory too, and from there the tile is
 //   written out once (and pooled to the parent level).
 //
+// * graph_conv_forward_tc (graph_conv_tc.cu): float32 with one shared graph, a weight, no
+//   pooling and N, F, Fo <= 64, on the tensor cores with float32 accuracy, meant for where the
+//   warp kernel is not (14 x 32 -> 32: conv_kernel took 54 us, the floor is ~10 us; 62 x 64 ->
+//   64 needs tensor cores to stay under its ~87 us memory floor). It has NOT YET RUN ON A GPU
+//   (the session that wrote it had no device time left), so only a forced path takes it; the
+//   automatic choice joins it once tests/test_graph_conv_cuda_fast.py has passed on a GPU and
+//   gpu_targets.py has timed it.
+//
+// AFFECTKIT_GRAPH_CUDA_PATH (read once) forces a kernel, for timing and tests: auto (the
+// default: warp, else tiled), tiled (conv_kernel), warp, tc (TF32 + bf16 corrections), tc3
+// (3xTF32). A forced kernel that cannot take the call falls back to the automatic choice.
+//
 // Accumulation in float (double for double).
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
 #include "../core/cuda_utils.cuh"
 #include "../core/dispatch.h"
 #include "graph.h"
+#include "graph_conv_tc.h"
 
 namespace affectkit::graph::detail {
 namespace {
@@ -389,6 +404,24 @@ __global__ void __launch_bounds__(kThreads, WarpMinBlocks<T>::value)
   }
 }
 
+enum class Path { Auto, Tiled, Warp, Tc, Tc3 };
+
+// Thrown again on every call while the variable holds a bad value (a throwing static
+// initialisation is retried).
+Path forced_path() {
+  static const Path path = [] {
+    const char* env = std::getenv("AFFECTKIT_GRAPH_CUDA_PATH");
+    const std::string v = env ? env : "";
+    if (v.empty() || v == "auto") return Path::Auto;
+    if (v == "tiled") return Path::Tiled;
+    if (v == "warp") return Path::Warp;
+    if (v == "tc") return Path::Tc;
+    if (v == "tc3") return Path::Tc3;
+    throw ValueError("AFFECTKIT_GRAPH_CUDA_PATH: expected auto, tiled, warp, tc or tc3, got '" + v + "'");
+  }();
+  return path;
+}
+
 int max_shared_bytes() {
   int device = 0, bytes = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
@@ -404,6 +437,7 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
                              int64_t Fo, int64_t B, Activation act, const int64_t* assignment,
                              const void* scores, void* pooled, int64_t P, uintptr_t stream) {
   if (S == 0 || N == 0) return;
+  const Path path = forced_path();
   AFFECTKIT_DISPATCH_CUDA_FLOAT(dtype, "x", T, [&] {
     using Acc_t = typename Acc<T>::type;
     const int64_t e = sizeof(Acc_t);
@@ -417,7 +451,19 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
     const int64_t warp_slice = (N * F + (w ? N * (a_first ? F : Fo) : 0)) * e;
     const int64_t warp_fixed = (N * N + (w ? F * Fo : 0) + Fo) * e;
     const int64_t warp_bytes = warp_fixed + kWarpSamplesPerBlock * warp_slice;
-    if (B == 1 && assignment == nullptr && warp_slice <= kWarpSliceBytes && warp_bytes <= limit / 2) {
+    const bool warp_ok =
+        B == 1 && assignment == nullptr && warp_slice <= kWarpSliceBytes && warp_bytes <= limit / 2;
+    // Tensor cores: float32, shared graph, a weight, no pooling (graph_conv_forward_tc checks
+    // the sizes and returns false, launching nothing, when they do not fit).
+    auto try_tc = [&](TcSplit split) {
+      return std::is_same_v<T, float> && B == 1 && assignment == nullptr && w != nullptr &&
+             graph_conv_forward_tc(split, static_cast<const float*>(x), static_cast<const float*>(adj),
+                                   static_cast<const float*>(w), static_cast<const float*>(bias),
+                                   static_cast<float*>(out), S, N, F, Fo, act, stream);
+    };
+    if (path == Path::Tc && try_tc(TcSplit::Tf32Bf16)) return;
+    if (path == Path::Tc3 && try_tc(TcSplit::Tf32x3)) return;
+    if (path != Path::Tiled && warp_ok) {
       void (*kernel)(const T*, const T*, const T*, const T*, T*, int64_t, int, int, int, bool) =
           nullptr;
       switch (act) {

@@ -1,0 +1,116 @@
+"""graph_conv's CUDA forward kernels, each forced with AFFECTKIT_GRAPH_CUDA_PATH.
+
+The variable is read once per process, so every path runs in its own subprocess: a shape sweep
+at awkward sizes (padding, tile remainders, several tiles per block) against a float64
+reference, with the output poisoned (NaN) before the raw op writes it; a large-dynamic-range
+case that plain TF32 would fail (the tensor-core paths must keep float32 accuracy); and calls
+the tensor-core paths cannot take (float64, per-sample graphs, N = 65), which fall back.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import affectkit
+
+from _support import requires_cuda
+
+pytestmark = requires_cuda
+
+PATHS = ["auto", "tiled", "warp", "tc", "tc3"]
+TOL = 1e-5
+
+SCRIPT = r"""
+import itertools, sys
+import torch
+import torch.nn.functional as Fn
+import affectkit._C as C
+from affectkit.ops._bridge import ptr
+from affectkit.selfcheck import rel_error
+
+seed, tol = int(sys.argv[1]), float(sys.argv[2])
+gen = torch.Generator(device="cuda").manual_seed(seed)
+ACT = {0: lambda t: t, 1: torch.relu, 2: Fn.elu, 3: Fn.leaky_relu, 4: torch.tanh, 5: torch.sigmoid}
+failures = []
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float64).to(dtype)
+
+
+def check(name, x, A, W, b, act):
+    # Raw op into a NaN-poisoned output: every element must be written.
+    S, N, F = x.shape
+    Fo, B = W.shape[1], A.shape[0]
+    out = torch.full((S, N, Fo), float("nan"), device="cuda", dtype=x.dtype)
+    C.graph_conv_forward(C.DEVICE_CUDA, C.DTYPE_CODES[str(x.dtype).removeprefix("torch.")], ptr(x), ptr(A),
+                         ptr(W), ptr(b) if b is not None else 0, ptr(out), S, N, F, Fo, B, act,
+                         torch.cuda.current_stream().cuda_stream)
+    y = A.double().unsqueeze(1) @ x.double().reshape(B, S // B, N, F) @ W.double()
+    want = ACT[act](y.reshape(S, N, Fo) + (b.double() if b is not None else 0))
+    err = rel_error(out, want)
+    if not err <= tol:
+        failures.append(f"{name}: S={S} N={N} F={F} Fo={Fo} B={B} act={act} bias={b is not None}: {err:.3g}")
+    return err
+
+
+# Shape sweep: every N with every (F, Fo) pair; S, bias and activation cycle.
+NS = [1, 13, 14, 17, 31, 32, 62, 64]
+FFO = [(1, 1), (5, 32), (7, 33), (32, 32), (33, 7), (64, 64), (64, 5), (32, 64), (1, 64), (64, 1)]
+for i, (N, (F, Fo)) in enumerate(itertools.product(NS, FFO)):
+    S = [1, 7, 8195][i % 3]
+    x, A, W = randn(S, N, F), randn(1, N, N) / N**0.5, randn(F, Fo) / F**0.5
+    check("sweep", x, A, W, randn(Fo) if i % 2 else None, i % 6)
+
+# Large dynamic range (magnitudes 1e-3 .. 1e3): plain TF32 (10 mantissa bits) misses TOL by far,
+# shown by emulating it; a tensor-core path that skipped the split would fail here.
+S, N, F, Fo = 515, 62, 64, 64
+spread = lambda *s: randn(*s) * torch.exp(randn(*s) * 2.3)  # noqa: E731
+x, A, W, b = spread(S, N, F), spread(1, N, N) / N**0.5, spread(F, Fo) / F**0.5, randn(Fo)
+tf32 = lambda t: (t.float().contiguous().view(torch.int32) & -8192).view(torch.float32).double()  # noqa: E731
+plain_err = rel_error(tf32(A) @ tf32(tf32(x) @ tf32(W)), A.double() @ x.double() @ W.double())
+if not plain_err > 20 * tol:
+    failures.append(f"dynamic range: plain TF32 emulation error {plain_err:.3g} does not exceed {20 * tol}")
+check("dynamic range", x, A, W, b, 0)
+
+# Calls the tensor-core kernels cannot take fall back to the others.
+check("float64", randn(9, 14, 32, dtype=torch.float64), randn(1, 14, 14, dtype=torch.float64),
+      randn(32, 32, dtype=torch.float64), None, 1)
+check("per-sample graphs", randn(12, 14, 32), randn(3, 14, 14), randn(32, 32), randn(32), 1)
+check("N = 65", randn(5, 65, 16), randn(1, 65, 65) / 65**0.5, randn(16, 8), None, 2)
+torch.cuda.synchronize()
+print("\n".join(failures) or "ok")
+sys.exit(1 if failures else 0)
+"""
+
+
+def _run(path, *args):
+    env = dict(os.environ, AFFECTKIT_GRAPH_CUDA_PATH=path)
+    python_dir = str(Path(affectkit.__file__).resolve().parents[1])  # the package this process imported
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (python_dir, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-c", *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_forced_path_matches_float64(path, gen):
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    proc = _run(path, SCRIPT, str(seed), str(TOL))
+    assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+
+
+def test_unknown_path_raises_value_error():
+    code = (
+        "import torch, affectkit.ops as ops\n"
+        "x = torch.ones(4, 14, 32, device='cuda')\n"
+        "try:\n"
+        "    ops.graph_conv(x, torch.eye(14, device='cuda'), torch.ones(32, 32, device='cuda'))\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+    )
+    proc = _run("bogus", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ValueError:" in proc.stdout and "AFFECTKIT_GRAPH_CUDA_PATH" in proc.stdout, proc.stdout
