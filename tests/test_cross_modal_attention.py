@@ -886,6 +886,8 @@ TC_SHAPES = [  # B, H, Lq, Lk, D, Dv
     (1, 1, 257, 1, 64, 128),
     (2, 3, 33, 33, 6, 6),      # MulT's head dimension: element-wise staging
     (2, 2, 50, 130, 6, 6),
+    (2, 2, 50, 500, 6, 6),     # MulT's 50 x 500: more key tiles than K/V stages (they wrap)
+    (2, 1, 20, 900, 32, 16),
     (2, 1, 17, 70, 1, 1),
     (1, 2, 65, 129, 13, 7),    # odd D and Dv: element-wise out stores
     (2, 1, 20, 65, 100, 24),   # D past 64, not a multiple of 8

@@ -49,6 +49,8 @@
 // aligned or Dv is odd; the math is the same.
 // (The generic kernel took D = 6 at 36.6 us for B=64 H=8 33x33 on an H100, graph replay.)
 //
+// Long unmasked sequences at D = Dv = 64 or 128 may go to cross_attention_tc_long.cu (32 rows a
+// warp; opt-in until it has run on a GPU, see there).
 // Not taken here (the generic kernel runs): float32/float64, dropout > 0, D or Dv above 128,
 // devices below sm_80, lengths >= 2^30, or AFFECTKIT_ATTENTION_TENSOR_CORES=0 in the
 // environment (read once).
@@ -391,6 +393,7 @@ bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, Vi
   static std::atomic<int> sm_count[kMaxDevices];
   if (device_attr(cudaDevAttrComputeCapabilityMajor, dev, cc_major) < 8) return false;
   const int sms = device_attr(cudaDevAttrMultiProcessorCount, dev, sm_count);
+  if (forward_cuda_tensor_cores_long(dtype, p, q, k, v, mask, out, lse, sms, stream)) return true;
   const cudaStream_t st = as_stream(stream);
   const int db = bucket(p.D), dvb = bucket(p.Dv);
   if (dtype == DType::Float16) launch_d<__half>(db, dvb, p, q, k, v, mask, out, lse, dev, sms, st);
