@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The whole GPU check, for a lent GPU machine (see CONTRIBUTING.md): build with CUDA, then run
 # the given steps in order, leaving logs under $OUT (at most 8 files come back):
-#   tests/FILE.py:SECONDS   that file's CUDA tests, in its own process (one kernel fault
-#                           cannot hide another file's results), with a time limit
+#   tests/FILE.py:SECONDS[:K]  that file's CUDA tests (or those matching -k K, no spaces), in
+#                           its own process (one kernel fault cannot hide another file's
+#                           results), with a time limit
 #   targets[:PARTS]         benchmarks/gpu_targets.py (the issues' CUDA targets vs stock)
 #   old-kernels             the same for the kernels before the tensor-core paths
+#   variants:VAR:V1,V2:PART  gpu_targets.py's PART once per value of the environment variable
+#                           VAR (one process each; "default" leaves it unset), e.g.
+#                           variants:AFFECTKIT_ATTENTION_LONG_KERNEL:default,1,alt:attention-long
 #   bench:EXPR              the pytest benchmarks matching -k "EXPR and cuda" (no spaces in
 #                           EXPR), e.g. bench:m2fnet for #7's training step and latency
+#   ncu:REGEX:CASE          Nsight Compute (speed of light, occupancy, warp stalls) over the
+#                           kernels matching REGEX in one run of a gpu_targets.py part CASE
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 # Without arguments: every CUDA test file, all targets. That machine's python3 already has
 # torch, pytest, CMake, ninja, pybind11 and scikit-build-core; it has no network.
@@ -20,7 +26,8 @@ LOG="$OUT/log.txt"
 PYTEST=(python3 -m pytest -q -rs -p no:cacheprovider --benchmark-disable)
 ALL_TESTS="tests/test_cross_modal_attention.py:150 tests/test_exact_knn.py:150 tests/test_graph_ops.py:90
   tests/test_index_cuda.py:60 tests/test_cuda_graphs.py:60 tests/test_masked_mean.py:60 tests/test_nn_attention.py:60
-  tests/test_core_module.py:40"
+  tests/test_core_module.py:40 tests/test_attention_long_cuda.py:120 tests/test_graph_conv_cuda_fast.py:90
+  tests/test_exact_knn_mma.py:120"
 STEPS=${*:-$ALL_TESTS targets}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$LOG"
@@ -37,9 +44,9 @@ for step in $STEPS; do
   t0=$(date +%s)
   case $step in
     tests/*)
-      file=${step%:*}; limit=${step##*:}
-      echo "=== $file" | tee -a "$OUT/tests.log"
-      timeout "$limit" "${PYTEST[@]}" -v "$REPO/$file" -k "cuda or core_module or graphs" 2>&1 \
+      IFS=: read -r file limit kexpr <<< "$step"
+      echo "=== $file ${kexpr:-}" | tee -a "$OUT/tests.log"
+      timeout "$limit" "${PYTEST[@]}" -v "$REPO/$file" -k "${kexpr:-cuda or core_module or graphs}" 2>&1 \
         | tee -a "$OUT/tests.log" | grep -E "FAILED|Error|rror:|Fatal| passed| failed" | tail -8
       if [[ $file == *core_module* ]] && grep -q "Fatal Python" "$OUT/tests.log"; then
         timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "${PYTEST[@]}" "$REPO/$file" > "$OUT/gdb.log" 2>&1
@@ -55,6 +62,20 @@ for step in $STEPS; do
       AFFECTKIT_ATTENTION_TENSOR_CORES=0 AFFECTKIT_KNN_TENSOR_CORES=0 timeout 90 python3 \
         "$REPO/benchmarks/gpu_targets.py" --only attention-small,knn --out "$OUT/targets_old.md" 2>&1 \
         | tee -a "$LOG" | grep -v '^|' ;;
+    variants:*)
+      IFS=: read -r _ var values part <<< "$step"
+      for value in ${values//,/ }; do
+        echo "--- $var=$value" | tee -a "$OUT/targets.md"
+        env $( [[ $value == default ]] || echo "$var=$value" ) timeout 90 python3 \
+          "$REPO/benchmarks/gpu_targets.py" --only "$part" --out "$OUT/targets.md" 2>&1 | tee -a "$LOG" | grep -v '^|'
+      done ;;
+    ncu:*)
+      spec=${step#ncu:}; regex=${spec%%:*}; part=${spec#*:}
+      timeout 240 ncu --kernel-name "regex:$regex" --launch-count 2 --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" > "$OUT/ncu_$part.txt" 2>&1
+      echo "ncu exit $?"; grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Pipe|Stall|Issue" \
+        "$OUT/ncu_$part.txt" | head -60 ;;
     bench:*)
       timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/benchmarks" --benchmark-only \
         -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \
