@@ -274,6 +274,53 @@ def test_graph_conv_gradient_only_where_needed(gen):
     torch.testing.assert_close(x.grad, torch.autograd.grad(conv_ref(x, A, W).sum(), x)[0])
 
 
+@pytest.mark.parametrize("layout", ["broadcast", "node_mean", "feature_slice", "transposed"])
+@pytest.mark.parametrize("act", ["relu", "sigmoid", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graph_conv_backward_reads_strided_grad_out(layout, act, dtype, gen):
+    # The kernel reads grad_out through its strides (no copy): the gradients must be exactly
+    # those of the same values laid out contiguously. F = 5 takes the AVX-512 tiles in float32.
+    from affectkit.ops.graph import _graph_conv_backward
+
+    S, N, F, Fo = 7, 14, 5, 33
+    x, A, W, b = (rand(*shape, gen=gen, dtype=dtype) for shape in ((S, N, F), (N, N), (F, Fo), (Fo,)))
+    out = ops.graph_conv(x, A, W, b, act)
+    if layout == "broadcast":  # what out.sum().backward() sends: strides (0, 0, 0)
+        g = torch.full((), 1.7, dtype=dtype).expand(S, N, Fo)
+    elif layout == "node_mean":  # a mean over the nodes: strides (Fo, 0, 1)
+        g = rand(S, 1, Fo, gen=gen, dtype=dtype).expand(S, N, Fo)
+    elif layout == "feature_slice":  # every other feature of a wider tensor: feature stride 2
+        g = rand(S, N, 2 * Fo, gen=gen, dtype=dtype)[..., ::2]
+    else:  # node-major memory viewed sample-major
+        g = rand(N, S, Fo, gen=gen, dtype=dtype).transpose(0, 1)
+    assert not g.is_contiguous()
+    code = {None: 0, "relu": 1, "sigmoid": 5}[act]
+    rest = (out, x, A.unsqueeze(0), W, code, True, True, True, True)
+    for got, want in zip(_graph_conv_backward.plain(g, *rest), _graph_conv_backward.plain(g.contiguous(), *rest)):
+        assert torch.equal(got, want)
+    # Through autograd, against the float64 reference.
+    leaves = [t.clone().requires_grad_() for t in (x, A, W, b)]
+    refs = [t.detach().clone().requires_grad_() for t in (x, A, W, b)]
+    torch.autograd.backward(ops.graph_conv(*leaves, act), g)
+    torch.autograd.backward(conv_ref(*refs, act=act), g.double())
+    for leaf, ref in zip(leaves, refs):
+        assert rel_error(leaf.grad, ref.grad) <= 10 * TOL[dtype]
+
+
+def test_graph_conv_backward_rejects_bad_grad_out_strides():
+    import affectkit._C as C
+
+    x, A, W, out = Z(4, 3, 2), Z(3, 3), Z(2, 5), Z(4, 3, 5)
+    f32 = C.DTYPE_CODES["float32"]
+    args = (C.DEVICE_CPU, f32, _c(out), _c(out), _c(x), _c(A), _c(W), _c(x), 0, 0, 0, 4, 3, 2, 5, 1, 1, 0)
+    with pytest.raises(ValueError, match=r"grad_out_strides: expected element strides in \[0, 2\^50 / size\]"):
+        C.graph_conv_backward(*args, (15, -5, 1))
+    with pytest.raises(ValueError, match=r"grad_out_strides: .*got 562949953421312 for dimension 0"):
+        C.graph_conv_backward(*args, (2**49, 5, 1))
+    C.graph_conv_backward(*args, (0, 0, 0))  # a broadcast gradient is valid
+    C.graph_conv_backward(*args, None)
+
+
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
 @pytest.mark.parametrize("act", ["tanh", None, "elu"])
 def test_graph_conv_gradcheck(per_sample, act, gen):

@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
+#include <optional>
+
 #include "../affectkit.h"
 
 namespace py = pybind11;
@@ -220,19 +223,22 @@ PYBIND11_MODULE(_C, m) {
       [](int device, int dtype, uintptr_t grad_out, uintptr_t out, uintptr_t x,
          uintptr_t adjacency, uintptr_t weight, uintptr_t grad_x, uintptr_t grad_adjacency,
          uintptr_t grad_weight, uintptr_t grad_bias, int64_t S, int64_t N, int64_t F,
-         int64_t Fo, int64_t B, int32_t activation, uintptr_t stream) {
+         int64_t Fo, int64_t B, int32_t activation, uintptr_t stream,
+         std::optional<std::array<int64_t, 3>> grad_out_strides) {
         graph::graph_conv_backward(
             device_from_code(device, "device"), dtype_from_code(dtype, "dtype"),
             cptr<void>(grad_out), cptr<void>(out), cptr<void>(x), cptr<void>(adjacency),
             cptr<void>(weight), mptr<void>(grad_x), mptr<void>(grad_adjacency),
-            mptr<void>(grad_weight), mptr<void>(grad_bias), S, N, F, Fo, B, activation, stream);
+            mptr<void>(grad_weight), mptr<void>(grad_bias), S, N, F, Fo, B, activation, stream,
+            grad_out_strides ? grad_out_strides->data() : nullptr);
       },
       py::arg("device"), py::arg("dtype"), py::arg("grad_out"), py::arg("out"), py::arg("x"),
       py::arg("adjacency"), py::arg("weight"), py::arg("grad_x"), py::arg("grad_adjacency"),
       py::arg("grad_weight"), py::arg("grad_bias"), py::arg("S"), py::arg("N"), py::arg("F"),
       py::arg("Fo"), py::arg("B"), py::arg("activation"), py::arg("stream") = 0,
-      py::call_guard<py::gil_scoped_release>(),
-      "Gradients of graph_conv_forward (each gradient pointer may be 0: not needed).");
+      py::arg("grad_out_strides") = std::nullopt, py::call_guard<py::gil_scoped_release>(),
+      "Gradients of graph_conv_forward (each gradient pointer may be 0: not needed); "
+      "grad_out_strides: None (contiguous) or its (sample, node, feature) element strides.");
   m.def(
       "cheb_graph_conv_forward",
       [](int device, int dtype, uintptr_t x, uintptr_t laplacian, uintptr_t coefficients,

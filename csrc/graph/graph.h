@@ -33,13 +33,16 @@ void graph_conv_forward(Device device, DType dtype, const void* x, const void* a
 // Gradients of graph_conv_forward given grad_out and the forward output `out` (the
 // activation's derivative is read from it). Each gradient pointer may be null (not needed):
 // grad_x (S, N, F); grad_adjacency (B, N, N), summed over the samples sharing a graph;
-// grad_weight (F, Fo) and grad_bias (Fo), summed over all samples. CPU only: on CUDA,
-// affectkit.ops computes the gradients with PyTorch matrix products.
+// grad_weight (F, Fo) and grad_bias (Fo), summed over all samples. grad_out_strides: null for a
+// contiguous grad_out, else its three element strides (sample, node, feature), any of them 0
+// (a broadcast gradient such as sum()'s or a mean over nodes' is read in place, not copied).
+// CPU only: on CUDA, affectkit.ops computes the gradients with PyTorch matrix products.
 void graph_conv_backward(Device device, DType dtype, const void* grad_out, const void* out,
                          const void* x, const void* adjacency, const void* weight,
                          void* grad_x, void* grad_adjacency, void* grad_weight,
                          void* grad_bias, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B,
-                         int32_t activation, uintptr_t stream = 0);
+                         int32_t activation, uintptr_t stream = 0,
+                         const int64_t* grad_out_strides = nullptr);
 
 // out[s] = sum_k T_k(L) x[s] theta_k, T_k the Chebyshev polynomials (T_0 = I, T_1 = L,
 // T_k = 2 L T_{k-1} - T_{k-2}). laplacian (N, N) is shared by every sample. coefficients:
@@ -91,9 +94,9 @@ void check_assignment_values(const int64_t* assignment, int64_t N, int64_t P);
 void graph_conv_forward_cpu(DType, const void*, const void*, const void*, const void*, void*,
                             int64_t, int64_t, int64_t, int64_t, int64_t, Activation,
                             const int64_t*, const void*, void*, int64_t);
-void graph_conv_backward_cpu(DType, const void*, const void*, const void*, const void*,
-                             const void*, void*, void*, void*, void*, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, Activation);
+void graph_conv_backward_cpu(DType, const void*, const int64_t*, const void*, const void*,
+                             const void*, const void*, void*, void*, void*, void*, int64_t, int64_t,
+                             int64_t, int64_t, int64_t, Activation);
 void cheb_graph_conv_forward_cpu(DType, const void*, const void*, const void*, void*, int64_t,
                                  int64_t, int64_t, int64_t, int64_t, bool);
 void cheb_graph_conv_backward_cpu(DType, const void*, const void*, const void*, const void*,
