@@ -24,7 +24,8 @@
 // ~40 % at D = 64 unless it overlaps the mma of other warps.
 // Status: written and compiled (no spills at D = 64; D = 128: 255 registers and ~100 bytes of
 // spills with 64-key tiles, none with the 32-key variant) but NEVER RUN ON A GPU: the session
-// that wrote it had no device time left. So it is opt-in until a GPU run of
+// that wrote it had no device time left; a lane-level numpy emulation of its logic
+// (scripts/emulate/attention_long_kernel.py) passed 288 cases. So it is opt-in until a GPU run of
 // tests/test_attention_long_cuda.py passes and scripts/gpu_check.sh measures it:
 // AFFECTKIT_ATTENTION_LONG_KERNEL (read once) = 1 runs the default variant, alt the variant
 // LongConfig describes; unset or anything else leaves these shapes to the general kernel.
