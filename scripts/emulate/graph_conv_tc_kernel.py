@@ -2,7 +2,7 @@
 # arithmetic, PTX fragment layouts, tf32 truncation, bf16 RN packing. Checks the result against
 # float64 (relative errors printed per case). Written before the kernel had run on a GPU
 # (seventh session); keep it in step with the kernel. Usage: python3 graph_conv_tc_kernel.py
-import numpy as np, itertools, sys
+import numpy as np
 f32 = np.float32
 def tf32(v): return (np.asarray(v, f32).view(np.uint32) & np.uint32(0xffffe000)).view(f32)
 def bf16(v):
@@ -86,7 +86,6 @@ def run(x, A, W, b, act, sp, blocks, limit=227 * 1024, vec_out=True, vec_in=True
                     r = i // F; s = r // N; sm[xb + (r + s * (NP - N)) * sx + (i - r * F)] = xf[src + i]
         tile = blk; buf = 0
         xw_pairs = (G * MT) % 2 == 0 and (G * MT // 2) * CG >= 8; az_pairs = MT % 2 == 0
-        pending = tile
         while tile < tiles:
             load(Xs + buf * xbuf, tile)   # (emulation: load just in time; the pipeline is timing only)
             xb = Xs + buf * xbuf
