@@ -264,6 +264,23 @@ __attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64
 
 #pragma GCC diagnostic pop
 
+// dst row r (stride sr) = o row r (stride ldo, >= Dv) * inv[r] for r < mv, zeros for rows
+// [mv, n): one masked store per 16 columns instead of a scalar loop (Dv = 6: six stores a
+// row). 64 x 8 x 33 x 33, D = 6, forward, 2 threads, warm loop: 475-505 -> 445-451 us.
+__attribute__((target("avx512f"))) void store_scaled_rows_avx512(float* dst, int64_t sr, const float* o,
+                                                                 int64_t ldo, const float* inv, int64_t mv,
+                                                                 int64_t n, int64_t Dv) {
+  for (int64_t r = 0; r < n; ++r) {
+    const bool visible = r < mv && inv[r] > 0.f;
+    const __m512 scale = _mm512_set1_ps(visible ? inv[r] : 0.f);
+    for (int64_t c0 = 0; c0 < Dv; c0 += 16) {
+      const __mmask16 m = static_cast<__mmask16>(Dv - c0 >= 16 ? 0xffffu : (1u << (Dv - c0)) - 1u);
+      const __m512 v = visible ? _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + c0), scale) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(dst + r * sr + c0, m, v);
+    }
+  }
+}
+
 bool cpu_has_avx512f() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
@@ -424,9 +441,18 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
     alpha[r] = any ? T(1) / l : T(0);  // reused as 1 / l
     mrun[r] = any ? mrun[r] + log_fast(l) : std::numeric_limits<T>::infinity();
   }
+  for (int64_t r = 0; r < present; ++r)
+    *row_ptr<T>(lse, b, h, sq.q0 + i0 + r) = r < mv ? mrun[r] : std::numeric_limits<T>::infinity();
+#ifdef AFFECTKIT_AVX512_TRANSPOSE
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512f()) {
+      store_scaled_rows_avx512(row_ptr<T>(out, b, h, sq.q0 + i0), out.sr, o, Dvp, alpha, mv, present, Dv);
+      return;
+    }
+  }
+#endif
   for (int64_t r = 0; r < present; ++r) {
     T* dst = row_ptr<T>(out, b, h, sq.q0 + i0 + r);
-    *row_ptr<T>(lse, b, h, sq.q0 + i0 + r) = r < mv ? mrun[r] : std::numeric_limits<T>::infinity();
     if (r < mv && alpha[r] > T(0)) {
       const T inv = alpha[r];
       for (int64_t c = 0; c < Dv; ++c) dst[c] = o[r * Dvp + c] * inv;
