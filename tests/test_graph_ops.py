@@ -307,6 +307,18 @@ def test_graph_conv_backward_reads_strided_grad_out(layout, act, dtype, gen):
         assert rel_error(leaf.grad, ref.grad) <= 10 * TOL[dtype]
 
 
+def test_graph_conv_backward_op_checks_grad_out(gen):
+    from affectkit.ops.graph import _graph_conv_backward
+
+    x, A, W = rand(3, 4, 2, gen=gen), rand(1, 4, 4, gen=gen), rand(2, 5, gen=gen)
+    out = ops.graph_conv(x, A[0], W)
+    rest = (out, x, A, W, 0, True, True, True, True)
+    with pytest.raises(TypeError, match=r"grad_out: expected dtype torch.float64 \(the output's\), got torch.float32"):
+        _graph_conv_backward.plain(torch.ones(3, 4, 5), *rest)
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \(3, 4, 5\) \(the output's\), got \(3, 4, 6\)"):
+        _graph_conv_backward.plain(torch.ones(3, 4, 6, dtype=torch.float64), *rest)
+
+
 def test_graph_conv_backward_rejects_bad_grad_out_strides():
     import affectkit._C as C
 

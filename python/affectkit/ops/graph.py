@@ -409,6 +409,11 @@ def _graph_conv_backward(
                                     need_x, need_adjacency, need_weight, need_bias)
     # grad_out is read through its strides: sum()'s gradient, a mean over nodes' or a slice's
     # arrives broadcast or strided, and copying it would cost a full pass (3.7 MB at 2,048 x 14 x 32).
+    # The kernel trusts its shape and dtype: check them (autograd guarantees both, direct callers not).
+    if grad_out.dtype != out.dtype:
+        raise TypeError(f"grad_out: expected dtype {out.dtype} (the output's), got {grad_out.dtype}")
+    if grad_out.shape != out.shape:
+        raise ValueError(f"grad_out: expected shape {tuple(out.shape)} (the output's), got {tuple(grad_out.shape)}")
     out, x, adjacency, weight = out.contiguous(), x.contiguous(), adjacency.contiguous(), _contig(weight)
     S, N, F = x.shape
     Fo = out.shape[2]
