@@ -90,3 +90,37 @@ def test_unknown_feature_kind_is_refused():
                "head.net.1.bias": torch.zeros(2), "target_mean": torch.zeros(2), "target_std": torch.ones(2)}
     with pytest.raises(ValueError, match="config: expected features 'shared' or 'emotion-augmented', got 'mystery'"):
         RegressionModel(tensors, config)
+
+
+def test_training_writes_a_blended_model_that_loads(tmp_path):
+    """The whole recipe on a small copy (20 writers x 2 essays): folds by writer, the n-gram view
+    in config, tensors and metrics, and the saved folder loads and predicts like the model."""
+    import pandas as pd
+
+    from affectkit.models.training import train
+
+    rng = np.random.default_rng()
+    sad = ["It broke my heart to read about the flood.", "I feel so sad for those families.",
+           "I cried when I saw the pictures of the children."]
+    flat = ["The article lists the new rules.", "The report covers the budget numbers.", "It was a short update on traffic."]
+    rows = []
+    for w in range(20):
+        for e in range(2):
+            distressed = rng.random() < 0.5
+            text = " ".join(rng.choice(sad if distressed else flat, 2)) + f" Note {w}-{e}."
+            rows.append({"message_id": f"R_writer{w}_{e + 1}", "response_id": f"R_writer{w}", "article_id": 1,
+                         "empathy": 5.0 + distressed + rng.normal(0, 0.3), "distress": 2.0 + 3 * distressed,
+                         "empathy_bin": 1, "distress_bin": 1, "essay": text})
+    corpus = tmp_path / "data" / "empathic_reactions"
+    corpus.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(corpus / "messages_train.csv", index=False)
+    model, metrics = train("empathy", tmp_path / "data", tmp_path / "out")
+    assert model.config["char_ngrams"]["weight"] == pytest.approx(0.4) and metrics["writers"] == 20
+    for key in ("cv_by_writer_distress_pearson_r", "cv_by_writer_char_ngrams_only_distress_pearson_r",
+                "cv_by_writer_embeddings_only_distress_pearson_r", "cv_random_empathy_pearson_r"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["cv_by_writer_distress_pearson_r"] > 0.8, "distress is written all over these essays"
+    again = affectkit.load(tmp_path / "out")
+    texts = ["I feel so sad for those families. I cried.", "The report covers the budget numbers."]
+    np.testing.assert_allclose(again.predict(texts), model.predict(texts), rtol=1e-5)
+    assert again.predict(texts)[0, 1] > again.predict(texts)[1, 1]

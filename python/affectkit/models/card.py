@@ -101,7 +101,7 @@ def _recipe_lines(config: dict, metrics: dict) -> list[str]:
             f"The emotion model's weights are pinned by SHA-256 ({config['emotion_model_sha256'][:12]}...).",
             "- Head: linear, ridge regression on the standardised features (scikit-learn `RidgeCV`), the penalty "
             f"chosen per target by leave-one-out on the training rows (alphas {', '.join(f'{a:.3g}' for a in metrics.get('ridge_alphas', []))}).",
-        ]
+        ] + _char_ngram_lines(config)
     if not k:
         return [
             f"- Features: `{config['encoder']}` sentence embedding (frozen, mean-pooled, L2-normalised) {lexicon}, "
@@ -121,6 +121,16 @@ def _recipe_lines(config: dict, metrics: dict) -> list[str]:
         f"epochs; the epoch with the best cross-fitted dev macro-F1 is kept (epoch {metrics.get('best_epoch')}; "
         f"per epoch: {metrics.get('dev_score_per_epoch')}).",
     ]
+
+
+def _char_ngram_lines(config: dict) -> list[str]:
+    c = config.get("char_ngrams")
+    if not c:
+        return []
+    return [f"- Blended with weight {c['weight']}: a second ridge (penalty {c['alpha']}) over sublinear TF-IDF of "
+            f"character 2..5-grams within words, hashed into {c['n_features']:,} buckets (scikit-learn's "
+            "HashingVectorizer: no vocabulary or corpus text is stored). It reads wording the embeddings smooth "
+            "away; the `*_only_*` rows below score each view alone (folds of writers)."]
 
 
 def _training_time(config: dict, metrics: dict) -> str:

@@ -27,16 +27,36 @@ class RegressionModel:
         self.target_mean = tensors["target_mean"].double().numpy()
         self.target_std = tensors["target_std"].double().numpy()
         self.features = features if features is not None else _features_for(config)
+        # Optional second view (empathy): a ridge over character n-grams, blended into the
+        # head's prediction with weight config["char_ngrams"]["weight"].
+        self.char_ngrams = None
+        if config.get("char_ngrams"):
+            from .ngram_ridge import CharNgramRidge
+
+            self.char_ngrams = CharNgramRidge.from_tensors(tensors, "char_ngrams.")
+            self.char_ngram_weight = float(config["char_ngrams"]["weight"])
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.targets
 
     def predict(self, texts, *, progress: bool = False) -> np.ndarray:
-        return self.predict_features(self.features(texts, progress=progress))
+        from ..text.encoder import clean_texts
 
-    def predict_features(self, x: np.ndarray) -> np.ndarray:
+        texts = clean_texts(texts)  # once here: a truncation warns once, not once per view
+        return self.predict_features(self.features(texts, progress=progress), texts)
+
+    def predict_features(self, x: np.ndarray, texts=None) -> np.ndarray:
+        """Predictions from precomputed features x of `texts` (the texts themselves are needed
+        too when the model blends in its character n-gram view)."""
         y = run_head(self.head, x) * self.target_std + self.target_mean
+        if self.char_ngrams is not None:
+            if texts is None:
+                raise ValueError("texts: this model also reads character n-grams; pass the texts with their features")
+            from ..text.encoder import clean_texts
+
+            w = self.char_ngram_weight
+            y = (1 - w) * y + w * self.char_ngrams.predict(clean_texts(texts))
         return np.clip(y, *self.scale)
 
     def nearest_examples(self, texts, k: int = 3, *, data=None, progress: bool = False) -> list[list[dict]]:
@@ -60,6 +80,8 @@ class RegressionModel:
         tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         tensors["target_mean"] = torch.from_numpy(self.target_mean.astype(np.float32))
         tensors["target_std"] = torch.from_numpy(self.target_std.astype(np.float32))
+        if self.char_ngrams is not None:
+            tensors.update(self.char_ngrams.tensors("char_ngrams."))
         save_weights(path, tensors, self.config)
         return path
 
