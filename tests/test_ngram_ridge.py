@@ -76,6 +76,16 @@ def test_saved_tensors_predict_the_same():
     np.testing.assert_allclose(again.predict(test), model.predict(test), rtol=1e-5, atol=1e-5)
 
 
+def test_a_blend_weight_outside_0_1_is_refused():
+    config = {"kind": "empathy", "targets": ["e"], "scale": [1, 7], "encoder": "x", "in_dim": 1, "out_dim": 1,
+              "hidden": 0, "char_ngrams": {"weight": 1.5}}
+    tensors = {"head.mean": torch.zeros(1), "head.std": torch.ones(1), "head.net.1.weight": torch.zeros(1, 1),
+               "head.net.1.bias": torch.zeros(1), "target_mean": torch.zeros(1), "target_std": torch.ones(1),
+               "char_ngrams.idf": torch.ones(4), "char_ngrams.coef": torch.zeros(1, 4), "char_ngrams.intercept": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"char_ngrams.weight in \[0, 1\], got 1.5"):
+        RegressionModel(tensors, config, _Features())
+
+
 def test_bad_tensors_are_refused():
     with pytest.raises(ValueError, match="missing 'p.coef'"):
         CharNgramRidge.from_tensors({"p.idf": torch.ones(8), "p.intercept": torch.zeros(1)}, "p.")
@@ -113,6 +123,8 @@ def test_regression_model_blends_the_two_views(tmp_path):
     np.testing.assert_allclose(model.predict(texts), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="texts: this model also reads character n-grams"):
         model.predict_features(_Features()(texts))
+    with pytest.raises(ValueError, match=r"texts: expected one text per feature row \(7\), got 1"):
+        model.predict_features(_Features()(texts), texts[:1])
     from affectkit.models.base import read_weights
 
     tensors, config = read_weights(model.save(tmp_path))

@@ -35,6 +35,8 @@ class RegressionModel:
 
             self.char_ngrams = CharNgramRidge.from_tensors(tensors, "char_ngrams.")
             self.char_ngram_weight = float(config["char_ngrams"]["weight"])
+            if not 0.0 <= self.char_ngram_weight <= 1.0:
+                raise ValueError(f"config: expected char_ngrams.weight in [0, 1], got {self.char_ngram_weight}")
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -55,8 +57,11 @@ class RegressionModel:
                 raise ValueError("texts: this model also reads character n-grams; pass the texts with their features")
             from ..text.encoder import clean_texts
 
+            texts = clean_texts(texts)
+            if len(texts) != len(x):  # one text would broadcast silently over every row
+                raise ValueError(f"texts: expected one text per feature row ({len(x)}), got {len(texts)}")
             w = self.char_ngram_weight
-            y = (1 - w) * y + w * self.char_ngrams.predict(clean_texts(texts))
+            y = (1 - w) * y + w * self.char_ngrams.predict(texts)
         return np.clip(y, *self.scale)
 
     def nearest_examples(self, texts, k: int = 3, *, data=None, progress: bool = False) -> list[list[dict]]:
