@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU check, for a lent GPU machine (see CONTRIBUTING.md): build with CUDA, then run
 # the given steps in order, leaving logs under $OUT (at most 8 files come back):
-#   tests/FILE.py:SECONDS[:K]  that file's CUDA tests (or those matching -k K, no spaces), in
+#   tests/FILE.py:SECONDS[:K]  that file's CUDA tests (or those matching -k K, no spaces; commas
+#                           in K mean "or": compacted,ties runs -k "compacted or ties"), in
 #                           its own process (one kernel fault cannot hide another file's
 #                           results), with a time limit
 #   targets[:PARTS]         benchmarks/gpu_targets.py (the issues' CUDA targets vs stock)
 #   old-kernels             the same for the kernels before the tensor-core paths
 #   variants:VAR:V1,V2:PART  gpu_targets.py's PART once per value of the environment variable
 #                           VAR (one process each; "default" leaves it unset), e.g.
-#                           variants:AFFECTKIT_ATTENTION_LONG_KERNEL:default,1,alt:attention-long
+#                           variants:AFFECTKIT_ATTENTION_LONG_KERNEL:default,0:attention-long
 #   bench:EXPR              the pytest benchmarks matching -k "EXPR and cuda" (no spaces in
 #                           EXPR), e.g. bench:m2fnet for #7's training step and latency
 #   ncu:REGEX:CASE          Nsight Compute (speed of light, occupancy, warp stalls) over the
@@ -45,6 +46,7 @@ for step in $STEPS; do
   case $step in
     tests/*)
       IFS=: read -r file limit kexpr <<< "$step"
+      kexpr=${kexpr//,/ or }
       echo "=== $file ${kexpr:-}" | tee -a "$OUT/tests.log"
       timeout "$limit" "${PYTEST[@]}" -v "$REPO/$file" -k "${kexpr:-cuda or core_module or graphs}" 2>&1 \
         | tee -a "$OUT/tests.log" | grep -E "FAILED|Error|rror:|Fatal| passed| failed" | tail -8

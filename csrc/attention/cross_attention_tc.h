@@ -17,8 +17,8 @@ bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, Vi
 
 // The long-sequence forward (cross_attention_tc_long.cu): fp16/bf16, D = Dv = 64 or 128, no
 // mask, no dropout, 16-byte aligned rows, Lq and Lk >= 256 and enough 128-row tiles to fill
-// `sms` multiprocessors twice, and only when AFFECTKIT_ATTENTION_LONG_KERNEL opts in (it has
-// not yet run on a GPU). Returns false, having done nothing, otherwise.
+// `sms` multiprocessors twice, unless AFFECTKIT_ATTENTION_LONG_KERNEL=0. Returns false, having
+// done nothing, otherwise.
 bool forward_cuda_tensor_cores_long(DType dtype, const Problem& p, View q, View k, View v, Mask mask,
                                     MutView out, MutView lse, int sms, uintptr_t stream);
 

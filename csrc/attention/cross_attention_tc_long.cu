@@ -22,13 +22,12 @@
 // Floor (H100, mma.sync ~660 TFLOP/s dense): B=4 H=16 L=4096, D=64: 275 GFLOP -> 0.42 ms;
 // D=128: 550 GFLOP -> 0.83 ms. The exp2 of every score (16 MUFU ops per clock per SM) adds
 // ~40 % at D = 64 unless it overlaps the mma of other warps.
-// Status: written and compiled (no spills at D = 64; D = 128: 255 registers and ~100 bytes of
-// spills with 64-key tiles, none with the 32-key variant) but NEVER RUN ON A GPU: the session
-// that wrote it had no device time left; a lane-level numpy emulation of its logic
-// (scripts/emulate/attention_long_kernel.py) passed 288 cases. So it is opt-in until a GPU run of
-// tests/test_attention_long_cuda.py passes and scripts/gpu_check.sh measures it:
-// AFFECTKIT_ATTENTION_LONG_KERNEL (read once) = 1 runs the default variant, alt the variant
-// LongConfig describes; unset or anything else leaves these shapes to the general kernel.
+// Measured (H200, 2026-11-26, B=4 H=16 L=4096 bf16, no mask): D = 64 1.07 ms (256 TFLOP/s,
+// 0.55x SDPA's flash path; the general kernel: 1.46 ms), D = 128 1.94 ms (283 TFLOP/s, 0.44x;
+// general: 3.35 ms). A variant with 2 stages at D = 64 and 32-key tiles with 3 stages at
+// D = 128 timed 1.06 ms and 2.03 ms, so it was dropped. D = 128 keeps 255 registers and ~100
+// bytes of spills. AFFECTKIT_ATTENTION_LONG_KERNEL=0 (read once) leaves these shapes to the
+// general kernel, for timing and tests.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -50,11 +49,10 @@ constexpr int kRows = kWarps * kMT * 16;  // query rows per block
 constexpr int kPad = 8;                   // elements of padding per shared row (conflict-free ldmatrix)
 constexpr float kLn2 = 0.6931471805599453f;
 
-// kAlt: the variant timed against the default (D = 64: 2 stages; D = 128: 32-key tiles, 3 stages).
-template <int kD, bool kAlt>
+template <int kD>
 struct LongConfig {
-  static constexpr int kKeys = kD <= 64 || kAlt ? (kD <= 64 ? 64 : 32) : 64;  // keys per tile
-  static constexpr int kStages = kD <= 64 ? (kAlt ? 2 : 3) : (kAlt ? 3 : 2);
+  static constexpr int kKeys = 64;                    // keys per tile
+  static constexpr int kStages = kD <= 64 ? 3 : 2;    // two blocks an SM at D = 128
   static constexpr bool kQInRegisters = kD <= 64;
   static constexpr int kS = kD + kPad;  // shared row stride (elements)
   static constexpr size_t kSmemBytes = (static_cast<size_t>(kRows) + kStages * 2 * kKeys) * kS * 2;
@@ -65,11 +63,11 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
   else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
-template <typename T, int kD, bool kAlt>
+template <typename T, int kD>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     tc_forward_long_kernel(Problem p, View q, View k, View v, MutView out, MutView lse, float scale_log2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using C = LongConfig<kD, kAlt>;
+  using C = LongConfig<kD>;
   constexpr int kS = C::kS;
   constexpr int kStages = C::kStages;
   constexpr int kKeys = C::kKeys;
@@ -290,10 +288,10 @@ bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
 }
 
-template <typename T, int kD, bool kAlt>
+template <typename T, int kD>
 void launch_long(const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t stream) {
-  auto* kernel = tc_forward_long_kernel<T, kD, kAlt>;
-  constexpr size_t bytes = LongConfig<kD, kAlt>::kSmemBytes;
+  auto* kernel = tc_forward_long_kernel<T, kD>;
+  constexpr size_t bytes = LongConfig<kD>::kSmemBytes;
   // Set on every launch (the limit is per device); negligible next to a kernel this size.
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "attention_forward (long): shared memory");
@@ -302,22 +300,20 @@ void launch_long(const Problem& p, View q, View k, View v, MutView out, MutView 
 }
 
 template <typename T>
-void launch_d(int64_t d, bool alt, const Problem& p, View q, View k, View v, MutView out, MutView lse,
-              cudaStream_t st) {
-  if (d == 64) alt ? launch_long<T, 64, true>(p, q, k, v, out, lse, st) : launch_long<T, 64, false>(p, q, k, v, out, lse, st);
-  else alt ? launch_long<T, 128, true>(p, q, k, v, out, lse, st) : launch_long<T, 128, false>(p, q, k, v, out, lse, st);
+void launch_d(int64_t d, const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t st) {
+  if (d == 64) launch_long<T, 64>(p, q, k, v, out, lse, st);
+  else launch_long<T, 128>(p, q, k, v, out, lse, st);
 }
 
 }  // namespace
 
 bool forward_cuda_tensor_cores_long(DType dtype, const Problem& p, View q, View k, View v, Mask mask, MutView out,
                                     MutView lse, int sms, uintptr_t stream) {
-  static const int mode = [] {  // 0: off, 1: default variant, 2: the alternative
+  static const bool enabled = [] {
     const char* env = std::getenv("AFFECTKIT_ATTENTION_LONG_KERNEL");
-    if (env == nullptr) return 0;
-    return std::strcmp(env, "1") == 0 ? 1 : (std::strcmp(env, "alt") == 0 ? 2 : 0);
+    return env == nullptr || std::strcmp(env, "0") != 0;
   }();
-  if (mode == 0 || mask.data != nullptr || p.dropout_p > 0 || !(p.scale > 0)) return false;
+  if (!enabled || mask.data != nullptr || p.dropout_p > 0 || !(p.scale > 0)) return false;
   if (dtype != DType::Float16 && dtype != DType::BFloat16) return false;
   if (p.D != p.Dv || (p.D != 64 && p.D != 128)) return false;
   if (p.Lq >= (int64_t{1} << 30) || p.Lk >= (int64_t{1} << 30)) return false;
@@ -328,9 +324,8 @@ bool forward_cuda_tensor_cores_long(DType dtype, const Problem& p, View q, View 
       row_copy_mode(p.Dv, v.data, v.sb, v.sh, v.sr) != kCopy16 || !aligned4(out.data, out.sb, out.sh, out.sr))
     return false;
   const cudaStream_t st = as_stream(stream);
-  const bool alt = mode == 2;
-  if (dtype == DType::Float16) launch_d<__half>(p.D, alt, p, q, k, v, out, lse, st);
-  else launch_d<__nv_bfloat16>(p.D, alt, p, q, k, v, out, lse, st);
+  if (dtype == DType::Float16) launch_d<__half>(p.D, p, q, k, v, out, lse, st);
+  else launch_d<__nv_bfloat16>(p.D, p, q, k, v, out, lse, st);
   cuda_check(cudaGetLastError(), "attention_forward (long)");
   return true;
 }

@@ -20,16 +20,14 @@
 //   written out once (and pooled to the parent level).
 //
 // * graph_conv_forward_tc (graph_conv_tc.cu): float32 with one shared graph, a weight, no
-//   pooling and N, F, Fo <= 64, on the tensor cores with float32 accuracy, meant for where the
-//   warp kernel is not (14 x 32 -> 32: conv_kernel took 54 us, the floor is ~10 us; 62 x 64 ->
-//   64 needs tensor cores to stay under its ~87 us memory floor). It has NOT YET RUN ON A GPU
-//   (the session that wrote it had no device time left), so only a forced path takes it; the
-//   automatic choice joins it once tests/test_graph_conv_cuda_fast.py has passed on a GPU and
-//   gpu_targets.py has timed it.
+//   pooling and N, F, Fo <= 64, on the tensor cores with float32 accuracy, where the warp
+//   kernel cannot take the call. H200, 8,192 samples: 14 x 32 -> 32 19.2 us (conv_kernel 54 us,
+//   floor ~10 us), 62 x 64 -> 64 203 us (conv_kernel 669 us, floor ~87 us).
 //
 // AFFECTKIT_GRAPH_CUDA_PATH (read once) forces a kernel, for timing and tests: auto (the
-// default: warp, else tiled), tiled (conv_kernel), warp, tc (TF32 + bf16 corrections), tc3
-// (3xTF32). A forced kernel that cannot take the call falls back to the automatic choice.
+// default: warp, else tc, else tiled), tiled (conv_kernel), warp, tc (TF32 + bf16 corrections),
+// tc3 (3xTF32; 3-6 % slower than tc on the H200). A forced kernel that cannot take the call
+// falls back to the automatic choice.
 //
 // Accumulation in float (double for double).
 #include <algorithm>
@@ -463,6 +461,7 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
     };
     if (path == Path::Tc && try_tc(TcSplit::Tf32Bf16)) return;
     if (path == Path::Tc3 && try_tc(TcSplit::Tf32x3)) return;
+    if (path == Path::Auto && !warp_ok && try_tc(TcSplit::Tf32Bf16)) return;
     if (path != Path::Tiled && warp_ok) {
       void (*kernel)(const T*, const T*, const T*, const T*, T*, int64_t, int, int, int, bool) =
           nullptr;

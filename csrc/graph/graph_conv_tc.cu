@@ -39,13 +39,11 @@
 // conflict-free when ld = 4 mod 8; a right operand (depth c, column g) at c * ld + g, conflict
 // free when ld = 8 mod 16 (also for the float2 stores of Z).
 //
-// Status: compiled (no spills) and its fragment layouts emulated in numpy, but never run on a
-// GPU; opt-in through AFFECTKIT_GRAPH_CUDA_PATH=tc or tc3 until it has (graph_conv_cuda.cu).
-// Expected on an H100 (not measured when written): 14 x 32 -> 32 is memory bound, ~11-13 us
-// against the ~10 us floor (its mma work is ~1 us). 62 x 64 -> 64 (Tf32Bf16): per SM 62
-// samples x 2 x 256 (m16n8k8 tf32 + m16n8k16 bf16 mma) and about as many ALU issue slots for
-// the splits, ~50-60 us, under the 87 us of memory traffic if the two blocks overlap them:
-// ~90-100 us; Tf32x3 adds a third of the tensor time.
+// Status: the automatic choice where the warp kernel does not fit (graph_conv_cuda.cu).
+// Measured on an H200 (2026-11-26), graph replay: 14 x 32 -> 32 19.2 us (expected 11-13; floor
+// ~10), 62 x 64 -> 64 203 us with Tf32Bf16 and 215 us with Tf32x3 (expected 90-100; memory
+// floor ~87): the estimate of overlap between the two blocks of an SM did not hold, and no
+// profile has said why yet.
 #include <algorithm>
 #include <cstdint>
 
