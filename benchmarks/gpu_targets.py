@@ -32,6 +32,11 @@ import affectkit.ops as ops
 from affectkit.nn import MultimodalFusion
 
 ROWS: list[dict] = []
+MATCH = ""  # --match: only the cases whose name contains it (e.g. one case under a profiler)
+
+
+def wanted(case: str) -> bool:
+    return MATCH in case
 
 
 def gpu_time(fn, reps: int = 50, trials: int = 7) -> float:
@@ -80,6 +85,8 @@ def record(case, ours, stock, stock_name, target="", ours_graph=None, stock_grap
 
 
 def both(case, ours_fn, stock_fn, stock_name, target=""):
+    if not wanted(case):
+        return
     record(case, gpu_time(ours_fn), gpu_time(stock_fn), stock_name, target, graph_time(ours_fn), graph_time(stock_fn))
 
 
@@ -122,12 +129,14 @@ def bench_attention(long_sequences: bool = True, short_sequences: bool = True):
         B, H, L = 4, 16, 4096
         q, k, v, lengths, mask = attention_inputs(B, H, L, L, D, full=True)
         flops = 4 * B * H * L * L * D
+        variant = "off" if os.environ.get("AFFECTKIT_ATTENTION_LONG_KERNEL") == "0" else "on"
+        case = f"attention bf16 fwd L=4096 D={D} B=4 H=16, long kernel {variant}"
+        if not wanted(case):
+            continue
         with torch.no_grad():
             ours = gpu_time(lambda: ops.cross_modal_attention(q, k, v), reps=5, trials=3)
             stock = gpu_time(lambda: F.scaled_dot_product_attention(q, k, v), reps=5, trials=3)
-        variant = "off" if os.environ.get("AFFECTKIT_ATTENTION_LONG_KERNEL") == "0" else "on"
-        record(f"attention bf16 fwd L=4096 D={D} B=4 H=16, long kernel {variant} "
-               f"(TFLOP/s: ours {flops / ours / 1e12:.0f}, "
+        record(f"{case} (TFLOP/s: ours {flops / ours / 1e12:.0f}, "
                f"SDPA {flops / stock / 1e12:.0f})", ours, stock, "SDPA", ">= 0.5x SDPA")
 
 
@@ -178,6 +187,9 @@ def bench_knn():
     x = torch.randn(n, d, device="cuda", dtype=torch.float16)
     q = torch.randn(nq, d, device="cuda", dtype=torch.float16)
     for sel in (0.01, 0.1, 0.5, 1.0):
+        case = f"filtered_knn fp16 ip, 1000 x 1M x 384, k=10, selectivity {sel:.0%}"
+        if not wanted(case):
+            continue
         mask = torch.rand(n, device="cuda") < sel
 
         def stock():
@@ -187,8 +199,7 @@ def bench_knn():
 
         ours = gpu_time(lambda: ops.filtered_knn(q, x, mask, k, "ip"), reps=2, trials=3)
         base = gpu_time(stock, reps=2, trials=3)
-        record(f"filtered_knn fp16 ip, 1000 x 1M x 384, k=10, selectivity {sel:.0%}", ours, base,
-               "matmul+masked topk", "< 2 ms")
+        record(case, ours, base, "matmul+masked topk", "< 2 ms")
 
 
 def write_table(path):
@@ -216,7 +227,10 @@ def main():
     parser.add_argument("--only", default="attention,fusion,graph,knn",
                         help="comma-separated parts: attention, attention-small (no L=4096), attention-long "
                              "(only L=4096), fusion, graph, knn")
+    parser.add_argument("--match", default="", help="only the cases whose name contains this text")
     args = parser.parse_args()
+    global MATCH
+    MATCH = args.match
     torch.manual_seed(0)
     for part in args.only.split(","):
         try:

@@ -12,8 +12,10 @@
 #                           variants:AFFECTKIT_ATTENTION_LONG_KERNEL:default,0:attention-long
 #   bench:EXPR              the pytest benchmarks matching -k "EXPR and cuda" (no spaces in
 #                           EXPR), e.g. bench:m2fnet for #7's training step and latency
-#   ncu:REGEX:CASE          Nsight Compute (speed of light, occupancy, warp stalls) over the
-#                           kernels matching REGEX in one run of a gpu_targets.py part CASE
+#   ncu:REGEX:PART[:MATCH]  Nsight Compute (speed of light, occupancy, warp stalls) over the
+#                           kernels matching REGEX in one run of a gpu_targets.py part, only
+#                           its cases whose name contains MATCH (no spaces; "_" stands for a
+#                           space), e.g. ncu:tc_conv_kernel:graph:N=62
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 # Without arguments: every CUDA test file, all targets. That machine's python3 already has
 # torch, pytest, CMake, ninja, pybind11 and scikit-build-core; it has no network.
@@ -72,10 +74,10 @@ for step in $STEPS; do
           "$REPO/benchmarks/gpu_targets.py" --only "$part" --out "$OUT/targets.md" 2>&1 | tee -a "$LOG" | grep -v '^|'
       done ;;
     ncu:*)
-      spec=${step#ncu:}; regex=${spec%%:*}; part=${spec#*:}
+      IFS=: read -r _ regex part match <<< "$step"
       timeout 240 ncu --kernel-name "regex:$regex" --launch-count 2 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-        python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" > "$OUT/ncu_$part.txt" 2>&1
+        python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > "$OUT/ncu_$part.txt" 2>&1
       echo "ncu exit $?"; grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Pipe|Stall|Issue" \
         "$OUT/ncu_$part.txt" | head -60 ;;
     bench:*)

@@ -88,8 +88,8 @@ sys.exit(1 if failures else 0)
 """
 
 
-def _run(path, *args):
-    env = dict(os.environ, AFFECTKIT_GRAPH_CUDA_PATH=path)
+def _run(path, *args, **knobs):
+    env = dict(os.environ, AFFECTKIT_GRAPH_CUDA_PATH=path, **knobs)
     python_dir = str(Path(affectkit.__file__).resolve().parents[1])  # the package this process imported
     env["PYTHONPATH"] = os.pathsep.join(p for p in (python_dir, env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-c", *args], env=env, capture_output=True, text=True, timeout=600)
@@ -100,6 +100,32 @@ def test_forced_path_matches_float64(path, gen):
     seed = int(torch.randint(2**31, (1,), generator=gen))
     proc = _run(path, SCRIPT, str(seed), str(TOL))
     assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+
+
+# The tensor-core kernel's timing knobs (graph_conv_tc.cu): other tile sizes and phase-2 warp
+# tiles must give the same results, so that a faster setting found on a GPU can ship.
+@pytest.mark.parametrize("knobs", [dict(AFFECTKIT_GRAPH_TC_TILE_KB="1", AFFECTKIT_GRAPH_TC_AZ_MR="1"),
+                                   dict(AFFECTKIT_GRAPH_TC_TILE_KB="64"), dict(AFFECTKIT_GRAPH_TC_TILE_KB="4")],
+                         ids=lambda k: ",".join(f"{n.rsplit('_', 2)[-2].lower()}={v}" for n, v in k.items()))
+def test_tensor_core_knobs_match_float64(knobs, gen):
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    proc = _run("tc", SCRIPT, str(seed), str(TOL), **knobs)
+    assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("knob, value", [("AFFECTKIT_GRAPH_TC_TILE_KB", "0"), ("AFFECTKIT_GRAPH_TC_AZ_MR", "two")])
+def test_bad_knob_raises_value_error(knob, value):
+    code = (
+        "import torch, affectkit.ops as ops\n"
+        "x = torch.ones(4, 14, 32, device='cuda')\n"
+        "try:\n"
+        "    ops.graph_conv(x, torch.eye(14, device='cuda'), torch.ones(32, 32, device='cuda'))\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+    )
+    proc = _run("tc", code, **{knob: value})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ValueError:" in proc.stdout and knob in proc.stdout, proc.stdout
 
 
 def test_unknown_path_raises_value_error():

@@ -46,6 +46,8 @@
 // profile has said why yet.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include <cuda_bf16.h>
 
@@ -69,6 +71,7 @@ struct TcShape {
   int sa, sx, sw;  // row strides (floats) of A, x and W / Z
   bool vec_in;     // 16-byte copies of x (F % 4 == 0, x 16-byte aligned)
   bool vec_out;    // 16-byte stores of out (Fo % 4 == 0, out 16-byte aligned)
+  bool az_pairs;   // phase 2 gives each warp two m16 tiles of A (needs NP / 16 even)
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -306,7 +309,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   // MR = 2 (two m16 tiles share each right-operand fragment) where that still gives every
   // warp a unit of work (phase 1) or the sample has an even number of m16 tiles (phase 2).
   const int CG = sh.OP / 32, MT = sh.NP / 16;
-  const bool xw_pairs = (sh.G * MT) % 2 == 0 && (sh.G * MT / 2) * CG >= kTcWarps, az_pairs = MT % 2 == 0;
+  const bool xw_pairs = (sh.G * MT) % 2 == 0 && (sh.G * MT / 2) * CG >= kTcWarps;
   for (int buf = 0; tile < tiles; tile += gridDim.x, buf ^= 1) {
     const int64_t next = tile + gridDim.x;
     // Into the buffer every warp finished reading before the previous tile's second barrier.
@@ -321,7 +324,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
     const int64_t s0 = tile * sh.G;
     const int count = static_cast<int>(min(static_cast<int64_t>(sh.G), sh.S - s0));
     float* o = out + s0 * sh.N * sh.Fo;
-    if (az_pairs) tile_az<Sp, 2, Act>(As, Zs, bs, o, count, sh);
+    if (sh.az_pairs) tile_az<Sp, 2, Act>(As, Zs, bs, o, count, sh);
     else tile_az<Sp, 1, Act>(As, Zs, bs, o, count, sh);
     // No barrier: the next write of Z follows the next loop's barrier.
   }
@@ -336,6 +339,33 @@ int device_attr(cudaDeviceAttr attr) {
 }
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Tuning knobs for timing runs (read once; the defaults are what ships):
+// AFFECTKIT_GRAPH_TC_TILE_KB (1..64, default 16): bytes of x per tile to aim for. Fewer
+// samples per tile mean more loop iterations per persistent block, so more of the copies
+// overlap math; more mean fewer barriers per sample.
+// AFFECTKIT_GRAPH_TC_AZ_MR (1 or 2, default 2): m16 tiles of A per warp in phase 2 where NP/16
+// is even; 1 spreads a lone 64-row sample over all 8 warps instead of 4.
+int env_knob(const char* name, int fallback, int lo, int hi) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (*end != '\0' || v < lo || v > hi)
+    throw ValueError(std::string(name) + ": expected an integer from " + std::to_string(lo) + " to " +
+                     std::to_string(hi) + ", got '" + env + "'");
+  return static_cast<int>(v);
+}
+
+int64_t tile_bytes() {
+  static const int kb = env_knob("AFFECTKIT_GRAPH_TC_TILE_KB", kTileBytes >> 10, 1, 64);
+  return int64_t{kb} << 10;
+}
+
+int az_mr() {
+  static const int mr = env_knob("AFFECTKIT_GRAPH_TC_AZ_MR", 2, 1, 2);
+  return mr;
+}
 
 using TcKernel = void (*)(const float*, const float*, const float*, const float*, float*, TcShape);
 
@@ -371,12 +401,13 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
   sh.sw = sh.OP + 8;
   sh.vec_in = F % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   sh.vec_out = Fo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  sh.az_pairs = (sh.NP / 16) % 2 == 0 && az_mr() == 2;
   const int64_t fixed = sh.NP * sh.sa + sh.KP * sh.sw + sh.OP;         // floats
   const int64_t per_sample = 2 * sh.NP * sh.sx + sh.NP * sh.sw;        // floats
   const int64_t limit = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   // ~16 KB of x per tile (62 x 64: one sample, and two blocks per SM whose barriers do not
   // line up), even above one sample so that phase 1 can pair m16 tiles.
-  int64_t G = std::clamp<int64_t>(kTileBytes / (N * F * 4), 1, std::min<int64_t>(kMaxTile, S));
+  int64_t G = std::clamp<int64_t>(tile_bytes() / (N * F * 4), 1, std::min<int64_t>(kMaxTile, S));
   if (G > 1) G -= G % 2;
   while (G > 2 && (fixed + G * per_sample) * 4 > limit) G -= 2;
   if (G == 2 && (fixed + G * per_sample) * 4 > limit) G = 1;
