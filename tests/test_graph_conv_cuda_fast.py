@@ -102,6 +102,17 @@ def test_forced_path_matches_float64(path, gen):
     assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
 
 
+# One float32 graph_conv call that the tensor-core path would take; prints a ValueError's message.
+CALL_PRINTING_VALUE_ERROR = (
+    "import torch, affectkit.ops as ops\n"
+    "x = torch.ones(4, 14, 32, device='cuda')\n"
+    "try:\n"
+    "    ops.graph_conv(x, torch.eye(14, device='cuda'), torch.ones(32, 32, device='cuda'))\n"
+    "except ValueError as e:\n"
+    "    print('ValueError:', e)\n"
+)
+
+
 # The tensor-core kernel's timing knobs (graph_conv_tc.cu): other tile sizes and phase-2 warp
 # tiles must give the same results, so that a faster setting found on a GPU can ship.
 @pytest.mark.parametrize("knobs", [dict(AFFECTKIT_GRAPH_TC_TILE_KB="1", AFFECTKIT_GRAPH_TC_AZ_MR="1"),
@@ -115,28 +126,12 @@ def test_tensor_core_knobs_match_float64(knobs, gen):
 
 @pytest.mark.parametrize("knob, value", [("AFFECTKIT_GRAPH_TC_TILE_KB", "0"), ("AFFECTKIT_GRAPH_TC_AZ_MR", "two")])
 def test_bad_knob_raises_value_error(knob, value):
-    code = (
-        "import torch, affectkit.ops as ops\n"
-        "x = torch.ones(4, 14, 32, device='cuda')\n"
-        "try:\n"
-        "    ops.graph_conv(x, torch.eye(14, device='cuda'), torch.ones(32, 32, device='cuda'))\n"
-        "except ValueError as e:\n"
-        "    print('ValueError:', e)\n"
-    )
-    proc = _run("tc", code, **{knob: value})
+    proc = _run("tc", CALL_PRINTING_VALUE_ERROR, **{knob: value})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ValueError:" in proc.stdout and knob in proc.stdout, proc.stdout
 
 
 def test_unknown_path_raises_value_error():
-    code = (
-        "import torch, affectkit.ops as ops\n"
-        "x = torch.ones(4, 14, 32, device='cuda')\n"
-        "try:\n"
-        "    ops.graph_conv(x, torch.eye(14, device='cuda'), torch.ones(32, 32, device='cuda'))\n"
-        "except ValueError as e:\n"
-        "    print('ValueError:', e)\n"
-    )
-    proc = _run("bogus", code)
+    proc = _run("bogus", CALL_PRINTING_VALUE_ERROR)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ValueError:" in proc.stdout and "AFFECTKIT_GRAPH_CUDA_PATH" in proc.stdout, proc.stdout
