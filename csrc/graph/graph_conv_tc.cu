@@ -72,6 +72,7 @@ struct TcShape {
   bool vec_in;     // 16-byte copies of x (F % 4 == 0, x 16-byte aligned)
   bool vec_out;    // 16-byte stores of out (Fo % 4 == 0, out 16-byte aligned)
   bool az_pairs;   // phase 2 gives each warp two m16 tiles of A (needs NP / 16 even)
+  int xbufs;       // x tile buffers (2 .. 4): copies run xbufs - 1 tiles ahead of the math
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -84,7 +85,12 @@ __device__ __forceinline__ void cp_async4(float* dst, const float* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+// Waits until at most `pending` (1 .. 3) of this thread's newest groups are in flight.
+__device__ __forceinline__ void cp_async_wait_pending(int pending) {
+  if (pending <= 1) asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  else if (pending == 2) asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+  else asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+}
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // TF32 by truncation (one LOP3) and by rounding half away from zero (two; cvt.rna costs four
@@ -276,7 +282,7 @@ __device__ __forceinline__ void load_tile(float* xb, const float* __restrict__ x
 }
 #endif  // __CUDA_ARCH__ >= 800
 
-// Shared memory (floats): [A NP*sa][W KP*sw][bias OP][x: 2 buffers of G*NP*sx][Z G*NP*sw].
+// Shared memory (floats): [A NP*sa][W KP*sw][bias OP][x: xbufs buffers of G*NP*sx][Z G*NP*sw].
 // Every section starts 16-byte aligned (sa, sx, sw and OP are multiples of 4).
 template <TcSplit Sp, int Act>
 __global__ void __launch_bounds__(kTcThreads, 2)
@@ -289,7 +295,7 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   float* bs = Ws + sh.KP * sh.sw;
   float* Xs = bs + sh.OP;
   const int x_buf = sh.G * sh.NP * sh.sx;
-  float* Zs = Xs + 2 * x_buf;
+  float* Zs = Xs + sh.xbufs * x_buf;
   const int total = static_cast<int>(Zs - As) + sh.G * sh.NP * sh.sw;
   const int tid = static_cast<int>(threadIdx.x);
 
@@ -302,20 +308,26 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   if (bias)
     for (int i = tid; i < sh.Fo; i += kTcThreads) bs[i] = bias[i];
 
+  // Groups: one per loop iteration, iteration i's tile in group i (possibly empty past the end).
   const int64_t tiles = (sh.S + sh.G - 1) / sh.G;
   int64_t tile = blockIdx.x;
-  if (tile < tiles) load_tile(Xs, x, tile, sh);
-  cp_async_commit();
+  for (int i = 0; i < sh.xbufs - 1; ++i) {
+    const int64_t t = tile + int64_t{i} * gridDim.x;
+    if (t < tiles) load_tile(Xs + i * x_buf, x, t, sh);
+    cp_async_commit();
+  }
   // MR = 2 (two m16 tiles share each right-operand fragment) where that still gives every
   // warp a unit of work (phase 1) or the sample has an even number of m16 tiles (phase 2).
   const int CG = sh.OP / 32, MT = sh.NP / 16;
   const bool xw_pairs = (sh.G * MT) % 2 == 0 && (sh.G * MT / 2) * CG >= kTcWarps;
-  for (int buf = 0; tile < tiles; tile += gridDim.x, buf ^= 1) {
-    const int64_t next = tile + gridDim.x;
-    // Into the buffer every warp finished reading before the previous tile's second barrier.
-    if (next < tiles) load_tile(Xs + (buf ^ 1) * x_buf, x, next, sh);
+  for (int buf = 0; tile < tiles; tile += gridDim.x, buf = buf + 1 == sh.xbufs ? 0 : buf + 1) {
+    const int64_t next = tile + int64_t{sh.xbufs - 1} * gridDim.x;
+    // Into the buffer of the previous iteration, which every warp finished reading before that
+    // iteration's second barrier.
+    const int next_buf = buf == 0 ? sh.xbufs - 1 : buf - 1;
+    if (next < tiles) load_tile(Xs + next_buf * x_buf, x, next, sh);
     cp_async_commit();
-    cp_async_wait_1();
+    cp_async_wait_pending(sh.xbufs - 1);
     __syncthreads();  // this tile's x (the first time also A, W, bias) is in shared memory
     const float* xb = Xs + buf * x_buf;
     if (xw_pairs) tile_xw<Sp, 2>(xb, Ws, Zs, sh);
@@ -346,6 +358,10 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // overlap math; more mean fewer barriers per sample.
 // AFFECTKIT_GRAPH_TC_AZ_MR (1 or 2, default 2): m16 tiles of A per warp in phase 2 where NP/16
 // is even; 1 spreads a lone 64-row sample over all 8 warps instead of 4.
+// AFFECTKIT_GRAPH_TC_XBUFS (2 .. 4, default 2): x tile buffers. With two, one copy is in flight
+// while a tile is computed; the H200 timings (14 x 32 -> 32: ~4 tiles per block, 19 us
+// against a ~6 us memory floor and ~5 us of issue) look like copy latency, which more buffers
+// would hide.
 int env_knob(const char* name, int fallback, int lo, int hi) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return fallback;
@@ -365,6 +381,11 @@ int64_t tile_bytes() {
 int az_mr() {
   static const int mr = env_knob("AFFECTKIT_GRAPH_TC_AZ_MR", 2, 1, 2);
   return mr;
+}
+
+int x_buffers() {
+  static const int n = env_knob("AFFECTKIT_GRAPH_TC_XBUFS", 2, 2, 4);
+  return n;
 }
 
 using TcKernel = void (*)(const float*, const float*, const float*, const float*, float*, TcShape);
@@ -403,7 +424,8 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
   sh.vec_out = Fo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   sh.az_pairs = (sh.NP / 16) % 2 == 0 && az_mr() == 2;
   const int64_t fixed = sh.NP * sh.sa + sh.KP * sh.sw + sh.OP;         // floats
-  const int64_t per_sample = 2 * sh.NP * sh.sx + sh.NP * sh.sw;        // floats
+  sh.xbufs = x_buffers();
+  const int64_t per_sample = sh.xbufs * sh.NP * sh.sx + sh.NP * sh.sw;  // floats
   const int64_t limit = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   // ~16 KB of x per tile (62 x 64: one sample, and two blocks per SM whose barriers do not
   // line up), even above one sample so that phase 1 can pair m16 tiles.

@@ -1,7 +1,8 @@
 # Lane-level numpy emulation of tc_conv_kernel (csrc/graph/graph_conv_tc.cu): same index
 # arithmetic, PTX fragment layouts, tf32 truncation, bf16 RN packing. Checks the result against
 # float64 (relative errors printed per case). Written before the kernel had run on a GPU
-# (seventh session); keep it in step with the kernel. Usage: python3 graph_conv_tc_kernel.py
+# (seventh session); keep it in step with the kernel, its tuning knobs (tile_kb, az_mr, xbufs)
+# included. Usage: python3 graph_conv_tc_kernel.py
 import numpy as np
 f32 = np.float32
 def tf32(v): return (np.asarray(v, f32).view(np.uint32) & np.uint32(0xffffe000)).view(f32)
@@ -52,14 +53,14 @@ def warp_mma(sm, L, ldl, R, ldr, K, MR, sp):
                 for e in range(4): acc[i][j][e] = acc[i][j][e].astype(f32).astype(np.float64)
     return acc
 
-def run(x, A, W, b, act, sp, blocks, limit=227 * 1024, vec_out=True, vec_in=True):
+def run(x, A, W, b, act, sp, blocks, limit=227 * 1024, vec_out=True, vec_in=True, tile_kb=16, az_mr=2, xbufs=2):
     S, N, F = x.shape; Fo = W.shape[1]
     ru = lambda v, m: (v + m - 1) // m * m
     NP, KP, OP = ru(N, 16), ru(F, 8), ru(Fo, 32)
     sa, sx, sw = NP + 4, KP + 4, OP + 8
     vec_in = vec_in and F % 4 == 0; vec_out = vec_out and Fo % 4 == 0
-    fixed = NP * sa + KP * sw + OP; per = 2 * NP * sx + NP * sw
-    G = int(np.clip(16384 // (N * F * 4), 1, min(32, S)))
+    fixed = NP * sa + KP * sw + OP; per = xbufs * NP * sx + NP * sw
+    G = int(np.clip((tile_kb << 10) // (N * F * 4), 1, min(32, S)))
     if G > 1: G -= G % 2
     while G > 2 and (fixed + G * per) * 4 > limit: G -= 2
     if G == 2 and (fixed + G * per) * 4 > limit: G = 1
@@ -70,7 +71,7 @@ def run(x, A, W, b, act, sp, blocks, limit=227 * 1024, vec_out=True, vec_in=True
     for blk in range(min(blocks, tiles)):
         sm = np.zeros(fixed + G * per, f32)
         As, Ws, bs, Xs = 0, NP * sa, NP * sa + KP * sw, NP * sa + KP * sw + OP
-        xbuf = G * NP * sx; Zs = Xs + 2 * xbuf
+        xbuf = G * NP * sx; Zs = Xs + xbufs * xbuf
         for i in range(N * N): sm[As + (i // N) * sa + i % N] = A.reshape(-1)[i]
         for i in range(F * Fo): sm[Ws + (i // Fo) * sw + i % Fo] = W.reshape(-1)[i]
         if b is not None: sm[bs:bs + Fo] = b
@@ -85,9 +86,14 @@ def run(x, A, W, b, act, sp, blocks, limit=227 * 1024, vec_out=True, vec_in=True
                 for i in range(count * N * F):
                     r = i // F; s = r // N; sm[xb + (r + s * (NP - N)) * sx + (i - r * F)] = xf[src + i]
         tile = blk; buf = 0
-        xw_pairs = (G * MT) % 2 == 0 and (G * MT // 2) * CG >= 8; az_pairs = MT % 2 == 0
+        xw_pairs = (G * MT) % 2 == 0 and (G * MT // 2) * CG >= 8; az_pairs = MT % 2 == 0 and az_mr == 2
+        # The kernel's copy schedule, each copy landing at once (so a copy into a buffer still
+        # to be read would show up as a wrong result): xbufs - 1 tiles ahead.
+        for i in range(xbufs - 1):
+            if blk + i * blocks < tiles: load(Xs + i * xbuf, blk + i * blocks)
         while tile < tiles:
-            load(Xs + buf * xbuf, tile)   # (emulation: load just in time; the pipeline is timing only)
+            nxt = tile + (xbufs - 1) * blocks; next_buf = xbufs - 1 if buf == 0 else buf - 1
+            if nxt < tiles: load(Xs + next_buf * xbuf, nxt)
             xb = Xs + buf * xbuf
             MR = 2 if xw_pairs else 1
             for u in range((G * NP // (16 * MR)) * CG):
@@ -125,7 +131,7 @@ def run(x, A, W, b, act, sp, blocks, limit=227 * 1024, vec_out=True, vec_in=True
                             for e in range(4):
                                 r = row + 8 * (e >> 1); cc = col + (e & 1); ok = (r < N) & (cc < Fo)
                                 out[(o + r * Fo + cc)[ok]] = v[e][ok]
-            tile += blocks; buf ^= 1
+            tile += blocks; buf = 0 if buf + 1 == xbufs else buf + 1
     return out.reshape(S, N, Fo)
 
 relu = lambda t: np.maximum(t, 0)
@@ -136,10 +142,11 @@ for sp in ('x3', 'bf'):
         for vo in (True, False):
             x = rng.standard_normal((S, N, F)).astype(f32); A = (rng.standard_normal((N, N)) / N**.5).astype(f32)
             W = (rng.standard_normal((F, Fo)) / F**.5).astype(f32); b = rng.standard_normal(Fo).astype(f32)
-            got = run(x, A, W, b, relu, sp, blocks=2, vec_out=vo)
+            knobs = dict(tile_kb=[16, 1, 4][S % 3], az_mr=1 + S % 2, xbufs=2 + S % 3)  # the kernel's knobs
+            got = run(x, A, W, b, relu, sp, blocks=2, vec_out=vo, **knobs)
             want = relu(A.astype(float) @ x.astype(float) @ W.astype(float) + b)
             err = np.linalg.norm(got - want) / np.linalg.norm(want)
-            print(sp, S, N, F, Fo, 'vec_out' if vo else 'scalar', 'nan' if np.isnan(got).any() else '', f'{err:.2e}', flush=True)
+            print(sp, S, N, F, Fo, knobs, 'vec_out' if vo else 'scalar', 'nan' if np.isnan(got).any() else '', f'{err:.2e}', flush=True)
 # dynamic range
 S, N, F, Fo = 2, 62, 64, 64
 sp_ = lambda *s: (rng.standard_normal(s) * np.exp(rng.standard_normal(s) * 2.3)).astype(f32)
