@@ -25,3 +25,19 @@ def capture_cuda_graph(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def cuda_synchronisations(fn) -> list[str]:
+    """Call fn() and return the messages of the synchronising CUDA operations it ran (each one
+    makes the host wait for the GPU queue), as torch's sync debug mode reports them."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in seen if "synchroniz" in str(w.message)]

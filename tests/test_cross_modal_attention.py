@@ -8,7 +8,7 @@ import torch
 import affectkit.ops as ops
 from affectkit.selfcheck import rel_error
 
-from _support import requires_cuda
+from _support import cuda_synchronisations, requires_cuda
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_TOL = {torch.float32: 5e-5, torch.float64: 1e-11, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -1077,3 +1077,34 @@ def test_cuda_tensor_core_backward_matches_reference(dtype, gen):
         for name, a, b in zip(("q", "k", "v"), *grads):
             assert torch.isfinite(a).all(), name
             assert rel_error(a, b) <= GRAD_TOL[dtype], (causal, name)
+
+
+# ------------------------------------------------------------- CUDA value checks (one read back)
+
+
+def test_index_value_checks_report_the_first_bad_tensor():
+    # The helper the CUDA path uses (the CPU core checks values itself); plain torch, so it runs
+    # on CPU tensors here.
+    from affectkit.ops.attention import _check_index_values as check
+
+    ok_lengths = [("q_lengths", torch.tensor([4, 0]), 4), ("kv_lengths", torch.tensor([5, 1]), 5)]
+    check(ok_lengths, [("cu_seqlens_q", None, 0, 0)])
+    check([], [("cu_seqlens_q", torch.tensor([0, 2, 5]), 5, 3), ("cu_seqlens_k", torch.tensor([0]), 0, 0)])
+    with pytest.raises(ValueError, match=r"kv_lengths: expected values in \[0, 5\], got 6"):
+        check([ok_lengths[0], ("kv_lengths", torch.tensor([6, 1]), 5)], [])
+    with pytest.raises(ValueError, match=r"q_lengths: expected values in \[0, 4\], got -1"):
+        check([("q_lengths", torch.tensor([-1, 9]), 4), ("kv_lengths", torch.tensor([9]), 5)], [])
+    for cu, total, max_len in (([1, 2, 5], 5, 3), ([0, 2, 4], 5, 3), ([0, 3, 2, 5], 5, 3), ([0, 4, 5], 5, 3)):
+        with pytest.raises(ValueError, match=rf"cu_seqlens_k: expected offsets from 0 to {total}, non-decreasing, "
+                                             rf"each sequence at most {max_len} rows, got \[{', '.join(map(str, cu))}\]"):
+            check([], [("cu_seqlens_q", torch.tensor([0, 1]), 1, 1), ("cu_seqlens_k", torch.tensor(cu), total, max_len)])
+
+
+@requires_cuda
+def test_cuda_lengths_are_checked_with_one_synchronisation(gen):
+    q, k, v = (t.cuda() for t in _inputs(gen, 3, 2, 9, 11, 8, 8))
+    kvl, ql = torch.tensor([11, 3, 0]).cuda(), torch.tensor([9, 9, 2]).cuda()
+    syncs = cuda_synchronisations(lambda: ops.cross_modal_attention(q, k, v, kv_lengths=kvl, q_lengths=ql))
+    assert len(syncs) == 1, syncs
+    with pytest.raises(ValueError, match=r"q_lengths: expected values in \[0, 9\], got 10"):
+        ops.cross_modal_attention(q, k, v, kv_lengths=kvl, q_lengths=torch.tensor([10, 0, 1]).cuda())

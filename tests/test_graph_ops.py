@@ -9,7 +9,7 @@ import torch.nn.functional as Fn
 import affectkit.ops as ops
 from affectkit.selfcheck import rel_error
 
-from _support import requires_cuda
+from _support import cuda_synchronisations, requires_cuda
 
 ACTS = [None, "relu", "elu", "leaky_relu", "tanh", "sigmoid"]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -686,6 +686,32 @@ def test_cuda_stream_errors_opcheck_and_compile(gen):
              rand(7, 7, gen=gen, dtype=torch.float32).cuda(), rand(3, gen=gen, dtype=torch.float32).cuda()]
     step(*args, *extra).backward()
     assert all(torch.isfinite(a.grad).all() for a in args)
+
+
+@pytest.mark.parametrize("assignment, P, match", [
+    ([0, 2, 1, 3], 3, r"expected parent indices in \[0, 2\], got 3"),
+    ([0, -2, 1, 1], 2, r"expected parent indices in \[0, 1\], got -2"),
+    ([0, 0, 2, 2], 3, r"expected every parent in \[0, 2\] to have at least one child, got none for parent 1"),
+    ([], 2, r"expected every parent in \[0, 1\] to have at least one child, got none for parent 0"),
+    ([0], 0, r"expected parent indices in \[0, -1\], got 0"),
+])
+def test_cuda_assignment_checks_on_the_host(assignment, P, match):
+    # The helper the CUDA path uses (the CPU core checks its own values); plain torch, so it
+    # runs on CPU tensors here.
+    from affectkit.ops.graph import _check_assignment_values
+
+    with pytest.raises(ValueError, match="assignment: " + match):
+        _check_assignment_values(torch.tensor(assignment, dtype=torch.int64), P)
+    for good, P_ in (([1, 0, 2, 2, 1], 3), ([], 0), ([0], 1)):
+        _check_assignment_values(torch.tensor(good, dtype=torch.int64), P_)
+
+
+@requires_cuda
+def test_cuda_assignment_is_checked_with_one_synchronisation(gen):
+    x = rand(8, 14, 5, gen=gen, dtype=torch.float32).cuda()
+    assignment = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3], device="cuda")
+    syncs = cuda_synchronisations(lambda: ops.hierarchical_pool(x, assignment, num_parents=4))
+    assert len(syncs) == 1, syncs
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])

@@ -127,6 +127,18 @@ def test_bad_input_raises_clear_errors(make, exc, match):
         ops.masked_mean(*make())
 
 
+def test_cuda_lengths_check_on_the_host():
+    # The helper the CUDA path uses (the CPU core checks values itself): plain torch, one read
+    # back, so it runs on CPU tensors here.
+    from affectkit.ops._bridge import check_lengths_range
+
+    check_lengths_range("lengths", torch.tensor([0, 3, 2]), 3)
+    check_lengths_range("lengths", torch.tensor([], dtype=torch.int64), 0)
+    for bad, got in (([1, 4], 4), ([-2, 3], -2)):
+        with pytest.raises(ValueError, match=rf"lengths: expected values in \[0, 3\], got {got}$"):
+            check_lengths_range("lengths", torch.tensor(bad), 3)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 33, 37), (64, 7, 768), (3, 1000, 6), (0, 4, 4)])

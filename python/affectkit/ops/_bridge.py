@@ -135,8 +135,7 @@ def check_lengths_range(name: str, lengths: torch.Tensor, upper: int) -> None:
     during CUDA graph capture (see checks_values)."""
     if lengths.numel() == 0 or not checks_values(lengths):
         return
-    lo, hi = torch.aminmax(lengths)
-    lo, hi = int(lo), int(hi)
+    lo, hi = torch.stack(torch.aminmax(lengths)).tolist()  # one copy back, not two
     if lo < 0 or hi > upper:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name}: expected values in [0, {upper}], got {bad}")

@@ -17,7 +17,6 @@ from ._bridge import (
     CUDA_FLOAT_DTYPES,
     INDEX_DTYPES,
     affectkit_op,
-    check_lengths_range,
     check_same_device,
     check_tensor,
     call_direct_or_op as _call,
@@ -281,44 +280,60 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _index(q, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, total_q, total_k):
-    """The (q_lengths, kv_lengths, cu_q, cu_k, total_q, total_k) tuple; keeps tensors alive."""
+def _index(q, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, total_q, total_k, validate=True):
+    """The (q_lengths, kv_lengths, cu_q, cu_k, total_q, total_k) tuple; keeps tensors alive.
+    On CUDA, with `validate`, their values are checked with a single copy back to the host (the
+    CPU core checks values itself)."""
     keep = []
 
-    def prep(t, name, upper):
+    def prep(t):
         if t is None:
             return 0
         t = t.to(torch.int64).contiguous()
-        if t.is_cuda and upper is not None:  # the CPU core checks values itself
-            check_lengths_range(name, t, upper)
         keep.append(t)
         return ptr(t)
 
-    if cu_q is not None and q.is_cuda and checks_values(q):
-        _check_cu_seqlens_cuda("cu_seqlens_q", cu_q, total_q, max_q)
-        _check_cu_seqlens_cuda("cu_seqlens_k", cu_k, total_k, max_k)
-    index = (
-        prep(q_lengths, "q_lengths", max_q),
-        prep(kv_lengths, "kv_lengths", max_k),
-        prep(cu_q, "cu_seqlens_q", None),
-        prep(cu_k, "cu_seqlens_k", None),
-        total_q,
-        total_k,
-    )
+    index = (prep(q_lengths), prep(kv_lengths), prep(cu_q), prep(cu_k), total_q, total_k)
+    if validate and q.is_cuda and checks_values(q):
+        _check_index_values([("q_lengths", q_lengths, max_q), ("kv_lengths", kv_lengths, max_k)],
+                            [("cu_seqlens_q", cu_q, total_q, max_q), ("cu_seqlens_k", cu_k, total_k, max_k)])
     return index, keep
 
 
-def _check_cu_seqlens_cuda(name, cu, total, max_len):
-    cu = cu.to(torch.int64)
-    seg = cu[1:] - cu[:-1]
-    lo, hi = torch.aminmax(seg) if seg.numel() else (cu[0] * 0, cu[0] * 0)
-    first, last, lo, hi = torch.stack([cu[0], cu[-1], lo, hi]).tolist()  # one sync
-    if first != 0 or last != total or lo < 0 or hi > max_len:
-        raise ValueError(f"{name}: expected offsets from 0 to {total}, non-decreasing, each sequence at most "
-                         f"{max_len} rows, got {cu.cpu().tolist()}")
+def _check_index_values(lengths, offsets):
+    """Raise ValueError for lengths outside [0, upper] or offsets that are not 0 .. total,
+    non-decreasing, with no sequence longer than max_len. Every statistic is gathered into one
+    tensor and read back once: each read back waits for the GPU, and a call with q and kv
+    lengths used to wait four times."""
+    parts, checks = [], []
+    for name, t, upper in lengths:
+        if t is not None and t.numel():
+            parts += torch.aminmax(t.to(torch.int64))
+            checks.append(("lengths", name, t, upper))
+    for name, cu, total, max_len in offsets:
+        if cu is not None:
+            cu = cu.to(torch.int64)
+            seg = cu[1:] - cu[:-1]
+            lo, hi = torch.aminmax(seg) if seg.numel() else (cu[0] * 0, cu[0] * 0)
+            parts += (cu[0], cu[-1], lo, hi)
+            checks.append(("offsets", name, cu, (total, max_len)))
+    if not parts:
+        return
+    values = torch.stack(parts).tolist()
+    for kind, name, t, bounds in checks:
+        if kind == "lengths":
+            (lo, hi), values = values[:2], values[2:]
+            if lo < 0 or hi > bounds:
+                raise ValueError(f"{name}: expected values in [0, {bounds}], got {lo if lo < 0 else hi}")
+        else:
+            (first, last, lo, hi), values = values[:4], values[4:]
+            total, max_len = bounds
+            if first != 0 or last != total or lo < 0 or hi > max_len:
+                raise ValueError(f"{name}: expected offsets from 0 to {total}, non-decreasing, each sequence at "
+                                 f"most {max_len} rows, got {t.cpu().tolist()}")
 
 
-def _problem(q, k, v, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k):
+def _problem(q, k, v, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, validate=True):
     packed = cu_q is not None
     if packed:
         B, H = cu_q.shape[0] - 1, q.shape[1]
@@ -327,7 +342,7 @@ def _problem(q, k, v, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k):
         B, H = q.shape[0], q.shape[1]
         total_q = total_k = 0
     dims = (B, H, max_q, max_k, q.shape[-1], v.shape[-1])
-    index, keep = _index(q, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, total_q, total_k)
+    index, keep = _index(q, kv_lengths, q_lengths, cu_q, cu_k, max_q, max_k, total_q, total_k, validate)
     return packed, dims, index, keep
 
 
@@ -376,8 +391,10 @@ def _attention_backward_impl(
     attn_mask's (4-D, broadcast) shape; else an empty (0,) tensor in its place."""
     q, k, v, out, grad_out = (_feature_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
+    # The forward checked these values (on CUDA each check waits for the GPU); the kernels clamp
+    # indices read from them in any case.
     packed, dims, index, keep = _problem(q, k, v, kv_lengths, q_lengths, cu_seqlens_q, cu_seqlens_k,
-                                         max_seqlen_q, max_seqlen_k)
+                                         max_seqlen_q, max_seqlen_k, validate=False)
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -126,17 +126,28 @@ def _prepare_assignment(assignment: torch.Tensor, P: int) -> torch.Tensor:
     """int64, contiguous; on CUDA the values are checked here (the CPU core checks its own)."""
     assignment = assignment.to(torch.int64).contiguous()
     if assignment.is_cuda and checks_values(assignment):
-        N = assignment.shape[0]
-        if N:
-            lo, hi = (int(v) for v in torch.aminmax(assignment))
-            if lo < 0 or hi >= P:
-                raise ValueError(f"assignment: expected parent indices in [0, {P - 1}], got {lo if lo < 0 else hi}")
-        counts = torch.bincount(assignment, minlength=P)
-        if P and int(counts.min()) == 0:
-            empty = int(torch.nonzero(counts == 0)[0])
-            raise ValueError(f"assignment: expected every parent in [0, {P - 1}] to have at least one child, "
-                             f"got none for parent {empty}")
+        _check_assignment_values(assignment, P)
     return assignment
+
+
+def _check_assignment_values(assignment: torch.Tensor, P: int) -> None:
+    """Parent indices in [0, P) and every parent with a child, read back once (on CUDA each read
+    back waits for the GPU). The emptiest parent is counted over clamped indices, which differ
+    only when the range check fails first."""
+    N = assignment.shape[0]
+    stats = list(torch.aminmax(assignment)) if N else []
+    counts = torch.bincount(assignment.clamp(0, P - 1), minlength=P) if P else None
+    if P:
+        stats.append(counts.min())
+    values = torch.stack(stats).tolist() if stats else []
+    if N:
+        lo, hi = values[:2]
+        if lo < 0 or hi >= P:
+            raise ValueError(f"assignment: expected parent indices in [0, {P - 1}], got {lo if lo < 0 else hi}")
+    if P and values[-1] == 0:
+        empty = int(torch.nonzero(counts == 0)[0])
+        raise ValueError(f"assignment: expected every parent in [0, {P - 1}] to have at least one child, "
+                         f"got none for parent {empty}")
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:
