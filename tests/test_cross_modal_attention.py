@@ -1104,7 +1104,9 @@ def test_index_value_checks_report_the_first_bad_tensor():
 def test_cuda_lengths_are_checked_with_one_synchronisation(gen):
     q, k, v = (t.cuda() for t in _inputs(gen, 3, 2, 9, 11, 8, 8))
     kvl, ql = torch.tensor([11, 3, 0]).cuda(), torch.tensor([9, 9, 2]).cuda()
-    syncs = cuda_synchronisations(lambda: ops.cross_modal_attention(q, k, v, kv_lengths=kvl, q_lengths=ql))
-    assert len(syncs) == 1, syncs
+    for need_weights in (False, True):  # the weights reuse the forward's check
+        syncs = cuda_synchronisations(lambda: ops.cross_modal_attention(q, k, v, kv_lengths=kvl, q_lengths=ql,
+                                                                        need_weights=need_weights))
+        assert len(syncs) == 1, syncs
     with pytest.raises(ValueError, match=r"q_lengths: expected values in \[0, 9\], got 10"):
         ops.cross_modal_attention(q, k, v, kv_lengths=kvl, q_lengths=torch.tensor([10, 0, 1]).cuda())
