@@ -29,7 +29,7 @@ LOG="$OUT/log.txt"
 PYTEST=(python3 -m pytest -q -rs -p no:cacheprovider --benchmark-disable)
 ALL_TESTS="tests/test_cross_modal_attention.py:150 tests/test_exact_knn.py:150 tests/test_graph_ops.py:90
   tests/test_index_cuda.py:60 tests/test_cuda_graphs.py:60 tests/test_masked_mean.py:60 tests/test_nn_attention.py:60
-  tests/test_core_module.py:40 tests/test_attention_long_cuda.py:120 tests/test_graph_conv_cuda_fast.py:150
+  tests/test_core_module.py:40 tests/test_attention_long_cuda.py:200 tests/test_graph_conv_cuda_fast.py:150
   tests/test_exact_knn_mma.py:120 tests/test_attention_kv_stages_cuda.py:120"
 STEPS=${*:-$ALL_TESTS targets}
 

@@ -139,6 +139,7 @@ def test_long_forward_varlen(D, gen):
 
 
 LONG_KERNEL_OFF = os.environ.get("AFFECTKIT_ATTENTION_LONG_KERNEL") == "0"
+WIDE = os.environ.get("AFFECTKIT_ATTENTION_LONG_WARPS") == "8"  # 8 warps of 16 rows (opt-in)
 
 
 @requires_cuda
@@ -150,15 +151,40 @@ def test_the_expected_kernel_runs(gen):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _run_padded(q, k, v, None, None, False, 0.125)
     names = [e.name for e in prof.events()]
-    long_ran = any("tc_forward_long_kernel" in n for n in names)
+    long_names = [n for n in names if "tc_forward_long_kernel" in n]
     general_ran = any("tc_forward_kernel" in n for n in names)
-    assert (long_ran, general_ran) == ((False, True) if LONG_KERNEL_OFF else (True, False)), names
+    assert (bool(long_names), general_ran) == ((False, True) if LONG_KERNEL_OFF else (True, False)), names
+    assert all((", true>" in n) == WIDE for n in long_names), long_names  # the kWide template flag
+
+
+def _rerun_this_file(**env):
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                         env=dict(os.environ, **env), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 @requires_cuda
-@pytest.mark.skipif(LONG_KERNEL_OFF, reason="this is already the run with the long kernel off")
+@pytest.mark.skipif(LONG_KERNEL_OFF or WIDE, reason="this is already a run with the long kernel off or wide")
 def test_general_kernel_matches_reference_on_the_same_shapes():
-    env = dict(os.environ, AFFECTKIT_ATTENTION_LONG_KERNEL="0")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    _rerun_this_file(AFFECTKIT_ATTENTION_LONG_KERNEL="0")
+
+
+@requires_cuda
+@pytest.mark.skipif(LONG_KERNEL_OFF or WIDE, reason="this is already a run with the long kernel off or wide")
+def test_wide_blocks_match_reference():
+    # AFFECTKIT_ATTENTION_LONG_WARPS=8: 8 warps of 16 rows, NOT YET RUN ON A GPU when written.
+    _rerun_this_file(AFFECTKIT_ATTENTION_LONG_WARPS="8")
+
+
+@requires_cuda
+def test_bad_warps_value_raises_value_error():
+    code = ("import torch, affectkit.ops as ops\n"
+            "q = torch.ones(2, 132, 300, 64, device='cuda', dtype=torch.float16)\n"
+            "try:\n"
+            "    ops.cross_modal_attention(q, q, q)\n"
+            "except ValueError as e:\n"
+            "    print('ValueError:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, AFFECTKIT_ATTENTION_LONG_WARPS="6"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ValueError:" in run.stdout and "AFFECTKIT_ATTENTION_LONG_WARPS" in run.stdout, run.stdout

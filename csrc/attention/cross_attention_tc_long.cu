@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "../core/cuda_utils.cuh"
@@ -43,14 +44,18 @@
 namespace affectkit::attention::detail {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kMT = 2;                    // m16 tiles (16 rows each) per warp
-constexpr int kRows = kWarps * kMT * 16;  // query rows per block
+constexpr int kRows = 128;  // query rows per block
 constexpr int kPad = 8;                   // elements of padding per shared row (conflict-free ldmatrix)
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int kD>
+// kWide: 8 warps of 16 rows instead of 4 of 32 (AFFECTKIT_ATTENTION_LONG_WARPS=8, NOT YET RUN
+// ON A GPU): half the O accumulators a thread (D = 128: 64 floats, not 128, which now spill)
+// and twice the warps an SM, for K/V fragments that feed two mma instead of four.
+template <int kD, bool kWide>
 struct LongConfig {
+  static constexpr int kWarps = kWide ? 8 : 4;
+  static constexpr int kMT = kWide ? 1 : 2;  // m16 tiles (16 rows each) per warp
+  static_assert(kWarps * kMT * 16 == kRows, "a block covers kRows query rows");
   static constexpr int kKeys = 64;                    // keys per tile
   static constexpr int kStages = kD <= 64 ? 3 : 2;    // two blocks an SM at D = 128
   static constexpr bool kQInRegisters = kD <= 64;
@@ -63,11 +68,13 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
   else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+template <typename T, int kD, bool kWide>
+__global__ void __launch_bounds__(LongConfig<kD, kWide>::kWarps * 32, 2)
     tc_forward_long_kernel(Problem p, View q, View k, View v, MutView out, MutView lse, float scale_log2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using C = LongConfig<kD>;
+  using C = LongConfig<kD, kWide>;
+  constexpr int kMT = C::kMT;
+  constexpr int kWarpRows = kMT * 16;
   constexpr int kS = C::kS;
   constexpr int kStages = C::kStages;
   constexpr int kKeys = C::kKeys;
@@ -87,9 +94,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   const int kend_blk = qvalid > 0 ? static_cast<int>(key_end(p, s, r0 + min(kRows, qvalid) - 1)) : 0;
   const int n_tiles = (kend_blk + kKeys - 1) / kKeys;
 
-  // This thread's four rows: wr0 + 16 mt + 8 half + g. key_end is non-decreasing in the row,
-  // so the warp's first and last valid rows bound its visible keys.
-  const int wr0 = r0 + warp * 32;
+  // This thread's rows: wr0 + 16 mt + 8 half + g. key_end is non-decreasing in the row, so
+  // the warp's first and last valid rows bound its visible keys.
+  const int wr0 = r0 + warp * kWarpRows;
   int kend[kMT][2];
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -98,8 +105,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
       const int i = wr0 + mt * 16 + half * 8 + g;
       kend[mt][half] = i < qlen ? static_cast<int>(key_end(p, s, i)) : 0;
     }
-  const int warp_kmin = wr0 + 31 < qlen ? static_cast<int>(key_end(p, s, wr0)) : 0;
-  const int warp_kmax = wr0 < qlen ? static_cast<int>(key_end(p, s, min(wr0 + 31, qlen - 1))) : 0;
+  const int warp_kmin = wr0 + kWarpRows - 1 < qlen ? static_cast<int>(key_end(p, s, wr0)) : 0;
+  const int warp_kmax = wr0 < qlen ? static_cast<int>(key_end(p, s, min(wr0 + kWarpRows - 1, qlen - 1))) : 0;
 
   const T* const qbase = static_cast<const T*>(q.data) + b * q.sb + h * q.sh + (s.q0 + r0) * q.sr;
   const T* const kbase = static_cast<const T*>(k.data) + b * k.sb + h * k.sh + s.k0 * k.sr;
@@ -131,7 +138,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
 
   // Fragment addresses (elements) of ldmatrix: A (Q rows), B of Q K^T (K rows), B of P V (V rows).
-  const int q_row = warp * 32 + ((lane >> 3) & 1) * 8 + (lane & 7), q_col = (lane >> 4) * 8;
+  const int q_row = warp * kWarpRows + ((lane >> 3) & 1) * 8 + (lane & 7), q_col = (lane >> 4) * 8;
   const int k_row = (lane >> 4) * 8 + (lane & 7), k_col = ((lane >> 3) & 1) * 8;
   const int v_row = ((lane >> 3) & 1) * 8 + (lane & 7), v_col = (lane >> 4) * 8;
 
@@ -288,21 +295,34 @@ bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
 }
 
-template <typename T, int kD>
+template <typename T, int kD, bool kWide>
 void launch_long(const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t stream) {
-  auto* kernel = tc_forward_long_kernel<T, kD>;
-  constexpr size_t bytes = LongConfig<kD>::kSmemBytes;
+  auto* kernel = tc_forward_long_kernel<T, kD, kWide>;
+  constexpr size_t bytes = LongConfig<kD, kWide>::kSmemBytes;
   // Set on every launch (the limit is per device); negligible next to a kernel this size.
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "attention_forward (long): shared memory");
   dim3 grid(static_cast<unsigned>((p.Lq + kRows - 1) / kRows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
-  kernel<<<grid, kWarps * 32, bytes, stream>>>(p, q, k, v, out, lse, static_cast<float>(p.scale * 1.4426950408889634));
+  kernel<<<grid, LongConfig<kD, kWide>::kWarps * 32, bytes, stream>>>(p, q, k, v, out, lse,
+                                                                      static_cast<float>(p.scale * 1.4426950408889634));
+}
+
+// AFFECTKIT_ATTENTION_LONG_WARPS (4 or 8, read once; default 4): warps a block (see kWide).
+bool wide_blocks() {
+  static const bool wide = [] {
+    const char* env = std::getenv("AFFECTKIT_ATTENTION_LONG_WARPS");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "4") == 0) return false;
+    if (std::strcmp(env, "8") == 0) return true;
+    throw ValueError(std::string("AFFECTKIT_ATTENTION_LONG_WARPS: expected 4 or 8, got '") + env + "'");
+  }();
+  return wide;
 }
 
 template <typename T>
 void launch_d(int64_t d, const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t st) {
-  if (d == 64) launch_long<T, 64>(p, q, k, v, out, lse, st);
-  else launch_long<T, 128>(p, q, k, v, out, lse, st);
+  const bool wide = wide_blocks();
+  if (d == 64) wide ? launch_long<T, 64, true>(p, q, k, v, out, lse, st) : launch_long<T, 64, false>(p, q, k, v, out, lse, st);
+  else wide ? launch_long<T, 128, true>(p, q, k, v, out, lse, st) : launch_long<T, 128, false>(p, q, k, v, out, lse, st);
 }
 
 }  // namespace

@@ -23,8 +23,8 @@ import numpy as np
 LANE = np.arange(32)
 G = LANE // 4
 C4 = LANE % 4
-KWARPS, KMT, KPAD = 4, 2, 8
-KROWS = KWARPS * KMT * 16
+KPAD = 8
+KROWS = 128  # query rows per block (4 warps x 32 rows, or 8 x 16 when wide)
 KLN2 = np.float32(0.6931471805599453)
 F32 = np.float32
 
@@ -202,12 +202,10 @@ def key_end_vec(p, s, i):
 
 
 # ----------------------------------------------------------------------------- the kernel
-def long_config(kD, kAlt):
-    # kAlt emulates a tile shape the kernel no longer has (2 stages at D = 64, 32-key tiles and 3
-    # stages at D = 128; timed on an H200 and dropped), kept to try other shapes here first.
-    kKeys = (64 if kD <= 64 else 32) if (kD <= 64 or kAlt) else 64
-    kStages = (2 if kAlt else 3) if kD <= 64 else (3 if kAlt else 2)
-    return dict(kKeys=kKeys, kStages=kStages, kQInRegisters=kD <= 64, kS=kD + KPAD)
+def long_config(kD, wide):
+    """LongConfig<kD, kWide>: wide = 8 warps of 16 rows (AFFECTKIT_ATTENTION_LONG_WARPS=8)."""
+    return dict(kKeys=64, kStages=3 if kD <= 64 else 2, kQInRegisters=kD <= 64, kS=kD + KPAD,
+                kWarps=8 if wide else 4, kMT=1 if wide else 2)
 
 
 def stage_rows(sm, dst, sstride, gmem, src, stride, nrows, valid_rows, valid_chunks, kChunks, row_limit):
@@ -228,6 +226,8 @@ def stage_rows(sm, dst, sstride, gmem, src, stride, nrows, valid_rows, valid_chu
 def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, scale_log2):
     kKeys, kStages, kS = cfg["kKeys"], cfg["kStages"], cfg["kS"]
     qinreg = cfg["kQInRegisters"]
+    kWarps, kMT = cfg["kWarps"], cfg["kMT"]
+    wrows = kMT * 16  # query rows a warp
     kStage = 2 * kKeys * kS
     sQ = 0
     sKV = sQ + KROWS * kS
@@ -280,23 +280,23 @@ def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, s
 
     # per-warp state
     W = []
-    for warp in range(KWARPS):
+    for warp in range(kWarps):
         st = {}
-        wr0 = r0 + warp * 32
+        wr0 = r0 + warp * wrows
         st["wr0"] = wr0
-        kend = np.zeros((KMT, 2, 32), dtype=np.int64)
-        for mt in range(KMT):
+        kend = np.zeros((kMT, 2, 32), dtype=np.int64)
+        for mt in range(kMT):
             for half in range(2):
                 i = wr0 + mt * 16 + half * 8 + G
                 kend[mt, half] = np.where(i < qlen, key_end_vec(p, s, i), 0)
         st["kend"] = kend
-        st["kmin"] = key_end(p, s, wr0) if wr0 + 31 < qlen else 0
-        st["kmax"] = key_end(p, s, min(wr0 + 31, qlen - 1)) if wr0 < qlen else 0
-        st["o"] = np.zeros((KMT, kD // 8, 4, 32), F32)
-        st["m"] = np.full((KMT, 2, 32), -np.inf, F32)
-        st["l"] = np.zeros((KMT, 2, 32), F32)
+        st["kmin"] = key_end(p, s, wr0) if wr0 + wrows - 1 < qlen else 0
+        st["kmax"] = key_end(p, s, min(wr0 + wrows - 1, qlen - 1)) if wr0 < qlen else 0
+        st["o"] = np.zeros((kMT, kD // 8, 4, 32), F32)
+        st["m"] = np.full((kMT, 2, 32), -np.inf, F32)
+        st["l"] = np.zeros((kMT, 2, 32), F32)
         st["qf"] = None
-        st["q_row"] = warp * 32 + ((LANE >> 3) & 1) * 8 + (LANE & 7)
+        st["q_row"] = warp * wrows + ((LANE >> 3) & 1) * 8 + (LANE & 7)
         W.append(st)
     q_col = (LANE >> 4) * 8
     k_row = (LANE >> 4) * 8 + (LANE & 7)
@@ -316,12 +316,12 @@ def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, s
         kNP = kKeys // 16
         kregion = (Ks, Ks + kKeys * kS)
         vregion = (Vs, Vs + kKeys * kS)
-        sc = np.zeros((KMT, kNB, 4, 32), F32)
+        sc = np.zeros((kMT, kNB, 4, 32), F32)
         for ks in range(kD // 16):
             if qinreg:
-                a = st["qf"][:, ks]  # (KMT, 4, 32)
+                a = st["qf"][:, ks]  # (kMT, 4, 32)
             else:
-                a = np.stack([load_q(st, mt, ks) for mt in range(KMT)])
+                a = np.stack([load_q(st, mt, ks) for mt in range(kMT)])
             addr = Ks + (np.arange(kNP)[:, None] * 16 + k_row[None]) * kS + ks * 16 + k_col[None]
             bk = sm.ldsm_x4(addr, region=kregion, kD=kD, kS=kS)  # (kNP, 4, 32)
             i0, i1, i2, i3 = 0, 1, 2, 3
@@ -329,16 +329,16 @@ def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, s
                 i0, i1, i2, i3 = 2, 3, 0, 1
             b0 = np.stack([bk[:, i0], bk[:, i2]], axis=1)  # (kNP, 2, 32): n-tiles 2np, 2np+1
             b1 = np.stack([bk[:, i1], bk[:, i3]], axis=1)
-            scv = sc.reshape(KMT, kNP, 2, 4, 32)
+            scv = sc.reshape(kMT, kNP, 2, 4, 32)
             scv = mma16816(scv, a[:, None, None], b0[None], b1[None], dt)
-            sc = scv.reshape(KMT, kNB, 4, 32)
+            sc = scv.reshape(kMT, kNB, 4, 32)
         if limits:
             key = j0 + np.arange(kNB)[:, None, None] * 8 + 2 * C4[None, None] + (np.arange(4) & 1)[None, :, None]
-            ke = st["kend"][:, np.array([0, 0, 1, 1])]  # (KMT, 4, 32)
+            ke = st["kend"][:, np.array([0, 0, 1, 1])]  # (kMT, 4, 32)
             off = 0 if BUG != "mask_off1" else 1
             sc = np.where(key[None] >= ke[:, None] + off, F32(-np.inf), sc).astype(F32)
         # online softmax
-        pa = np.zeros((KMT, kKeys // 16, 4, 32), np.uint32)
+        pa = np.zeros((kMT, kKeys // 16, 4, 32), np.uint32)
         m, l, o = st["m"], st["l"], st["o"]
         sl2 = F32(scale_log2)
         mx = [m[:, 0].copy(), m[:, 1].copy()]
@@ -354,7 +354,7 @@ def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, s
                 alpha[half] = np.exp2(((m[:, half] - base).astype(F32) * sl2).astype(F32)).astype(F32)
             shift[half] = (-base * sl2).astype(F32)
             m[:, half] = mx[half]
-        ssum = [np.zeros((KMT, 32), F32), np.zeros((KMT, 32), F32)]
+        ssum = [np.zeros((kMT, 32), F32), np.zeros((kMT, 32), F32)]
         for n in range(kNB):
             e4 = []
             for e in range(4):
@@ -382,9 +382,9 @@ def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, s
             bv = sm.ldsm_x4(addr, trans=True, region=vregion, kD=kD, kS=kS)  # (kDNP, 4, 32)
             b0 = np.stack([bv[:, 0], bv[:, 2]], axis=1)
             b1 = np.stack([bv[:, 1], bv[:, 3]], axis=1)
-            ov = o.reshape(KMT, kDNP, 2, 4, 32)
+            ov = o.reshape(kMT, kDNP, 2, 4, 32)
             ov = mma16816(ov, pa[:, kk][:, None, None], b0[None], b1[None], dt)
-            o[...] = ov.reshape(KMT, kD // 8, 4, 32)
+            o[...] = ov.reshape(kMT, kD // 8, 4, 32)
 
     stats = {"proc_lim": 0, "proc_fast": 0, "skip": 0}
     for t in range(n_tiles):
@@ -397,10 +397,10 @@ def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, s
         slot = t % kStages
         assert slot_tile[slot] == t, f"stage slot {slot} holds tile {slot_tile[slot]}, expected {t}"
         assert tile_group[t] < retired[0], f"tile {t} read before its cp.async group retired"
-        for warp in range(KWARPS):
+        for warp in range(kWarps):
             st = W[warp]
             if qinreg and t == 0:
-                st["qf"] = np.stack([np.stack([load_q(st, mt, ks) for ks in range(kD // 16)]) for mt in range(KMT)])
+                st["qf"] = np.stack([np.stack([load_q(st, mt, ks) for ks in range(kD // 16)]) for mt in range(kMT)])
             j0 = t * kKeys
             if j0 >= st["kmax"]:
                 stats["skip"] += 1
@@ -419,13 +419,13 @@ def kernel_block(p, cfg, dt, kD, bx, by, bz, gridx, q, k, v, out, lse, wcount, s
     od, osb, osh, osr = out
     ld, lsb, lsh, lsr = lse
     sl2 = F32(scale_log2)
-    for warp in range(KWARPS):
+    for warp in range(kWarps):
         st = W[warp]
         l = st["l"]
-        for mt in range(KMT):
+        for mt in range(kMT):
             l[mt, 0] = quad_sum(l[mt, 0])
             l[mt, 1] = quad_sum(l[mt, 1])
-        for mt in range(KMT):
+        for mt in range(kMT):
             for half in range(2):
                 lsum = l[mt, half]
                 i = st["wr0"] + mt * 16 + half * 8 + G
@@ -622,7 +622,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bug", default=None, help="planted bug: bk_swap | k_row | mask_off1 | no_break")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--configs", default="64,0;128,0", help="kD,alt pairs; alt=1: the dropped tile shape")
+    ap.add_argument("--configs", default="64,0;64,1;128,0;128,1", help="kD,wide pairs; wide=1: 8 warps of 16 rows")
     args = ap.parse_args()
     BUG = args.bug
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
@@ -630,7 +630,7 @@ def main():
     seed = 0
     for kD, alt in configs:
         alt = bool(alt)
-        tag = f"D={kD} alt={int(alt)}"
+        tag = f"D={kD} wide={int(alt)}"
         dts = ["bf16", "fp16"]
         cases = []
         if args.quick:
