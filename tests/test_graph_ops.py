@@ -704,6 +704,9 @@ def test_cuda_assignment_checks_on_the_host(assignment, P, match):
         _check_assignment_values(torch.tensor(assignment, dtype=torch.int64), P)
     for good, P_ in (([1, 0, 2, 2, 1], 3), ([], 0), ([0], 1)):
         _check_assignment_values(torch.tensor(good, dtype=torch.int64), P_)
+    # Other scalars ride on the same read back (graph_conv_pool's adjacency check).
+    assert _check_assignment_values(torch.tensor([1, 0, 1]), 2, [torch.tensor(7), torch.tensor(-3)]) == [7, -3]
+    assert _check_assignment_values(torch.tensor([], dtype=torch.int64), 0, [torch.tensor(4)]) == [4]
 
 
 @requires_cuda
@@ -712,6 +715,84 @@ def test_cuda_assignment_is_checked_with_one_synchronisation(gen):
     assignment = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3], device="cuda")
     syncs = cuda_synchronisations(lambda: ops.hierarchical_pool(x, assignment, num_parents=4))
     assert len(syncs) == 1, syncs
+
+
+@pytest.mark.parametrize("shape, bad, want", [
+    ((5, 5), None, -1), ((5, 5), (3, 1), 0), ((4, 5, 5), (2, 0, 4), 2), ((4, 5, 5), (0, 4, 4), 0),
+    ((4, 5, 5), None, -1), ((0, 5, 5), None, -1), ((1, 1), (0, 0), 0),
+])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_first_non_finite_graph(shape, bad, want, value, gen):
+    # The CUDA side's finite check (the CPU core checks its own); plain torch, so it runs on
+    # CPU tensors here.
+    from affectkit.ops._finite import first_non_finite_graph
+
+    t = rand(*shape, gen=gen, dtype=torch.float32)
+    if bad is not None:
+        t[bad] = value
+    assert first_non_finite_graph(t) == want
+
+
+def test_finite_checks_remember_each_tensor_version(gen, monkeypatch):
+    from affectkit.ops import _finite
+
+    checks, reads = _finite.FiniteChecks(), []
+    counted = _finite.first_non_finite_graph
+    monkeypatch.setattr(_finite, "first_non_finite_graph", lambda t: reads.append(t.shape) or counted(t))
+    A = rand(6, 6, gen=gen, dtype=torch.float32)
+    checks.check("adjacency", A)
+    checks.check("adjacency", A.unsqueeze(0))   # another place in the storage: read once more
+    checks.check("adjacency", A)
+    checks.check("adjacency", A.unsqueeze(0))
+    assert reads == [(6, 6), (1, 6, 6)]
+    A.mul_(2.0)                                  # a write bumps the version: read again
+    checks.check("adjacency", A)
+    assert len(reads) == 3
+    A[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^adjacency: expected finite values, got NaN or infinity$"):
+        checks.check("adjacency", A)
+    batch = rand(3, 6, 6, gen=gen, dtype=torch.float32)
+    batch[2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"laplacian: expected finite values, got NaN or infinity in laplacian\[2\]"):
+        checks.check("laplacian", batch)
+    with pytest.raises(ValueError, match=r"laplacian: .*in laplacian\[2\]"):   # a failure is not remembered
+        checks.check("laplacian", batch)
+    with torch.inference_mode():                 # no version counter: read on every call
+        B = rand(4, 4, gen=gen, dtype=torch.float32).clone()
+        checks.check("adjacency", B)
+        checks.check("adjacency", B)
+    assert len(reads) == 8
+    del A                                        # a freed storage leaves the record
+    import gc
+    gc.collect()
+    assert len(checks._seen) == 0
+
+
+@requires_cuda
+def test_cuda_non_finite_graphs_are_refused(gen):
+    x = rand(4, 7, 3, gen=gen, dtype=torch.float32).cuda()
+    A = rand(7, 7, gen=gen, dtype=torch.float32).cuda()
+    assignment = torch.tensor([0, 0, 1, 1, 2, 2, 2], device="cuda")
+    first = cuda_synchronisations(lambda: ops.graph_conv(x, A))
+    again = cuda_synchronisations(lambda: ops.graph_conv(x, A))
+    assert len(first) == 1 and not again, (first, again)   # checked once per tensor version
+    A[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"^adjacency: expected finite values, got NaN or infinity$"):
+        ops.graph_conv(x, A)
+    with pytest.raises(ValueError, match=r"^adjacency: expected finite values"):
+        ops.graph_conv_pool(x, A, assignment, num_parents=3)
+    fresh = rand(7, 7, gen=gen, dtype=torch.float32).cuda()
+    level = lambda: ops.graph_conv_pool(x, fresh, assignment, num_parents=3)  # noqa: E731
+    first, again = cuda_synchronisations(level), cuda_synchronisations(level)
+    assert len(first) == 1 and len(again) == 1, (first, again)   # read back with the assignment's values
+    per_sample = rand(4, 7, 7, gen=gen, dtype=torch.float32).cuda()
+    per_sample[3, 6, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"in adjacency\[3\]"):
+        ops.graph_conv(x, per_sample)
+    L = rand(7, 7, gen=gen, dtype=torch.float32).cuda()
+    L[0, 0] = -float("inf")
+    with pytest.raises(ValueError, match=r"^laplacian: expected finite values"):
+        ops.cheb_graph_conv(x, L, torch.ones(3, device="cuda"))
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])

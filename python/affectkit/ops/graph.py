@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _C
+from ._finite import check_finite_graph, finish_finite_check, pending_finite_check
 from ._bridge import (
     INDEX_DTYPES,
     affectkit_op,
@@ -122,24 +123,30 @@ def _check_assignment(x, assignment, scores, num_parents) -> int:
     return num_parents
 
 
-def _prepare_assignment(assignment: torch.Tensor, P: int) -> torch.Tensor:
-    """int64, contiguous; on CUDA the values are checked here (the CPU core checks its own)."""
+def _prepare_assignment(assignment: torch.Tensor, P: int, adjacency: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64, contiguous; on CUDA the values are checked here (the CPU core checks its own),
+    and the adjacency's finite check, if it is due, is read back with them."""
     assignment = assignment.to(torch.int64).contiguous()
     if assignment.is_cuda and checks_values(assignment):
-        _check_assignment_values(assignment, P)
+        pending = None if adjacency is None else pending_finite_check(adjacency)
+        extra = _check_assignment_values(assignment, P, [] if pending is None else [pending])
+        if pending is not None:
+            finish_finite_check("adjacency", adjacency, extra[0])
     return assignment
 
 
-def _check_assignment_values(assignment: torch.Tensor, P: int) -> None:
+def _check_assignment_values(assignment: torch.Tensor, P: int, extra: list = ()) -> list:
     """Parent indices in [0, P) and every parent with a child, read back once (on CUDA each read
-    back waits for the GPU). The emptiest parent is counted over clamped indices, which differ
-    only when the range check fails first."""
+    back waits for the GPU) together with the int64 scalars in `extra`, whose values it returns.
+    The emptiest parent is counted over clamped indices, which differ only when the range check
+    fails first."""
     N = assignment.shape[0]
     stats = list(torch.aminmax(assignment)) if N else []
     counts = torch.bincount(assignment.clamp(0, P - 1), minlength=P) if P else None
     if P:
         stats.append(counts.min())
-    values = torch.stack(stats).tolist() if stats else []
+    read = torch.stack(stats + list(extra)).tolist() if stats or extra else []
+    values, extra_values = read[:len(stats)], read[len(stats):]
     if N:
         lo, hi = values[:2]
         if lo < 0 or hi >= P:
@@ -148,6 +155,7 @@ def _check_assignment_values(assignment: torch.Tensor, P: int) -> None:
         empty = int(torch.nonzero(counts == 0)[0])
         raise ValueError(f"assignment: expected every parent in [0, {P - 1}] to have at least one child, "
                          f"got none for parent {empty}")
+    return extra_values
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:
@@ -172,7 +180,8 @@ def graph_conv(
         x: (..., N, F) node features (float32/float64 on CPU; also float16/bfloat16 on CUDA).
         adjacency: (N, N) shared by every sample, or (B, N, N) with B == x.shape[0], one graph
             per leading index (the dimensions between the first and N share it). Must be
-            finite (checked on the CPU). Normalise it beforehand (see ``affectkit.eeg``).
+            finite (checked; on CUDA once per tensor version, a host wait, and not while a
+            CUDA graph is captured). Normalise it beforehand (see ``affectkit.eeg``).
         weight: optional (F, F_out); without it F_out == F (HiSTN filters without weights).
         bias: optional (F_out,).
         activation: None, "relu", "elu", "leaky_relu" (slope 0.01), "tanh" or "sigmoid".
@@ -384,6 +393,7 @@ def _graph_conv(
     x: torch.Tensor, adjacency: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], activation: int
 ) -> torch.Tensor:
     x, adjacency, weight, bias = x.contiguous(), adjacency.contiguous(), _contig(weight), _contig(bias)
+    check_finite_graph("adjacency", adjacency)
     if _empty_weight(weight):
         return _conv_forward_torch(x, adjacency, weight, bias, activation)
     S, N, F = x.shape
@@ -573,7 +583,7 @@ def _graph_conv_pool(
         x.contiguous(), adjacency.contiguous(), _contig(weight), _contig(bias), _contig(scores))
     S, N, F = x.shape
     Fo = F if weight is None else weight.shape[1]
-    assignment = _prepare_assignment(assignment, num_parents)
+    assignment = _prepare_assignment(assignment, num_parents, adjacency)
     if _empty_weight(weight):
         node = _conv_forward_torch(x, adjacency, weight, bias, activation)
         return node, _hierarchical_pool.plain(node, assignment, scores, num_parents)
@@ -629,6 +639,7 @@ def _cheb_out_features(x: torch.Tensor, coefficients: torch.Tensor) -> int:
 @affectkit_op("affectkit::cheb_graph_conv")
 def _cheb_graph_conv(x: torch.Tensor, laplacian: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     x, laplacian, coefficients = x.contiguous(), laplacian.contiguous(), coefficients.contiguous()
+    check_finite_graph("laplacian", laplacian)
     S, N, F = x.shape
     Fo = _cheb_out_features(x, coefficients)
     out = x.new_empty((S, N, Fo))
