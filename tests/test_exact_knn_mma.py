@@ -1,8 +1,10 @@
 """The mma.sync kernel of the CUDA exact filtered k-NN (csrc/knn/exact_knn_mma.cu) against a
 float64 reference, and the WMMA kernel it replaces, at awkward sizes.
 
-AFFECTKIT_KNN_MMA is read once per process, so each setting runs in one child process that
-checks every case and prints a JSON report; the tests below read those reports. Every input
+AFFECTKIT_KNN_MMA and AFFECTKIT_KNN_WGMMA are read once per process, so each setting runs in
+one child process that checks every case and prints a JSON report (and the names of the
+kernels one call ran); the tests below read those reports. The wgmma setting is the opt-in
+sm_90a instantiation of the same kernel, written before it ran on a GPU. Every input
 is exact in float16 (small integers; +-1 rows for cosine), so ids and distances must match the
 reference exactly, ties included (the smaller id wins).
 """
@@ -81,6 +83,11 @@ CHILD = textwrap.dedent(
         want_i[torch.isinf(want_d)] = -1
         return want_d, want_i
 
+    q, x = data(129, 1000, 48, "ip", 0, torch.Generator().manual_seed(5))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.filtered_knn(q.half().cuda(), x.half().cuda(), None, 10, "ip")
+    print(json.dumps(sorted({e.name for e in prof.events() if "topk_kernel" in e.name})))
+
     report = []
     for metric in ("ip", "l2", "cosine"):
         for ci, (nq, n, d, k, kind, frac, dup) in enumerate(json.loads(sys.argv[1])):
@@ -117,32 +124,47 @@ CHILD = textwrap.dedent(
 )
 
 
+SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
+            "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"}}
+
+
 @pytest.fixture(scope="module")
 def reports():
-    """{"1": report with the mma kernel, "0": with the WMMA kernel}, one child process each."""
+    """{setting: (report, names of the top-k kernels one call ran)}, one child process each:
+    "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation."""
     out = {}
-    for setting in ("1", "0"):
-        env = dict(os.environ, AFFECTKIT_KNN_MMA=setting)
+    for setting, env_vars in SETTINGS.items():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
         proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], capture_output=True,
-                              text=True, env=env, timeout=900)
+                              text=True, env={**env, **env_vars}, timeout=900)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        out[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
+        lines = proc.stdout.strip().splitlines()
+        out[setting] = json.loads(lines[-1]), json.loads(lines[-2])
     return out
 
 
-@pytest.mark.parametrize("setting", ["1", "0"], ids=["mma", "wmma"])
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_matches_float64_reference(reports, setting, metric):
-    rows = [r for r in reports[setting] if r["metric"] == metric]
+    rows = [r for r in reports[setting][0] if r["metric"] == metric]
     assert len(rows) == len(CASES)
     failures = [(r["case"], r["problems"]) for r in rows if r["problems"]]
     assert not failures, failures
 
 
+@pytest.mark.parametrize("setting, expected", [("1", ", false>"), ("0", "tc_topk_kernel<"),
+                                               ("wgmma", ", true>")])
+def test_the_setting_reaches_its_kernel(reports, setting, expected):
+    # mma_topk_kernel<METRIC, kWG>: the wgmma run must not fall back to mma.sync unnoticed
+    # (an H100/H200 is compute capability 9.0, and the build includes sm_90 by default).
+    names = reports[setting][1]
+    assert names and all(expected in n for n in names), names
+
+
 def test_cases_exercise_padding(reports):
     # the cases with fewer allowed rows than k really produce padded outputs
-    for setting in ("1", "0"):
-        padded = {tuple(r["case"][:5]): r["padded"] for r in reports[setting] if r["metric"] == "ip"}
+    for setting in SETTINGS:
+        padded = {tuple(r["case"][:5]): r["padded"] for r in reports[setting][0] if r["metric"] == "ip"}
         assert padded[(3, 5, 48, 10, "none")] == 3 * 5
         assert padded[(129, 4099, 16, 10, "shared")] == 129 * 10
         assert padded[(3, 70001, 384, 10, "few")] == 3 * 7

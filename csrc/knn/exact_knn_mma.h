@@ -14,6 +14,7 @@ namespace affectkit::knn::detail {
 // How the mma kernel runs one call (ok == false: it cannot, use the WMMA kernel).
 struct MmaPlan {
   bool ok = false;
+  bool wgmma = false;      // the wgmma instantiation (exact_knn_mma_sm90a.cu) rather than mma.sync
   int stages = 0;          // cp.async pipeline depth over 64-column row slabs (2 or 3)
   int64_t nchunks = 0;     // row chunks (grid.y)
   int64_t chunk_rows = 0;  // rows per chunk (a multiple of the 256-row tile)
@@ -23,6 +24,15 @@ struct MmaPlan {
 // AFFECTKIT_KNN_MMA=0 (read once) keeps the WMMA kernel; otherwise the mma kernel serves
 // every call it fits (plan_exact_mma(...).ok).
 bool mma_enabled();
+
+// AFFECTKIT_KNN_WGMMA=1 (read once) asks for the kernel's wgmma instantiation where it can
+// run: compute capability 9.0, and a build whose CUDA architectures include sm_90 (CMake then
+// compiles exact_knn_mma_sm90a.cu for sm_90a and defines AFFECTKIT_WITH_SM90A). Opt-in: it
+// has not run on a GPU yet.
+bool wgmma_requested();
+#ifdef AFFECTKIT_WITH_SM90A
+void* wgmma_kernel_ptr(int metric);  // exact_knn_mma_sm90a.cu
+#endif
 
 // The caller has checked the tensor-core preconditions (float16, d % 16 == 0, 16-byte
 // aligned data, 1 <= k <= 256, n < 2^31); optin is the device's opt-in shared memory per block.
