@@ -17,6 +17,8 @@
 #                           its cases whose name contains MATCH (no spaces; "_" stands for a
 #                           space), e.g. ncu:tc_conv_kernel:graph:N=62
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
+#   probe                   scripts/probe/wgmma_probe.cu: the k-NN kernel's wgmma helpers alone
+#                           (descriptors, swizzle, accumulator layout) against a float64 product
 # Without arguments: every CUDA test file, all targets. That machine's python3 already has
 # torch, pytest, CMake, ninja, pybind11 and scikit-build-core; it has no network.
 set -uo pipefail
@@ -31,7 +33,7 @@ ALL_TESTS="tests/test_cross_modal_attention.py:150 tests/test_exact_knn.py:150 t
   tests/test_index_cuda.py:60 tests/test_cuda_graphs.py:60 tests/test_masked_mean.py:60 tests/test_nn_attention.py:60
   tests/test_core_module.py:40 tests/test_attention_long_cuda.py:200 tests/test_graph_conv_cuda_fast.py:150
   tests/test_exact_knn_mma.py:120 tests/test_attention_kv_stages_cuda.py:120"
-STEPS=${*:-$ALL_TESTS targets}
+STEPS=${*:-probe $ALL_TESTS targets}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$LOG"
 start=$(date +%s)
@@ -84,6 +86,11 @@ for step in $STEPS; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/benchmarks" --benchmark-only \
         -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \
         | grep -A40 "speed-up" ;;
+    probe)
+      "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I "$REPO/csrc" \
+        "$REPO/scripts/probe/wgmma_probe.cu" -o /tmp/wgmma_probe > "$OUT/probe.log" 2>&1 \
+        && timeout 30 /tmp/wgmma_probe >> "$OUT/probe.log" 2>&1
+      echo "probe exit $?"; tail -6 "$OUT/probe.log" ;;
     sanitizer)
       timeout 100 compute-sanitizer --tool memcheck --print-limit 20 "${PYTEST[@]}" -x \
         "$REPO/tests/test_cross_modal_attention.py" "$REPO/tests/test_exact_knn.py" "$REPO/tests/test_graph_ops.py" \

@@ -26,3 +26,22 @@ def test_emulated_wgmma_tiles_match_the_product():
 def test_planted_bugs_are_caught(bug):
     proc = _run("--bug", bug)
     assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _nvcc():
+    import shutil
+
+    default = pathlib.Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.exists() else None)
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the CUDA toolkit) to compile the probe")
+def test_wgmma_probe_builds_for_sm90a(tmp_path):
+    # scripts/probe/wgmma_probe.cu runs the kernel's wgmma helpers alone on a GPU machine
+    # (gpu_check.sh step "probe"); here it must at least assemble for sm_90a.
+    root = SCRIPT.parents[2]
+    proc = subprocess.run([_nvcc(), "-std=c++17", "-O3", "-gencode", "arch=compute_90a,code=sm_90a",
+                           "-I", str(root / "csrc"), str(root / "scripts" / "probe" / "wgmma_probe.cu"),
+                           "-o", str(tmp_path / "probe")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "probe").stat().st_size > 0
