@@ -21,7 +21,7 @@ from _support import requires_cuda
 
 pytestmark = requires_cuda
 
-PATHS = ["auto", "tiled", "warp", "tc", "tc3"]
+PATHS = ["auto", "tiled", "warp", "tc", "tc3", "wg"]  # wg: wgmma, sm_90a (not yet run on a GPU)
 TOL = 1e-5
 
 SCRIPT = r"""
@@ -100,6 +100,28 @@ def test_forced_path_matches_float64(path, gen):
     seed = int(torch.randint(2**31, (1,), generator=gen))
     proc = _run(path, SCRIPT, str(seed), str(TOL))
     assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+
+
+# The kernels one 62 x 64 -> 64 float32 call runs, by name.
+KERNEL_NAMES = (
+    "import torch, affectkit.ops as ops\n"
+    "x = torch.randn(300, 62, 64, device='cuda')\n"
+    "A, W = torch.randn(62, 62, device='cuda'), torch.randn(64, 64, device='cuda')\n"
+    "with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:\n"
+    "    ops.graph_conv(x, A, W)\n"
+    "print(sorted({e.name for e in prof.events() if 'conv_kernel' in e.name}))\n"
+)
+
+
+@pytest.mark.parametrize("path, kernel", [("auto", "tc_conv_kernel"), ("tc", "tc_conv_kernel"),
+                                          ("wg", "wg_conv_kernel")])
+def test_forced_path_runs_its_kernel(path, kernel):
+    # A forced path that cannot take a call falls back silently; the sweep above would then
+    # test another kernel. An H100/H200 is compute capability 9.0, where wg must run.
+    proc = _run(path, KERNEL_NAMES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = proc.stdout.strip().splitlines()[-1]
+    assert kernel in names and names.count("conv_kernel") == 1, names
 
 
 # One float32 graph_conv call that the tensor-core path would take; prints a ValueError's message.

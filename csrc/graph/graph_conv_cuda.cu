@@ -24,10 +24,13 @@
 //   kernel cannot take the call. H200, 8,192 samples: 14 x 32 -> 32 19.2 us (conv_kernel 54 us,
 //   floor ~10 us), 62 x 64 -> 64 203 us (conv_kernel 669 us, floor ~87 us).
 //
+// * graph_conv_forward_wg (graph_conv_wg_sm90a.cu): the same op as tc with wgmma, on compute
+//   capability 9.0, for F % 4 == 0. NOT YET RUN ON A GPU, so only when forced (wg).
+//
 // AFFECTKIT_GRAPH_CUDA_PATH (read once) forces a kernel, for timing and tests: auto (the
 // default: warp, else tc, else tiled), tiled (conv_kernel), warp, tc (TF32 + bf16 corrections),
-// tc3 (3xTF32; 3-6 % slower than tc on the H200). A forced kernel that cannot take the call
-// falls back to the automatic choice.
+// tc3 (3xTF32; 3-6 % slower than tc on the H200), wg (wgmma; builds with sm_90 only). A forced
+// kernel that cannot take the call falls back to the automatic choice.
 //
 // Accumulation in float (double for double).
 #include <algorithm>
@@ -402,7 +405,7 @@ __global__ void __launch_bounds__(kThreads, WarpMinBlocks<T>::value)
   }
 }
 
-enum class Path { Auto, Tiled, Warp, Tc, Tc3 };
+enum class Path { Auto, Tiled, Warp, Tc, Tc3, Wg };
 
 // Thrown again on every call while the variable holds a bad value (a throwing static
 // initialisation is retried).
@@ -415,7 +418,8 @@ Path forced_path() {
     if (v == "warp") return Path::Warp;
     if (v == "tc") return Path::Tc;
     if (v == "tc3") return Path::Tc3;
-    throw ValueError("AFFECTKIT_GRAPH_CUDA_PATH: expected auto, tiled, warp, tc or tc3, got '" + v + "'");
+    if (v == "wg") return Path::Wg;
+    throw ValueError("AFFECTKIT_GRAPH_CUDA_PATH: expected auto, tiled, warp, tc, tc3 or wg, got '" + v + "'");
   }();
   return path;
 }
@@ -459,6 +463,15 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
                                    static_cast<const float*>(w), static_cast<const float*>(bias),
                                    static_cast<float*>(out), S, N, F, Fo, act, stream);
     };
+#ifdef AFFECTKIT_WITH_SM90A
+    if constexpr (std::is_same_v<T, float>) {
+      if (path == Path::Wg && B == 1 && assignment == nullptr && w != nullptr &&
+          graph_conv_forward_wg(static_cast<const float*>(x), static_cast<const float*>(adj),
+                                static_cast<const float*>(w), static_cast<const float*>(bias),
+                                static_cast<float*>(out), S, N, F, Fo, act, stream))
+        return;
+    }
+#endif
     if (path == Path::Tc && try_tc(TcSplit::Tf32Bf16)) return;
     if (path == Path::Tc3 && try_tc(TcSplit::Tf32x3)) return;
     if (path == Path::Auto && !warp_ok && try_tc(TcSplit::Tf32Bf16)) return;

@@ -53,6 +53,7 @@
 
 #include "../core/cuda_utils.cuh"
 #include "graph_conv_tc.h"
+#include "tc_math.cuh"
 
 namespace affectkit::graph::detail {
 namespace {
@@ -93,18 +94,6 @@ __device__ __forceinline__ void cp_async_wait_pending(int pending) {
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-// TF32 by truncation (one LOP3) and by rounding half away from zero (two; cvt.rna costs four
-// here, for its infinity check). Rounding the big part halves |small| (<= 2^-11 |v|) and with
-// it the error of every correction term: 1.9e-6 -> 5.6e-7 (Tf32Bf16) and 8e-7 -> 6e-8
-// (Tf32x3) relative on 62 x 64 -> 64 inputs spanning 1e-3 .. 1e3, emulated.
-__device__ __forceinline__ uint32_t tf32_trunc(float v) { return __float_as_uint(v) & 0xffffe000u; }
-__device__ __forceinline__ uint32_t tf32_round(float v) { return (__float_as_uint(v) + 0x1000u) & 0xffffe000u; }
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // Fragment layouts (g = lane / 4, c = lane % 4). m16n8k8 tf32: A {(g, c), (g+8, c), (g, c+4),
 // (g+8, c+4)} as (row, depth); B {(c, g), (c+4, g)} as (depth, column); D {(g, 2c), (g, 2c+1),
 // (g+8, 2c), (g+8, 2c+1)}. m16n8k16 bf16: A {(g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..),
@@ -182,16 +171,6 @@ __device__ __forceinline__ void warp_mma(const float* L, int ldl, const float* R
       for (int i = 0; i < MR; ++i) mma_split<Sp>(acc[i][j], ab[i], ac[i], bb0, bb1, bc0, bc1);
     }
   }
-}
-
-template <int Act>
-__device__ __forceinline__ float activate(float v) {
-  if constexpr (Act == 1) return v > 0.f ? v : 0.f;
-  else if constexpr (Act == 2) return v > 0.f ? v : expm1f(v);
-  else if constexpr (Act == 3) return v > 0.f ? v : v * 0.01f;
-  else if constexpr (Act == 4) return tanhf(v);
-  else if constexpr (Act == 5) return 1.f / (1.f + expf(-v));
-  else return v;
 }
 
 // Phase 1 (see the top): Z rows of the tile = x rows @ W; units of MR m16 tiles x 32 columns.

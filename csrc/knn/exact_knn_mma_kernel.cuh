@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "../core/cuda_utils.cuh"
+#include "../core/wgmma.cuh"
 #include "exact_knn_mma.h"
 
 namespace affectkit::knn::detail {
@@ -78,10 +79,6 @@ struct Layout {
 
 // The device code below is built for sm_90 and later only (see the kernel).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m; lane L receives
 // row L / 4, columns 2 (L % 4), 2 (L % 4) + 1 of each.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -166,50 +163,6 @@ __device__ void insert_bucket32(float* ld, int* lr, int* cnt_p, float* thr_p, in
   }
 }
 
-
-// ---- wgmma (kWG) ----------------------------------------------------------------------------
-
-// Shared-memory matrix descriptor, K-major with the 128-byte swizzle: start address (16-byte
-// units, bits 0-13), leading offset 1 (unused by this layout), 1024 bytes between 8-row groups
-// (bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63).
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) |
-         (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-
-// Byte offset of the 16-byte piece p (0..7) of row r in a swizzled 128-byte-row layout.
-__host__ __device__ constexpr uint32_t sw128_offset(int r, int p) {
-  return static_cast<uint32_t>(r) * 128u + static_cast<uint32_t>((p ^ (r & 7)) * 16);
-}
-
-// Shared memory written by the generic proxy (cp.async, ordinary stores) and then read by
-// wgmma (the async proxy) needs this fence in the writing threads before the barrier.
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_fence() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_commit() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-// Waits for this warpgroup's wgmma; the empty asm on every accumulator keeps the compiler from
-// reading them before the wait (they are asm outputs it would otherwise think ready).
-__device__ __forceinline__ void wgmma_wait_all(float (&d)[32][4]) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-#pragma unroll
-  for (int j = 0; j < 32; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
-}
 
 // D (64 x 256 fp32, this warpgroup's accumulators) += A (64 x 16 fp16) * B^T (B: 256 x 16
 // fp16), both read from shared memory through descriptors (K-major, 128-byte swizzle).

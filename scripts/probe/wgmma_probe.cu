@@ -13,6 +13,7 @@
 
 #include "knn/exact_knn_mma_kernel.cuh"
 
+using namespace affectkit;
 using namespace affectkit::knn::detail;
 
 constexpr int kQ = 128, kR = 256, kK = 128;  // two 64-column slabs

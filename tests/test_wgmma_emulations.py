@@ -1,7 +1,9 @@
-"""The numpy emulation of the k-NN kernel's wgmma data path (scripts/emulate/knn_wgmma_layout.py):
-swizzled copies, descriptors and accumulator coordinates agree on fresh random tiles, and a
-planted indexing bug is caught. It stands in for the GPU until the kernel has run on one; it
-mirrors the kernel's index arithmetic, so keep the two in step."""
+"""The numpy emulations of the wgmma (sm_90a) kernels' data paths, which stand in for a GPU
+until the kernels have run on one: the k-NN kernel's (scripts/emulate/knn_wgmma_layout.py:
+swizzled copies, descriptors, accumulator coordinates) and graph_conv's
+(scripts/emulate/graph_conv_wg_kernel.py: split operands, both products, the Z^T hand-over,
+float64 accuracy). Fresh random inputs each run must match, and planted indexing bugs must be
+caught. They mirror the kernels' index arithmetic, so keep each in step with its kernel."""
 
 import pathlib
 import subprocess
@@ -9,23 +11,37 @@ import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "emulate" / "knn_wgmma_layout.py"
+EMULATE = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "emulate"
+SCRIPT = EMULATE / "knn_wgmma_layout.py"
+GRAPH = EMULATE / "graph_conv_wg_kernel.py"
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+def _run(script, *args):
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
 
 
 def test_emulated_wgmma_tiles_match_the_product():
-    proc = _run()
+    proc = _run(SCRIPT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "5 of 5 cases match" in proc.stdout
 
 
 @pytest.mark.parametrize("bug", ["loader_swizzle", "b_stage", "k_step", "qloc"])
 def test_planted_bugs_are_caught(bug):
-    proc = _run("--bug", bug)
+    proc = _run(SCRIPT, "--bug", bug)
     assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_emulated_graph_conv_wg_matches_float64():
+    proc = _run(GRAPH)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "5 of 5 cases pass" in proc.stdout
+
+
+@pytest.mark.parametrize("bug", ["column_block", "pair_order", "k_step", "zt_transposed", "padding_skipped"])
+def test_graph_conv_wg_planted_bugs_are_caught(bug):
+    proc = _run(GRAPH, "--bug", bug)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
 
 
 def _nvcc():
