@@ -45,4 +45,16 @@ def test_nvcc_found_through_cuda_home_when_not_on_path(tmp_path):
     assert rc == 0, log
     assert "affectkit: CUDA" in log and "architectures 80-real;90" in log
     header = (tmp_path / "b" / "generated" / "build_config.h").read_text()
-    assert '#define AFFECTKIT_CUDA_ARCHS_STR "80-real;90"' in header
+    # With sm_90 in the list, the Hopper-only (wgmma) files are built for sm_90a as well.
+    assert '#define AFFECTKIT_CUDA_ARCHS_STR "80-real;90;90a-real"' in header
+
+
+@pytest.mark.skipif(CMAKE is None or not Path("/usr/local/cuda/bin/nvcc").exists(),
+                    reason="needs cmake and a CUDA toolkit in /usr/local/cuda")
+def test_no_sm90a_code_without_sm90(tmp_path):
+    rc, log = configure(tmp_path, {"AFFECTKIT_CUDA": "ON", "CUDA_HOME": "/usr/local/cuda",
+                                   "AFFECTKIT_CUDA_ARCHS": "80-real"})
+    assert rc == 0, log
+    header = (tmp_path / "b" / "generated" / "build_config.h").read_text()
+    assert '#define AFFECTKIT_CUDA_ARCHS_STR "80-real"' in header
+    assert "_sm90a.cu" not in (tmp_path / "b" / "build.ninja").read_text()

@@ -117,11 +117,20 @@ def test_graph_conv_float32_small_features_every_activation(N, F, Fo, act, gen):
     C.graph_conv_forward(C.DEVICE_CPU, C.DTYPE_CODES["float32"], _c(x), _c(A), _c(W), _c(b) if b is not None else 0,
                          _c(out), S, N, F, Fo, B, ops.graph.ACTIVATIONS[act])
     want = conv_ref(x.reshape(B, S // B, N, F), A, W, b, act).reshape(S, N, Fo)
-    assert rel_error(out, want) <= 2e-5
+    # Float32 rounding is bounded by the sums of |terms|, not by the result: with F = 1 and relu
+    # a sum over 16 nodes can cancel to ~1e-4 while the other outputs clip to 0 (a CI run saw
+    # 3.8e-5 relative to the result that way). Measure against |A| |x| |W| + |b|.
+    scale = conv_ref(x.abs().reshape(B, S // B, N, F), A.abs(), W.abs(), None if b is None else b.abs()).reshape(S, N, Fo)
+
+    def error(got, ref, ref_scale):
+        return torch.linalg.vector_norm(got.double() - ref).item() / torch.linalg.vector_norm(ref_scale).item()
+
+    assert error(out, want, scale) <= 2e-5
     if N > 1 and B == 1:  # the fused level: pooling reads the outputs the fused epilogue wrote
         assignment = random_assignment(N, 2, gen)
         node, pooled = ops.graph_conv_pool(x, A[0], assignment, W, b, act, None, 2)
-        assert rel_error(node, want) <= 2e-5 and rel_error(pooled, pool_ref(want, assignment, None, 2)) <= 2e-5
+        assert error(node, want, scale) <= 2e-5
+        assert error(pooled, pool_ref(want, assignment, None, 2), pool_ref(scale, assignment, None, 2)) <= 2e-5
 
 
 @pytest.mark.parametrize("act", ACTS)
