@@ -2,6 +2,7 @@
 interface, its stock-PyTorch twin, and bad input."""
 
 import csv
+import json
 import os
 import random
 from pathlib import Path
@@ -90,10 +91,34 @@ def test_training_on_meld_files_learns_and_round_trips(tmp_path):
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "metrics.json", "README.md"}
     card = (out / "README.md").read_text()
     assert "GPL-3.0" in card and "MELD" in card
+    # Four of MELD's seven emotions here: no reading at the test split's class mix.
+    assert "dev_weighted_f1_at_test_class_mix" not in metrics and "published class mix" not in card
     loaded = affectkit.load(out)
     assert isinstance(loaded, ERCModel) and loaded.labels == meld.LABELS
     np.testing.assert_allclose(loaded.predict_dialogue_proba(DIALOGUE), model.predict_dialogue_proba(DIALOGUE),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_dev_score_at_the_test_class_mix(gen):
+    from affectkit.metrics import weighted_f1_at_class_mix
+    from affectkit.models.erc_card import render_erc_card
+    from affectkit.models.erc_training import test_mix_estimate
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    y = np.concatenate([np.arange(7), rng.integers(0, 7, 293)])
+    pred = np.where(rng.random(300) < 0.3, rng.integers(0, 7, 300), y)
+    dialogue = np.sort(rng.integers(0, 40, 300))
+    est = test_mix_estimate(y, pred, dialogue)
+    value = est["dev_weighted_f1_at_test_class_mix"]
+    assert value == weighted_f1_at_class_mix(y, pred, meld.TEST_LABEL_COUNTS)
+    lo, hi = est["dev_weighted_f1_at_test_class_mix_5_95"]
+    assert lo < value < hi
+    assert test_mix_estimate(y, y, dialogue)["dev_weighted_f1_at_test_class_mix_5_95"] == [1.0, 1.0]
+    assert test_mix_estimate(y[y != 6], pred[y != 6], dialogue[y != 6]) == {}
+    shipped = affectkit.load("erc-meld")
+    metrics = json.loads((resolve("erc-meld").parent / "metrics.json").read_text())
+    card = render_erc_card(shipped.config, {**metrics, **est})
+    assert f"weighted F1 {value:.4f}" in card and f"{lo:.3f}-{hi:.3f}" in card
 
 
 def test_tuned_layers_start_from_a_fine_tuned_text_model():
@@ -189,6 +214,7 @@ def test_cli_analyze_dialogues_in_context(tmp_path):
     talk.write_text("".join(f"{s}: {t}\n" for s, t in DIALOGUE))
     out = json.loads(_cli("analyze", "--file", str(talk), "--json", "--no-vad").stdout)
     ctx = [u["in_context"] for u in out["utterances"]]
+    assert "notes" not in out
     assert [c["emotion"] for c in ctx] == affectkit.load("erc-meld").predict_dialogue(DIALOGUE)
     assert all(0 < c["probability"] <= 1 for c in ctx)
     # CSV with speaker and dialogue columns: each dialogue is read on its own.
@@ -198,6 +224,11 @@ def test_cli_analyze_dialogues_in_context(tmp_path):
     out = json.loads(_cli("analyze", "--file", str(rows), "--json", "--no-vad").stdout)
     assert [u["in_context"]["dialogue"] for u in out["utterances"]] == ["1"] * 4 + ["2"]
     assert [u["in_context"]["emotion"] for u in out["utterances"][:4]] == [c["emotion"] for c in ctx]
+    # Dialogue 2 is one utterance: said, not passed off as a reading in context.
+    assert out["notes"] == ["dialogue '2' has one utterance (utterance 5), so its in-context emotion is read "
+                            "without any context"]
+    shown = _cli("analyze", "--file", str(rows), "--no-vad")
+    assert shown.returncode == 0 and "dialogue '2' has one utterance" in " ".join(shown.stdout.split())
     no_ctx = json.loads(_cli("analyze", "--file", str(talk), "--json", "--no-vad", "--no-context").stdout)
     assert all("in_context" not in u for u in no_ctx["utterances"])
 

@@ -101,6 +101,8 @@ def _cmd_analyze(args, console) -> int:
             vad = f"{v['valence']:.2f} / {v['arousal']:.2f} / {v['dominance']:.2f}" if v else "-"
             summary.add_row(s["speaker"], str(s["utterances"]), f"{s['main_emotion']} {s['mean_probability']:.2f}", vad)
         console.print(summary)
+    for note in result.get("notes", []):
+        console.print(f"note: {note}", style="yellow")
     if args.explain:
         from .retrieval.explain_table import explain_table
 

@@ -26,10 +26,11 @@ def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", erc
         raise ValueError(f"explain: expected a number of examples >= 0, got {explain!r}")
     emo = load(emotion) if isinstance(emotion, str) else emotion
     texts = [u.text for u in doc.utterances]
-    in_context = None
+    in_context, notes = None, []
     if doc.is_dialogue and erc is not None:
         doc.check_speakers(source)  # before any model runs: no partial output
         in_context = _in_context(doc, load(erc) if isinstance(erc, str) else erc)
+        notes = _lone_utterance_notes(doc)
     probs = emo.predict_proba(texts, progress=progress)
     chosen = emo.decide(probs)
     ekman = emo.ekman_proba(probs)
@@ -59,6 +60,8 @@ def analyze(doc: Document | list[str], *, emotion="text-emotion", vad="vad", erc
             row["nearest_examples"] = {"emotion": chosen[i][0], "examples": examples[i]}
         rows.append(row)
     result = {"kind": doc.kind, "utterances": rows}
+    if notes:
+        result["notes"] = notes
     if doc.is_dialogue:
         result["speakers"] = _speaker_summary(doc, probs, dims, emo.labels)
     return result
@@ -75,6 +78,19 @@ def _in_context(doc: Document, model) -> list[dict]:
             out[i] = {"emotion": model.labels[j], "probability": round(float(p[j]), 4),
                       "dialogue": doc.utterances[i].dialogue}
     return out
+
+
+def _lone_utterance_notes(doc: Document) -> list[str]:
+    """A dialogue of one utterance has no context: say so rather than let its in-context
+    emotion pass for a reading of a conversation."""
+    notes = []
+    for group in doc.dialogues():
+        if len(group) == 1:
+            u = doc.utterances[group[0]]
+            name = f"dialogue {u.dialogue!r}" if u.dialogue is not None else "the dialogue"
+            notes.append(f"{name} has one utterance (utterance {group[0] + 1}), so its in-context emotion is read "
+                         "without any context")
+    return notes
 
 
 def _speaker_summary(doc: Document, probs, dims, labels) -> list[dict]:

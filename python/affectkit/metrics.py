@@ -11,6 +11,28 @@ def weighted_f1(targets, predictions) -> float:
     return float(f1_score(targets, predictions, average="weighted", zero_division=0))
 
 
+def weighted_f1_at_class_mix(targets, predictions, class_counts) -> float:
+    """Weighted F1 that `predictions` would score on a set whose classes occur as `class_counts`
+    (one count per class index 0..C-1), assuming only the mix changes (label shift: each class's
+    examples look alike in both sets). Each example of class c weighs target share / own share,
+    which moves precision, recall and the averaging weights to that mix. Used to read a dev
+    score at a test split's published label counts, without its examples."""
+    targets = np.asarray(targets)
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"class_counts: expected non-negative counts, one per class, not all zero; got {class_counts!r}")
+    if targets.size == 0 or targets.min() < 0 or targets.max() >= len(counts):
+        raise ValueError(f"targets: expected class indices in [0, {len(counts)}), got {targets.size} values"
+                         + (f" in [{targets.min()}, {targets.max()}]" if targets.size else ""))
+    own = np.bincount(targets, minlength=len(counts)).astype(np.float64)
+    missing = (own == 0) & (counts > 0)
+    if missing.any():
+        raise ValueError(f"targets: classes {np.flatnonzero(missing).tolist()} have a count in class_counts but no "
+                         "example here, so their share cannot be reweighted")
+    ratio = np.divide(counts / counts.sum(), own / own.sum(), out=np.zeros_like(own), where=own > 0)
+    return float(f1_score(targets, predictions, average="weighted", sample_weight=ratio[targets], zero_division=0))
+
+
 def accuracy(targets, predictions) -> float:
     return float(accuracy_score(targets, predictions))
 
@@ -43,6 +65,29 @@ def per_subject(metric, subjects, *arrays) -> tuple[float, dict[str, float]]:
         mask = subjects == s
         scores[str(s)] = metric(*(np.asarray(a)[mask] for a in arrays))
     return float(np.mean(list(scores.values()))), scores
+
+
+def group_bootstrap(metric, groups, *arrays, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """metric(*arrays) on `resamples` resamples of whole groups (dialogues, subjects) drawn with
+    replacement: the spread a score would show on another draw of groups of the same kind.
+    Returns the resampled scores."""
+    groups = np.asarray(groups)
+    arrays = [np.asarray(a) for a in arrays]
+    if any(len(a) != len(groups) for a in arrays):
+        raise ValueError(f"arrays: expected {len(groups)} rows each (one per entry of groups), "
+                         f"got {[len(a) for a in arrays]}")
+    if resamples < 1:
+        raise ValueError(f"resamples: expected a positive number, got {resamples}")
+    _, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)] if len(groups) else []
+    if not members:
+        raise ValueError("groups: expected at least one group, got none")
+    rng = np.random.default_rng(seed)
+    out = np.empty(resamples)
+    for i in range(resamples):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        out[i] = metric(*(a[rows] for a in arrays))
+    return out
 
 
 def expected_calibration_error(probs, targets, bins: int = 15) -> float:
