@@ -1,5 +1,5 @@
 // Internal: the mma.sync / ldmatrix / cp.async helpers shared by the tensor-core attention
-// kernels (cross_attention_tc.cu, the forward; cross_attention_tc_backward.cu, the backward).
+// kernels (cross_attention_tc.cu, the forward; cross_attention_tc_backward_kernels.cuh, the backward).
 // Moved verbatim from cross_attention_tc.cu. Each translation unit gets its own internal copy
 // (anonymous namespace), so no symbol is shared across objects.
 #pragma once

@@ -1,0 +1,361 @@
+// CPU backward of graph_conv: grad x, grad A (per-sample or shared graph), grad W and grad b,
+// from grad_out read through its strides. Threads split the samples (graph by graph when
+// each sample group has its own graph, so each grad A has one writer) and sum their partial
+// weight and bias gradients in thread order.
+#include "graph_conv_cpu_common.h"
+
+namespace affectkit::graph::detail {
+namespace {
+
+// d[f] = g(f) * act'(y[f]): one branch-free loop per activation, so it vectorises (a
+// data-dependent branch per element mispredicts half the time on ReLU). g(f) reads the
+// gradient: a contiguous row, or one value for the whole row (a broadcast gradient, read
+// without staging it: a masked vector load right after the stores that staged it waits for
+// them, which made the broadcast case 40 % slower than a contiguous one).
+template <typename T, typename G>
+AK_INLINE void slope_times(const G& g, const T* __restrict y, T* __restrict d, int64_t n, Activation act) {
+  switch (act) {
+    case Activation::ReLU:
+      for (int64_t f = 0; f < n; ++f) d[f] = y[f] > T(0) ? g(f) : T(0);
+      break;
+    case Activation::ELU:
+      for (int64_t f = 0; f < n; ++f) d[f] = g(f) * (y[f] > T(0) ? T(1) : y[f] + T(1));
+      break;
+    case Activation::LeakyReLU:
+      for (int64_t f = 0; f < n; ++f) d[f] = g(f) * (y[f] > T(0) ? T(1) : leaky_slope<T>());
+      break;
+    case Activation::Tanh:
+      for (int64_t f = 0; f < n; ++f) d[f] = g(f) * (T(1) - y[f] * y[f]);
+      break;
+    case Activation::Sigmoid:
+      for (int64_t f = 0; f < n; ++f) d[f] = g(f) * (y[f] * (T(1) - y[f]));
+      break;
+    default:
+      for (int64_t f = 0; f < n; ++f) d[f] = g(f);
+  }
+}
+
+#ifdef AK_GRAPH_AVX512_TILES
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, for the unpack intrinsics' undefined operand
+// grad_x and grad_A of one sample for small graphs and few input features (N <= 64, F <= 16;
+// float, AVX-512), on transposed tiles. The general route computes H = gp W^T with a row's F
+// outputs in the vector lanes (5 of 16 lanes busy at F = 5, each FMA behind a scalar
+// broadcast); here the lanes hold 16 nodes: gpT = gp^T (register transposes) and
+// HT[f] = sum_o W[f, o] gpT[o]. Then, when asked for:
+//   grad_x = A^T H:  gxT[f] = sum_i HT[f][i] A[i, :], transposed back into gx's rows;
+//   grad_A += H x^T: row i of ga_acc += sum_f HT[f][i] x[:, f] (x's columns by transposes).
+// gp: (N, ldg); w: (F, Fo); arows: (N, Np), Np = N rounded up to 16, A's rows zero past
+// column N; x: (N, kF); gx: (N, kF) or null; ga_acc: (N, Np) or null; scratch:
+// (round_up(Fo, 16) + 16) * Np floats.
+template <int kF>
+__attribute__((target("avx512f"))) void small_grad_xa_avx512(const float* gp, int64_t ldg, int64_t Fo,
+                                                             const float* w, const float* arows,
+                                                             int64_t N, const float* x, float* gx,
+                                                             float* ga_acc, float* scratch) {
+  const int64_t Np = (N + 15) / 16 * 16;
+  float* gpT = scratch;                             // (Fo, Np)
+  float* ht_rows = scratch + (Fo + 15) / 16 * 16 * Np;  // (kF, Np)
+  for (int64_t n0 = 0; n0 < Np; n0 += 16) {
+    for (int64_t o0 = 0; o0 < Fo; o0 += 16) {
+      const int64_t ow = std::min<int64_t>(16, Fo - o0);
+      const __mmask16 omask = static_cast<__mmask16>((1u << ow) - 1u);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = n0 + i < N ? _mm512_maskz_loadu_ps(omask, gp + (n0 + i) * ldg + o0) : _mm512_setzero_ps();
+      transpose16x16_avx512(r);
+      for (int64_t c = 0; c < ow; ++c) _mm512_storeu_ps(gpT + (o0 + c) * Np + n0, r[c]);
+    }
+    __m512 ht[kF];
+    combine_rows_avx512<kF>(Fo, gpT + n0, Np, w, 1, Fo, ht);
+    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(ht_rows + f * Np + n0, ht[f]);
+  }
+  constexpr __mmask16 fmask = static_cast<__mmask16>((1u << kF) - 1u);
+  for (int64_t j0 = 0; j0 < Np; j0 += 16) {
+    __m512 t[16];
+    if (gx) {
+      for (int f = kF; f < 16; ++f) t[f] = _mm512_setzero_ps();
+      combine_rows_avx512<kF>(N, arows + j0, Np, ht_rows, 1, Np, t);
+      transpose16x16_avx512(t);
+      for (int64_t j = 0; j < 16 && j0 + j < N; ++j) _mm512_mask_storeu_ps(gx + (j0 + j) * kF, fmask, t[j]);
+    }
+    if (ga_acc) {
+      for (int j = 0; j < 16; ++j)
+        t[j] = j0 + j < N ? _mm512_maskz_loadu_ps(fmask, x + (j0 + j) * kF) : _mm512_setzero_ps();
+      transpose16x16_avx512(t);  // t[f] = x[j0:j0+16, f]
+      for (int64_t i = 0; i < N; ++i) {
+        __m512 acc = _mm512_loadu_ps(ga_acc + i * Np + j0);
+        for (int f = 0; f < kF; ++f) acc = _mm512_fmadd_ps(_mm512_set1_ps(ht_rows[f * Np + i]), t[f], acc);
+        _mm512_storeu_ps(ga_acc + i * Np + j0, acc);
+      }
+    }
+  }
+}
+
+template <int kF = 1>
+void small_grad_xa(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const float* w,
+                   const float* arows, int64_t N, const float* x, float* gx, float* ga_acc, float* scratch) {
+  if constexpr (kF < 16) {
+    if (F != kF) return small_grad_xa<kF + 1>(F, gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+  }
+  small_grad_xa_avx512<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+}
+
+// grad_W of one sample for the same shapes: gw_acc (kF, Fop) += Z^T gp with Z = A x, Z's
+// columns computed 16 nodes per vector (as in the forward) and each gp row vector scaled by
+// broadcasts of Z. x: (N, kF); at_rows: (N, Np), row j = A[:, j]; gp: (N, Fop);
+// scratch: 16 * Np floats.
+template <int kF>
+__attribute__((target("avx512f"))) void small_grad_w_avx512(const float* x, const float* at_rows,
+                                                            const float* gp, int64_t Fop, int64_t N,
+                                                            float* gw_acc, float* scratch) {
+  const int64_t Np = (N + 15) / 16 * 16;
+  __m512 acc[kF];
+  for (int64_t n0 = 0; n0 < Np; n0 += 16) {
+    combine_rows_avx512<kF>(N, at_rows + n0, Np, x, kF, 1, acc);
+    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(scratch + f * Np + n0, acc[f]);
+  }
+  for (int64_t o0 = 0; o0 < Fop; o0 += 16) {
+    combine_rows_avx512<kF>(N, gp + o0, Fop, scratch, 1, Np, acc);
+    for (int f = 0; f < kF; ++f) {
+      float* dst = gw_acc + f * Fop + o0;
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[f]));
+    }
+  }
+}
+
+template <int kF = 1>
+void small_grad_w(int64_t F, const float* x, const float* at_rows, const float* gp, int64_t Fop,
+                  int64_t N, float* gw_acc, float* scratch) {
+  if constexpr (kF < 16) {
+    if (F != kF) return small_grad_w<kF + 1>(F, x, at_rows, gp, Fop, N, gw_acc, scratch);
+  }
+  small_grad_w_avx512<kF>(x, at_rows, gp, Fop, N, gw_acc, scratch);
+}
+#pragma GCC diagnostic pop
+#endif
+
+template <typename T>
+struct BackwardArgs {
+  const T* g;    // grad_out (S, N, Fo), element strides gs, gn, gf
+  const T* y;    // forward output (S, N, Fo)
+  const T* x;
+  const T* adj;
+  const T* w;
+  T* gx;         // (S, N, F) or null
+  T* gA;         // per-sample: (B, N, N); shared: this thread's (N, N) partial; or null
+  T* gW;         // this thread's (F, Fo) partial, or null
+  T* gb;         // this thread's (Fo) partial, or null
+  int64_t N, F, Fo, R;
+  Activation act;
+  bool per_sample;  // one graph per R samples, gA written per graph (else accumulated)
+  int64_t gs, gn, gf;
+};
+
+template <typename T, int VB>
+AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t s1) {
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  const int64_t N = a.N, F = a.F, Fo = a.Fo;
+  const int64_t Fp = round_up(F, L), Fop = round_up(Fo, L), Np = round_up(N, L);
+  const bool has_w = a.w != nullptr;
+  // grad_W = sum_s (A x_s)^T g_s (route 1, N^2 F flops) or x_s^T (A^T g_s) (N^2 Fo flops).
+  const bool w_route1 = Fp <= Fop;
+  // As in the forward pass, G samples sharing a graph sit side by side in the F-wide products.
+  const int64_t G = F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
+  // With grad_x and grad_W both wanted (and not grad_A), M = A^T gp serves both: cheaper
+  // unless the features are few enough that grouping makes the A products nearly free.
+  // Small graphs with few features take the transposed-tile grad_x on AVX-512 (float).
+  bool small = false;
+#ifdef AK_GRAPH_AVX512_TILES
+  if constexpr (VB == 64 && std::is_same_v<T, float>) small = has_w && N <= 64 && F >= 1 && F <= 16;
+#endif
+  const bool small_gx = small && (a.gx || a.gA);  // grad_x and grad_A on tiles
+  const int64_t Np16 = round_up(N, 16);
+  const bool m_route = !small && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
+  const bool small_gw = small && a.gW;
+  std::vector<T> arows(small_gx ? N * Np16 : 0, T(0)), scratch(small_gx ? (Fop + 16) * Np16 : 0);
+  std::vector<T> at_rows(small_gw ? N * Np16 : 0), scratch_w(small_gw ? 16 * Np16 : 0);
+  std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
+  std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
+  std::vector<T> gAacc(a.gA ? N * Np : 0), gWacc(a.gW ? F * Fop : 0, T(0)), gbacc(Fop, T(0));
+  std::vector<T> grow_buf(a.gf > 1 ? Fo : 0);
+  if (has_w) transpose_padded(a.w, F, Fo, Fo, wT.data(), Fp);
+  const T* A = nullptr;
+  for (int64_t s = s0, g = 1; s < s1; s += g) {
+    g = std::min({G, s1 - s, a.R - s % a.R});  // a group never crosses into another graph
+    const int64_t grp = s / a.R;
+    if (s == s0 || s % a.R == 0) {  // a new graph begins
+      A = a.adj + grp * N * N;
+      std::fill(gAacc.begin(), gAacc.end(), T(0));
+      if (small_gx) copy_padded(A, N, N, N, arows.data(), Np16);
+      if (small_gw) transpose_padded(A, N, N, N, at_rows.data(), Np16);
+    }
+    // gp[k] = grad_out * act'(out), zero-padded to Fop columns (strided rows gathered first).
+    for (int64_t k = 0; k < g; ++k) {
+      const T* gs = a.g + (s + k) * a.gs;
+      const T* ys = a.y + (s + k) * N * Fo;
+      for (int64_t i = 0; i < N; ++i) {
+        T* d = gp.data() + (k * N + i) * Fop;
+        const T* grow = gs + i * a.gn;
+        if (a.gf == 0) {  // one value for the row (sum()'s gradient, a broadcast)
+          const T c = *grow;
+          slope_times<T>([c](int64_t) { return c; }, ys + i * Fo, d, Fo, a.act);
+        } else {
+          if (a.gf != 1) {  // gathered into a contiguous row first
+            for (int64_t f = 0; f < Fo; ++f) grow_buf[f] = grow[f * a.gf];
+            grow = grow_buf.data();
+          }
+          const T* __restrict gr = grow;
+          slope_times<T>([gr](int64_t f) { return gr[f]; }, ys + i * Fo, d, Fo, a.act);
+        }
+        for (int64_t f = Fo; f < Fop; ++f) d[f] = T(0);
+      }
+    }
+    if (a.gb) add_column_sums<T, VB>(gp.data(), g * N, Fop, gbacc.data());
+    if (m_route) {  // M = A^T gp, grad_x = M W^T, grad_W += x^T M: three products, not four
+      for (int64_t k = 0; k < g; ++k) {
+        const T* xk = a.x + (s + k) * N * F;
+        gemm_strided<T, VB, false>(N, Fop, N, A, 1, N, gp.data() + k * N * Fop, Fop, M.data(), Fop);
+        gemm<T, VB, false>(N, Fp, Fo, M.data(), Fop, wT.data(), Fp, gxcat.data(), Fp);
+        gemm_strided<T, VB, true>(F, Fop, N, xk, 1, F, M.data(), Fop, gWacc.data(), Fop);
+        T* dst = a.gx + (s + k) * N * F;
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) dst[i * F + f] = gxcat[i * Fp + f];
+      }
+      continue;  // no grad_A on this route (it needs H = gp W^T)
+    }
+#ifdef AK_GRAPH_AVX512_TILES
+    if constexpr (VB == 64 && std::is_same_v<T, float>)
+      if (small)
+        for (int64_t k = 0; k < g; ++k) {
+          if (small_gx)
+            small_grad_xa(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.x + (s + k) * N * F,
+                          a.gx ? a.gx + (s + k) * N * F : nullptr, a.gA ? gAacc.data() : nullptr,
+                          scratch.data());
+          if (small_gw)
+            small_grad_w(F, a.x + (s + k) * N * F, at_rows.data(), gp.data() + k * N * Fop, Fop, N,
+                         gWacc.data(), scratch_w.data());
+        }
+#endif
+    // Hcat[:, kF:(k+1)F] = gp[k] W^T: the gradient with respect to A x_{s+k}.
+    if (!small_gx && (a.gx || a.gA)) {
+      const T* Hs = gp.data();  // the group's gp rows are stacked: one product for all
+      int64_t ldh = Fop;
+      if (has_w) {
+        gemm<T, VB, false>(g * N, Fp, Fo, gp.data(), Fop, wT.data(), Fp, Ht.data(), Fp);
+        Hs = Ht.data(), ldh = Fp;
+      }
+      for (int64_t k = 0; k < g; ++k)
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) Hcat[i * Fp + k * F + f] = Hs[(k * N + i) * ldh + f];
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t c = g * F; c < Fp; ++c) Hcat[i * Fp + c] = T(0);
+    }
+    if (a.gx && !small_gx) {  // grad_x = A^T H for the whole group (A^T read in place)
+      gemm_strided<T, VB, false>(N, Fp, N, A, 1, N, Hcat.data(), Fp, gxcat.data(), Fp);
+      for (int64_t k = 0; k < g; ++k) {
+        T* dst = a.gx + (s + k) * N * F;
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t f = 0; f < F; ++f) dst[i * F + f] = gxcat[i * Fp + k * F + f];
+      }
+    }
+    if (a.gA && !small_gx)  // grad_A += H_k x_k^T
+      for (int64_t k = 0; k < g; ++k) {
+        transpose_padded(a.x + (s + k) * N * F, N, F, F, xT.data(), Np);
+        gemm<T, VB, true>(N, Np, F, Hcat.data() + k * F, Fp, xT.data(), Np, gAacc.data(), Np);
+      }
+    if (a.gW && !small_gw) {
+      if (w_route1) {  // Z = A x for the group, then grad_W += Z_k^T gp_k (Z^T read in place)
+        const T* xg = a.x + s * N * F;
+        for (int64_t i = 0; i < N; ++i) {
+          T* d = xcat.data() + i * Fp;
+          int64_t c = 0;
+          for (int64_t k = 0; k < g; ++k)
+            for (int64_t f = 0; f < F; ++f) d[c++] = xg[(k * N + i) * F + f];
+          for (; c < Fp; ++c) d[c] = T(0);
+        }
+        gemm<T, VB, false>(N, Fp, N, A, N, xcat.data(), Fp, Zcat.data(), Fp);
+        for (int64_t k = 0; k < g; ++k)
+          gemm_strided<T, VB, true>(F, Fop, N, Zcat.data() + k * F, 1, Fp,
+                                    gp.data() + k * N * Fop, Fop, gWacc.data(), Fop);
+      } else {  // M = A^T gp_k, then grad_W += x_k^T M (both transposes read in place)
+        for (int64_t k = 0; k < g; ++k) {
+          gemm_strided<T, VB, false>(N, Fop, N, A, 1, N, gp.data() + k * N * Fop, Fop, M.data(), Fop);
+          gemm_strided<T, VB, true>(F, Fop, N, a.x + (s + k) * N * F, 1, F, M.data(), Fop,
+                                    gWacc.data(), Fop);
+        }
+      }
+    }
+    if (a.gA && (s + g == s1 || (s + g) % a.R == 0)) {  // the graph ends: flush its gradient
+      T* dst = a.gA + (a.per_sample ? grp * N * N : 0);
+      for (int64_t i = 0; i < N; ++i) {
+        const T* src = gAacc.data() + i * Np;
+        if (a.per_sample) std::copy(src, src + N, dst + i * N);
+        else for (int64_t j = 0; j < N; ++j) dst[i * N + j] += src[j];
+      }
+    }
+  }
+  if (a.gW)
+    for (int64_t k = 0; k < F; ++k)
+      for (int64_t f = 0; f < Fo; ++f) a.gW[k * Fo + f] += gWacc[k * Fop + f];
+  if (a.gb)
+    for (int64_t f = 0; f < Fo; ++f) a.gb[f] += gbacc[f];
+}
+AK_GRAPH_MULTIVERSION(backward_range, BackwardArgs)
+
+
+template <typename T>
+void backward(const T* g, const int64_t* gstrides, const T* y, const T* x, const T* adj, const T* w, T* gx,
+              T* gA, T* gW, T* gb, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B, Activation act) {
+  if (S == 0) {  // nothing flows back: every requested gradient is zero
+    if (gA) std::fill(gA, gA + B * N * N, T(0));
+    if (gW) std::fill(gW, gW + F * Fo, T(0));
+    if (gb) std::fill(gb, gb + Fo, T(0));
+    return;
+  }
+  const bool per_sample = B > 1;
+  // Per-sample graphs are split between threads graph by graph, so each gA[b] has one writer.
+  const int64_t units = per_sample ? B : S, R = S / B;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), units)));
+  std::vector<T> partA(gA && !per_sample ? nt * N * N : 0, T(0));
+  std::vector<T> partW(gW ? nt * F * Fo : 0, T(0)), partb(gb ? nt * Fo : 0, T(0));
+  const int level = simd_level();
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    BackwardArgs<T> a{g, y, x, adj, w, gx,
+                      gA ? (per_sample ? gA : partA.data() + t * N * N) : nullptr,
+                      gW ? partW.data() + t * F * Fo : nullptr,
+                      gb ? partb.data() + t * Fo : nullptr, N, F, Fo, R, act, per_sample,
+                      gstrides ? gstrides[0] : N * Fo, gstrides ? gstrides[1] : Fo, gstrides ? gstrides[2] : 1};
+    int64_t u0, u1;
+    thread_range(units, t, n, &u0, &u1);
+    if (per_sample) u0 *= R, u1 *= R;
+    backward_range(level, a, u0, u1);
+  }
+  // Sum the per-thread partials in thread order (deterministic for a thread count).
+  auto reduce = [nt](const std::vector<T>& parts, T* dst, int64_t size) {
+    std::fill(dst, dst + size, T(0));
+    for (int t = 0; t < nt; ++t)
+      for (int64_t i = 0; i < size; ++i) dst[i] += parts[t * size + i];
+  };
+  if (gA && !per_sample) reduce(partA, gA, N * N);
+  if (gW) reduce(partW, gW, F * Fo);
+  if (gb) reduce(partb, gb, Fo);
+}
+
+}  // namespace
+
+void graph_conv_backward_cpu(DType dtype, const void* g, const int64_t* gstrides, const void* y,
+                             const void* x, const void* adj, const void* w, void* gx, void* gA,
+                             void* gW, void* gb, int64_t S, int64_t N, int64_t F, int64_t Fo, int64_t B,
+                             Activation act) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "grad_out", T, [&] {
+    backward(static_cast<const T*>(g), gstrides, static_cast<const T*>(y), static_cast<const T*>(x),
+             static_cast<const T*>(adj), static_cast<const T*>(w), static_cast<T*>(gx),
+             static_cast<T*>(gA), static_cast<T*>(gW), static_cast<T*>(gb), S, N, F, Fo, B, act);
+  });
+}
+
+}  // namespace affectkit::graph::detail

@@ -1,0 +1,59 @@
+// Pieces shared by graph_conv's CPU forward (graph_conv_forward_cpu.cpp) and backward
+// (graph_conv_backward_cpu.cpp). The two are separate translation units so that they compile
+// in parallel. Internal linkage (an unnamed namespace), as when they were one file: each
+// unit keeps its own copy, and none clashes with a same-named helper of another unit.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../core/dispatch.h"
+#include "../core/transpose_avx512.h"
+#include "graph.h"
+#include "pool_kernels.h"
+#include "small_gemm.h"
+
+namespace affectkit::graph::detail {
+namespace {
+
+template <typename T>
+AK_INLINE T leaky_slope() { return T(0.01); }
+
+template <typename T>
+AK_INLINE T activate(T v, Activation a) {
+  switch (a) {
+    case Activation::ReLU: return v > T(0) ? v : T(0);
+    case Activation::ELU: return v > T(0) ? v : std::expm1(v);
+    case Activation::LeakyReLU: return v > T(0) ? v : v * leaky_slope<T>();
+    case Activation::Tanh: return std::tanh(v);
+    case Activation::Sigmoid: return T(1) / (T(1) + std::exp(-v));
+    default: return v;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AK_GRAPH_AVX512_TILES 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, for the unpack intrinsics' undefined operand
+// acc[f] = sum_t coef[t * ct + f * cf] * src[t * ld] (16 lanes) for f < kF, t < T: the one
+// product shape of the tile kernels below (kF accumulators, one vector load per t).
+template <int kF>
+__attribute__((target("avx512f"), always_inline)) inline void combine_rows_avx512(
+    int64_t T, const float* src, int64_t ld, const float* coef, int64_t ct, int64_t cf, __m512 acc[kF]) {
+  for (int f = 0; f < kF; ++f) acc[f] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const __m512 v = _mm512_loadu_ps(src + t * ld);
+    for (int f = 0; f < kF; ++f) acc[f] = _mm512_fmadd_ps(_mm512_set1_ps(coef[t * ct + f * cf]), v, acc[f]);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+}  // namespace affectkit::graph::detail

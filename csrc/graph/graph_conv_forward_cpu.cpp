@@ -1,0 +1,241 @@
+// CPU forward of graph_conv, fused with the bias, the activation and (graph_conv_pool) the
+// pooling. Each thread takes a contiguous run of samples and, per sample, runs two small
+// products whose operands (A, W, one sample) stay in L1: (A x) W when F <= Fo, else A (x W),
+// then the epilogue, writing each output element once.
+#include "graph_conv_cpu_common.h"
+
+namespace affectkit::graph::detail {
+namespace {
+
+// out[i, :Fo] = act(y[i, :Fo] + bias), one loop per activation so the simple ones vectorise.
+template <typename T>
+AK_INLINE void epilogue(const T* y, int64_t ldy, const T* bias, T* out, int64_t N, int64_t Fo,
+                        Activation act) {
+  for (int64_t i = 0; i < N; ++i) {
+    const T* yi = y + i * ldy;
+    T* oi = out + i * Fo;
+    switch (act) {
+      case Activation::None:
+        for (int64_t f = 0; f < Fo; ++f) oi[f] = yi[f] + bias[f];
+        break;
+      case Activation::ReLU:
+        for (int64_t f = 0; f < Fo; ++f) oi[f] = std::max(yi[f] + bias[f], T(0));
+        break;
+      case Activation::LeakyReLU:
+        for (int64_t f = 0; f < Fo; ++f) {
+          const T v = yi[f] + bias[f];
+          oi[f] = v > T(0) ? v : v * leaky_slope<T>();
+        }
+        break;
+      default:
+        for (int64_t f = 0; f < Fo; ++f) oi[f] = activate(yi[f] + bias[f], act);
+    }
+  }
+}
+
+#ifdef AK_GRAPH_AVX512_TILES
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, for the unpack intrinsics' undefined operand
+// The small forward's epilogue when it is piecewise linear (none, ReLU, leaky ReLU): out =
+// act(y + bias) written straight from registers, negative values scaled by negative_slope.
+struct Fused {
+  const float* bias;  // (Fop), zero-padded
+  float* out;         // this sample's (N, Fo) output
+  int64_t Fo;
+  float negative_slope;
+};
+
+__attribute__((target("avx512f"), always_inline)) inline void finish_row(const Fused* fused, __mmask16 omask,
+                                                                          float* y, int64_t Fop, int64_t row,
+                                                                          int64_t o0, __m512 v) {
+  if (!fused) return _mm512_storeu_ps(y + row * Fop + o0, v);
+  const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+  v = _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(fused->negative_slope));
+  _mm512_mask_storeu_ps(fused->out + row * fused->Fo + o0, omask, v);
+}
+
+// The forward for the same small shapes (N <= 64, F <= 16, with W; float, AVX-512), one sample:
+// y = (A x) W with 16 nodes per vector for A x (ZT[f] = sum_j x[j, f] A[:, j]), then each
+// output row from broadcasts of Z[i, f] against W's rows. No packing of samples side by side
+// and no half-empty lanes. x: (N, kF); at_rows: (N, Np), row j = A[:, j], zero past N;
+// wp: (kF, Fop) zero-padded; y: (N, Fop); scratch: 16 * Np floats.
+template <int kF>
+__attribute__((target("avx512f"))) void small_forward_avx512(const float* x, const float* at_rows,
+                                                             const float* wp, int64_t Fop, int64_t N,
+                                                             float* y, float* scratch, const Fused* fused) {
+  const int64_t Np = (N + 15) / 16 * 16;
+  for (int64_t n0 = 0; n0 < Np; n0 += 16) {
+    __m512 zt[kF];
+    combine_rows_avx512<kF>(N, at_rows + n0, Np, x, kF, 1, zt);
+    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(scratch + f * Np + n0, zt[f]);
+  }
+  // Four rows at a time: four independent FMA chains, each W vector loaded once for them.
+  // Fused: start from the bias, apply the activation and store into the output row (Fo wide);
+  // otherwise store the product into y (Fop wide) for the general epilogue.
+  for (int64_t o0 = 0; o0 < Fop; o0 += 16) {
+    const __m512 init = fused ? _mm512_loadu_ps(fused->bias + o0) : _mm512_setzero_ps();
+    const __mmask16 omask =
+        fused ? static_cast<__mmask16>((1u << std::min<int64_t>(16, fused->Fo - o0)) - 1u) : 0;
+    int64_t i = 0;
+    for (; i + 4 <= N; i += 4) {
+      __m512 acc[4] = {init, init, init, init};
+      for (int f = 0; f < kF; ++f) {
+        const __m512 w = _mm512_loadu_ps(wp + f * Fop + o0);
+        for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scratch[f * Np + i + r]), w, acc[r]);
+      }
+      for (int r = 0; r < 4; ++r) finish_row(fused, omask, y, Fop, i + r, o0, acc[r]);
+    }
+    for (; i < N; ++i) {
+      __m512 acc = init;
+      for (int f = 0; f < kF; ++f)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(scratch[f * Np + i]), _mm512_loadu_ps(wp + f * Fop + o0), acc);
+      finish_row(fused, omask, y, Fop, i, o0, acc);
+    }
+  }
+}
+
+template <int kF = 1>
+void small_forward(int64_t F, const float* x, const float* at_rows, const float* wp, int64_t Fop,
+                   int64_t N, float* y, float* scratch, const Fused* fused) {
+  if constexpr (kF < 16) {
+    if (F != kF) return small_forward<kF + 1>(F, x, at_rows, wp, Fop, N, y, scratch, fused);
+  }
+  small_forward_avx512<kF>(x, at_rows, wp, Fop, N, y, scratch, fused);
+}
+#pragma GCC diagnostic pop
+#endif
+
+template <typename T>
+struct ForwardArgs {
+  const T* x;
+  const T* adj;
+  const T* w;     // (F, Fo) or null
+  const T* bias;  // (Fo) or null
+  T* out;
+  int64_t N, F, Fo, R;  // R samples share one adjacency
+  Activation act;
+  bool check_each_graph;       // per-sample adjacency: check it for NaN where it is read
+  int64_t* first_bad_graph;    // this thread's first non-finite graph, or -1
+  const Children* kids;        // fused pooling, or null
+  const T* scores;             // (S, N) or null
+  T* pooled;                   // (S, P, Fo)
+  int64_t P;
+};
+
+template <typename T, int VB>
+AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s1) {
+  constexpr int64_t L = Vec<T, VB>::lanes;
+  const int64_t N = a.N, F = a.F, Fo = a.Fo;
+  const int64_t Fp = round_up(F, L), Fop = round_up(Fo, L);
+  const bool has_w = a.w != nullptr, a_first = Fp <= Fop;
+  // Small graphs with few features take the transposed-tile forward on AVX-512 (float).
+  bool small_fwd = false;
+#ifdef AK_GRAPH_AVX512_TILES
+  if constexpr (VB == 64 && std::is_same_v<T, float>) small_fwd = has_w && F >= 1 && F <= 16 && N <= 64;
+#endif
+  const bool fused_epilogue = small_fwd && (a.act == Activation::None || a.act == Activation::ReLU ||
+                                            a.act == Activation::LeakyReLU);
+  const int64_t Np16 = round_up(N, 16);
+  std::vector<T> at_rows(small_fwd ? N * Np16 : 0), scratch(small_fwd ? 16 * Np16 : 0);
+  // With few features, G samples that share a graph sit side by side in one padded row, so
+  // the product with A fills the vector lanes instead of multiplying zero padding.
+  const int64_t G = small_fwd ? 1 : (!has_w || a_first) && F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
+  std::vector<T> wp(has_w ? F * Fop : 0), xs(N * Fp), tmp(N * std::max(Fp, Fop)), y(N * Fop);
+  std::vector<T> bias(Fop, T(0)), w_pool(N);
+  if (has_w) copy_padded(a.w, F, Fo, Fo, wp.data(), Fop);
+  if (a.bias) std::copy(a.bias, a.bias + Fo, bias.begin());
+  for (int64_t s = s0, g = 1; s < s1; s += g) {
+    g = std::min({G, s1 - s, a.R - s % a.R});  // a group never crosses into another graph
+    const int64_t graph = s / a.R;
+    const T* A = a.adj + graph * N * N;
+    if (a.check_each_graph && (s == s0 || s % a.R == 0) && *a.first_bad_graph < 0 &&
+        !all_finite(A, N * N))
+      *a.first_bad_graph = graph;
+    const T* xg = a.x + s * N * F;
+#ifdef AK_GRAPH_AVX512_TILES
+    if constexpr (VB == 64 && std::is_same_v<T, float>)
+      if (small_fwd) {
+        if (s == s0 || s % a.R == 0) transpose_padded(A, N, N, N, at_rows.data(), Np16);  // a new graph
+        const Fused fused{bias.data(), a.out + s * N * Fo, Fo,
+                          a.act == Activation::ReLU ? 0.0f : a.act == Activation::LeakyReLU ? leaky_slope<float>() : 1.0f};
+        small_forward(F, xg, at_rows.data(), wp.data(), Fop, N, y.data(), scratch.data(),
+                      fused_epilogue ? &fused : nullptr);
+      }
+#endif
+    if (!small_fwd) {
+      for (int64_t i = 0; i < N; ++i) {  // xs[i] = [x[s][i] | x[s+1][i] | ... | 0 ...]
+        T* d = xs.data() + i * Fp;
+        int64_t c = 0;
+        for (int64_t k = 0; k < g; ++k)
+          for (int64_t f = 0; f < F; ++f) d[c++] = xg[(k * N + i) * F + f];
+        for (; c < Fp; ++c) d[c] = T(0);
+      }
+      if (!has_w) {
+        gemm<T, VB, false>(N, Fp, N, A, N, xs.data(), Fp, y.data(), Fp);
+      } else if (a_first) {
+        gemm<T, VB, false>(N, Fp, N, A, N, xs.data(), Fp, tmp.data(), Fp);
+      } else {
+        gemm<T, VB, false>(N, Fop, F, xs.data(), Fp, wp.data(), Fop, tmp.data(), Fop);
+        gemm<T, VB, false>(N, Fop, N, A, N, tmp.data(), Fop, y.data(), Fop);
+      }
+    }
+    for (int64_t k = 0; k < g; ++k) {
+      const T* yk = y.data();
+      int64_t ldy = Fop;
+      if (!has_w) {
+        yk = y.data() + k * F, ldy = Fp;
+      } else if (a_first && !small_fwd) {
+        gemm<T, VB, false>(N, Fop, F, tmp.data() + k * F, Fp, wp.data(), Fop, y.data(), Fop);
+      }
+      T* o = a.out + (s + k) * N * Fo;
+      if (!fused_epilogue) epilogue(yk, ldy, bias.data(), o, N, Fo, a.act);
+      if (a.kids)
+        pool_sample(o, Fo, a.scores ? a.scores + (s + k) * N : nullptr, *a.kids,
+                    a.pooled + (s + k) * a.P * Fo, Fo, a.P, w_pool.data());
+    }
+  }
+}
+AK_GRAPH_MULTIVERSION(forward_range, ForwardArgs)
+
+
+template <typename T>
+void forward(const T* x, const T* adj, const T* w, const T* bias, T* out, int64_t S, int64_t N,
+             int64_t F, int64_t Fo, int64_t B, Activation act, const int64_t* assignment,
+             const T* scores, T* pooled, int64_t P) {
+  if (S == 0) return;
+  if (B == 1 && !all_finite(adj, N * N))
+    throw ValueError("adjacency: expected finite values, got NaN or infinity");
+  const Children kids = assignment ? build_children(assignment, N, P) : Children{};
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), S)));
+  std::vector<int64_t> bad(nt, -1);
+  const int level = simd_level();
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    ForwardArgs<T> a{x, adj, w, bias, out, N, F, Fo, S / B, act, B > 1, &bad[t],
+                     assignment ? &kids : nullptr, scores, pooled, P};
+    int64_t s0, s1;
+    thread_range(S, t, n, &s0, &s1);
+    forward_range(level, a, s0, s1);
+  }
+  for (int64_t g : bad)
+    if (g >= 0)
+      throw ValueError("adjacency: expected finite values, got NaN or infinity in adjacency[" +
+                       std::to_string(g) + "]");
+}
+
+}  // namespace
+
+void graph_conv_forward_cpu(DType dtype, const void* x, const void* adj, const void* w,
+                            const void* bias, void* out, int64_t S, int64_t N, int64_t F,
+                            int64_t Fo, int64_t B, Activation act, const int64_t* assignment,
+                            const void* scores, void* pooled, int64_t P) {
+  AFFECTKIT_DISPATCH_CPU_FLOAT(dtype, "x", T, [&] {
+    forward(static_cast<const T*>(x), static_cast<const T*>(adj), static_cast<const T*>(w),
+            static_cast<const T*>(bias), static_cast<T*>(out), S, N, F, Fo, B, act, assignment,
+            static_cast<const T*>(scores), static_cast<T*>(pooled), P);
+  });
+}
+
+}  // namespace affectkit::graph::detail
