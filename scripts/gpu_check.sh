@@ -18,7 +18,9 @@
 #                           space), e.g. ncu:tc_conv_kernel:graph:N=62
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 #   probe                   scripts/probe/wgmma_probe.cu: the k-NN kernel's wgmma helpers alone
-#                           (descriptors, swizzle, accumulator layout) against a float64 product
+#                           (descriptors, swizzle, accumulator layout) against a float64 product;
+#                           then wgmma_attention_probe.cu: P from registers and an N-major V
+#                           (which descriptor offsets work), for a future wgmma attention
 # Without arguments: every CUDA test file, all targets. That machine's python3 already has
 # torch, pytest, CMake, ninja, pybind11 and scikit-build-core; it has no network.
 set -uo pipefail
@@ -87,10 +89,14 @@ for step in $STEPS; do
         -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \
         | grep -A40 "speed-up" ;;
     probe)
-      "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I "$REPO/csrc" \
-        "$REPO/scripts/probe/wgmma_probe.cu" -o /tmp/wgmma_probe > "$OUT/probe.log" 2>&1 \
-        && timeout 30 /tmp/wgmma_probe >> "$OUT/probe.log" 2>&1
-      echo "probe exit $?"; tail -6 "$OUT/probe.log" ;;
+      : > "$OUT/probe.log"
+      for probe in wgmma_probe wgmma_attention_probe; do
+        "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a \
+          -I "$REPO/csrc" "$REPO/scripts/probe/$probe.cu" -o "/tmp/$probe" >> "$OUT/probe.log" 2>&1 \
+          && timeout 30 "/tmp/$probe" >> "$OUT/probe.log" 2>&1
+        echo "$probe exit $?"
+      done
+      grep -E "probe|O\(|D\(" "$OUT/probe.log" | tail -12 ;;
     sanitizer)
       timeout 100 compute-sanitizer --tool memcheck --print-limit 20 "${PYTEST[@]}" -x \
         "$REPO/tests/test_cross_modal_attention.py" "$REPO/tests/test_exact_knn.py" "$REPO/tests/test_graph_ops.py" \

@@ -6,6 +6,7 @@ float64 accuracy). Fresh random inputs each run must match, and planted indexing
 caught. They mirror the kernels' index arithmetic, so keep each in step with its kernel."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -52,12 +53,21 @@ def _nvcc():
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the CUDA toolkit) to compile the probe")
-def test_wgmma_probe_builds_for_sm90a(tmp_path):
-    # scripts/probe/wgmma_probe.cu runs the kernel's wgmma helpers alone on a GPU machine
-    # (gpu_check.sh step "probe"); here it must at least assemble for sm_90a.
+@pytest.mark.parametrize("probe, products", [("wgmma_probe", {"m64n256k16.f32.f16.f16"}),
+                                             ("wgmma_attention_probe", {"m64n64k16.f32.bf16.bf16",
+                                                                        "m64n128k16.f32.bf16.bf16"})])
+def test_wgmma_probe_builds_for_sm90a(tmp_path, probe, products):
+    # The probes run wgmma layouts alone on a GPU machine (gpu_check.sh step "probe"); here each
+    # must assemble for sm_90a, with its products really there (the helpers compile to nothing
+    # where the sm_90a features are off).
     root = SCRIPT.parents[2]
-    proc = subprocess.run([_nvcc(), "-std=c++17", "-O3", "-gencode", "arch=compute_90a,code=sm_90a",
-                           "-I", str(root / "csrc"), str(root / "scripts" / "probe" / "wgmma_probe.cu"),
-                           "-o", str(tmp_path / "probe")], capture_output=True, text=True, timeout=300)
+    common = [_nvcc(), "-std=c++17", "-O3", "-I", str(root / "csrc"), str(root / "scripts" / "probe" / f"{probe}.cu")]
+    ptx = subprocess.run(common + ["-arch=sm_90a", "-ptx", "-o", str(tmp_path / "p.ptx")],
+                         capture_output=True, text=True, timeout=300)
+    assert ptx.returncode == 0, ptx.stderr[-3000:]
+    found = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+)", (tmp_path / "p.ptx").read_text()))
+    assert found == products
+    proc = subprocess.run(common + ["-gencode", "arch=compute_90a,code=sm_90a", "-o", str(tmp_path / "probe")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "probe").stat().st_size > 0
