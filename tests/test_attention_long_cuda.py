@@ -140,6 +140,13 @@ def test_long_forward_varlen(D, gen):
 
 LONG_KERNEL_OFF = os.environ.get("AFFECTKIT_ATTENTION_LONG_KERNEL") == "0"
 WIDE = os.environ.get("AFFECTKIT_ATTENTION_LONG_WARPS") == "8"  # 8 warps of 16 rows (opt-in)
+WGMMA = os.environ.get("AFFECTKIT_ATTENTION_WGMMA") == "1"  # D = 128 on wgmma (opt-in, sm_90a builds)
+
+
+def _wgmma_possible() -> bool:
+    """The wgmma forward can run here: a compute capability 9.0 device and a build with sm_90a."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability(0) == (9, 0)
+            and "90a-real" in C.build_info()["cuda_architectures"].split(";"))
 
 
 @requires_cuda
@@ -157,6 +164,25 @@ def test_the_expected_kernel_runs(gen):
     assert all((", true>" in n) == WIDE for n in long_names), long_names  # the kWide template flag
 
 
+@requires_cuda
+def test_the_expected_kernel_runs_at_d128(gen):
+    # AFFECTKIT_ATTENTION_WGMMA=1 must reach the wgmma kernel wherever it can run (not fall back
+    # to the long kernel unnoticed), and nowhere else.
+    B, Lq, Lk, D = 2, 257, 300, 128
+    H = _heads(B, Lq)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).to("cuda", torch.bfloat16) for L in (Lq, Lk, Lk))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _run_padded(q, k, v, None, None, True, 0.1)
+    names = [e.name for e in prof.events()]
+    wg = any("wg_forward_kernel" in n for n in names)
+    long = any("tc_forward_long_kernel" in n for n in names)
+    if LONG_KERNEL_OFF:
+        assert not wg and not long, names
+    else:
+        expect_wg = WGMMA and _wgmma_possible()
+        assert (wg, long) == (expect_wg, not expect_wg), names
+
+
 def _rerun_this_file(**env):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=600)
@@ -164,16 +190,43 @@ def _rerun_this_file(**env):
 
 
 @requires_cuda
-@pytest.mark.skipif(LONG_KERNEL_OFF or WIDE, reason="this is already a run with the long kernel off or wide")
+@pytest.mark.skipif(LONG_KERNEL_OFF or WIDE or WGMMA, reason="this is already a run with another setting")
 def test_general_kernel_matches_reference_on_the_same_shapes():
     _rerun_this_file(AFFECTKIT_ATTENTION_LONG_KERNEL="0")
 
 
 @requires_cuda
-@pytest.mark.skipif(LONG_KERNEL_OFF or WIDE, reason="this is already a run with the long kernel off or wide")
+@pytest.mark.skipif(LONG_KERNEL_OFF or WIDE or WGMMA, reason="this is already a run with another setting")
 def test_wide_blocks_match_reference():
     # AFFECTKIT_ATTENTION_LONG_WARPS=8: 8 warps of 16 rows, NOT YET RUN ON A GPU when written.
     _rerun_this_file(AFFECTKIT_ATTENTION_LONG_WARPS="8")
+
+
+@requires_cuda
+@pytest.mark.skipif(LONG_KERNEL_OFF or WIDE or WGMMA, reason="this is already a run with another setting")
+def test_wgmma_forward_matches_reference():
+    # AFFECTKIT_ATTENTION_WGMMA=1: the D = 128 cases on the wgmma kernel, NOT YET RUN ON A GPU
+    # when written. scripts/probe/wgmma_attention_probe.cu tells which V descriptor order the
+    # hardware wants; AFFECTKIT_ATTENTION_WG_VDESC=1 selects the other one.
+    if not _wgmma_possible():
+        pytest.skip("needs a compute capability 9.0 GPU and a build with sm_90a (90a-real)")
+    _rerun_this_file(AFFECTKIT_ATTENTION_WGMMA="1")
+
+
+@requires_cuda
+def test_bad_wgmma_value_raises_value_error():
+    if "90a-real" not in C.build_info()["cuda_architectures"].split(";"):
+        pytest.skip("AFFECTKIT_ATTENTION_WGMMA is read only by builds with sm_90a (90a-real)")
+    code = ("import torch, affectkit.ops as ops\n"
+            "q = torch.ones(2, 132, 300, 128, device='cuda', dtype=torch.float16)\n"
+            "try:\n"
+            "    ops.cross_modal_attention(q, q, q)\n"
+            "except ValueError as e:\n"
+            "    print('ValueError:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, AFFECTKIT_ATTENTION_WGMMA="yes"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ValueError:" in run.stdout and "AFFECTKIT_ATTENTION_WGMMA" in run.stdout, run.stdout
 
 
 @requires_cuda

@@ -2,7 +2,8 @@
 until the kernels have run on one: the k-NN kernel's (scripts/emulate/knn_wgmma_layout.py:
 swizzled copies, descriptors, accumulator coordinates) and graph_conv's
 (scripts/emulate/graph_conv_wg_kernel.py: split operands, both products, the Z^T hand-over,
-float64 accuracy). Fresh random inputs each run must match, and planted indexing bugs must be
+float64 accuracy) and the attention forward's (scripts/emulate/attention_wg_kernel.py: swizzled
+Q, K, V, both descriptor walks, limits, online softmax, P repacked as A fragments). Fresh random inputs each run must match, and planted indexing bugs must be
 caught. They mirror the kernels' index arithmetic, so keep each in step with its kernel."""
 
 import pathlib
@@ -15,6 +16,7 @@ import pytest
 EMULATE = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "emulate"
 SCRIPT = EMULATE / "knn_wgmma_layout.py"
 GRAPH = EMULATE / "graph_conv_wg_kernel.py"
+ATTENTION = EMULATE / "attention_wg_kernel.py"
 
 
 def _run(script, *args):
@@ -43,6 +45,18 @@ def test_emulated_graph_conv_wg_matches_float64():
 def test_graph_conv_wg_planted_bugs_are_caught(bug):
     proc = _run(GRAPH, "--bug", bug)
     assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_emulated_attention_wg_block_matches_float64():
+    proc = _run(ATTENTION)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 of 6 cases match" in proc.stdout
+
+
+@pytest.mark.parametrize("bug", ["vdesc", "kstep", "pa_order", "vstep"])
+def test_attention_wg_planted_bugs_are_caught(bug):
+    proc = _run(ATTENTION, "--bug", bug)
+    assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr
 
 
 def _nvcc():

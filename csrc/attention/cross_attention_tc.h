@@ -22,6 +22,14 @@ bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, Vi
 bool forward_cuda_tensor_cores_long(DType dtype, const Problem& p, View q, View k, View v, Mask mask,
                                     MutView out, MutView lse, int sms, uintptr_t stream);
 
+#ifdef AFFECTKIT_WITH_SM90A
+// The wgmma forward (cross_attention_wg_sm90a.cu, NOT YET RUN ON A GPU): what the long kernel
+// takes, at D = Dv = 128, on compute capability 9.0. Returns false, having done nothing,
+// otherwise. forward_cuda_tensor_cores_long calls it when AFFECTKIT_ATTENTION_WGMMA=1.
+bool forward_cuda_wgmma(DType dtype, const Problem& p, View q, View k, View v, MutView out, MutView lse,
+                        uintptr_t stream);
+#endif
+
 // The tensor-core backward (cross_attention_tc_backward.cu): grad_q, grad_k, grad_v and, when
 // grad_mask != nullptr, the score gradient dS (the buffer is zeroed here first), with the
 // semantics of attention_backward. Takes what the forward takes, plus 16-byte aligned rows of

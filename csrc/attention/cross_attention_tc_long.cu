@@ -325,6 +325,20 @@ void launch_d(int64_t d, const Problem& p, View q, View k, View v, MutView out, 
   else wide ? launch_long<T, 128, true>(p, q, k, v, out, lse, st) : launch_long<T, 128, false>(p, q, k, v, out, lse, st);
 }
 
+#ifdef AFFECTKIT_WITH_SM90A
+// AFFECTKIT_ATTENTION_WGMMA=1 (read once): D = 128 goes to the wgmma kernel where it was built
+// and the device is compute capability 9.0 (opt-in until it has run on a GPU).
+bool wgmma_requested() {
+  static const bool requested = [] {
+    const char* env = std::getenv("AFFECTKIT_ATTENTION_WGMMA");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return false;
+    if (std::strcmp(env, "1") == 0) return true;
+    throw ValueError(std::string("AFFECTKIT_ATTENTION_WGMMA: expected 0 or 1, got '") + env + "'");
+  }();
+  return requested;
+}
+#endif
+
 }  // namespace
 
 bool forward_cuda_tensor_cores_long(DType dtype, const Problem& p, View q, View k, View v, Mask mask, MutView out,
@@ -343,6 +357,9 @@ bool forward_cuda_tensor_cores_long(DType dtype, const Problem& p, View q, View 
   if (row_copy_mode(p.D, q.data, q.sb, q.sh, q.sr) != kCopy16 || row_copy_mode(p.D, k.data, k.sb, k.sh, k.sr) != kCopy16 ||
       row_copy_mode(p.Dv, v.data, v.sb, v.sh, v.sr) != kCopy16 || !aligned4(out.data, out.sb, out.sh, out.sr))
     return false;
+#ifdef AFFECTKIT_WITH_SM90A
+  if (wgmma_requested() && forward_cuda_wgmma(dtype, p, q, k, v, out, lse, stream)) return true;
+#endif
   const cudaStream_t st = as_stream(stream);
   if (dtype == DType::Float16) launch_d<__half>(p.D, p, q, k, v, out, lse, st);
   else launch_d<__nv_bfloat16>(p.D, p, q, k, v, out, lse, st);

@@ -22,6 +22,14 @@ inline void cuda_check(cudaError_t status, const char* what) {
 // The stream arrives as an integer handle (torch.cuda.current_stream().cuda_stream).
 inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
+// An attribute of the current device (compute capability, multiprocessors, shared memory).
+inline int current_device_attr(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
+  return value;
+}
+
 // Uniform float conversions so kernels can be written once for every dtype.
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ double to_float(double v) { return v; }

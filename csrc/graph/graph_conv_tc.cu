@@ -322,13 +322,6 @@ __global__ void __launch_bounds__(kTcThreads, 2)
 #endif
 }
 
-int device_attr(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
-  return value;
-}
-
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Tuning knobs for timing runs (read once; the defaults are what ships):
@@ -387,7 +380,7 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
                            const float* bias, float* out, int64_t S, int64_t N, int64_t F,
                            int64_t Fo, Activation act, uintptr_t stream) {
   if (w == nullptr || N < 1 || F < 1 || Fo < 1 || N > kMaxDim || F > kMaxDim || Fo > kMaxDim) return false;
-  if (device_attr(cudaDevAttrComputeCapabilityMajor) < 8) return false;
+  if (current_device_attr(cudaDevAttrComputeCapabilityMajor) < 8) return false;
   TcShape sh{};
   sh.S = S;
   sh.N = static_cast<int>(N);
@@ -405,7 +398,7 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
   const int64_t fixed = sh.NP * sh.sa + sh.KP * sh.sw + sh.OP;         // floats
   sh.xbufs = x_buffers();
   const int64_t per_sample = sh.xbufs * sh.NP * sh.sx + sh.NP * sh.sw;  // floats
-  const int64_t limit = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const int64_t limit = current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   // ~16 KB of x per tile (62 x 64: one sample, and two blocks per SM whose barriers do not
   // line up), even above one sample so that phase 1 can pair m16 tiles.
   int64_t G = std::clamp<int64_t>(tile_bytes() / (N * F * 4), 1, std::min<int64_t>(kMaxTile, S));
@@ -422,7 +415,7 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
     int per_sm = 0;
     cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTcThreads, static_cast<size_t>(bytes)),
                "graph_conv_forward (occupancy)");
-    const int64_t resident = std::max<int64_t>(1, int64_t{per_sm} * device_attr(cudaDevAttrMultiProcessorCount));
+    const int64_t resident = std::max<int64_t>(1, int64_t{per_sm} * current_device_attr(cudaDevAttrMultiProcessorCount));
     const int64_t tiles = (S + G - 1) / G;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>({tiles, resident, 1 << 20}));
     kernel<<<blocks, kTcThreads, bytes, as_stream(stream)>>>(x, adj, w, bias, out, sh);

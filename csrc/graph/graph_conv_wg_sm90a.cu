@@ -252,13 +252,6 @@ WgKernel pick_kernel(Activation act) {
   }
 }
 
-int device_attr(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&value, attr, device), "cudaDeviceGetAttribute");
-  return value;
-}
-
 }  // namespace
 
 bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, const float* bias,
@@ -267,14 +260,14 @@ bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, con
   if (w == nullptr || N < 1 || F < 1 || Fo < 1 || N > kDim || F > kDim || Fo > kDim || F % 4 != 0 ||
       reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
-  if (device_attr(cudaDevAttrComputeCapabilityMajor) != 9 ||
-      device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
-      device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
+  if (current_device_attr(cudaDevAttrComputeCapabilityMajor) != 9 ||
+      current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
+      current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
     return false;
   const WgKernel kernel = pick_kernel(act);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
              "graph_conv_forward (shared memory)");
-  const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, device_attr(cudaDevAttrMultiProcessorCount));
+  const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, current_device_attr(cudaDevAttrMultiProcessorCount));
   if (blocks == 0) return true;
   const bool pair_stores = Fo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0;
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, as_stream(stream)>>>(

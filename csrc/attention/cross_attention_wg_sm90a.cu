@@ -1,0 +1,319 @@
+// Attention forward on Hopper's warpgroup MMA (wgmma, sm_90a): fp16 / bf16, D = Dv = 128, no
+// attn_mask, the key limits of the long kernel (kv lengths, causal). NOT YET RUN ON A GPU.
+// Opt-in (AFFECTKIT_ATTENTION_WGMMA=1, read once) on compute capability 9.0; otherwise the
+// long kernel (cross_attention_tc_long.cu) runs these shapes.
+//
+// Why. At L = 4096, D = 128 the long kernel (mma.sync, ldmatrix fragments) reached 285 TFLOP/s
+// on the H200, 0.43x of SDPA's flash path (669), against a target of 0.5x; FlashAttention-2
+// style kernels top out near 350 TFLOP/s on Hopper, because mma.sync issues from registers a
+// warp at a time. wgmma reads both operands of S = Q K^T from shared memory and multiplies a
+// 64-row warpgroup tile per instruction, and takes P straight from registers for O += P V.
+//
+// Design (FlashAttention-3's structure without its producer warps and TMA):
+//   * a block: 2 warpgroups x 64 query rows = 128 rows, 256 threads, one block an SM (160 KB of
+//     shared memory); key tiles of 128, double buffered by cp.async from all threads;
+//   * shared memory in Hopper's 128-byte swizzle: each 128-row operand (Q, and per stage K and V)
+//     is two column blocks of 64 d, 128 bytes a row (core/wgmma.cuh);
+//   * S (64 x 128 keys) = Q K^T: 8 wgmma m64n128k16, both operands K-major from shared memory;
+//   * online softmax in registers (the accumulator layout is mma.sync's, per warp: thread
+//     (g, c) of warp w holds rows 16 w + g and + 8, keys 8 j + 2 c, + 1), as in the long kernel;
+//   * O (64 x 128 d) += P V: 8 wgmma m64n128k16 with P from registers (the S accumulators of
+//     keys 16 t .. 16 t + 15, repacked) and V from shared memory as an N-major operand
+//     (imm-trans-b = 1: V is stored as key rows, like K). The descriptor offsets of that layout
+//     are the one thing here that no kernel of ours has used before:
+//     scripts/probe/wgmma_attention_probe.cu checks both orders on a GPU, and
+//     AFFECTKIT_ATTENTION_WG_VDESC=1 selects the second without a rebuild;
+//   * each warpgroup waits for its products before touching their registers (no overlap of one
+//     tile's softmax with the next tile's S inside a warpgroup; the two warpgroups of a block
+//     interleave on the SM instead).
+// Semantics, limits and the epilogue (O / l in the input dtype; zeros and lse = +inf where no
+// key is visible) are the long kernel's. One difference: a row multiplies P = 0 by the V rows
+// of keys it cannot see but its block can (causal), so an infinite or NaN value there reaches
+// it as NaN; the long kernel confines that to keys its own warp can see. Keys past the
+// block's last visible key are zero-filled and never read.
+//
+// Floor (H200, ~990 TFLOP/s dense bf16 on wgmma): B=4 H=16 L=4096 D=128: 550 GFLOP -> 0.56 ms;
+// the exp2 of 4 M scores per head adds MUFU time that the two warpgroups must hide.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "../core/cuda_utils.cuh"
+#include "../core/wgmma.cuh"
+#include "attention.h"
+#include "attention_common.h"
+#include "cross_attention_tc.h"
+#include "mma_helpers.cuh"
+
+namespace affectkit::attention::detail {
+namespace {
+
+constexpr int kD = 128;                 // D = Dv
+constexpr int kRows = 128;              // query rows a block: two warpgroups of 64
+constexpr int kKeys = 128;              // keys a tile
+constexpr int kStages = 2;
+constexpr int kThreads = 256;
+constexpr int kOperand = 128 * kD * 2;  // bytes of one 128-row operand (two column blocks)
+constexpr int kColumnBlock = 128 * 128; // bytes of one 64-d column block of 128 rows
+constexpr size_t kSmemBytes = static_cast<size_t>(kOperand) * (1 + 2 * kStages) + 1024;  // + alignment slack
+constexpr float kLn2 = 0.6931471805599453f;
+
+// D (64 x 128, fp32) += A (64 x 16) B^T (B: 128 x 16), A and B K-major in shared memory.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) : "l"(desc_a), "l"(desc_b));
+  } else {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1, 0, 0;\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) : "l"(desc_a), "l"(desc_b));
+  }
+#endif
+}
+
+// D (64 x 128, fp32) += A (64 x 16, registers) B (16 x 128, N-major in shared memory).
+template <typename T>
+__device__ __forceinline__ void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  } else {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+  }
+#endif
+}
+
+// A descriptor with explicit offsets (the N-major V operand); 128-byte swizzle.
+__device__ __forceinline__ uint64_t desc_with(uint32_t addr, uint32_t leading, uint32_t stride) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((leading >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((stride >> 4) & 0x3FFFu) << 32) | (uint64_t(1) << 62);
+}
+
+// Rows [0, valid) of a 128-row, D = 128 operand into the swizzled layout by 16-byte cp.async;
+// rows past `valid` are zeroed (never read from global memory).
+template <typename T>
+__device__ __forceinline__ void stage_operand(unsigned char* dst, const T* src, int64_t stride, int valid) {
+  for (int i = threadIdx.x; i < 128 * (kD / 8); i += kThreads) {
+    const int r = i / (kD / 8), p = i % (kD / 8);
+    unsigned char* d = dst + (p / 8) * kColumnBlock + sw128_offset(r, p % 8);
+    if (r < valid) cp_async16(smem_addr(d), src + static_cast<int64_t>(r) * stride + p * 8);
+    else *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    wg_forward_kernel(Problem p, View q, View k, View v, MutView out, MutView lse, float scale_log2,
+                      uint32_t v_leading, uint32_t v_stride) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* const smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  unsigned char* const sQ = smem;
+  unsigned char* const sKV = smem + kOperand;  // stage s: K at 2 s kOperand, V after it
+
+  const int tid = static_cast<int>(threadIdx.x), wg = tid >> 7, warp = (tid >> 5) & 3;
+  const int g = (tid & 31) >> 2, c4 = tid & 3;
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const Seq s = seq_info(p, b);
+  const int r0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kRows;  // longest causal tiles first
+  if (r0 >= s.qrows) return;  // block-uniform, before any barrier
+  const int qlen = static_cast<int>(s.qlen);
+  const int qvalid = qlen - r0;
+  const int kend_blk = qvalid > 0 ? static_cast<int>(key_end(p, s, r0 + min(kRows, qvalid) - 1)) : 0;
+  const int n_tiles = (kend_blk + kKeys - 1) / kKeys;
+
+  // This thread's rows: wr0 + 8 half + g. key_end is non-decreasing in the row, so the
+  // warpgroup's first and last valid rows bound the keys any of its rows sees.
+  const int wg_r0 = r0 + 64 * wg, wr0 = wg_r0 + 16 * warp;
+  int kend[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = wr0 + half * 8 + g;
+    kend[half] = i < qlen ? static_cast<int>(key_end(p, s, i)) : 0;
+  }
+  const int wg_kmin = wg_r0 + 63 < qlen ? static_cast<int>(key_end(p, s, wg_r0)) : 0;
+  const int wg_kmax = wg_r0 < qlen ? static_cast<int>(key_end(p, s, min(wg_r0 + 63, qlen - 1))) : 0;
+
+  const T* const qbase = static_cast<const T*>(q.data) + b * q.sb + h * q.sh + (s.q0 + r0) * q.sr;
+  const T* const kbase = static_cast<const T*>(k.data) + b * k.sb + h * k.sh + s.k0 * k.sr;
+  const T* const vbase = static_cast<const T*>(v.data) + b * v.sb + h * v.sh + s.k0 * v.sr;
+  auto stage_kv = [&](int t) {  // rows at or past kend_blk are zero-filled, never read
+    unsigned char* const dK = sKV + (t % kStages) * 2 * kOperand;
+    const int j0 = t * kKeys;
+    stage_operand<T>(dK, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kend_blk - j0);
+    stage_operand<T>(dK + kOperand, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kend_blk - j0);
+  };
+
+  // Prologue: Q with tile 0 (one commit group), then tiles up to kStages - 2.
+  stage_operand<T>(sQ, qbase, q.sr, n_tiles > 0 ? qvalid : 0);
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < n_tiles) stage_kv(t);
+    cp_async_commit();
+  }
+
+  float o[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max of raw scores, per-lane sum
+  const uint32_t q_addr = smem_addr(sQ) + 64 * wg * 128;    // this warpgroup's 64 rows
+
+  auto process = [&](uint32_t k_addr, uint32_t v_addr, int j0, auto limits) {
+    constexpr bool kLimits = decltype(limits)::value;
+    float sc[16][4];
+#pragma unroll
+    for (int n = 0; n < 16; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int blk = 0; blk < 2; ++blk)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss<T>(sc, sw128_desc(q_addr + blk * kColumnBlock + 32 * kk),
+                    sw128_desc(k_addr + blk * kColumnBlock + 32 * kk));
+    wgmma_commit();
+    wgmma_wait_all(sc);
+    if constexpr (kLimits) {
+#pragma unroll
+      for (int n = 0; n < 16; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (j0 + n * 8 + 2 * c4 + (e & 1) >= kend[e >> 1]) sc[n][e] = -INFINITY;
+    }
+    // Online softmax per row (a row's four owners are lanes 4g .. 4g + 3).
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      mx[0] = fmaxf(mx[0], fmaxf(sc[n][0], sc[n][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(sc[n][2], sc[n][3]));
+    }
+    float alpha[2], shift[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      mx[half] = quad_max(mx[half]);
+      const float base = mx[half] == -INFINITY ? 0.f : mx[half];  // nothing visible yet: neutral
+      alpha[half] = exp2f((m[half] - base) * scale_log2);          // exp2(-inf) = 0
+      shift[half] = -base * scale_log2;
+      m[half] = mx[half];
+    }
+    // P in the input dtype: the S accumulators of keys 16 t .. 16 t + 15 (chunks 2 t, 2 t + 1)
+    // are the A fragment of O's k-step t.
+    uint32_t pa[8][4];
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      float e4[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        e4[e] = exp2f(fmaf(sc[n][e], scale_log2, shift[e >> 1]));
+        sum[e >> 1] += e4[e];
+      }
+      pa[n / 2][(n & 1) * 2] = pack2<T>(e4[0], e4[1]);
+      pa[n / 2][(n & 1) * 2 + 1] = pack2<T>(e4[2], e4[3]);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+    // O += P V over the whole tile. Skipping the steps past the warpgroup's last visible key
+    // (a data-dependent break) made ptxas serialise every wgmma of the kernel (C7520), so P = 0
+    // multiplies those key rows instead: zeros past the block's last key, real V rows (another
+    // warpgroup's, under causal) before it.
+    wgmma_fence();
+#pragma unroll
+    for (int t = 0; t < kKeys / 16; ++t)
+      wgmma_rs<T>(o, pa[t], desc_with(v_addr + t * 16 * 128, v_leading, v_stride));
+    wgmma_commit();
+    wgmma_wait_all(o);
+#pragma unroll
+    for (int t = 0; t < kKeys / 16; ++t)  // P was read asynchronously: keep it intact until now
+#pragma unroll
+      for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pa[t][r])::"memory");
+  };
+
+  for (int t = 0; t < n_tiles; ++t) {
+    cp_async_wait_pending(kStages - 2);  // tile t (and Q) landed for this thread's copies
+    fence_proxy_async();                 // ... visible to wgmma (the async proxy)
+    __syncthreads();                     // ... for every thread's; and tile t - 1's stage is free
+    if (t + kStages - 1 < n_tiles) stage_kv(t + kStages - 1);
+    cp_async_commit();
+    const int j0 = t * kKeys;
+    if (j0 >= wg_kmax) continue;  // warpgroup-uniform: nothing of this tile is visible to it
+    const uint32_t k_addr = smem_addr(sKV + (t % kStages) * 2 * kOperand), v_addr = k_addr + kOperand;
+    if (j0 + kKeys <= wg_kmin) process(k_addr, v_addr, j0, std::false_type{});
+    else process(k_addr, v_addr, j0, std::true_type{});
+  }
+
+  // Epilogue: O / l in the input dtype, lse; zeros and +inf where nothing was visible.
+  l[0] = quad_sum(l[0]), l[1] = quad_sum(l[1]);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float lsum = l[half];
+    const int i = wr0 + half * 8 + g;
+    if (i >= s.qrows) continue;
+    const bool any = lsum > 0.f;
+    const float inv = any ? 1.f / lsum : 0.f;
+    const int64_t row = s.q0 + i;
+    T* const orow = static_cast<T*>(out.data) + b * out.sb + h * out.sh + row * out.sr;
+#pragma unroll
+    for (int n = 0; n < 16; ++n)
+      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * c4) = pack2<T>(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+    if (c4 == 0) {
+      float* const lrow = static_cast<float*>(lse.data) + b * lse.sb + h * lse.sh + row * lse.sr;
+      *lrow = any ? m[half] * scale_log2 * kLn2 + __logf(lsum) : INFINITY;
+    }
+  }
+#else
+  __trap();  // built for sm_90a only; launched on compute capability 9.0 only
+#endif
+}
+
+// AFFECTKIT_ATTENTION_WG_VDESC (read once): 0 (default) = leading offset is the column blocks'
+// stride and stride offset the 8-key groups'; 1 = the reverse (see the probe).
+bool v_desc_swapped() {
+  static const bool swapped = [] {
+    const char* env = std::getenv("AFFECTKIT_ATTENTION_WG_VDESC");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return false;
+    if (std::strcmp(env, "1") == 0) return true;
+    throw ValueError(std::string("AFFECTKIT_ATTENTION_WG_VDESC: expected 0 or 1, got '") + env + "'");
+  }();
+  return swapped;
+}
+
+template <typename T>
+void launch(const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t stream) {
+  auto* kernel = wg_forward_kernel<T>;
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
+             "attention_forward (wgmma): shared memory");
+  const bool swapped = v_desc_swapped();
+  const uint32_t leading = swapped ? 1024u : static_cast<uint32_t>(kColumnBlock);
+  const uint32_t stride = swapped ? static_cast<uint32_t>(kColumnBlock) : 1024u;
+  dim3 grid(static_cast<unsigned>((p.Lq + kRows - 1) / kRows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, q, k, v, out, lse, static_cast<float>(p.scale * 1.4426950408889634),
+                                                 leading, stride);
+}
+
+}  // namespace
+
+bool forward_cuda_wgmma(DType dtype, const Problem& p, View q, View k, View v, MutView out, MutView lse,
+                        uintptr_t stream) {
+  if (p.D != kD || p.Dv != kD || (dtype != DType::Float16 && dtype != DType::BFloat16)) return false;
+  if (current_device_attr(cudaDevAttrComputeCapabilityMajor) != 9 || current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
+      current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
+    return false;
+  const cudaStream_t st = as_stream(stream);
+  if (dtype == DType::Float16) launch<__half>(p, q, k, v, out, lse, st);
+  else launch<__nv_bfloat16>(p, q, k, v, out, lse, st);
+  cuda_check(cudaGetLastError(), "attention_forward (wgmma)");
+  return true;
+}
+
+}  // namespace affectkit::attention::detail
