@@ -102,19 +102,19 @@ def test_training_on_meld_files_learns_and_round_trips(tmp_path):
 def test_dev_score_at_the_test_class_mix(gen):
     from affectkit.metrics import weighted_f1_at_class_mix
     from affectkit.models.erc_card import render_erc_card
-    from affectkit.models.erc_training import test_mix_estimate
+    from affectkit.models.erc_training import estimate_at_test_mix
 
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
     y = np.concatenate([np.arange(7), rng.integers(0, 7, 293)])
     pred = np.where(rng.random(300) < 0.3, rng.integers(0, 7, 300), y)
     dialogue = np.sort(rng.integers(0, 40, 300))
-    est = test_mix_estimate(y, pred, dialogue)
+    est = estimate_at_test_mix(y, pred, dialogue)
     value = est["dev_weighted_f1_at_test_class_mix"]
     assert value == weighted_f1_at_class_mix(y, pred, meld.TEST_LABEL_COUNTS)
     lo, hi = est["dev_weighted_f1_at_test_class_mix_5_95"]
     assert lo < value < hi
-    assert test_mix_estimate(y, y, dialogue)["dev_weighted_f1_at_test_class_mix_5_95"] == [1.0, 1.0]
-    assert test_mix_estimate(y[y != 6], pred[y != 6], dialogue[y != 6]) == {}
+    assert estimate_at_test_mix(y, y, dialogue)["dev_weighted_f1_at_test_class_mix_5_95"] == [1.0, 1.0]
+    assert estimate_at_test_mix(y[y != 6], pred[y != 6], dialogue[y != 6]) == {}
     shipped = affectkit.load("erc-meld")
     metrics = json.loads((resolve("erc-meld").parent / "metrics.json").read_text())
     card = render_erc_card(shipped.config, {**metrics, **est})

@@ -55,7 +55,7 @@ class _Split:
         return [self.states[r] for r in rows], self.extra[rows], speakers, lengths, self.labels[rows]
 
 
-def test_mix_estimate(y_dev, pred, dialogue_of_rows) -> dict:
+def estimate_at_test_mix(y_dev, pred, dialogue_of_rows) -> dict:
     """Dev weighted F1 read at the test split's published class mix (48 % neutral there, 42 %
     on dev; see `metrics.weighted_f1_at_class_mix`), with the 5-95 % range of a bootstrap over
     dev dialogues. An estimate of the test score, not a measurement of it."""
@@ -196,7 +196,7 @@ def train_erc(data, *, encoder_name: str = DEFAULT_MODEL, seed: int = 0, progres
         "per_class_f1": {k: round(report[k]["f1-score"], 4) for k in meld.LABELS},
         "dev_weighted_f1_per_epoch": history,
         "best_epoch": int(np.argmax(history)) + 1,
-        **test_mix_estimate(y_dev, pred, dev.dialogue_of_rows()),
+        **estimate_at_test_mix(y_dev, pred, dev.dialogue_of_rows()),
         "train_utterances": len(train.labels), "train_dialogues": len(train.dialogues),
         "dev_utterances": len(dev.labels), "dev_dialogues": len(dev.dialogues),
         "encode_seconds": encode_seconds, "train_seconds": train_seconds,
