@@ -20,7 +20,12 @@
 #   probe                   scripts/probe/wgmma_probe.cu: the k-NN kernel's wgmma helpers alone
 #                           (descriptors, swizzle, accumulator layout) against a float64 product;
 #                           then wgmma_attention_probe.cu: P from registers and an N-major V
-#                           (which descriptor offsets work), for a future wgmma attention
+#                           (which descriptor offsets work). When only the second V order
+#                           reproduces it, AFFECTKIT_ATTENTION_WG_VDESC=1 is exported for the
+#                           steps after it (the log says so)
+#   env:VAR=VALUE           export VAR=VALUE for the steps after it (env:VAR= unsets it), e.g.
+#                           env:AFFECTKIT_KNN_WGMMA=1 tests/test_exact_knn.py:150 runs a whole
+#                           test file on a candidate kernel before it becomes the default
 # Without arguments: every CUDA test file, all targets. That machine's python3 already has
 # torch, pytest, CMake, ninja, pybind11 and scikit-build-core; it has no network.
 set -uo pipefail
@@ -96,7 +101,16 @@ for step in $STEPS; do
           && timeout 30 "/tmp/$probe" >> "$OUT/probe.log" 2>&1
         echo "$probe exit $?"
       done
-      grep -E "probe|O\(|D\(" "$OUT/probe.log" | tail -12 ;;
+      grep -E "probe|O\(|D\(" "$OUT/probe.log" | tail -12
+      if grep -q "stride = column-block stride: PASS" "$OUT/probe.log" &&
+         ! grep -q "stride = 8-key group: PASS" "$OUT/probe.log"; then
+        export AFFECTKIT_ATTENTION_WG_VDESC=1
+        echo "probe: only the second V order works: AFFECTKIT_ATTENTION_WG_VDESC=1 from here on" | tee -a "$LOG"
+      fi ;;
+    env:*)
+      assignment=${step#env:}
+      if [[ ${assignment#*=} == "" ]]; then unset "${assignment%%=*}"; else export "${assignment?}"; fi
+      echo "env: ${assignment}" | tee -a "$LOG" "$OUT/tests.log" ;;
     sanitizer)
       timeout 100 compute-sanitizer --tool memcheck --print-limit 20 "${PYTEST[@]}" -x \
         "$REPO/tests/test_cross_modal_attention.py" "$REPO/tests/test_exact_knn.py" "$REPO/tests/test_graph_ops.py" \
