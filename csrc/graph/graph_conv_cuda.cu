@@ -474,7 +474,8 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
 #endif
     if (path == Path::Tc && try_tc(TcSplit::Tf32Bf16)) return;
     if (path == Path::Tc3 && try_tc(TcSplit::Tf32x3)) return;
-    if (path == Path::Auto && !warp_ok && try_tc(TcSplit::Tf32Bf16)) return;
+    // A forced wg that declined the call (F % 4 != 0, another GPU) takes the automatic choice.
+    if ((path == Path::Auto || path == Path::Wg) && !warp_ok && try_tc(TcSplit::Tf32Bf16)) return;
     if (path != Path::Tiled && warp_ok) {
       void (*kernel)(const T*, const T*, const T*, const T*, T*, int64_t, int, int, int, bool) =
           nullptr;

@@ -109,6 +109,8 @@ __device__ __forceinline__ void product(float (&d)[8][4], uint32_t l_big, uint32
   for (int t = 0; t < 8; ++t)
     wgmma_bf16_m64n64k16(d, sw128_desc(l_pair + step_offset(t)), sw128_desc(r_pair + step_offset(t)),
                          t > 0);
+  // PTX orders accumulator use between wgmma of one shape only; k16 -> k8 needs the fence.
+  wgmma_fence();
 #pragma unroll
   for (int t = 0; t < 8; ++t)
     wgmma_tf32_m64n64k8(d, sw128_desc(l_big + step_offset(t)), sw128_desc(r_big + step_offset(t)), 1);
