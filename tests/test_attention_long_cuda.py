@@ -138,6 +138,20 @@ def test_long_forward_varlen(D, gen):
            torch.cat([x.transpose(0, 1) for x in want_lse]), dtype)
 
 
+@requires_cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_rows_past_q_lengths_stay_zero_when_v_holds_an_infinity(D, gen):
+    # Rows 200.. of sequence 0 are padding, in the same warps and blocks as valid rows that see
+    # the infinite V row: they multiply P = 0 by it, and 0 * inf = NaN must not reach them.
+    B, Lq, Lk = 2, 257, 300
+    H = _heads(B, Lq)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).to("cuda", torch.bfloat16) for L in (Lq, Lk, Lk))
+    v[:, :, 3] = float("inf")
+    out, lse = _run_padded(q, k, v, None, torch.tensor([200, Lq]).cuda(), False, 1 / math.sqrt(D))
+    assert not torch.isfinite(out[0, :, 192:200]).any()  # the infinity did reach the valid rows
+    assert (out[0, :, 200:] == 0).all() and torch.isinf(lse[0, :, 200:]).all()
+
+
 LONG_KERNEL_OFF = os.environ.get("AFFECTKIT_ATTENTION_LONG_KERNEL") == "0"
 WIDE = os.environ.get("AFFECTKIT_ATTENTION_LONG_WARPS") == "8"  # 8 warps of 16 rows (opt-in)
 WGMMA = os.environ.get("AFFECTKIT_ATTENTION_WGMMA") == "1"  # D = 128 on wgmma (opt-in, sm_90a builds)

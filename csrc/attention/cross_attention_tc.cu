@@ -314,7 +314,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
     for (int n = 0; n < kDv / 8; ++n) {
       const int col = n * 8 + 2 * c4;
-      if (col < p.Dv) store_pair<T>(orow, col, static_cast<int>(p.Dv), pair_store, o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+      if (col < p.Dv)  // a select, not a product: 0 * inf (P = 0 times an infinite V) stays out
+        store_pair<T>(orow, col, static_cast<int>(p.Dv), pair_store, any ? o[n][2 * half] * inv : 0.f,
+                      any ? o[n][2 * half + 1] * inv : 0.f);
     }
     if (c4 == 0) {
       float* const lrow = static_cast<float*>(lse.data) + b * lse.sb + h * lse.sh + row * lse.sr;

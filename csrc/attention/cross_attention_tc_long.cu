@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(LongConfig<kD, kWide>::kWarps * 32, 2)
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n)
         *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * c4) =
-            pack2<T>(o[mt][n][2 * half] * inv, o[mt][n][2 * half + 1] * inv);
+            any ? pack2<T>(o[mt][n][2 * half] * inv, o[mt][n][2 * half + 1] * inv) : pack2<T>(0.f, 0.f);
       if (c4 == 0) {
         float* const lrow = static_cast<float*>(lse.data) + b * lse.sb + h * lse.sh + row * lse.sr;
         *lrow = any ? m[mt][half] * scale_log2 * kLn2 + __logf(lsum) : INFINITY;

@@ -171,6 +171,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sc[16][4];
 #pragma unroll
     for (int n = 0; n < 16; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+    wgmma_fence_operand(sc);  // the zeros are written before the fence, not sunk past it
     wgmma_fence();
 #pragma unroll
     for (int blk = 0; blk < 2; ++blk)
@@ -231,6 +232,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (a data-dependent break) made ptxas serialise every wgmma of the kernel (C7520), so P = 0
     // multiplies those key rows instead: zeros past the block's last key, real V rows (another
     // warpgroup's, under causal) before it.
+    wgmma_fence_operand(o);  // the rescaled O and the packed P precede the fence
+    wgmma_fence_operand(pa);
     wgmma_fence();
 #pragma unroll
     for (int t = 0; t < kKeys / 16; ++t)
@@ -269,7 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     T* const orow = static_cast<T*>(out.data) + b * out.sb + h * out.sh + row * out.sr;
 #pragma unroll
     for (int n = 0; n < 16; ++n)
-      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * c4) = pack2<T>(o[n][2 * half] * inv, o[n][2 * half + 1] * inv);
+      *reinterpret_cast<uint32_t*>(orow + n * 8 + 2 * c4) =  // a select: 0 * inf in O stays out
+          any ? pack2<T>(o[n][2 * half] * inv, o[n][2 * half + 1] * inv) : pack2<T>(0.f, 0.f);
     if (c4 == 0) {
       float* const lrow = static_cast<float*>(lse.data) + b * lse.sb + h * lse.sh + row * lse.sr;
       *lrow = any ? m[half] * scale_log2 * kLn2 + __logf(lsum) : INFINITY;

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace affectkit {
 
@@ -50,6 +51,21 @@ __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
+// Pins every register of an accumulator or A fragment at this point of the program: called
+// just before wgmma_fence(), it keeps the compiler from sinking their ordinary writes (zeroing,
+// rescaling, packing) past the fence, which PTX leaves undefined (a "memory" clobber does not
+// cover registers).
+template <int J, typename R>
+__device__ __forceinline__ void wgmma_fence_operand(R (&d)[J][4]) {
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if constexpr (std::is_same_v<R, float>) asm volatile("" : "+f"(d[j][e])::"memory");
+      else asm volatile("" : "+r"(d[j][e])::"memory");  // uint32_t: packed 16-bit pairs
+    }
+}
+
 // Waits for this warpgroup's products; the empty asm on every accumulator keeps the compiler
 // from reading them before the wait (they are asm outputs it would otherwise think ready).
 template <int J>

@@ -101,9 +101,17 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
   }
   if (major < 9) return plan;  // the kernel is built for sm_90 and later only
   // wgmma code exists for compute capability 9.0 exactly (sm_90a), where the build made it.
-  const bool wgmma = wgmma_requested() && major == 9 && minor == 0 && kernel_for(true, 0) != nullptr;
-  int stages = 3;  // 2 when k's lists leave no room for a third
-  while (stages >= 2 && Layout(d, k, stages, wgmma).total > static_cast<size_t>(optin)) --stages;
+  bool wgmma = wgmma_requested() && major == 9 && minor == 0 && kernel_for(true, 0) != nullptr;
+  auto stages_for = [&](bool wg) {  // 3, or 2 when k's lists leave no room for a third; 1: none
+    int s = 3;
+    while (s >= 2 && Layout(d, k, s, wg).total > static_cast<size_t>(optin)) --s;
+    return s;
+  };
+  int stages = stages_for(wgmma);
+  if (stages < 2 && wgmma) {  // at d % 64 != 0 the wgmma layout is the larger: try mma.sync
+    wgmma = false;
+    stages = stages_for(false);
+  }
   if (stages < 2) return plan;
   const size_t smem = Layout(d, k, stages, wgmma).total;
   int per_sm = 0;

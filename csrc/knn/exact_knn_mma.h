@@ -38,7 +38,8 @@ void* wgmma_kernel_ptr(int metric);  // exact_knn_mma_sm90a.cu
 // aligned data, 1 <= k <= 256, n < 2^31); optin is the device's opt-in shared memory per block.
 // Needs compute capability 9.0 or later and a block (128 queries x (d + 8) halves, 2-3 row
 // stages of 36 KB, lists of k) within optin: on an H100, d = 384 runs with k <= 10 at 3 stages
-// and k <= 46 at 2.
+// and k <= 46 at 2. The wgmma layout (queries padded to 64 columns, 32 KB stages) fits k <= 23
+// at 3 stages and k <= 55 at 2; where it does not fit, the plan is mma.sync's.
 MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int optin, int sms);
 
 // The mma kernel for a plan with plan.ok, with launch_exact_tc's contract: mask is a per-query

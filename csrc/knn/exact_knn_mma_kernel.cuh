@@ -383,6 +383,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
       if constexpr (kWG) {  // four asynchronous 64 x 256 x 16 steps; the copies issue meanwhile
         const uint32_t a_addr = a_wg + static_cast<uint32_t>(ks * (kBQ * kBK * 2));
         const uint32_t b_addr = xs_base + static_cast<uint32_t>(stage * (kBN * kBK * 2));
+        wgmma_fence_operand(acc);  // the tile's zeroing precedes the fence
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBK / 16; ++kk)
@@ -420,12 +421,15 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
           for (int kk = 0; kk < kBK && d0 + kk < d; kk += 16) kstep(kk);
         }
       }
-      if constexpr (kL2) {  // columns past d are zero-filled; a row's pieces in any order
+      if constexpr (kL2) {  // columns past d are zero-filled
         const uint4* src =
             reinterpret_cast<const uint4*>(xs + stage * (kBN * row_halves) + tid * row_halves);
 #pragma unroll
         for (int v = 0; v < kBK / 8; ++v) {
-          const uint4 u = src[v];
+          // Pieces in column order (the sum then matches the mma.sync build's to the bit); in
+          // the swizzled wgmma stage, piece v of row tid sits at v ^ (tid % 8), which also
+          // spreads 8 neighbouring rows over all banks.
+          const uint4 u = src[kWG ? (v ^ (tid & 7)) : v];
           const __half2* h = reinterpret_cast<const __half2*>(&u);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {

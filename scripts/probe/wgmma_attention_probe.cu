@@ -80,6 +80,7 @@ __global__ void probe_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, con
   const uint32_t qs = smem_addr(smem), ks = qs + 2 * kBlock, vs = qs + 4 * kBlock;
 
   float s[8][4] = {};
+  wgmma_fence_operand(s);
   wgmma_fence();
   for (int b = 0; b < 2; ++b)
 #pragma unroll
@@ -88,14 +89,22 @@ __global__ void probe_kernel(const __nv_bfloat16* q, const __nv_bfloat16* k, con
   wgmma_commit();
   wgmma_wait_all(s);
 
+  // O and every A fragment are written before the fence (PTX: register writes that a wgmma
+  // reads must precede wgmma.fence), and pinned there.
   float o[16][4] = {};
-  wgmma_fence();
+  uint32_t a[kKeys / 16][4];
 #pragma unroll
   for (int t = 0; t < kKeys / 16; ++t) {
-    const uint32_t a[4] = {pack_bf16x2(s[2 * t][0], s[2 * t][1]), pack_bf16x2(s[2 * t][2], s[2 * t][3]),
-                           pack_bf16x2(s[2 * t + 1][0], s[2 * t + 1][1]), pack_bf16x2(s[2 * t + 1][2], s[2 * t + 1][3])};
-    wgmma_rs_m64n128k16_tb(o, a, make_desc(vs + t * 16 * 128, leading, stride));
+    a[t][0] = pack_bf16x2(s[2 * t][0], s[2 * t][1]);
+    a[t][1] = pack_bf16x2(s[2 * t][2], s[2 * t][3]);
+    a[t][2] = pack_bf16x2(s[2 * t + 1][0], s[2 * t + 1][1]);
+    a[t][3] = pack_bf16x2(s[2 * t + 1][2], s[2 * t + 1][3]);
   }
+  wgmma_fence_operand(o);
+  wgmma_fence_operand(a);
+  wgmma_fence();
+#pragma unroll
+  for (int t = 0; t < kKeys / 16; ++t) wgmma_rs_m64n128k16_tb(o, a[t], make_desc(vs + t * 16 * 128, leading, stride));
   wgmma_commit();
   wgmma_wait_all(o);
   for (int j = 0; j < 16; ++j)
@@ -135,7 +144,8 @@ int main() {
   for (const Candidate& cand : candidates) {
     cudaMemset(dout, 0xff, want.size() * 4);  // NaN: unwritten outputs show
     probe_kernel<<<1, 128, smem>>>(dq, dk, dv, dout, cand.leading, cand.stride);
-    const cudaError_t err = cudaDeviceSynchronize();
+    cudaError_t err = cudaGetLastError();  // a launch refused (shared memory, no sm_90a) shows here
+    if (err == cudaSuccess) err = cudaDeviceSynchronize();
     if (err != cudaSuccess) {
       std::printf("wgmma attention probe: CUDA error %s (%s)\n", cudaGetErrorString(err), cand.name);
       return 2;
