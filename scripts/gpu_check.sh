@@ -20,7 +20,8 @@
 #   probe                   scripts/probe/wgmma_probe.cu: the k-NN kernel's wgmma helpers alone
 #                           (descriptors, swizzle, accumulator layout) against a float64 product;
 #                           then wgmma_attention_probe.cu: P from registers and an N-major V
-#                           (which descriptor offsets work). When only the second V order
+#                           (which descriptor offsets work); then wgmma_graph_probe.cu: the
+#                           graph wg kernel's tf32 and bf16 products. When only the second V order
 #                           reproduces it, AFFECTKIT_ATTENTION_WG_VDESC=1 is exported for the
 #                           steps after it (the log says so)
 #   env:VAR=VALUE           export VAR=VALUE for the steps after it (env:VAR= unsets it), e.g.
@@ -95,13 +96,13 @@ for step in $STEPS; do
         | grep -A40 "speed-up" ;;
     probe)
       : > "$OUT/probe.log"
-      for probe in wgmma_probe wgmma_attention_probe; do
+      for probe in wgmma_probe wgmma_attention_probe wgmma_graph_probe; do
         "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a \
           -I "$REPO/csrc" "$REPO/scripts/probe/$probe.cu" -o "/tmp/$probe" >> "$OUT/probe.log" 2>&1 \
           && timeout 30 "/tmp/$probe" >> "$OUT/probe.log" 2>&1
         echo "$probe exit $?"
       done
-      grep -E "probe|O\(|D\(" "$OUT/probe.log" | tail -12
+      grep -E "probe|O\(|D\(|^A[123]" "$OUT/probe.log" | tail -16
       if grep -q "stride = column-block stride: PASS" "$OUT/probe.log" &&
          ! grep -q "stride = 8-key group: PASS" "$OUT/probe.log"; then
         export AFFECTKIT_ATTENTION_WG_VDESC=1
