@@ -26,10 +26,10 @@ def _run(script, *args):
 def test_emulated_wgmma_tiles_match_the_product():
     proc = _run(SCRIPT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "5 of 5 cases match" in proc.stdout
+    assert "6 of 6 cases match" in proc.stdout
 
 
-@pytest.mark.parametrize("bug", ["loader_swizzle", "b_stage", "k_step", "qloc"])
+@pytest.mark.parametrize("bug", ["loader_swizzle", "b_stage", "k_step", "qloc", "l2_order"])
 def test_planted_bugs_are_caught(bug):
     proc = _run(SCRIPT, "--bug", bug)
     assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr

@@ -58,6 +58,38 @@ def operand(mem, start, rows):
     return out
 
 
+def l2_slab(mem, row_addr, tid, acc, dtype):
+    """The kernel's l2 loop over one 64-column slab of staged row tid: piece v (8 halves) read
+    at v ^ (tid % 8) of the swizzled row, i.e. in column order, pairs summed as in the kernel
+    (acc += a * a + b * b) in `dtype`."""
+    acc = dtype(acc)
+    for v in range(kBK // 8):
+        phys = v if BUG == "l2_order" else v ^ (tid & 7)  # planted: the stored order
+        piece = mem[(row_addr + 16 * phys) // 2:][:8].astype(dtype)
+        for e in range(4):
+            acc = dtype(acc + dtype(dtype(piece[2 * e] * piece[2 * e]) + dtype(piece[2 * e + 1] * piece[2 * e + 1])))
+    return acc
+
+
+def l2_order_matches_mma_sync(rng):
+    """With float16 rows (not the integers of run_tile, whose sums are exact in any order), the
+    float32 norms of a swizzled wgmma stage must equal, bit for bit, the same loop over rows in
+    column order (the mma.sync stage), so both kernels break l2 ties alike."""
+    x = rng.standard_normal((kBN, kBK)).astype(np.float16).astype(np.float64)
+    mem = np.zeros(kBN * kBK)
+    for r in range(kBN):
+        for p in range(kBK // 8):
+            store16(mem, sw128_offset(r, p), x[r, 8 * p: 8 * p + 8])
+    plain = np.zeros(kBN * kBK)
+    plain[:] = x.reshape(-1)
+    global BUG
+    planted, BUG = BUG, (None if BUG == "l2_order" else BUG)
+    want = [l2_slab(plain, r * 128, 0, 0.0, np.float32) for r in range(kBN)]  # tid 0: no XOR
+    BUG = planted
+    got = [l2_slab(mem, r * 128, r, 0.0, np.float32) for r in range(kBN)]
+    return all(g == w for g, w in zip(got, want))
+
+
 def run_tile(d, stages, raw_base, rng):
     """One tile of the kernel's data path; returns the scores as the epilogue reads them and
     the float64 truth, both (128 queries, 256 rows)."""
@@ -100,9 +132,8 @@ def run_tile(d, stages, raw_base, rng):
                 A = operand(mem, a_addr + step, 64)
                 B = operand(mem, b_addr + step, kBN)
                 D[wq] += A @ B.T
-        for tid in range(kThreads):  # l2: the row's pieces summed in stored order
-            row_halves = mem[(xs + 2 * (stage * kBN * kBK) + tid * 128) // 2:][:kBK]
-            xacc[tid] += (row_halves.astype(np.float64) ** 2).sum()
+        for tid in range(kThreads):  # l2: |x|^2 of row tid, as the kernel reads it
+            xacc[tid] += l2_slab(mem, xs + 2 * (stage * kBN * kBK) + tid * 128, tid, 0.0, np.float64)
         stage = (stage + 1) % stages
     # Accumulators per thread, read back through the epilogue's coordinates.
     got = np.full((kBQ, kBN), np.nan)
@@ -132,7 +163,7 @@ def run_tile(d, stages, raw_base, rng):
 def main():
     global BUG
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bug", default=None, help="planted bug: loader_swizzle | b_stage | k_step | qloc")
+    ap.add_argument("--bug", default=None, help="planted bug: loader_swizzle | b_stage | k_step | qloc | l2_order")
     BUG = ap.parse_args().bug
     rng = np.random.default_rng()
     failures = 0
@@ -143,7 +174,10 @@ def main():
         ok = np.array_equal(got, truth) and np.array_equal(qn, qn_want) and np.array_equal(xn, xn_want)
         failures += not ok
         print(f"d={d:4d} stages={stages} base+{raw:4d}: {'ok' if ok else 'MISMATCH'}")
-    print(f"{len(cases) - failures} of {len(cases)} cases match")
+    ok = l2_order_matches_mma_sync(rng)
+    failures += not ok
+    print(f"l2 norms in column order, float32: {'ok' if ok else 'MISMATCH'}")
+    print(f"{len(cases) + 1 - failures} of {len(cases) + 1} cases match")
     sys.exit(1 if failures else 0)
 
 
