@@ -32,7 +32,7 @@ def non_finite_graph_index(t: torch.Tensor) -> torch.Tensor:
     if none does. A 0-d int64 tensor."""
     graphs = t.reshape(_graphs(t), t.shape[-2] * t.shape[-1])
     if graphs.numel() == 0:
-        return torch.tensor(graphs.shape[0], device=t.device)
+        return torch.full((), graphs.shape[0], dtype=torch.int64, device=t.device)  # no host copy
     bad = ~torch.isfinite(graphs).all(dim=1)
     index = torch.arange(bad.shape[0], device=t.device)
     return torch.where(bad, index, bad.shape[0]).min()

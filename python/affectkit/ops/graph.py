@@ -142,7 +142,12 @@ def _check_assignment_values(assignment: torch.Tensor, P: int, extra: list = ())
     fails first."""
     N = assignment.shape[0]
     stats = list(torch.aminmax(assignment)) if N else []
-    counts = torch.bincount(assignment.clamp(0, P - 1), minlength=P) if P else None
+    # Not torch.bincount: on CUDA it reads its input's min and max back (two more waits).
+    counts = None
+    if P:
+        clamped = assignment.clamp(0, P - 1)
+        counts = torch.zeros(P, dtype=torch.int64, device=assignment.device).scatter_add_(
+            0, clamped, torch.ones_like(clamped))
     if P:
         stats.append(counts.min())
     read = torch.stack(stats + list(extra)).tolist() if stats or extra else []
