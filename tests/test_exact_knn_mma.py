@@ -125,13 +125,15 @@ CHILD = textwrap.dedent(
 
 
 SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
-            "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"}}
+            "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"},
+            "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"}}
 
 
 @pytest.fixture(scope="module")
 def reports():
     """{setting: (report, names of the top-k kernels one call ran)}, one child process each:
-    "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation."""
+    "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation,
+    "wgmma2" the same keeping one slab's products in flight."""
     out = {}
     for setting, env_vars in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
@@ -143,7 +145,7 @@ def reports():
     return out
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma"])
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma", "wgmma_in_flight"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_matches_float64_reference(reports, setting, metric):
     rows = [r for r in reports[setting][0] if r["metric"] == metric]
@@ -152,11 +154,11 @@ def test_matches_float64_reference(reports, setting, metric):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("setting, expected", [("1", ", false>"), ("0", "tc_topk_kernel<"),
-                                               ("wgmma", ", true>")])
+@pytest.mark.parametrize("setting, expected", [("1", ", false, false>"), ("0", "tc_topk_kernel<"),
+                                               ("wgmma", ", true, false>"), ("wgmma2", ", true, true>")])
 def test_the_setting_reaches_its_kernel(reports, setting, expected):
-    # mma_topk_kernel<METRIC, kWG>: the wgmma run must not fall back to mma.sync unnoticed
-    # (an H100/H200 is compute capability 9.0, and the build includes sm_90 by default).
+    # mma_topk_kernel<METRIC, kWG, kInFlight>: a wgmma run must not fall back to mma.sync
+    # unnoticed (an H100/H200 is compute capability 9.0, and the build includes sm_90 by default).
     names = reports[setting][1]
     assert names and all(expected in n for n in names), names
 
@@ -168,3 +170,23 @@ def test_cases_exercise_padding(reports):
         assert padded[(3, 5, 48, 10, "none")] == 3 * 5
         assert padded[(129, 4099, 16, 10, "shared")] == 129 * 10
         assert padded[(3, 70001, 384, 10, "few")] == 3 * 7
+
+
+def test_bad_wgmma_value_raises_value_error():
+    import affectkit._C as C
+    import torch
+
+    if "90a-real" not in C.build_info()["cuda_architectures"].split(";") or \
+            torch.cuda.get_device_capability(0) != (9, 0):
+        pytest.skip("AFFECTKIT_KNN_WGMMA is read where the sm_90a code can run (compute capability 9.0)")
+    code = ("import torch, affectkit.ops as ops\n"
+            "q = torch.ones(4, 64, device='cuda', dtype=torch.float16)\n"
+            "try:\n"
+            "    ops.filtered_knn(q, q, None, 2, 'ip')\n"
+            "except ValueError as e:\n"
+            "    print('ValueError:', e)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "AFFECTKIT_KNN_WGMMA": "3"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ValueError:" in proc.stdout and "AFFECTKIT_KNN_WGMMA" in proc.stdout, proc.stdout

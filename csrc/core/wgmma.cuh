@@ -66,6 +66,15 @@ __device__ __forceinline__ void wgmma_fence_operand(R (&d)[J][4]) {
     }
 }
 
+// Waits until at most N of this warpgroup's committed groups are pending. The accumulators of
+// those may still be written: read them only after wgmma_wait_all.
+template <int N>
+__device__ __forceinline__ void wgmma_wait_pending() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Waits for this warpgroup's products; the empty asm on every accumulator keeps the compiler
 // from reading them before the wait (they are asm outputs it would otherwise think ready).
 template <int J>

@@ -1,6 +1,6 @@
 // mma.sync kernel of the CUDA exact filtered k-NN for float16 (d % 16 == 0): the default
 // tensor-core kernel wherever its shared memory fits. Its body is exact_knn_mma_kernel.cuh,
-// shared with the opt-in wgmma instantiation (AFFECTKIT_KNN_WGMMA=1, exact_knn_mma_sm90a.cu);
+// shared with the opt-in wgmma instantiation (AFFECTKIT_KNN_WGMMA=1 or 2, exact_knn_mma_sm90a.cu);
 // this file plans and launches both (AFFECTKIT_KNN_MMA=0 keeps the WMMA
 // kernel of exact_knn_tc.cu, which also does the shared-filter compaction and the planning
 // around both; the chunk lists are merged by exact_knn.cu as before).
@@ -59,7 +59,9 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
+#include "../core/core.h"
 #include "exact_knn_mma_kernel.cuh"
 
 namespace affectkit::knn::detail {
@@ -72,20 +74,26 @@ bool mma_enabled() {
   return enabled;
 }
 
-bool wgmma_requested() {
-  static const bool requested = [] {
+// Thrown again on every call while the variable holds a bad value (a throwing static
+// initialisation is retried).
+int wgmma_mode() {
+  static const int mode = [] {
     const char* e = std::getenv("AFFECTKIT_KNN_WGMMA");
-    return e != nullptr && std::strcmp(e, "1") == 0;
+    const std::string v = e ? e : "";
+    if (v.empty() || v == "0") return 0;
+    if (v == "1") return 1;
+    if (v == "2") return 2;
+    throw ValueError("AFFECTKIT_KNN_WGMMA: expected 0, 1 or 2, got '" + v + "'");
   }();
-  return requested;
+  return mode;
 }
 
 namespace {
-void* kernel_for(bool wgmma, int metric) {
+void* kernel_for(int wgmma, int metric) {
 #ifdef AFFECTKIT_WITH_SM90A
-  if (wgmma) return wgmma_kernel_ptr(metric);
+  if (wgmma) return wgmma_kernel_ptr(metric, wgmma == 2);
 #endif
-  return wgmma ? nullptr : kernel_ptr<false>(metric);
+  return wgmma ? nullptr : kernel_ptr<false, false>(metric);
 }
 }  // namespace
 
@@ -101,19 +109,19 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
   }
   if (major < 9) return plan;  // the kernel is built for sm_90 and later only
   // wgmma code exists for compute capability 9.0 exactly (sm_90a), where the build made it.
-  bool wgmma = wgmma_requested() && major == 9 && minor == 0 && kernel_for(true, 0) != nullptr;
-  auto stages_for = [&](bool wg) {  // 3, or 2 when k's lists leave no room for a third; 1: none
+  int wgmma = major == 9 && minor == 0 && kernel_for(1, 0) != nullptr ? wgmma_mode() : 0;
+  auto stages_for = [&](int wg) {  // 3, or 2 when k's lists leave no room for a third; 1: none
     int s = 3;
-    while (s >= 2 && Layout(d, k, s, wg).total > static_cast<size_t>(optin)) --s;
+    while (s >= 2 && Layout(d, k, s, wg != 0).total > static_cast<size_t>(optin)) --s;
     return s;
   };
   int stages = stages_for(wgmma);
   if (stages < 2 && wgmma) {  // at d % 64 != 0 the wgmma layout is the larger: try mma.sync
-    wgmma = false;
-    stages = stages_for(false);
+    wgmma = 0;
+    stages = stages_for(0);
   }
   if (stages < 2) return plan;
-  const size_t smem = Layout(d, k, stages, wgmma).total;
+  const size_t smem = Layout(d, k, stages, wgmma != 0).total;
   int per_sm = 0;
   for (int metric = 0; metric < 3; ++metric) {
     if (cudaFuncSetAttribute(kernel_for(wgmma, metric), cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -14,7 +14,8 @@ namespace affectkit::knn::detail {
 // How the mma kernel runs one call (ok == false: it cannot, use the WMMA kernel).
 struct MmaPlan {
   bool ok = false;
-  bool wgmma = false;      // the wgmma instantiation (exact_knn_mma_sm90a.cu) rather than mma.sync
+  int wgmma = 0;           // 0: mma.sync; 1, 2: the wgmma instantiation (exact_knn_mma_sm90a.cu),
+                           // 2 keeping one slab's products in flight (see wgmma_mode)
   int stages = 0;          // cp.async pipeline depth over 64-column row slabs (2 or 3)
   int64_t nchunks = 0;     // row chunks (grid.y)
   int64_t chunk_rows = 0;  // rows per chunk (a multiple of the 256-row tile)
@@ -25,13 +26,15 @@ struct MmaPlan {
 // every call it fits (plan_exact_mma(...).ok).
 bool mma_enabled();
 
-// AFFECTKIT_KNN_WGMMA=1 (read once) asks for the kernel's wgmma instantiation where it can
-// run: compute capability 9.0, and a build whose CUDA architectures include sm_90 (CMake then
-// compiles exact_knn_mma_sm90a.cu for sm_90a and defines AFFECTKIT_WITH_SM90A). Opt-in: it
-// has not run on a GPU yet.
-bool wgmma_requested();
+// AFFECTKIT_KNN_WGMMA (read once; unset or 0: mma.sync) asks for the kernel's wgmma
+// instantiation where it can run: compute capability 9.0, and a build whose CUDA architectures
+// include sm_90 (CMake then compiles exact_knn_mma_sm90a.cu for sm_90a and defines
+// AFFECTKIT_WITH_SM90A). 1: each warpgroup waits for a slab's products before the next slab's
+// barrier; 2: it keeps them in flight until the next slab's are issued (a second barrier per
+// slab frees the stage). Opt-in: neither has run on a GPU yet. Another value: ValueError.
+int wgmma_mode();
 #ifdef AFFECTKIT_WITH_SM90A
-void* wgmma_kernel_ptr(int metric);  // exact_knn_mma_sm90a.cu
+void* wgmma_kernel_ptr(int metric, bool in_flight);  // exact_knn_mma_sm90a.cu
 #endif
 
 // The caller has checked the tensor-core preconditions (float16, d % 16 == 0, 16-byte

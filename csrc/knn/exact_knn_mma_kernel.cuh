@@ -3,6 +3,9 @@
 //   kWG = false: mma.sync m16n8k16 from ldmatrix fragments (exact_knn_mma.cu, sm_90);
 //   kWG = true:  wgmma m64n256k16, both operands read by the tensor cores from shared memory
 //                (exact_knn_mma_sm90a.cu, built for sm_90a only). NOT YET RUN ON A GPU.
+//                kInFlight = true keeps a slab's products running until the next slab's are
+//                issued (wait_group 1, then a barrier frees the stage it read), so the tensor
+//                cores are not idle across the per-slab barrier.
 // Included by those two files only; everything but the loader's shared-memory layout, the
 // multiply and the accumulators' coordinates is shared, so both keep one epilogue.
 //
@@ -190,7 +193,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[32][4], uint64_t des
 // or, with rows != nullptr (a compacted shared filter; mask is then null), [0, *count) split
 // into gridDim.y chunks of round_up(ceil(*count / gridDim.y), 256) rows, position j standing
 // for database row rows[j]. mask (or null) is a per-query (nq, n) mask.
-template <int METRIC, bool kWG>
+template <int METRIC, bool kWG, bool kInFlight>
 __global__ void __launch_bounds__(kThreads, 1)
 mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db,
                 const uint8_t* __restrict__ mask, const int* __restrict__ rows,
@@ -208,6 +211,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
     __trap();  // wgmma needs sm_90a code (plan_exact_mma launches kWG only where it was built)
 #endif
   }
+  static_assert(kWG || !kInFlight, "only wgmma products are asynchronous");
   constexpr bool kL2 = METRIC == 1;
   // Scores per thread: kQPT queries x kRPT tile rows; kRowWarps warps share a query's rows.
   constexpr int kQPT = kWG ? 2 : 8, kRPT = kWG ? 64 : 16, kRowWarps = kWG ? 1 : 4;
@@ -379,7 +383,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
       if (stages == 3) cp_async_wait<1>();
       else cp_async_wait<0>();
       if constexpr (kWG) fence_proxy_async();
-      __syncthreads();  // this stage landed for all; everyone is done with the one refilled next
+      __syncthreads();  // this stage landed for all (and, but kInFlight, the next refill's is free)
       if constexpr (kWG) {  // four asynchronous 64 x 256 x 16 steps; the copies issue meanwhile
         const uint32_t a_addr = a_wg + static_cast<uint32_t>(ks * (kBQ * kBK * 2));
         const uint32_t b_addr = xs_base + static_cast<uint32_t>(stage * (kBN * kBK * 2));
@@ -389,6 +393,13 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
         for (int kk = 0; kk < kBK / 16; ++kk)
           wgmma_m64n256k16(acc, sw128_desc(a_addr + 32 * kk), sw128_desc(b_addr + 32 * kk));
         wgmma_commit();
+      }
+      if constexpr (kInFlight) {
+        // This warpgroup's previous slab is done once at most this slab's group is pending;
+        // past the barrier both warpgroups' are, so its stage (the one refilled next) is free.
+        // At a tile's first slab the epilogue's wait and barrier have done this already.
+        wgmma_wait_pending<1>();
+        if (ks > 0) __syncthreads();
       }
       issue_load();
       // The bound from other chunks: read at a tile's first slab, folded into the threshold at
@@ -438,9 +449,10 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
           }
         }
       }
-      if constexpr (kWG) wgmma_wait_all(acc);  // before the barrier that lets this stage refill
+      if constexpr (kWG && !kInFlight) wgmma_wait_all(acc);  // before the barrier that frees this stage
       stage = stage + 1 == stages ? 0 : stage + 1;
     }
+    if constexpr (kInFlight) wgmma_wait_all(acc);  // the tile's last slab, before the epilogue
     if constexpr (kL2) {
       xn[tid] = xacc;  // the previous tile's epilogue read xn before this tile's barriers
       __syncthreads();
@@ -614,11 +626,11 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
 }
 
 // The kernel of one metric and multiply, for exact_knn_mma.cu's attribute and launch calls.
-template <bool kWG>
+template <bool kWG, bool kInFlight>
 void* kernel_ptr(int metric) {
-  if (metric == 0) return reinterpret_cast<void*>(&mma_topk_kernel<0, kWG>);
-  if (metric == 1) return reinterpret_cast<void*>(&mma_topk_kernel<1, kWG>);
-  return reinterpret_cast<void*>(&mma_topk_kernel<2, kWG>);
+  if (metric == 0) return reinterpret_cast<void*>(&mma_topk_kernel<0, kWG, kInFlight>);
+  if (metric == 1) return reinterpret_cast<void*>(&mma_topk_kernel<1, kWG, kInFlight>);
+  return reinterpret_cast<void*>(&mma_topk_kernel<2, kWG, kInFlight>);
 }
 
 }  // namespace

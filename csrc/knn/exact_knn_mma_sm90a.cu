@@ -6,6 +6,8 @@
 
 namespace affectkit::knn::detail {
 
-void* wgmma_kernel_ptr(int metric) { return kernel_ptr<true>(metric); }
+void* wgmma_kernel_ptr(int metric, bool in_flight) {
+  return in_flight ? kernel_ptr<true, true>(metric) : kernel_ptr<true, false>(metric);
+}
 
 }  // namespace affectkit::knn::detail
