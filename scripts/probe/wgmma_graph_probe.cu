@@ -82,7 +82,7 @@ static double frand() { return (rand() / (double)RAND_MAX) * 2 - 1; }
 // Magnitudes spread over about 1e-2 .. 1e2 (as the tests' large-dynamic-range case).
 static double spread() { return frand() * std::exp(frand() * 2 * 2.3); }
 
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("CUDA error %s at %d\n", cudaGetErrorString(e_), __LINE__); std::exit(2); } } while (0)
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("wgmma graph probe: CUDA error %s at line %d\n", cudaGetErrorString(e_), __LINE__); std::exit(2); } } while (0)
 
 static int fails = 0;
 
