@@ -41,6 +41,11 @@ CASES = [
     (129, 70001, 16, 64, "none", 1.0, 7),
     (1, 70001, 384, 1, "per_query", 0.05, 0),
     (1000, 70001, 384, 10, "shared", 1.0, 0),
+    # 2 stages (k's lists leave no room for a third) over several tiles per chunk; one slab per
+    # tile (d = 64) at 2 stages; a partial last slab (d = 80): the wgmma schedules' corners.
+    (129, 70001, 384, 40, "none", 1.0, 0),
+    (129, 70001, 64, 120, "shared", 0.5, 0),
+    (129, 70001, 80, 10, "none", 1.0, 0),
 ]
 
 CHILD = textwrap.dedent(
