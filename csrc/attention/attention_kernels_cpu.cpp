@@ -3,9 +3,9 @@
 // Forward: one task per (b, h, tile of kBQ query rows); online softmax over tiles of up to kBK
 // keys, on transposed score tiles St = K Q^T (keys x queries, 16 queries per vector), so the
 // softmax needs no horizontal reductions. St and O += P V are small register-blocked matmuls
-// (gemm_acc). Each task body is compiled per instruction set (AFFECTKIT_SIMD_CLONES) with its
-// helpers inlined, so all of it is vectorised for the CPU it runs on; 16 x 16 transposes use
-// AVX-512 intrinsics when the CPU has them (run-time check).
+// (gemm_acc). Each driver's task loop is compiled per instruction set (simd::dispatch) with
+// its helpers inlined and vectors as wide as that set's registers, so all of it is vectorised
+// for the CPU it runs on; the AVX-512 copy also moves 16 x 16 blocks with intrinsics.
 // Backward: one task per (b, h), which owns dq, dk and dv of that head outright, so the
 // summation order is fixed and gradients are bit-identical run to run (no atomics).
 #include <algorithm>
@@ -20,6 +20,7 @@
 #endif
 
 #include "../core/dispatch.h"
+#include "../core/simd.h"
 #include "../core/transpose_avx512.h"
 #include "attention.h"
 #include "attention_common.h"
@@ -42,71 +43,71 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
-// 64-byte vectors (GCC vector extensions): one zmm, two ymm or four xmm registers depending
-// on the instruction set each clone is compiled for. Named vector variables stay in registers
-// where arrays of accumulators would be spilled.
-template <typename T>
+// VB-byte vectors (GCC vector extensions), VB being the register width of the instruction
+// set the code is compiled for (64 AVX-512, 32 AVX2, 16 baseline). Named vector variables stay
+// in registers where arrays of accumulators would be spilled.
+template <typename T, int VB>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int n = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(VB)));
+  static constexpr int n = VB / sizeof(T);
 };
 
-template <typename T>
-AFFECTKIT_INLINE typename Vec<T>::type load_vec(const T* p) {
-  typename Vec<T>::type v;
+template <typename T, int VB>
+AFFECTKIT_INLINE typename Vec<T, VB>::type load_vec(const T* p) {
+  typename Vec<T, VB>::type v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-AFFECTKIT_INLINE void store_vec(T* p, typename Vec<T>::type v, bool accumulate) {
-  if (accumulate) v += load_vec(p);
+template <typename T, int VB>
+AFFECTKIT_INLINE void store_vec(T* p, typename Vec<T, VB>::type v, bool accumulate) {
+  if (accumulate) v += load_vec<T, VB>(p);
   std::memcpy(p, &v, sizeof(v));
 }
 
 // C[r, 0:NV*n] (+)= sum_k a_r[k * sak] * B[k, 0:NV*n] for the first `rows` of 4 rows a0..a3
 // (NV = 1 or 2 vectors per row): 4 * NV accumulators in registers, B read once per step.
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* a0, const T* a1, const T* a2,
                                  const T* a3, int64_t sak, const T* __restrict B, int64_t ldb,
                                  T* __restrict C, int64_t ldc, bool accumulate) {
-  using V = typename Vec<T>::type;
-  constexpr int n = Vec<T>::n;
+  using V = typename Vec<T, VB>::type;
+  constexpr int n = Vec<T, VB>::n;
   V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c01 = {}, c11 = {}, c21 = {}, c31 = {};
   for (int64_t k = 0; k < K; ++k) {
     const T* b = B + k * ldb;
-    const V b0 = load_vec(b);
+    const V b0 = load_vec<T, VB>(b);
     const T x0 = a0[k * sak], x1 = a1[k * sak], x2 = a2[k * sak], x3 = a3[k * sak];
     c00 += x0 * b0;
     c10 += x1 * b0;
     c20 += x2 * b0;
     c30 += x3 * b0;
     if constexpr (NV == 2) {
-      const V b1 = load_vec(b + n);
+      const V b1 = load_vec<T, VB>(b + n);
       c01 += x0 * b1;
       c11 += x1 * b1;
       c21 += x2 * b1;
       c31 += x3 * b1;
     }
   }
-  store_vec(C, c00, accumulate);
-  if (rows > 1) store_vec(C + ldc, c10, accumulate);
-  if (rows > 2) store_vec(C + 2 * ldc, c20, accumulate);
-  if (rows > 3) store_vec(C + 3 * ldc, c30, accumulate);
+  store_vec<T, VB>(C, c00, accumulate);
+  if (rows > 1) store_vec<T, VB>(C + ldc, c10, accumulate);
+  if (rows > 2) store_vec<T, VB>(C + 2 * ldc, c20, accumulate);
+  if (rows > 3) store_vec<T, VB>(C + 3 * ldc, c30, accumulate);
   if constexpr (NV == 2) {
-    store_vec(C + n, c01, accumulate);
-    if (rows > 1) store_vec(C + ldc + n, c11, accumulate);
-    if (rows > 2) store_vec(C + 2 * ldc + n, c21, accumulate);
-    if (rows > 3) store_vec(C + 3 * ldc + n, c31, accumulate);
+    store_vec<T, VB>(C + n, c01, accumulate);
+    if (rows > 1) store_vec<T, VB>(C + ldc + n, c11, accumulate);
+    if (rows > 2) store_vec<T, VB>(C + 2 * ldc + n, c21, accumulate);
+    if (rows > 3) store_vec<T, VB>(C + 3 * ldc + n, c31, accumulate);
   }
 }
 
 // C[m, 0:N] (+)= sum_k A(m, k) * B[k, 0:N] for m < M, with A(m, k) = A[m*sam + k*sak].
 // N is a multiple of kCW; B and C rows are contiguous with leading dims ldb and ldc.
-template <typename T>
+template <typename T, int VB>
 AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam,
                                int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc,
                                bool accumulate) {
-  constexpr int64_t n = Vec<T>::n;
+  constexpr int64_t n = Vec<T, VB>::n;
   static_assert(kCW % n == 0, "kCW must be a whole number of vectors");
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const int64_t rows = std::min<int64_t>(4, M - m0);
@@ -117,9 +118,9 @@ AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int6
     T* c = C + m0 * ldc;
     int64_t n0 = 0;
     for (; n0 + 2 * n <= N; n0 += 2 * n)
-      micro_tile<T, 2>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+      micro_tile<T, VB, 2>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
     if (n0 < N)
-      micro_tile<T, 1>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
+      micro_tile<T, VB, 1>(rows, K, a0, a1, a2, a3, sak, B + n0, ldb, c + n0, ldc, accumulate);
   }
 }
 
@@ -295,22 +296,26 @@ __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64
     }
 }
 
-bool cpu_has_avx512f() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
-  return yes;
-}
 #endif
 
+// The AVX-512 helpers above run in the AVX-512 copy of the kernels only (VB = 64 for float).
+template <typename T, int VB>
+constexpr bool use_avx512() {
+#ifdef AFFECTKIT_AVX512_TRANSPOSE
+  return VB == 64 && std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+
 // dst[f, j] = t[row0 + j, f] (F x ld, transposed), zero for j in [n, ld).
-template <typename T>
+template <typename T, int VB>
 AFFECTKIT_INLINE void pack_transposed(const View& t, int64_t b, int64_t h, int64_t row0,
                                       int64_t n, int64_t F, int64_t ld, T* dst) {
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx512f()) {
-      transpose_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, F, ld, dst);
-      return;
-    }
+  if constexpr (use_avx512<T, VB>()) {
+    transpose_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, F, ld, dst);
+    return;
   }
 #endif
   for (int64_t f = 0; f < F; ++f) std::fill(dst + f * ld + n, dst + (f + 1) * ld, T(0));
@@ -322,15 +327,13 @@ AFFECTKIT_INLINE void pack_transposed(const View& t, int64_t b, int64_t h, int64
 
 // Rows [0, nvalid) of dst = rows of src (stride ldsrc) * scale, rows [nvalid, n) zeros, by the
 // AVX-512 helper; false (nothing written) where it does not apply, for the caller's loop.
-template <typename T>
+template <typename T, int VB>
 AFFECTKIT_INLINE bool write_rows(T* dst, int64_t lddst, const T* src, int64_t ldsrc, T scale, int64_t nvalid,
                                  int64_t n, int64_t width) {
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx512f()) {
-      scale_rows_avx512(dst, lddst, src, ldsrc, nullptr, scale, nvalid, n, width);
-      return true;
-    }
+  if constexpr (use_avx512<T, VB>()) {
+    scale_rows_avx512(dst, lddst, src, ldsrc, nullptr, scale, nvalid, n, width);
+    return true;
   }
 #endif
   (void)dst, (void)lddst, (void)src, (void)ldsrc, (void)scale, (void)nvalid, (void)n, (void)width;
@@ -338,15 +341,13 @@ AFFECTKIT_INLINE bool write_rows(T* dst, int64_t lddst, const T* src, int64_t ld
 }
 
 // dst[r, 0:ld] = row row0 + r of t for r < n, zero-padded to ld columns.
-template <typename T>
+template <typename T, int VB>
 AFFECTKIT_INLINE void pack_rows(const View& t, int64_t b, int64_t h, int64_t row0, int64_t n,
                                 int64_t width, int64_t ld, T* dst) {
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx512f()) {
-      pack_rows_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, width, ld, dst);
-      return;
-    }
+  if constexpr (use_avx512<T, VB>()) {
+    pack_rows_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, width, ld, dst);
+    return;
   }
 #endif
   for (int64_t r = 0; r < n; ++r) {  // a plain loop: rows are short, a libc call each costs more
@@ -380,8 +381,8 @@ struct ForwardScratch {
         alpha(kBQ), keys(kBQ) {}
 };
 
-template <typename T>
-AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, const View& q,
+template <typename T, int VB>
+AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const View& q,
                                         const View& k, const View& v, const Mask& mask,
                                         const MutView& out, const MutView& lse, int64_t b,
                                         int64_t h, int64_t qtile, ForwardScratch<T>& w) {
@@ -397,14 +398,14 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
   T *lrun = w.l.data(), *alpha = w.alpha.data();
   std::fill(mrun, mrun + npad, neg_inf<T>());
   std::fill(lrun, lrun + npad, T(0));
-  if (kend > 0) pack_transposed(q, b, h, sq.q0 + i0, mv, D, npad, qt);
+  if (kend > 0) pack_transposed<T, VB>(q, b, h, sq.q0 + i0, mv, D, npad, qt);
   if (pr.threshold > 0)
     for (int64_t r = 0; r < mv; ++r) w.keys[r] = dropout_row_key(p.seed, b, h, i0 + r);
   const bool direct_v = Dv % kCW == 0;  // V rows usable in place as the B operand
   for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
     const int64_t nk = std::min<int64_t>(kBK, kend - j0);
     // St = K Q^T (scores before scale and masks).
-    gemm_acc<T>(nk, npad, D, row_ptr<T>(k, b, h, sq.k0 + j0), k.sr, 1, qt, npad, st, kBQ, false);
+    gemm_acc<T, VB>(nk, npad, D, row_ptr<T>(k, b, h, sq.k0 + j0), k.sr, 1, qt, npad, st, kBQ, false);
     // Scale and mask; lane c (query i0 + c) sees key j0 + j iff j0 + j <= i0 + c + offset.
     for (int64_t j = 0; j < nk; ++j) {
       T* row = st + j * kBQ;
@@ -468,9 +469,9 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
       vb = row_ptr<T>(v, b, h, sq.k0 + j0);
       ldv = v.sr;
     } else {
-      pack_rows(v, b, h, sq.k0 + j0, nk, Dv, Dvp, w.vp.data());
+      pack_rows<T, VB>(v, b, h, sq.k0 + j0, nk, Dv, Dvp, w.vp.data());
     }
-    gemm_acc<T>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, j0 > 0);
+    gemm_acc<T, VB>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, j0 > 0);
   }
   // Row sums are >= 1 where a key is visible (the max contributes exp(0)), else 0: then the
   // row is zeros and lse = +inf, so the backward's P = exp(s - lse) is 0. Vector pass first.
@@ -483,11 +484,9 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
   for (int64_t r = 0; r < present; ++r)
     *row_ptr<T>(lse, b, h, sq.q0 + i0 + r) = r < mv ? mrun[r] : std::numeric_limits<T>::infinity();
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx512f()) {
-      scale_rows_avx512(row_ptr<T>(out, b, h, sq.q0 + i0), out.sr, o, Dvp, alpha, 0.f, mv, present, Dv);
-      return;
-    }
+  if constexpr (use_avx512<T, VB>()) {
+    scale_rows_avx512(row_ptr<T>(out, b, h, sq.q0 + i0), out.sr, o, Dvp, alpha, 0.f, mv, present, Dv);
+    return;
   }
 #endif
   for (int64_t r = 0; r < present; ++r) {
@@ -501,6 +500,19 @@ AFFECTKIT_SIMD_CLONES void forward_task(const Problem& p, const Params<T>& pr, c
   }
 }
 
+struct ForwardTasks {  // this thread's share of the forward's tasks
+  template <int VB, typename T>
+  AFFECTKIT_INLINE static void run(const Problem& p, const Params<T>& pr, const View& q, const View& k,
+                                   const View& v, const Mask& mask, const MutView& out, const MutView& lse,
+                                   int64_t qtiles, ForwardScratch<T>& w) {
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h)
+        for (int64_t qt = 0; qt < qtiles; ++qt)
+          forward_task<T, VB>(p, pr, q, k, v, mask, out, lse, b, h, qt, w);
+  }
+};
+
 template <typename T>
 void forward(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse) {
   const int64_t qtiles = (p.Lq + kBQ - 1) / kBQ;
@@ -509,11 +521,7 @@ void forward(const Problem& p, View q, View k, View v, Mask mask, MutView out, M
 #pragma omp parallel
   {
     ForwardScratch<T> w(Dvp);
-#pragma omp for collapse(3) schedule(dynamic, 1)
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t h = 0; h < p.H; ++h)
-        for (int64_t qt = 0; qt < qtiles; ++qt)
-          forward_task<T>(p, pr, q, k, v, mask, out, lse, b, h, qt, w);
+    simd::dispatch<ForwardTasks>(p, pr, q, k, v, mask, out, lse, qtiles, w);
   }
 }
 
@@ -543,8 +551,8 @@ struct BackwardScratch {
   std::vector<T> qt, gt, qp, gop, kp, st, dpt, dk, dv, dq, lse, delta;
 };
 
-template <typename T>
-AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, const View& q,
+template <typename T, int VB>
+AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const View& q,
                                          const View& k, const View& v, const Mask& mask,
                                          const View& out, const View& gout, const View& lse,
                                          const MutView& gq, const MutView& gk,
@@ -568,8 +576,8 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
     w.dpt.resize(kBK * kBQ);
     w.dk.resize(kBK * Dp);
     w.dv.resize(kBK * Dvp);
-    pack_transposed(q, b, h, sq.q0, qlen, D, ldq, w.qt.data());
-    pack_transposed(gout, b, h, sq.q0, qlen, Dv, ldq, w.gt.data());
+    pack_transposed<T, VB>(q, b, h, sq.q0, qlen, D, ldq, w.qt.data());
+    pack_transposed<T, VB>(gout, b, h, sq.q0, qlen, Dv, ldq, w.gt.data());
     std::fill(w.delta.begin(), w.delta.end(), T(0));  // padding lanes: P = 0
     std::fill(w.lse.begin(), w.lse.end(), std::numeric_limits<T>::infinity());
     for (int64_t i = 0; i < qlen; ++i) {  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
@@ -602,7 +610,7 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
       ldqr = q.sr;
     } else {
       w.qp.resize(qlen * Dp);
-      pack_rows(q, b, h, sq.q0, qlen, D, Dp, w.qp.data());
+      pack_rows<T, VB>(q, b, h, sq.q0, qlen, D, Dp, w.qp.data());
       qrows = w.qp.data();
     }
     if (Dv % kCW == 0) {
@@ -610,7 +618,7 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
       ldgr = gout.sr;
     } else {
       w.gop.resize(qlen * Dvp);
-      pack_rows(gout, b, h, sq.q0, qlen, Dv, Dvp, w.gop.data());
+      pack_rows<T, VB>(gout, b, h, sq.q0, qlen, Dv, Dvp, w.gop.data());
       grows = w.gop.data();
     }
   }
@@ -624,7 +632,7 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
     int64_t ldk = k.sr;
     if (D % kCW != 0) {
       w.kp.resize(kBK * Dp);
-      pack_rows(k, b, h, sq.k0 + j0, nk, D, Dp, w.kp.data());
+      pack_rows<T, VB>(k, b, h, sq.k0 + j0, nk, D, Dp, w.kp.data());
       kb = w.kp.data();
       ldk = Dp;
     }
@@ -635,8 +643,8 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
       const int64_t mq = std::min<int64_t>(kBQ, qlen - i0);
       const int64_t mpad = round_up(mq, kCW);
       // St = K Q^T and dPt = V dO^T for keys j0.. and queries i0.. (lanes).
-      gemm_acc<T>(nk, mpad, D, krows, k.sr, 1, w.qt.data() + i0, ldq, st, kBQ, false);
-      gemm_acc<T>(nk, mpad, Dv, vrows, v.sr, 1, w.gt.data() + i0, ldq, dpt, kBQ, false);
+      gemm_acc<T, VB>(nk, mpad, D, krows, k.sr, 1, w.qt.data() + i0, ldq, st, kBQ, false);
+      gemm_acc<T, VB>(nk, mpad, Dv, vrows, v.sr, 1, w.gt.data() + i0, ldq, dpt, kBQ, false);
       // st <- dS = P * (dP * z - delta), dpt <- P * z, with P = exp(score - lse).
       for (int64_t j = 0; j < nk; ++j) {
         T* srow = st + j * kBQ;
@@ -680,13 +688,13 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
           for (int64_t c = 0; c < mq; ++c) gm[(i0 + c) * p.Lk + jabs] = srow[c];
       }
       // dV += (P z)^T dO; dK += dS^T Q; dQ += dS K  (scale applied at the end).
-      gemm_acc<T>(nk, Dvp, mq, dpt, kBQ, 1, grows + i0 * ldgr, ldgr, dv, Dvp, !first);
-      gemm_acc<T>(nk, Dp, mq, st, kBQ, 1, qrows + i0 * ldqr, ldqr, dk, Dp, !first);
-      gemm_acc<T>(mq, Dp, nk, st, 1, kBQ, kb, ldk, dq + i0 * Dp, Dp, true);
+      gemm_acc<T, VB>(nk, Dvp, mq, dpt, kBQ, 1, grows + i0 * ldgr, ldgr, dv, Dvp, !first);
+      gemm_acc<T, VB>(nk, Dp, mq, st, kBQ, 1, qrows + i0 * ldqr, ldqr, dk, Dp, !first);
+      gemm_acc<T, VB>(mq, Dp, nk, st, 1, kBQ, kb, ldk, dq + i0 * Dp, Dp, true);
       first = false;
     }
-    if (!write_rows(row_ptr<T>(gk, b, h, sq.k0 + j0), gk.sr, dk, Dp, pr.scale, first ? 0 : nk, nk, D) ||
-        !write_rows(row_ptr<T>(gv, b, h, sq.k0 + j0), gv.sr, dv, Dvp, T(1), first ? 0 : nk, nk, Dv))
+    if (!write_rows<T, VB>(row_ptr<T>(gk, b, h, sq.k0 + j0), gk.sr, dk, Dp, pr.scale, first ? 0 : nk, nk, D) ||
+        !write_rows<T, VB>(row_ptr<T>(gv, b, h, sq.k0 + j0), gv.sr, dv, Dvp, T(1), first ? 0 : nk, nk, Dv))
       for (int64_t j = 0; j < nk; ++j) {
         T* dkr = row_ptr<T>(gk, b, h, sq.k0 + j0 + j);
         T* dvr = row_ptr<T>(gv, b, h, sq.k0 + j0 + j);
@@ -705,7 +713,7 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
     std::fill(dkr, dkr + D, T(0));
     std::fill(dvr, dvr + Dv, T(0));
   }
-  if (write_rows(row_ptr<T>(gq, b, h, sq.q0), gq.sr, dq, Dp, pr.scale, qlen, sq.qrows, D)) return;
+  if (write_rows<T, VB>(row_ptr<T>(gq, b, h, sq.q0), gq.sr, dq, Dp, pr.scale, qlen, sq.qrows, D)) return;
   for (int64_t i = 0; i < sq.qrows; ++i) {
     T* dqr = row_ptr<T>(gq, b, h, sq.q0 + i);
     if (i < qlen)
@@ -715,6 +723,19 @@ AFFECTKIT_SIMD_CLONES void backward_task(const Problem& p, const Params<T>& pr, 
   }
 }
 
+struct BackwardTasks {  // this thread's share of the backward's tasks
+  template <int VB, typename T>
+  AFFECTKIT_INLINE static void run(const Problem& p, const Params<T>& pr, const View& q, const View& k,
+                                   const View& v, const Mask& mask, const View& out, const View& gout,
+                                   const View& lse, const MutView& gq, const MutView& gk, const MutView& gv,
+                                   T* const& gmask, BackwardScratch<T>& w) {
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h)
+        backward_task<T, VB>(p, pr, q, k, v, mask, out, gout, lse, gq, gk, gv, gmask, b, h, w);
+  }
+};
+
 template <typename T>
 void backward(const Problem& p, View q, View k, View v, Mask mask, View out, View gout, View lse,
               MutView gq, MutView gk, MutView gv, T* gmask) {
@@ -722,17 +743,14 @@ void backward(const Problem& p, View q, View k, View v, Mask mask, View out, Vie
 #pragma omp parallel
   {
     BackwardScratch<T> w;
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t h = 0; h < p.H; ++h)
-        backward_task<T>(p, pr, q, k, v, mask, out, gout, lse, gq, gk, gv, gmask, b, h, w);
+    simd::dispatch<BackwardTasks>(p, pr, q, k, v, mask, out, gout, lse, gq, gk, gv, gmask, w);
   }
 }
 
 // ---------------------------------------------------------------------------------- weights
 
-template <typename T>
-AFFECTKIT_SIMD_CLONES void weights_task(const Problem& p, const Params<T>& pr, const View& q,
+template <typename T, int VB>
+AFFECTKIT_INLINE void weights_task(const Problem& p, const Params<T>& pr, const View& q,
                                         const View& k, const Mask& mask, const View& lse, T* w,
                                         bool average_heads, int64_t b, int64_t qt, T* kt, T* pt) {
   const int64_t D = p.D, Lq = p.Lq, Lk = p.Lk;
@@ -753,8 +771,8 @@ AFFECTKIT_SIMD_CLONES void weights_task(const Problem& p, const Params<T>& pr, c
     for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
       const int64_t nk = std::min<int64_t>(kBK, kend - j0);
       const int64_t ncols = round_up(nk, kCW);
-      pack_transposed(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
-      gemm_acc<T>(mq, ncols, D, row_ptr<T>(q, b, h, sq.q0 + i0), q.sr, 1, kt, ncols, pt, kBK, false);
+      pack_transposed<T, VB>(k, b, h, sq.k0 + j0, nk, D, ncols, kt);
+      gemm_acc<T, VB>(mq, ncols, D, row_ptr<T>(q, b, h, sq.q0 + i0), q.sr, 1, kt, ncols, pt, kBK, false);
       probabilities<T>(p, pr, sq, b, h, i0, mq, j0, ncols, mask, lse, pt);
       for (int64_t r = 0; r < mq; ++r) {
         T* prow = pt + r * kBK;
@@ -767,6 +785,18 @@ AFFECTKIT_SIMD_CLONES void weights_task(const Problem& p, const Params<T>& pr, c
   }
 }
 
+struct WeightsTasks {  // this thread's share of the weights' tasks
+  template <int VB, typename T>
+  AFFECTKIT_INLINE static void run(const Problem& p, const Params<T>& pr, const View& q, const View& k,
+                                   const Mask& mask, const View& lse, T* const& w, const bool& average_heads,
+                                   const int64_t& qtiles, T* const& kt, T* const& pt) {
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t qt = 0; qt < qtiles; ++qt)
+        weights_task<T, VB>(p, pr, q, k, mask, lse, w, average_heads, b, qt, kt, pt);
+  }
+};
+
 template <typename T>
 void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w, bool average_heads) {
   const int64_t qtiles = (p.Lq + kBQ - 1) / kBQ;
@@ -774,10 +804,9 @@ void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w, bool a
 #pragma omp parallel
   {
     std::vector<T> kt(kMaxDim * kBK), pt(kBQ * kBK);
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t qt = 0; qt < qtiles; ++qt)
-        weights_task<T>(p, pr, q, k, mask, lse, w, average_heads, b, qt, kt.data(), pt.data());
+    T* ktp = kt.data();
+    T* ptp = pt.data();
+    simd::dispatch<WeightsTasks>(p, pr, q, k, mask, lse, w, average_heads, qtiles, ktp, ptp);
   }
 }
 

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "../affectkit.h"
+#include "../core/simd.h"
 
 namespace py = pybind11;
 using namespace affectkit;
@@ -65,9 +66,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("build_info", &build_info_dict, "Version and build configuration of the core.");
   m.def("cpu_simd_level", &cpu_simd_level, "SIMD instruction set detected at run time.");
+  m.def("simd_level", &simd::level,
+        "Instruction set of the CPU kernels: 2 AVX-512, 1 AVX2+FMA, 0 baseline (capped by "
+        "AFFECTKIT_SIMD_LEVEL).");
   m.def("graph_simd_level", &graph::simd_level_in_use,
         "Instruction set of the CPU graph kernels: 2 AVX-512, 1 AVX2+FMA, 0 baseline "
-        "(capped by AFFECTKIT_GRAPH_SIMD_LEVEL).");
+        "(capped by AFFECTKIT_SIMD_LEVEL and AFFECTKIT_GRAPH_SIMD_LEVEL).");
   m.def("num_threads", &num_threads, "OpenMP threads used by CPU kernels.");
   m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices usable now (0 without CUDA).");

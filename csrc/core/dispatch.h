@@ -42,10 +42,13 @@
     }                                                                                     \
   }()
 
-// Compile a hot CPU loop for several instruction sets; the loader picks one at run time
-// (no -march=native in installed builds). GCC and Clang on x86-64 only.
+// Compile a small hot CPU loop for several instruction sets; the loader picks one at run time
+// (no -march=native in installed builds). GCC on x86-64 only. For kernels with vector types
+// of their own, use simd::dispatch (core/simd.h): it sizes the vectors to the instruction
+// set and honours AFFECTKIT_SIMD_LEVEL. "arch=x86-64-v3", not "avx2", so that the AVX2 copy
+// also has FMA.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AFFECTKIT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define AFFECTKIT_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define AFFECTKIT_SIMD_CLONES
 #endif

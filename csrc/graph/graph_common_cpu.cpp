@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "graph.h"
+#include "../core/simd.h"
 #include "small_gemm.h"
 
 namespace affectkit::graph {
@@ -34,25 +35,14 @@ void check_assignment_values(const int64_t* assignment, int64_t N, int64_t P) {
 }
 
 int simd_level() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  // AFFECTKIT_GRAPH_SIMD_LEVEL caps the graph kernels alone (AFFECTKIT_SIMD_LEVEL caps all).
   static const int level = [] {
-    __builtin_cpu_init();
-    int found = 0;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq"))
-      found = 2;
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      found = 1;
-    // AFFECTKIT_GRAPH_SIMD_LEVEL=0 or 1 caps the level, so that the tests exercise the AVX2
-    // and baseline kernels on an AVX-512 machine; it never raises it.
+    int found = simd::level();
     if (const char* cap = std::getenv("AFFECTKIT_GRAPH_SIMD_LEVEL"))
       if (cap[0] >= '0' && cap[0] <= '2' && cap[1] == '\0') found = std::min(found, cap[0] - '0');
     return found;
   }();
   return level;
-#else
-  return 0;
-#endif
 }
 
 }  // namespace detail

@@ -171,7 +171,8 @@ inline bool all_finite(const T* p, int64_t n) {
   return bad == 0;
 }
 
-// Which instruction set the CPU kernels use: 2 AVX-512, 1 AVX2+FMA, 0 baseline.
+// Which instruction set the graph kernels use: simd::level(), further capped by
+// AFFECTKIT_GRAPH_SIMD_LEVEL.
 int simd_level();
 
 // [begin, end) of `total` items for thread `t` of `nt` (contiguous, balanced).

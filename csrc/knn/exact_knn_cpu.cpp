@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../core/dispatch.h"
+#include "../core/simd.h"
 #include "f16.h"
 #include "knn.h"
 #include "topk.h"
@@ -130,34 +131,26 @@ __attribute__((always_inline)) inline void score_tile_body(const T* q, int64_t n
   }
 }
 
-template <typename T>
-AFFECTKIT_SIMD_CLONES void score_tile_32(const T* q, int64_t nqb, const T* rows, int64_t nrows,
-                                         int64_t d, T* scores, T* work) {
-  score_tile_body<T, 32>(q, nqb, rows, nrows, d, scores, work);
+// The scoring kernels in use follow simd::level() (AFFECTKIT_SIMD_LEVEL caps it; the older
+// AFFECTKIT_NO_AVX512=1 still forces at most AVX2): 64-, 32- or 16-byte vectors.
+int kernel_level() {
+  static const int level = std::getenv("AFFECTKIT_NO_AVX512") ? std::min(simd::level(), 1) : simd::level();
+  return level;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-template <typename T>
-__attribute__((target("avx512f"))) void score_tile_64(const T* q, int64_t nqb, const T* rows,
-                                                      int64_t nrows, int64_t d, T* scores,
-                                                      T* work) {
-  score_tile_body<T, 64>(q, nqb, rows, nrows, d, scores, work);
-}
-// AFFECTKIT_NO_AVX512=1 forces the 32-byte kernels (tests use it to cover the AVX2 path).
-bool has_avx512() {
-  static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx512f")) &&
-                          std::getenv("AFFECTKIT_NO_AVX512") == nullptr;
-  return yes;
-}
-#endif
+struct ScoreTile {
+  template <int VB, typename T>
+  __attribute__((always_inline)) static void run(const T* const& q, const int64_t& nqb, const T* const& rows,
+                                                 const int64_t& nrows, const int64_t& d, T* const& scores,
+                                                 T* const& work) {
+    score_tile_body<T, VB>(q, nqb, rows, nrows, d, scores, work);
+  }
+};
 
 template <typename T>
 void score_tile(const T* q, int64_t nqb, const T* rows, int64_t nrows, int64_t d, T* scores,
                 T* work) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (has_avx512()) return score_tile_64(q, nqb, rows, nrows, d, scores, work);
-#endif
-  score_tile_32(q, nqb, rows, nrows, d, scores, work);
+  simd::dispatch_at<ScoreTile>(kernel_level(), q, nqb, rows, nrows, d, scores, work);
 }
 
 // Pre-packed panels: rows in groups of R (the sub-tile height of the kernel in use), each
@@ -174,38 +167,25 @@ __attribute__((always_inline)) inline void score_panels_body(const T* q, int64_t
                            std::min(R, nrows - b0));
 }
 
-template <typename T>
-AFFECTKIT_SIMD_CLONES void score_panels_32(const T* q, int64_t nqb, const T* panels,
-                                           int64_t nrows, int64_t d, T* scores) {
-  score_panels_body<T, 32>(q, nqb, panels, nrows, d, scores);
-}
+struct ScorePanels {
+  template <int VB, typename T>
+  __attribute__((always_inline)) static void run(const T* const& q, const int64_t& nqb, const T* const& panels,
+                                                 const int64_t& nrows, const int64_t& d, T* const& scores) {
+    score_panels_body<T, VB>(q, nqb, panels, nrows, d, scores);
+  }
+};
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-template <typename T>
-__attribute__((target("avx512f"))) void score_panels_64(const T* q, int64_t nqb,
-                                                        const T* panels, int64_t nrows,
-                                                        int64_t d, T* scores) {
-  score_panels_body<T, 64>(q, nqb, panels, nrows, d, scores);
-}
-#endif
-
-// Rows per panel for the kernel this CPU runs.
+// Rows per panel for the kernel this CPU runs (two vectors).
 template <typename T>
 int64_t panel_rows() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (has_avx512()) return 2 * 64 / static_cast<int64_t>(sizeof(T));
-#endif
-  return 2 * 32 / static_cast<int64_t>(sizeof(T));
+  return 2 * (int64_t(16) << kernel_level()) / static_cast<int64_t>(sizeof(T));
 }
 
 // scores (nqb, nrows) from panels starting at a panel boundary.
 template <typename T>
 void score_panels(const T* q, int64_t nqb, const T* panels, int64_t nrows, int64_t d,
                   T* scores) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (has_avx512()) return score_panels_64(q, nqb, panels, nrows, d, scores);
-#endif
-  score_panels_32(q, nqb, panels, nrows, d, scores);
+  simd::dispatch_at<ScorePanels>(kernel_level(), q, nqb, panels, nrows, d, scores);
 }
 
 // Pack rows (rows[i], or i when rows is null; i < m) into panels of R rows.
