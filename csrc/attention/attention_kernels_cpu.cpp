@@ -21,6 +21,7 @@
 
 #include "../core/dispatch.h"
 #include "../core/simd.h"
+#include "../core/transpose_avx2.h"
 #include "../core/transpose_avx512.h"
 #include "attention.h"
 #include "attention_common.h"
@@ -296,13 +297,64 @@ __attribute__((target("avx512f"))) void pack_rows_avx512(const float* src, int64
     }
 }
 
+// The same three movers for AVX2 (8 lanes; masked loads and stores never touch memory past a
+// row's end).
+__attribute__((target("avx2,fma"))) void transpose_avx2(const float* src, int64_t sr, int64_t n, int64_t F,
+                                                       int64_t ld, float* dst) {
+  for (int64_t f0 = 0; f0 < F; f0 += 8) {
+    const int64_t fw = std::min<int64_t>(8, F - f0);
+    const __m256i fmask = lane_mask_avx2(fw);
+    for (int64_t j0 = 0; j0 < ld; j0 += 8) {
+      if (j0 >= n) {  // padding columns only
+        for (int64_t f = 0; f < fw; ++f) _mm256_storeu_ps(dst + (f0 + f) * ld + j0, _mm256_setzero_ps());
+        continue;
+      }
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = j0 + i < n ? _mm256_maskload_ps(src + (j0 + i) * sr + f0, fmask) : _mm256_setzero_ps();
+      transpose8x8_avx2(r);
+      for (int64_t f = 0; f < fw; ++f) _mm256_storeu_ps(dst + (f0 + f) * ld + j0, r[f]);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void scale_rows_avx2(float* dst, int64_t lddst, const float* src,
+                                                        int64_t ldsrc, const float* row_scale, float scale,
+                                                        int64_t nvalid, int64_t n, int64_t width) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float s = r < nvalid ? (row_scale != nullptr ? row_scale[r] : scale) : 0.f;
+    const bool zero = !(r < nvalid) || (row_scale != nullptr && !(s > 0.f));
+    const __m256 sv = _mm256_set1_ps(s);
+    for (int64_t c0 = 0; c0 < width; c0 += 8) {
+      const __m256 v = zero ? _mm256_setzero_ps() : _mm256_mul_ps(_mm256_loadu_ps(src + r * ldsrc + c0), sv);
+      if (width - c0 >= 8) _mm256_storeu_ps(dst + r * lddst + c0, v);
+      else _mm256_maskstore_ps(dst + r * lddst + c0, lane_mask_avx2(width - c0), v);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void pack_rows_avx2(const float* src, int64_t sr, int64_t n, int64_t width,
+                                                       int64_t ld, float* dst) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c0 = 0; c0 < ld; c0 += 8)
+      _mm256_storeu_ps(dst + r * ld + c0, _mm256_maskload_ps(src + r * sr + c0, lane_mask_avx2(width - c0)));
+}
 #endif
 
-// The AVX-512 helpers above run in the AVX-512 copy of the kernels only (VB = 64 for float).
+// The AVX-512 helpers above run in the AVX-512 copy of the kernels only (VB = 64 for float),
+// the AVX2 ones in the AVX2 copy (VB = 32).
 template <typename T, int VB>
 constexpr bool use_avx512() {
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
   return VB == 64 && std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+template <typename T, int VB>
+constexpr bool use_avx2() {
+#ifdef AFFECTKIT_AVX512_TRANSPOSE
+  return VB == 32 && std::is_same_v<T, float>;
 #else
   return false;
 #endif
@@ -315,6 +367,10 @@ AFFECTKIT_INLINE void pack_transposed(const View& t, int64_t b, int64_t h, int64
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
   if constexpr (use_avx512<T, VB>()) {
     transpose_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, F, ld, dst);
+    return;
+  }
+  if constexpr (use_avx2<T, VB>()) {
+    transpose_avx2(row_ptr<T>(t, b, h, row0), t.sr, n, F, ld, dst);
     return;
   }
 #endif
@@ -335,6 +391,10 @@ AFFECTKIT_INLINE bool write_rows(T* dst, int64_t lddst, const T* src, int64_t ld
     scale_rows_avx512(dst, lddst, src, ldsrc, nullptr, scale, nvalid, n, width);
     return true;
   }
+  if constexpr (use_avx2<T, VB>()) {
+    scale_rows_avx2(dst, lddst, src, ldsrc, nullptr, scale, nvalid, n, width);
+    return true;
+  }
 #endif
   (void)dst, (void)lddst, (void)src, (void)ldsrc, (void)scale, (void)nvalid, (void)n, (void)width;
   return false;
@@ -347,6 +407,10 @@ AFFECTKIT_INLINE void pack_rows(const View& t, int64_t b, int64_t h, int64_t row
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
   if constexpr (use_avx512<T, VB>()) {
     pack_rows_avx512(row_ptr<T>(t, b, h, row0), t.sr, n, width, ld, dst);
+    return;
+  }
+  if constexpr (use_avx2<T, VB>()) {
+    pack_rows_avx2(row_ptr<T>(t, b, h, row0), t.sr, n, width, ld, dst);
     return;
   }
 #endif
@@ -486,6 +550,10 @@ AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const 
 #ifdef AFFECTKIT_AVX512_TRANSPOSE
   if constexpr (use_avx512<T, VB>()) {
     scale_rows_avx512(row_ptr<T>(out, b, h, sq.q0 + i0), out.sr, o, Dvp, alpha, 0.f, mv, present, Dv);
+    return;
+  }
+  if constexpr (use_avx2<T, VB>()) {
+    scale_rows_avx2(row_ptr<T>(out, b, h, sq.q0 + i0), out.sr, o, Dvp, alpha, 0.f, mv, present, Dv);
     return;
   }
 #endif
