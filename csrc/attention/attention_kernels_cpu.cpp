@@ -310,8 +310,10 @@ __attribute__((target("avx2,fma"))) void transpose_avx2(const float* src, int64_
         continue;
       }
       __m256 r[8];
-      for (int i = 0; i < 8; ++i)
-        r[i] = j0 + i < n ? _mm256_maskload_ps(src + (j0 + i) * sr + f0, fmask) : _mm256_setzero_ps();
+      for (int i = 0; i < 8; ++i) {
+        const float* row = src + (j0 + i) * sr + f0;
+        r[i] = j0 + i >= n ? _mm256_setzero_ps() : fw == 8 ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, fmask);
+      }
       transpose8x8_avx2(r);
       for (int64_t f = 0; f < fw; ++f) _mm256_storeu_ps(dst + (f0 + f) * ld + j0, r[f]);
     }
@@ -337,7 +339,8 @@ __attribute__((target("avx2,fma"))) void pack_rows_avx2(const float* src, int64_
                                                        int64_t ld, float* dst) {
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c0 = 0; c0 < ld; c0 += 8)
-      _mm256_storeu_ps(dst + r * ld + c0, _mm256_maskload_ps(src + r * sr + c0, lane_mask_avx2(width - c0)));
+      _mm256_storeu_ps(dst + r * ld + c0, width - c0 >= 8 ? _mm256_loadu_ps(src + r * sr + c0)
+                                                          : _mm256_maskload_ps(src + r * sr + c0, lane_mask_avx2(width - c0)));
 }
 #endif
 
