@@ -15,7 +15,7 @@ def test_info_json_matches_api():
     data = json.loads(proc.stdout)
     assert data["version"] == affectkit.__version__
     assert data == {**affectkit.info(), "openmp_threads": data["openmp_threads"]}
-    for key in ("cuda_compiled", "cuda_architectures", "gpu_usable", "openmp_threads", "simd", "torch"):
+    for key in ("cuda_compiled", "cuda_architectures", "gpu_usable", "openmp_threads", "simd", "simd_kernels", "torch"):
         assert key in data
 
 

@@ -58,3 +58,13 @@ def test_graph_cap_applies_to_the_graph_kernels_alone():
 def test_a_cap_it_cannot_read_changes_nothing(value):
     env = dict(os.environ, AFFECTKIT_SIMD_LEVEL=value)
     assert _level_in_child(env, "simd_level")[0] == str(C.simd_level())
+
+
+def test_info_names_the_copy_in_use():
+    env = dict(os.environ, AFFECTKIT_SIMD_LEVEL="0")
+    out = subprocess.run([sys.executable, "-c", "import affectkit; print(affectkit.info()['simd_kernels'])"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "baseline", out.stderr
+    import affectkit
+
+    assert affectkit.info()["simd_kernels"] == ("baseline", "avx2+fma", "avx512")[C.simd_level()]

@@ -20,6 +20,8 @@ def info() -> dict[str, Any]:
         "cuda_devices": _C.cuda_device_count(),
         "openmp_threads": _C.num_threads(),
         "simd": _C.cpu_simd_level(),
+        # the copy of the CPU kernels in use (AFFECTKIT_SIMD_LEVEL caps it)
+        "simd_kernels": ("baseline", "avx2+fma", "avx512")[_C.simd_level()],
         "compiler": build["compiler"],
         "torch": None,
         "torch_cuda_available": False,
