@@ -103,7 +103,7 @@ AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* a0, const T* 
 }
 
 // C[m, 0:N] (+)= sum_k A(m, k) * B[k, 0:N] for m < M, with A(m, k) = A[m*sam + k*sak].
-// N is a multiple of kCW; B and C rows are contiguous with leading dims ldb and ldc.
+// N is a multiple of the vector lanes; B and C rows are contiguous with leading dims ldb and ldc.
 template <typename T, int VB>
 AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam,
                                int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc,
@@ -459,7 +459,7 @@ AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const 
   const int64_t present = clamp64(sq.qrows - i0, 0, kBQ);
   const int64_t mv = clamp64(sq.qlen - i0, 0, kBQ);
   if (present == 0) return;
-  const int64_t npad = round_up(mv, kCW);  // query lanes, padded to whole vectors
+  const int64_t npad = round_up(mv, Vec<T, VB>::n);  // query lanes, padded to whole vectors
   const int64_t kend = mv > 0 ? key_end(p, sq, i0 + mv - 1) : 0;
   T *qt = w.qt.data(), *st = w.st.data(), *o = w.o.data(), *mrun = w.m.data();
   T *lrun = w.l.data(), *alpha = w.alpha.data();
@@ -712,7 +712,7 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
     bool first = true;
     for (int64_t i0 = ifirst; i0 < qlen; i0 += kBQ) {
       const int64_t mq = std::min<int64_t>(kBQ, qlen - i0);
-      const int64_t mpad = round_up(mq, kCW);
+      const int64_t mpad = round_up(mq, Vec<T, VB>::n);  // whole vectors of query lanes
       // St = K Q^T and dPt = V dO^T for keys j0.. and queries i0.. (lanes).
       gemm_acc<T, VB>(nk, mpad, D, krows, k.sr, 1, w.qt.data() + i0, ldq, st, kBQ, false);
       gemm_acc<T, VB>(nk, mpad, Dv, vrows, v.sr, 1, w.gt.data() + i0, ldq, dpt, kBQ, false);
