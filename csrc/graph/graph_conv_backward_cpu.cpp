@@ -93,13 +93,88 @@ __attribute__((target("avx512f"))) void small_grad_xa_avx512(const float* gp, in
   }
 }
 
-template <int kF = 1>
+// small_grad_xa_avx512 for AVX2+FMA: 8 nodes per vector (two blocks of 8 at once for few
+// features, see combine_rows_avx2), 8 x 8 register transposes, and features in blocks of 8
+// where they cross the lanes (gx's rows, x's columns). Same operands, with Np = N rounded up
+// to 8 and gp's rows zero-padded to a multiple of 8 (read whole); scratch:
+// (round_up(Fo, 8) + 16) * Np floats.
+template <int kF>
+__attribute__((target("avx2,fma"))) void small_grad_xa_avx2(const float* gp, int64_t ldg, int64_t Fo,
+                                                           const float* w, const float* arows, int64_t N,
+                                                           const float* x, float* gx, float* ga_acc,
+                                                           float* scratch) {
+  const int64_t Np = (N + 7) / 8 * 8;
+  float* gpT = scratch;                            // (Fo, Np)
+  float* ht_rows = scratch + (Fo + 7) / 8 * 8 * Np;  // (kF, Np)
+  constexpr int NB = combine_blocks_avx2<kF>();
+  for (int64_t n0 = 0; n0 < Np; n0 += 8 * NB) {
+    const int nb = n0 + 8 * NB <= Np ? NB : 1;  // a last single block
+    for (int64_t o0 = 0; o0 < Fo; o0 += 8)
+      for (int64_t m0 = n0; m0 < n0 + 8 * nb; m0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i)
+          r[i] = m0 + i < N ? _mm256_loadu_ps(gp + (m0 + i) * ldg + o0) : _mm256_setzero_ps();
+        transpose8x8_avx2(r);
+        for (int64_t c = 0; c < std::min<int64_t>(8, Fo - o0); ++c) _mm256_storeu_ps(gpT + (o0 + c) * Np + m0, r[c]);
+      }
+    __m256 ht[NB * kF];
+    if (nb == NB) combine_rows_avx2<kF, NB>(Fo, gpT + n0, Np, w, 1, Fo, ht);
+    else combine_rows_avx2<kF>(Fo, gpT + n0, Np, w, 1, Fo, ht);
+    for (int b = 0; b < nb; ++b)
+      for (int f = 0; f < kF; ++f) _mm256_storeu_ps(ht_rows + f * Np + n0 + 8 * b, ht[b * kF + f]);
+  }
+  constexpr int kB = (kF + 7) / 8;  // blocks of 8 features
+  __m256 t[8 * kB];
+  if (gx)
+    for (int64_t j0 = 0; j0 < Np; j0 += 8 * NB) {
+      const int nb = j0 + 8 * NB <= Np ? NB : 1;
+      __m256 gxT[NB * kF];
+      if (nb == NB) combine_rows_avx2<kF, NB>(N, arows + j0, Np, ht_rows, 1, Np, gxT);
+      else combine_rows_avx2<kF>(N, arows + j0, Np, ht_rows, 1, Np, gxT);
+      for (int b = 0; b < nb; ++b) {
+        for (int f = 0; f < 8 * kB; ++f) t[f] = f < kF ? gxT[b * kF + f] : _mm256_setzero_ps();
+        for (int c = 0; c < kB; ++c) transpose8x8_avx2(t + 8 * c);  // t[8c + j] = gx[j, 8c : 8c + 8]
+        // Rows in order, each as whole vectors where they stay inside this sample's gx: the
+        // lanes past a row's end land in the next rows, which are stored after it. Only the
+        // sample's last row(s) take a masked store (slow on AMD).
+        const int64_t jb = j0 + 8 * b;
+        for (int64_t j = 0; j < 8 && jb + j < N; ++j)
+          for (int c = 0; c < kB; ++c) {
+            const int64_t at = (jb + j) * kF + 8 * c;
+            if (at + 8 <= N * kF) _mm256_storeu_ps(gx + at, t[8 * c + j]);
+            else _mm256_maskstore_ps(gx + at, lane_mask_avx2(std::min(8, kF - 8 * c)), t[8 * c + j]);
+          }
+      }
+    }
+  if (ga_acc)
+    for (int64_t j0 = 0; j0 < Np; j0 += 8) {
+      for (int c = 0; c < kB; ++c) {
+        const int fw = std::min(8, kF - 8 * c);
+        for (int j = 0; j < 8; ++j) {
+          const float* src = x + (j0 + j) * kF + 8 * c;
+          t[8 * c + j] = j0 + j >= N ? _mm256_setzero_ps()
+                         : fw == 8   ? _mm256_loadu_ps(src)
+                                     : _mm256_maskload_ps(src, lane_mask_avx2(fw));
+        }
+        transpose8x8_avx2(t + 8 * c);  // t[8c + f] = x[j0 : j0 + 8, 8c + f]
+      }
+      for (int64_t i = 0; i < N; ++i) {
+        __m256 acc = _mm256_loadu_ps(ga_acc + i * Np + j0);
+        for (int f = 0; f < kF; ++f) acc = _mm256_fmadd_ps(_mm256_set1_ps(ht_rows[f * Np + i]), t[f], acc);
+        _mm256_storeu_ps(ga_acc + i * Np + j0, acc);
+      }
+    }
+}
+
+// The tile grad_x / grad_A for VB = 64 (AVX-512) or VB = 32 (AVX2), by the number of input features.
+template <int VB, int kF = 1>
 void small_grad_xa(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const float* w,
                    const float* arows, int64_t N, const float* x, float* gx, float* ga_acc, float* scratch) {
   if constexpr (kF < 16) {
-    if (F != kF) return small_grad_xa<kF + 1>(F, gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+    if (F != kF) return small_grad_xa<VB, kF + 1>(F, gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
   }
-  small_grad_xa_avx512<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+  if constexpr (VB == 64) small_grad_xa_avx512<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+  else small_grad_xa_avx2<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
 }
 
 // grad_W of one sample for the same shapes: gw_acc (kF, Fop) += Z^T gp with Z = A x, Z's
@@ -125,13 +200,43 @@ __attribute__((target("avx512f"))) void small_grad_w_avx512(const float* x, cons
   }
 }
 
-template <int kF = 1>
+// small_grad_w_avx512 for AVX2+FMA: 8 lanes (two blocks at once for few features), Np = N
+// rounded up to 8, Fop a multiple of 8; scratch: 16 * Np floats.
+template <int kF>
+__attribute__((target("avx2,fma"))) void small_grad_w_avx2(const float* x, const float* at_rows,
+                                                          const float* gp, int64_t Fop, int64_t N,
+                                                          float* gw_acc, float* scratch) {
+  const int64_t Np = (N + 7) / 8 * 8;
+  constexpr int NB = combine_blocks_avx2<kF>();
+  __m256 acc[NB * kF];
+  for (int64_t n0 = 0; n0 < Np; n0 += 8 * NB) {
+    const int nb = n0 + 8 * NB <= Np ? NB : 1;  // a last single block
+    if (nb == NB) combine_rows_avx2<kF, NB>(N, at_rows + n0, Np, x, kF, 1, acc);
+    else combine_rows_avx2<kF>(N, at_rows + n0, Np, x, kF, 1, acc);
+    for (int b = 0; b < nb; ++b)
+      for (int f = 0; f < kF; ++f) _mm256_storeu_ps(scratch + f * Np + n0 + 8 * b, acc[b * kF + f]);
+  }
+  for (int64_t o0 = 0; o0 < Fop; o0 += 8 * NB) {
+    const int nb = o0 + 8 * NB <= Fop ? NB : 1;
+    if (nb == NB) combine_rows_avx2<kF, NB>(N, gp + o0, Fop, scratch, 1, Np, acc);
+    else combine_rows_avx2<kF>(N, gp + o0, Fop, scratch, 1, Np, acc);
+    for (int b = 0; b < nb; ++b)
+      for (int f = 0; f < kF; ++f) {
+        float* dst = gw_acc + f * Fop + o0 + 8 * b;
+        _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc[b * kF + f]));
+      }
+  }
+}
+
+// The tile grad_W for VB = 64 (AVX-512) or VB = 32 (AVX2), by the number of input features.
+template <int VB, int kF = 1>
 void small_grad_w(int64_t F, const float* x, const float* at_rows, const float* gp, int64_t Fop,
                   int64_t N, float* gw_acc, float* scratch) {
   if constexpr (kF < 16) {
-    if (F != kF) return small_grad_w<kF + 1>(F, x, at_rows, gp, Fop, N, gw_acc, scratch);
+    if (F != kF) return small_grad_w<VB, kF + 1>(F, x, at_rows, gp, Fop, N, gw_acc, scratch);
   }
-  small_grad_w_avx512<kF>(x, at_rows, gp, Fop, N, gw_acc, scratch);
+  if constexpr (VB == 64) small_grad_w_avx512<kF>(x, at_rows, gp, Fop, N, gw_acc, scratch);
+  else small_grad_w_avx2<kF>(x, at_rows, gp, Fop, N, gw_acc, scratch);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -165,17 +270,18 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   const int64_t G = F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
   // With grad_x and grad_W both wanted (and not grad_A), M = A^T gp serves both: cheaper
   // unless the features are few enough that grouping makes the A products nearly free.
-  // Small graphs with few features take the transposed-tile grad_x on AVX-512 (float).
+  // Small graphs with few features take the transposed-tile grad_x on AVX-512 or AVX2 (float).
+  constexpr bool tiles = (VB == 64 || VB == 32) && std::is_same_v<T, float>;
   bool small = false;
 #ifdef AK_GRAPH_AVX512_TILES
-  if constexpr (VB == 64 && std::is_same_v<T, float>) small = has_w && N <= 64 && F >= 1 && F <= 16;
+  if constexpr (tiles) small = has_w && N <= 64 && F >= 1 && F <= 16;
 #endif
   const bool small_gx = small && (a.gx || a.gA);  // grad_x and grad_A on tiles
-  const int64_t Np16 = round_up(N, 16);
+  const int64_t Npt = round_up(N, VB == 64 ? 16 : 8);  // N rounded up to the tiles' vector lanes
   const bool m_route = !small && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
   const bool small_gw = small && a.gW;
-  std::vector<T> arows(small_gx ? N * Np16 : 0, T(0)), scratch(small_gx ? (Fop + 16) * Np16 : 0);
-  std::vector<T> at_rows(small_gw ? N * Np16 : 0), scratch_w(small_gw ? 16 * Np16 : 0);
+  std::vector<T> arows(small_gx ? N * Npt : 0, T(0)), scratch(small_gx ? (Fop + 16) * Npt : 0);
+  std::vector<T> at_rows(small_gw ? N * Npt : 0), scratch_w(small_gw ? 16 * Npt : 0);
   std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
   std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
   std::vector<T> gAacc(a.gA ? N * Np : 0), gWacc(a.gW ? F * Fop : 0, T(0)), gbacc(Fop, T(0));
@@ -188,8 +294,8 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
     if (s == s0 || s % a.R == 0) {  // a new graph begins
       A = a.adj + grp * N * N;
       std::fill(gAacc.begin(), gAacc.end(), T(0));
-      if (small_gx) copy_padded(A, N, N, N, arows.data(), Np16);
-      if (small_gw) transpose_padded(A, N, N, N, at_rows.data(), Np16);
+      if (small_gx) copy_padded(A, N, N, N, arows.data(), Npt);
+      if (small_gw) transpose_padded(A, N, N, N, at_rows.data(), Npt);
     }
     // gp[k] = grad_out * act'(out), zero-padded to Fop columns (strided rows gathered first).
     for (int64_t k = 0; k < g; ++k) {
@@ -226,15 +332,15 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
       continue;  // no grad_A on this route (it needs H = gp W^T)
     }
 #ifdef AK_GRAPH_AVX512_TILES
-    if constexpr (VB == 64 && std::is_same_v<T, float>)
+    if constexpr (tiles)
       if (small)
         for (int64_t k = 0; k < g; ++k) {
           if (small_gx)
-            small_grad_xa(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.x + (s + k) * N * F,
+            small_grad_xa<VB>(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.x + (s + k) * N * F,
                           a.gx ? a.gx + (s + k) * N * F : nullptr, a.gA ? gAacc.data() : nullptr,
                           scratch.data());
           if (small_gw)
-            small_grad_w(F, a.x + (s + k) * N * F, at_rows.data(), gp.data() + k * N * Fop, Fop, N,
+            small_grad_w<VB>(F, a.x + (s + k) * N * F, at_rows.data(), gp.data() + k * N * Fop, Fop, N,
                          gWacc.data(), scratch_w.data());
         }
 #endif

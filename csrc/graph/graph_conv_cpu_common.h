@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../core/dispatch.h"
+#include "../core/transpose_avx2.h"
 #include "../core/transpose_avx512.h"
 #include "graph.h"
 #include "pool_kernels.h"
@@ -52,6 +53,35 @@ __attribute__((target("avx512f"), always_inline)) inline void combine_rows_avx51
     for (int f = 0; f < kF; ++f) acc[f] = _mm512_fmadd_ps(_mm512_set1_ps(coef[t * ct + f * cf]), v, acc[f]);
   }
 }
+
+// The same product with 8 lanes (AVX2+FMA), for NB adjacent 8-lane blocks of src at once:
+// acc[b * kF + f] holds block b (src + 8 b). Two blocks give few features 2 kF independent
+// FMA chains (an FMA's latency needs about 8 in flight) and share each broadcast of coef.
+// AVX2 has 16 vector registers: past 12 accumulators (plus the rows and a broadcast) they
+// would spill inside the t loop, so a larger single block runs as two passes over src.
+template <int kF, int NB = 1>
+__attribute__((target("avx2,fma"), always_inline)) inline void combine_rows_avx2(
+    int64_t T, const float* src, int64_t ld, const float* coef, int64_t ct, int64_t cf, __m256* acc) {
+  if constexpr (kF * NB > 12) {
+    static_assert(NB == 1, "two blocks only for kF <= 6");
+    combine_rows_avx2<kF / 2>(T, src, ld, coef, ct, cf, acc);
+    combine_rows_avx2<kF - kF / 2>(T, src, ld, coef + kF / 2 * cf, ct, cf, acc + kF / 2);
+  } else {
+    for (int f = 0; f < NB * kF; ++f) acc[f] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+      __m256 v[NB];
+      for (int b = 0; b < NB; ++b) v[b] = _mm256_loadu_ps(src + t * ld + 8 * b);
+      for (int f = 0; f < kF; ++f) {
+        const __m256 c = _mm256_set1_ps(coef[t * ct + f * cf]);
+        for (int b = 0; b < NB; ++b) acc[b * kF + f] = _mm256_fmadd_ps(c, v[b], acc[b * kF + f]);
+      }
+    }
+  }
+}
+
+// How many 8-lane blocks combine_rows_avx2 takes at once for kF coefficients.
+template <int kF>
+constexpr int combine_blocks_avx2() { return kF <= 6 ? 2 : 1; }
 #pragma GCC diagnostic pop
 #endif
 

@@ -95,13 +95,86 @@ __attribute__((target("avx512f"))) void small_forward_avx512(const float* x, con
   }
 }
 
-template <int kF = 1>
+// The AVX2 counterpart of finish_row (8 lanes). Masked stores only for a row's last, partial
+// vector: whole ones take plain stores, cheaper than vmaskmovps.
+__attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(const Fused* fused, float* y,
+                                                                               int64_t Fop, int64_t row, int64_t o0,
+                                                                               __m256 v) {
+  if (!fused) return _mm256_storeu_ps(y + row * Fop + o0, v);
+  const __m256 neg = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+  v = _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(fused->negative_slope)), neg);
+  float* dst = fused->out + row * fused->Fo + o0;
+  if (o0 + 8 <= fused->Fo) _mm256_storeu_ps(dst, v);
+  else _mm256_maskstore_ps(dst, lane_mask_avx2(fused->Fo - o0), v);
+}
+
+// Rows i..i+R-1, columns o0..o0+8*NV-1 of the AVX2 forward's output: R * NV independent FMA
+// chains from broadcasts of Z (zt: (kF, Np), Z transposed), each W vector loaded once for the R rows.
+template <int kF, int R, int NV>
+__attribute__((target("avx2,fma"), always_inline)) inline void forward_rows_avx2(
+    const float* zt, int64_t Np, const float* wp, int64_t Fop, int64_t i, int64_t o0, const __m256 init[NV],
+    float* y, const Fused* fused) {
+  __m256 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = init[v];
+  for (int f = 0; f < kF; ++f) {
+    __m256 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_ps(wp + f * Fop + o0 + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m256 z = _mm256_set1_ps(zt[f * Np + i + r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(z, w[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) finish_row_avx2(fused, y, Fop, i + r, o0 + 8 * v, acc[r][v]);
+}
+
+// small_forward_avx512 for AVX2+FMA: 8 nodes per vector for Z = A x (two blocks at once for
+// few features, see combine_rows_avx2), then the output in blocks of 4 rows x 16 columns (8
+// accumulators of the 16 registers; an 8-column block for an odd tail, 2 rows then 1 for the
+// last rows). Same operands, with Np = N rounded up to 8: at_rows (N, Np), zero past N; wp
+// (kF, Fop) zero-padded, Fop a multiple of 8; y (N, Fop); scratch: 16 * Np floats.
+template <int kF>
+__attribute__((target("avx2,fma"))) void small_forward_avx2(const float* x, const float* at_rows,
+                                                           const float* wp, int64_t Fop, int64_t N,
+                                                           float* y, float* scratch, const Fused* fused) {
+  const int64_t Np = (N + 7) / 8 * 8;
+  constexpr int NB = combine_blocks_avx2<kF>();
+  for (int64_t n0 = 0; n0 < Np; n0 += 8 * NB) {
+    __m256 zt[NB * kF];
+    const int nb = n0 + 8 * NB <= Np ? NB : 1;  // a last single block
+    if (nb == NB) combine_rows_avx2<kF, NB>(N, at_rows + n0, Np, x, kF, 1, zt);
+    else combine_rows_avx2<kF>(N, at_rows + n0, Np, x, kF, 1, zt);
+    for (int b = 0; b < nb; ++b)
+      for (int f = 0; f < kF; ++f) _mm256_storeu_ps(scratch + f * Np + n0 + 8 * b, zt[b * kF + f]);
+  }
+  int64_t o0 = 0;
+  for (; o0 + 16 <= Fop; o0 += 16) {
+    const __m256 init[2] = {fused ? _mm256_loadu_ps(fused->bias + o0) : _mm256_setzero_ps(),
+                            fused ? _mm256_loadu_ps(fused->bias + o0 + 8) : _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 4 <= N; i += 4) forward_rows_avx2<kF, 4, 2>(scratch, Np, wp, Fop, i, o0, init, y, fused);
+    if (i + 2 <= N) forward_rows_avx2<kF, 2, 2>(scratch, Np, wp, Fop, i, o0, init, y, fused), i += 2;
+    for (; i < N; ++i) forward_rows_avx2<kF, 1, 2>(scratch, Np, wp, Fop, i, o0, init, y, fused);
+  }
+  if (o0 < Fop) {
+    const __m256 init[1] = {fused ? _mm256_loadu_ps(fused->bias + o0) : _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 4 <= N; i += 4) forward_rows_avx2<kF, 4, 1>(scratch, Np, wp, Fop, i, o0, init, y, fused);
+    if (i + 2 <= N) forward_rows_avx2<kF, 2, 1>(scratch, Np, wp, Fop, i, o0, init, y, fused), i += 2;
+    for (; i < N; ++i) forward_rows_avx2<kF, 1, 1>(scratch, Np, wp, Fop, i, o0, init, y, fused);
+  }
+}
+
+// The tile forward for VB = 64 (AVX-512) or VB = 32 (AVX2), by the number of input features.
+template <int VB, int kF = 1>
 void small_forward(int64_t F, const float* x, const float* at_rows, const float* wp, int64_t Fop,
                    int64_t N, float* y, float* scratch, const Fused* fused) {
   if constexpr (kF < 16) {
-    if (F != kF) return small_forward<kF + 1>(F, x, at_rows, wp, Fop, N, y, scratch, fused);
+    if (F != kF) return small_forward<VB, kF + 1>(F, x, at_rows, wp, Fop, N, y, scratch, fused);
   }
-  small_forward_avx512<kF>(x, at_rows, wp, Fop, N, y, scratch, fused);
+  if constexpr (VB == 64) small_forward_avx512<kF>(x, at_rows, wp, Fop, N, y, scratch, fused);
+  else small_forward_avx2<kF>(x, at_rows, wp, Fop, N, y, scratch, fused);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -129,15 +202,16 @@ AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s
   const int64_t N = a.N, F = a.F, Fo = a.Fo;
   const int64_t Fp = round_up(F, L), Fop = round_up(Fo, L);
   const bool has_w = a.w != nullptr, a_first = Fp <= Fop;
-  // Small graphs with few features take the transposed-tile forward on AVX-512 (float).
+  // Small graphs with few features take the transposed-tile forward on AVX-512 or AVX2 (float).
+  constexpr bool tiles = (VB == 64 || VB == 32) && std::is_same_v<T, float>;
   bool small_fwd = false;
 #ifdef AK_GRAPH_AVX512_TILES
-  if constexpr (VB == 64 && std::is_same_v<T, float>) small_fwd = has_w && F >= 1 && F <= 16 && N <= 64;
+  if constexpr (tiles) small_fwd = has_w && F >= 1 && F <= 16 && N <= 64;
 #endif
   const bool fused_epilogue = small_fwd && (a.act == Activation::None || a.act == Activation::ReLU ||
                                             a.act == Activation::LeakyReLU);
-  const int64_t Np16 = round_up(N, 16);
-  std::vector<T> at_rows(small_fwd ? N * Np16 : 0), scratch(small_fwd ? 16 * Np16 : 0);
+  const int64_t Npt = round_up(N, VB == 64 ? 16 : 8);  // N rounded up to the tiles' vector lanes
+  std::vector<T> at_rows(small_fwd ? N * Npt : 0), scratch(small_fwd ? 16 * Npt : 0);
   // With few features, G samples that share a graph sit side by side in one padded row, so
   // the product with A fills the vector lanes instead of multiplying zero padding.
   const int64_t G = small_fwd ? 1 : (!has_w || a_first) && F > 0 ? std::max<int64_t>(1, Fp / F) : 1;
@@ -154,12 +228,12 @@ AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s
       *a.first_bad_graph = graph;
     const T* xg = a.x + s * N * F;
 #ifdef AK_GRAPH_AVX512_TILES
-    if constexpr (VB == 64 && std::is_same_v<T, float>)
+    if constexpr (tiles)
       if (small_fwd) {
-        if (s == s0 || s % a.R == 0) transpose_padded(A, N, N, N, at_rows.data(), Np16);  // a new graph
+        if (s == s0 || s % a.R == 0) transpose_padded(A, N, N, N, at_rows.data(), Npt);  // a new graph
         const Fused fused{bias.data(), a.out + s * N * Fo, Fo,
                           a.act == Activation::ReLU ? 0.0f : a.act == Activation::LeakyReLU ? leaky_slope<float>() : 1.0f};
-        small_forward(F, xg, at_rows.data(), wp.data(), Fop, N, y.data(), scratch.data(),
+        small_forward<VB>(F, xg, at_rows.data(), wp.data(), Fop, N, y.data(), scratch.data(),
                       fused_epilogue ? &fused : nullptr);
       }
 #endif
