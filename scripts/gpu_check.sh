@@ -21,9 +21,7 @@
 #                           (descriptors, swizzle, accumulator layout) against a float64 product;
 #                           then wgmma_attention_probe.cu: P from registers and an N-major V
 #                           (which descriptor offsets work); then wgmma_graph_probe.cu: the
-#                           graph wg kernel's tf32 and bf16 products. When only the second V order
-#                           reproduces it, AFFECTKIT_ATTENTION_WG_VDESC=1 is exported for the
-#                           steps after it (the log says so)
+#                           graph wg kernel's tf32 and bf16 products
 #   env:VAR=VALUE           export VAR=VALUE for the steps after it (env:VAR= unsets it), e.g.
 #                           env:AFFECTKIT_KNN_WGMMA=1 tests/test_exact_knn.py:150 runs a whole
 #                           test file on a candidate kernel before it becomes the default
@@ -40,7 +38,7 @@ PYTEST=(python3 -m pytest -q -rs -p no:cacheprovider --benchmark-disable)
 ALL_TESTS="tests/test_cross_modal_attention.py:150 tests/test_exact_knn.py:150 tests/test_graph_ops.py:90
   tests/test_index_cuda.py:60 tests/test_cuda_graphs.py:60 tests/test_masked_mean.py:60 tests/test_nn_attention.py:60
   tests/test_core_module.py:40 tests/test_attention_long_cuda.py:200 tests/test_graph_conv_cuda_fast.py:150
-  tests/test_exact_knn_mma.py:120 tests/test_attention_kv_stages_cuda.py:120"
+  tests/test_exact_knn_mma.py:200:mma"
 STEPS=${*:-probe $ALL_TESTS targets}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$LOG"
@@ -102,12 +100,7 @@ for step in $STEPS; do
           && timeout 30 "/tmp/$probe" >> "$OUT/probe.log" 2>&1
         echo "$probe exit $?"
       done
-      grep -E "probe|O\(|D\(|^A[123]" "$OUT/probe.log" | tail -16
-      if grep -q "stride = column-block stride: PASS" "$OUT/probe.log" &&
-         ! grep -q "stride = 8-key group: PASS" "$OUT/probe.log"; then
-        export AFFECTKIT_ATTENTION_WG_VDESC=1
-        echo "probe: only the second V order works: AFFECTKIT_ATTENTION_WG_VDESC=1 from here on" | tee -a "$LOG"
-      fi ;;
+      grep -E "probe|O\(|D\(|^A[123]" "$OUT/probe.log" | tail -16 ;;
     env:*)
       assignment=${step#env:}
       if [[ ${assignment#*=} == "" ]]; then unset "${assignment%%=*}"; else export "${assignment?}"; fi

@@ -3,8 +3,8 @@ float64 reference, and the WMMA kernel it replaces, at awkward sizes.
 
 AFFECTKIT_KNN_MMA and AFFECTKIT_KNN_WGMMA are read once per process, so each setting runs in
 one child process that checks every case and prints a JSON report (and the names of the
-kernels one call ran); the tests below read those reports. The wgmma setting is the opt-in
-sm_90a instantiation of the same kernel, written before it ran on a GPU. Every input
+kernels one call ran); the tests below read those reports. The wgmma settings are the sm_90a
+instantiations of the same kernel, the default (2) on compute capability 9.0. Every input
 is exact in float16 (small integers; +-1 rows for cosine), so ids and distances must match the
 reference exactly, ties included (the smaller id wins).
 """
@@ -129,7 +129,7 @@ CHILD = textwrap.dedent(
 )
 
 
-SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
+SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "0"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
             "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"},
             "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"}}
 
@@ -165,6 +165,29 @@ def test_the_setting_reaches_its_kernel(reports, setting, expected):
     # mma_topk_kernel<METRIC, kWG, kInFlight>: a wgmma run must not fall back to mma.sync
     # unnoticed (an H100/H200 is compute capability 9.0, and the build includes sm_90 by default).
     names = reports[setting][1]
+    assert names and all(expected in n for n in names), names
+
+
+def _wgmma_possible() -> bool:
+    """The wgmma instantiation can run here: compute capability 9.0 and a build with sm_90a."""
+    import affectkit._C as C
+    import torch
+
+    return (torch.cuda.get_device_capability(0) == (9, 0)
+            and "90a-real" in C.build_info()["cuda_architectures"].split(";"))
+
+
+def test_the_default_is_wgmma_in_flight_where_it_can_run():
+    # With no AFFECTKIT_KNN_* variable set, compute capability 9.0 takes the wgmma kernel with
+    # products in flight (the fastest on an H100), any other GPU the mma.sync kernel.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES[:2])], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    report, names = json.loads(lines[-1]), json.loads(lines[-2])
+    assert not [r["problems"] for r in report if r["problems"]]
+    expected = ", true, true>" if _wgmma_possible() else ", false, false>"
     assert names and all(expected in n for n in names), names
 
 

@@ -21,7 +21,7 @@ from _support import requires_cuda
 
 pytestmark = requires_cuda
 
-PATHS = ["auto", "tiled", "warp", "tc", "tc3", "wg"]  # wg: wgmma, sm_90a (not yet run on a GPU)
+PATHS = ["auto", "tiled", "warp", "tc", "tc3", "wg"]  # wg: wgmma, sm_90a
 TOL = 1e-5
 
 SCRIPT = r"""
@@ -130,23 +130,42 @@ def test_forced_path_matches_float64(path, gen):
     assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
 
 
-# The kernels one 62 x 64 -> 64 float32 call runs, by name.
+# The kernels one float32 call of 300 samples of N x F -> Fo runs, by name.
 KERNEL_NAMES = (
-    "import torch, affectkit.ops as ops\n"
-    "x = torch.randn(300, 62, 64, device='cuda')\n"
-    "A, W = torch.randn(62, 62, device='cuda'), torch.randn(64, 64, device='cuda')\n"
+    "import sys, torch, affectkit.ops as ops\n"
+    "N, F, Fo = map(int, sys.argv[1:])\n"
+    "x = torch.randn(300, N, F, device='cuda')\n"
+    "A, W = torch.randn(N, N, device='cuda'), torch.randn(F, Fo, device='cuda')\n"
     "with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:\n"
     "    ops.graph_conv(x, A, W)\n"
     "print(sorted({e.name for e in prof.events() if 'conv_kernel' in e.name}))\n"
 )
 
 
-@pytest.mark.parametrize("path, kernel", [("auto", "tc_conv_kernel"), ("tc", "tc_conv_kernel"),
-                                          ("wg", "wg_conv_kernel")])
-def test_forced_path_runs_its_kernel(path, kernel):
+def _wgmma_possible() -> bool:
+    """The wg kernel can run here: compute capability 9.0 and a build with sm_90a."""
+    import affectkit._C as C
+
+    return (torch.cuda.get_device_capability(0) == (9, 0)
+            and "90a-real" in C.build_info()["cuda_architectures"].split(";"))
+
+
+@pytest.mark.parametrize("path, shape, kernel", [
+    ("auto", (62, 64, 64), "wg_conv_kernel"),  # real products 95 % of wg's padded ones
+    ("auto", (40, 64, 64), "wg_conv_kernel"),  # 50.8 %
+    ("auto", (39, 64, 64), "tc_conv_kernel"),  # 49.0 %: tc is faster
+    ("auto", (14, 32, 32), "tc_conv_kernel"),
+    ("auto", (62, 63, 64), "tc_conv_kernel"),  # F % 4 != 0: wg cannot take it
+    ("tc", (62, 64, 64), "tc_conv_kernel"),
+    ("wg", (62, 64, 64), "wg_conv_kernel"),
+    ("wg", (14, 32, 32), "wg_conv_kernel")])
+def test_path_runs_its_kernel(path, shape, kernel):
     # A forced path that cannot take a call falls back silently; the sweep above would then
-    # test another kernel. An H100/H200 is compute capability 9.0, where wg must run.
-    proc = _run(path, KERNEL_NAMES)
+    # test another kernel. An H100/H200 is compute capability 9.0, where wg must run; elsewhere
+    # tc takes wg's calls.
+    if kernel == "wg_conv_kernel" and not _wgmma_possible():
+        kernel = "tc_conv_kernel"
+    proc = _run(path, KERNEL_NAMES, *map(str, shape))
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = proc.stdout.strip().splitlines()[-1]
     assert kernel in names and names.count("conv_kernel") == 1, names

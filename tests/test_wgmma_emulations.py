@@ -1,5 +1,5 @@
-"""The numpy emulations of the wgmma (sm_90a) kernels' data paths, which stand in for a GPU
-until the kernels have run on one: the k-NN kernel's (scripts/emulate/knn_wgmma_layout.py:
+"""The numpy emulations of the wgmma (sm_90a) kernels' data paths, which check them on machines
+without a GPU (the kernels first ran on an H100 on 2026-11-27, where they agreed): the k-NN kernel's (scripts/emulate/knn_wgmma_layout.py:
 swizzled copies, descriptors, accumulator coordinates) and graph_conv's
 (scripts/emulate/graph_conv_wg_kernel.py: split operands, both products, the Z^T hand-over,
 float64 accuracy) and the attention forward's (scripts/emulate/attention_wg_kernel.py: swizzled

@@ -5,8 +5,8 @@
 // K/V traffic from L2 per FLOP). The block stages its Q tile in shared memory once (each warp
 // then keeps its 16 x D slice in registers as mma A fragments) and walks the key axis in tiles
 // of 64 keys; K and V tiles are copied to shared memory with 16-byte cp.async, double
-// buffered (the copy of tile t + 1 overlaps the math on tile t; an opt-in variant for D, Dv <=
-// 32 keeps up to 8 stages in flight, see kv_stages). Per tile and warp:
+// buffered (the copy of tile t + 1 overlaps the math on tile t; deeper pipelines, up to 8
+// stages at D, Dv <= 32, ran slower on an H100). Per tile and warp:
 //   S (16 x 64, fp32) = Q K^T       mma.sync.m16n8k16, B fragments by ldmatrix from K rows;
 //   scale, key limits (kv length, causal bottom-right), bool/additive mask -> -inf;
 //   online softmax in fp32 in the log2 domain (running max m, running sum l per row; a tile
@@ -77,12 +77,11 @@ constexpr int kMaxWarps = 8;  // rows per block = 16 * warps (4 or 8)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// kMulti: K/V copies run `stages - 1` key tiles ahead (see kv_stages below); otherwise two
-// stages, the copy of tile t + 1 overlapping the math on tile t.
-template <typename T, int kD, int kDv, bool kMulti>
+// Two K/V stages: the copy of tile t + 1 overlaps the math on tile t.
+template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     tc_forward_kernel(Problem p, View q, View k, View v, Mask mask, MutView out, MutView lse, float scale_log2,
-                      int row_copy, bool pair_store, int stages) {
+                      int row_copy, bool pair_store) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kSQ = kD + kPad;   // shared row stride of Q and K (elements)
   constexpr int kSV = kDv + kPad;  // of V
@@ -129,7 +128,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 
   auto stage_kv = [&](int t) {
     const int j0 = t * kKeys;
-    T* const dK = sK0 + (kMulti ? t % stages : t & 1) * kStage;
+    T* const dK = sK0 + (t & 1) * kStage;
     T* const dV = dK + kKeys * kSQ;
     const int valid = kend_blk - j0;  // > 0 for every tile we load
     const T* const ksrc = kbase + static_cast<int64_t>(j0) * k.sr;
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     }
   };
   if (row_copy == kCopy4) {  // the pad columns of every K/V stage, zeroed once (never copied into)
-    for (int st = 0; st < (kMulti ? stages : (p.Lk > kKeys ? 2 : 1)); ++st) {
+    for (int st = 0; st < (p.Lk > kKeys ? 2 : 1); ++st) {
       zero_columns(sK0 + st * kStage, kSQ, kKeys, static_cast<int>(p.D), dfill);
       zero_columns(sK0 + st * kStage + kKeys * kSQ, kSV, kKeys, static_cast<int>(p.Dv), dvfill);
     }
@@ -153,15 +152,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   stage_rows_either<T, kD>(row_copy, sQ, kSQ, qbase, q.sr, rows, n_tiles > 0 ? qvalid : 0, static_cast<int>(p.D));
   if (n_tiles > 0) stage_kv(0);
   cp_async_commit();
-  // kMulti: then one group per tile up to tile ahead - 1; tile t + ahead is issued in
-  // iteration t, into the stage tile t - 1 used, so group t always holds tile t.
-  const int ahead = kMulti ? max(stages, 2) - 1 : 1;
-  if constexpr (kMulti) {
-    for (int t = 1; t < ahead; ++t) {
-      if (t < n_tiles) stage_kv(t);
-      cp_async_commit();
-    }
-  }
 
   uint32_t qf[kD / 16][4];
   float o[kDv / 8][4];
@@ -171,17 +161,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const bool warp_active = warp_kmax > 0;  // some row of this warp sees some key
 
   for (int t = 0; t < n_tiles; ++t) {
-    if constexpr (kMulti) {
-      cp_async_wait_pending(ahead - 1);  // this thread's copies of tile t have landed
-      __syncthreads();                   // everyone's; and every warp is done with tile t - 1
-      if (t + ahead < n_tiles) stage_kv(t + ahead);
-      cp_async_commit();  // possibly empty, so that the group count stays one per tile
-    } else {
-      if (t + 1 < n_tiles) stage_kv(t + 1);
-      cp_async_commit();   // possibly empty: "all but the newest group" is then tile t
-      cp_async_wait_1();
-      __syncthreads();
-    }
+    if (t + 1 < n_tiles) stage_kv(t + 1);
+    cp_async_commit();   // possibly empty: "all but the newest group" is then tile t
+    cp_async_wait_1();
+    __syncthreads();
     const int j0 = t * kKeys;
     if (warp_active && t == 0) {
 #pragma unroll
@@ -192,7 +175,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       }
     }
     if (warp_active && j0 < warp_kmax) {  // warp-uniform
-      const T* const Ks = sK0 + (kMulti ? t % stages : t & 1) * kStage;
+      const T* const Ks = sK0 + (t & 1) * kStage;
       const T* const Vs = Ks + kKeys * kSQ;
       float sc[kKeys / 8][4];
 #pragma unroll
@@ -293,9 +276,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
         }
       }
     }
-    // The stage read here is overwritten by the copy issued next iteration (kMulti: after
-    // the next iteration's barrier).
-    if constexpr (!kMulti) __syncthreads();
+    __syncthreads();  // the stage read here is overwritten by the copy issued next iteration
   }
 
   // Epilogue: O / l in the input dtype, lse; zeros and +inf where nothing was visible.
@@ -352,41 +333,18 @@ size_t smem_bytes(int kD, int kDv, int warps, int stages) {
   return static_cast<size_t>(warps * 16 * (kD + kPad) + stages * kKeys * ((kD + kPad) + (kDv + kPad))) * 2;
 }
 
-// K/V stages for short query tiles over many key tiles (MulT's 50 x 500: 8 key tiles), where
-// the time may be a chain of copy latencies rather than math: up to the key tiles, within 64
-// KB of stages, at most kMaxStages. Opt-in, because it has NOT YET RUN ON A GPU: with
-// AFFECTKIT_ATTENTION_KV_STAGES=N (2..8, read once) shapes with D, Dv <= 32 and more than two
-// key tiles take up to N stages; unset, every shape keeps the two-stage kernel.
-constexpr int kMaxStages = 8;
-int kv_stages_wanted() {
-  static const int wanted = [] {
-    const char* env = std::getenv("AFFECTKIT_ATTENTION_KV_STAGES");
-    if (env == nullptr || *env == '\0') return 0;
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (*end != '\0' || v < 2 || v > kMaxStages)
-      throw ValueError(std::string("AFFECTKIT_ATTENTION_KV_STAGES: expected an integer from 2 to ") +
-                       std::to_string(kMaxStages) + ", got '" + env + "'");
-    return static_cast<int>(v);
-  }();
-  return wanted;
-}
-
-int kv_stages(int kD, int kDv, int64_t Lk, int wanted) {
-  const int64_t tiles = (Lk + kKeys - 1) / kKeys;
-  const int64_t per_stage = static_cast<int64_t>(kKeys) * ((kD + kPad) + (kDv + kPad)) * 2;
-  const int64_t fit = std::max<int64_t>(2, (64 * 1024) / per_stage);
-  return static_cast<int>(std::min<int64_t>({tiles, fit, wanted}));
-}
-
-// One instantiation of tc_forward_kernel with `stages` K/V stages.
-template <typename T, int kD, int kDv, bool kMulti>
-void launch_stages(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev, int sms,
-                   cudaStream_t stream, int row_copy, bool pair_store, int stages) {
-  auto* kernel = tc_forward_kernel<T, kD, kDv, kMulti>;
+template <typename T, int kD, int kDv>
+void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev, int sms,
+            cudaStream_t stream) {
+  // The row copy every operand allows (16-byte, 4-byte or 2-byte pieces; see mma_helpers.cuh).
+  const int row_copy = std::max({row_copy_mode(p.D, q.data, q.sb, q.sh, q.sr),
+                                 row_copy_mode(p.D, k.data, k.sb, k.sh, k.sr),
+                                 row_copy_mode(p.Dv, v.data, v.sb, v.sh, v.sr)});
+  const bool pair_store = p.Dv % 2 == 0 && aligned4(out.data, out.sb, out.sh, out.sr);
+  auto* kernel = tc_forward_kernel<T, kD, kDv>;
   // Raise the dynamic shared-memory limit to this kernel's largest configuration, once per device.
   static std::atomic<uint64_t> configured{0};
-  const size_t max_bytes = smem_bytes(kD, kDv, kMaxWarps, kMulti ? kMaxStages : 2);
+  const size_t max_bytes = smem_bytes(kD, kDv, kMaxWarps, 2);
   const uint64_t bit = dev >= 0 && dev < kMaxDevices ? uint64_t{1} << dev : 0;
   if (max_bytes > 48 * 1024 && (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit))) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_bytes)),
@@ -396,30 +354,10 @@ void launch_stages(const Problem& p, View q, View k, View v, Mask mask, MutView 
   const int64_t tiles128 = (p.Lq + 127) / 128;
   const int warps = p.Lq >= 256 && p.B * p.H * tiles128 >= 2 * static_cast<int64_t>(sms) ? 8 : 4;
   const int rows = warps * 16;
+  const int stages = p.Lk > kKeys ? 2 : 1;  // one key tile at most: a single stage
   dim3 grid(static_cast<unsigned>((p.Lq + rows - 1) / rows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
   kernel<<<grid, warps * 32, smem_bytes(kD, kDv, warps, stages), stream>>>(
-      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634), row_copy, pair_store, stages);
-}
-
-template <typename T, int kD, int kDv>
-void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev, int sms,
-            cudaStream_t stream) {
-  // The row copy every operand allows (16-byte, 4-byte or 2-byte pieces; see mma_helpers.cuh).
-  const int row_copy = std::max({row_copy_mode(p.D, q.data, q.sb, q.sh, q.sr),
-                                 row_copy_mode(p.D, k.data, k.sb, k.sh, k.sr),
-                                 row_copy_mode(p.Dv, v.data, v.sb, v.sh, v.sr)});
-  const bool pair_store = p.Dv % 2 == 0 && aligned4(out.data, out.sb, out.sh, out.sr);
-  if constexpr (kD <= 32 && kDv <= 32) {  // the multi-stage variant exists for the smallest bucket only
-    const int wanted = kv_stages_wanted();
-    const int stages = wanted ? kv_stages(kD, kDv, p.Lk, wanted) : 0;
-    if (stages > 2) {
-      launch_stages<T, kD, kDv, true>(p, q, k, v, mask, out, lse, dev, sms, stream, row_copy, pair_store, stages);
-      return;
-    }
-  }
-  // One key tile at most: a single stage.
-  launch_stages<T, kD, kDv, false>(p, q, k, v, mask, out, lse, dev, sms, stream, row_copy, pair_store,
-                                   p.Lk > kKeys ? 2 : 1);
+      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634), row_copy, pair_store);
 }
 
 template <typename T, int kD>

@@ -23,9 +23,9 @@ bool forward_cuda_tensor_cores_long(DType dtype, const Problem& p, View q, View 
                                     MutView out, MutView lse, int sms, uintptr_t stream);
 
 #ifdef AFFECTKIT_WITH_SM90A
-// The wgmma forward (cross_attention_wg_sm90a.cu, NOT YET RUN ON A GPU): what the long kernel
-// takes, at D = Dv = 128, on compute capability 9.0. Returns false, having done nothing,
-// otherwise. forward_cuda_tensor_cores_long calls it when AFFECTKIT_ATTENTION_WGMMA=1.
+// The wgmma forward (cross_attention_wg_sm90a.cu): what the long kernel takes, at D = Dv = 128,
+// on compute capability 9.0. Returns false, having done nothing, otherwise.
+// forward_cuda_tensor_cores_long calls it unless AFFECTKIT_ATTENTION_WGMMA=0.
 bool forward_cuda_wgmma(DType dtype, const Problem& p, View q, View k, View v, MutView out, MutView lse,
                         uintptr_t stream);
 #endif

@@ -48,13 +48,12 @@ constexpr int kRows = 128;  // query rows per block
 constexpr int kPad = 8;                   // elements of padding per shared row (conflict-free ldmatrix)
 constexpr float kLn2 = 0.6931471805599453f;
 
-// kWide: 8 warps of 16 rows instead of 4 of 32 (AFFECTKIT_ATTENTION_LONG_WARPS=8, NOT YET RUN
-// ON A GPU): half the O accumulators a thread (D = 128: 64 floats, not 128, which now spill)
-// and twice the warps an SM, for K/V fragments that feed two mma instead of four.
-template <int kD, bool kWide>
+// 4 warps of 32 rows (two m16 tiles each). 8 warps of 16 rows (half the O accumulators a
+// thread) ran 3-7 % slower on an H100 at L = 4096 (benchmarks/RESULTS.md, fourteenth session).
+template <int kD>
 struct LongConfig {
-  static constexpr int kWarps = kWide ? 8 : 4;
-  static constexpr int kMT = kWide ? 1 : 2;  // m16 tiles (16 rows each) per warp
+  static constexpr int kWarps = 4;
+  static constexpr int kMT = 2;  // m16 tiles (16 rows each) per warp
   static_assert(kWarps * kMT * 16 == kRows, "a block covers kRows query rows");
   static constexpr int kKeys = 64;                    // keys per tile
   static constexpr int kStages = kD <= 64 ? 3 : 2;    // two blocks an SM at D = 128
@@ -68,11 +67,11 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
   else asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
-template <typename T, int kD, bool kWide>
-__global__ void __launch_bounds__(LongConfig<kD, kWide>::kWarps * 32, 2)
+template <typename T, int kD>
+__global__ void __launch_bounds__(LongConfig<kD>::kWarps * 32, 2)
     tc_forward_long_kernel(Problem p, View q, View k, View v, MutView out, MutView lse, float scale_log2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using C = LongConfig<kD, kWide>;
+  using C = LongConfig<kD>;
   constexpr int kMT = C::kMT;
   constexpr int kWarpRows = kMT * 16;
   constexpr int kS = C::kS;
@@ -295,44 +294,33 @@ bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
 }
 
-template <typename T, int kD, bool kWide>
+template <typename T, int kD>
 void launch_long(const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t stream) {
-  auto* kernel = tc_forward_long_kernel<T, kD, kWide>;
-  constexpr size_t bytes = LongConfig<kD, kWide>::kSmemBytes;
+  auto* kernel = tc_forward_long_kernel<T, kD>;
+  constexpr size_t bytes = LongConfig<kD>::kSmemBytes;
   // Set on every launch (the limit is per device); negligible next to a kernel this size.
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "attention_forward (long): shared memory");
   dim3 grid(static_cast<unsigned>((p.Lq + kRows - 1) / kRows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
-  kernel<<<grid, LongConfig<kD, kWide>::kWarps * 32, bytes, stream>>>(p, q, k, v, out, lse,
-                                                                      static_cast<float>(p.scale * 1.4426950408889634));
-}
-
-// AFFECTKIT_ATTENTION_LONG_WARPS (4 or 8, read once; default 4): warps a block (see kWide).
-bool wide_blocks() {
-  static const bool wide = [] {
-    const char* env = std::getenv("AFFECTKIT_ATTENTION_LONG_WARPS");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "4") == 0) return false;
-    if (std::strcmp(env, "8") == 0) return true;
-    throw ValueError(std::string("AFFECTKIT_ATTENTION_LONG_WARPS: expected 4 or 8, got '") + env + "'");
-  }();
-  return wide;
+  kernel<<<grid, LongConfig<kD>::kWarps * 32, bytes, stream>>>(p, q, k, v, out, lse,
+                                                              static_cast<float>(p.scale * 1.4426950408889634));
 }
 
 template <typename T>
 void launch_d(int64_t d, const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t st) {
-  const bool wide = wide_blocks();
-  if (d == 64) wide ? launch_long<T, 64, true>(p, q, k, v, out, lse, st) : launch_long<T, 64, false>(p, q, k, v, out, lse, st);
-  else wide ? launch_long<T, 128, true>(p, q, k, v, out, lse, st) : launch_long<T, 128, false>(p, q, k, v, out, lse, st);
+  if (d == 64) launch_long<T, 64>(p, q, k, v, out, lse, st);
+  else launch_long<T, 128>(p, q, k, v, out, lse, st);
 }
 
 #ifdef AFFECTKIT_WITH_SM90A
-// AFFECTKIT_ATTENTION_WGMMA=1 (read once): D = 128 goes to the wgmma kernel where it was built
-// and the device is compute capability 9.0 (opt-in until it has run on a GPU).
+// D = 128 goes to the wgmma kernel where it was built and the device is compute capability 9.0,
+// unless AFFECTKIT_ATTENTION_WGMMA=0 (read once). On an H100 at L = 4096: 1688 us against the
+// long kernel's 1966 us (benchmarks/RESULTS.md, fourteenth session).
 bool wgmma_requested() {
   static const bool requested = [] {
     const char* env = std::getenv("AFFECTKIT_ATTENTION_WGMMA");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return false;
-    if (std::strcmp(env, "1") == 0) return true;
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return true;
+    if (std::strcmp(env, "0") == 0) return false;
     throw ValueError(std::string("AFFECTKIT_ATTENTION_WGMMA: expected 0 or 1, got '") + env + "'");
   }();
   return requested;

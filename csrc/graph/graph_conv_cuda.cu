@@ -25,10 +25,13 @@
 //   floor ~10 us), 62 x 64 -> 64 203 us (conv_kernel 669 us, floor ~87 us).
 //
 // * graph_conv_forward_wg (graph_conv_wg_sm90a.cu): the same op as tc with wgmma, on compute
-//   capability 9.0, for F % 4 == 0. NOT YET RUN ON A GPU, so only when forced (wg).
+//   capability 9.0, for F % 4 == 0. It multiplies every sample as 64 x 64 x 64 (padded), so
+//   its time barely depends on the size: H100, 8,192 samples: 62 x 64 -> 64 116 us (tc 206 us),
+//   14 x 32 -> 32 98 us (tc 19.5 us). The automatic choice takes it where the real products
+//   are at least half the padded ones (wg_pays).
 //
 // AFFECTKIT_GRAPH_CUDA_PATH (read once) forces a kernel, for timing and tests: auto (the
-// default: warp, else tc, else tiled), tiled (conv_kernel), warp, tc (TF32 + bf16 corrections),
+// default: warp, else wg where it pays, else tc, else tiled), tiled (conv_kernel), warp, tc (TF32 + bf16 corrections),
 // tc3 (3xTF32; 3-6 % slower than tc on the H200), wg (wgmma; builds with sm_90 only). A forced
 // kernel that cannot take the call falls back to the automatic choice.
 //
@@ -407,6 +410,15 @@ __global__ void __launch_bounds__(kThreads, WarpMinBlocks<T>::value)
 
 enum class Path { Auto, Tiled, Warp, Tc, Tc3, Wg };
 
+// Whether the wgmma kernel beats tc on a sample of N x F -> Fo: it always does two 64 x 64 x 64
+// products (2 x 64^3 multiply-adds), tc the real ones (the cheaper order, as a_first), at about
+// half wg's rate per multiply-add (H100: 206 us against 116 us at 62 x 64 -> 64, nearly the
+// padded size). So wg pays once the real work is at least half the padded work.
+bool wg_pays(int64_t N, int64_t F, int64_t Fo) {
+  const int64_t real = N * F * Fo + N * N * std::min(F, Fo);
+  return real >= int64_t{64} * 64 * 64;  // half of the padded 2 x 64^3
+}
+
 // Thrown again on every call while the variable holds a bad value (a throwing static
 // initialisation is retried).
 Path forced_path() {
@@ -465,7 +477,8 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
     };
 #ifdef AFFECTKIT_WITH_SM90A
     if constexpr (std::is_same_v<T, float>) {
-      if (path == Path::Wg && B == 1 && assignment == nullptr && w != nullptr &&
+      const bool wg_wanted = path == Path::Wg || (path == Path::Auto && !warp_ok && wg_pays(N, F, Fo));
+      if (wg_wanted && B == 1 && assignment == nullptr && w != nullptr &&
           graph_conv_forward_wg(static_cast<const float*>(x), static_cast<const float*>(adj),
                                 static_cast<const float*>(w), static_cast<const float*>(bias),
                                 static_cast<float*>(out), S, N, F, Fo, act, stream))

@@ -21,9 +21,9 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
                            int64_t Fo, Activation act, uintptr_t stream);
 
 #ifdef AFFECTKIT_WITH_SM90A
-// The same op with wgmma (graph_conv_wg_sm90a.cu; NOT YET RUN ON A GPU, so opt-in:
-// AFFECTKIT_GRAPH_CUDA_PATH=wg): compute capability 9.0, N, F, Fo <= 64, F % 4 == 0 and x
-// 16-byte aligned. Returns false, launching nothing, otherwise.
+// The same op with wgmma (graph_conv_wg_sm90a.cu; the automatic choice where it pays, see
+// graph_conv_cuda.cu): compute capability 9.0, N, F, Fo <= 64, F % 4 == 0 and x 16-byte
+// aligned. Returns false, launching nothing, otherwise.
 bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, const float* bias,
                            float* out, int64_t S, int64_t N, int64_t F, int64_t Fo, Activation act,
                            uintptr_t stream);

@@ -1,6 +1,7 @@
 // mma.sync kernel of the CUDA exact filtered k-NN for float16 (d % 16 == 0): the default
-// tensor-core kernel wherever its shared memory fits. Its body is exact_knn_mma_kernel.cuh,
-// shared with the opt-in wgmma instantiation (AFFECTKIT_KNN_WGMMA=1 or 2, exact_knn_mma_sm90a.cu);
+// tensor-core kernel wherever its shared memory fits, except on compute capability 9.0, where
+// the wgmma instantiation of the same body (exact_knn_mma_kernel.cuh, exact_knn_mma_sm90a.cu)
+// is the default (AFFECTKIT_KNN_WGMMA: 2 by default there, 1, or 0 for mma.sync);
 // this file plans and launches both (AFFECTKIT_KNN_MMA=0 keeps the WMMA
 // kernel of exact_knn_tc.cu, which also does the shared-filter compaction and the planning
 // around both; the chunk lists are merged by exact_knn.cu as before).
@@ -80,7 +81,8 @@ int wgmma_mode() {
   static const int mode = [] {
     const char* e = std::getenv("AFFECTKIT_KNN_WGMMA");
     const std::string v = e ? e : "";
-    if (v.empty() || v == "0") return 0;
+    if (v.empty()) return 2;  // the fastest on an H100 (benchmarks/RESULTS.md, 14th session)
+    if (v == "0") return 0;
     if (v == "1") return 1;
     if (v == "2") return 2;
     throw ValueError("AFFECTKIT_KNN_WGMMA: expected 0, 1 or 2, got '" + v + "'");

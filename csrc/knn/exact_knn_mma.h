@@ -26,12 +26,13 @@ struct MmaPlan {
 // every call it fits (plan_exact_mma(...).ok).
 bool mma_enabled();
 
-// AFFECTKIT_KNN_WGMMA (read once; unset or 0: mma.sync) asks for the kernel's wgmma
-// instantiation where it can run: compute capability 9.0, and a build whose CUDA architectures
-// include sm_90 (CMake then compiles exact_knn_mma_sm90a.cu for sm_90a and defines
-// AFFECTKIT_WITH_SM90A). 1: each warpgroup waits for a slab's products before the next slab's
-// barrier; 2: it keeps them in flight until the next slab's are issued (a second barrier per
-// slab frees the stage). Opt-in: neither has run on a GPU yet. Another value: ValueError.
+// AFFECTKIT_KNN_WGMMA (read once) picks the kernel's wgmma instantiation where it can run:
+// compute capability 9.0, and a build whose CUDA architectures include sm_90 (CMake then
+// compiles exact_knn_mma_sm90a.cu for sm_90a and defines AFFECTKIT_WITH_SM90A). 1: each
+// warpgroup waits for a slab's products before the next slab's barrier; 2 (unset: the default):
+// it keeps them in flight until the next slab's are issued (a second barrier per slab frees the
+// stage); 0: mma.sync. On an H100, 1000 x 1M x 384, k = 10: 2.0 / 3.6 ms at 50 / 100 % of rows
+// allowed with 1 or 2, against 2.3 / 4.0 ms with mma.sync. Another value: ValueError.
 int wgmma_mode();
 #ifdef AFFECTKIT_WITH_SM90A
 void* wgmma_kernel_ptr(int metric, bool in_flight);  // exact_knn_mma_sm90a.cu
