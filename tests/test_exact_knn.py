@@ -70,7 +70,7 @@ def check_close(got_d, got_i, q, x, mask, k, metric, tol):
                 assert allowed[i, ids].all()
 
 
-SIZES = [(1, 1, 1), (5, 17, 3), (13, 101, 29), (31, 389, 64), (2, 1000, 7)]
+SIZES = [(1, 1, 1), (5, 17, 3), (13, 101, 29), (31, 389, 64), (2, 1000, 7), (257, 389, 64)]  # 257: past a query block (256)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

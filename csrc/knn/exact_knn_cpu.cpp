@@ -1,8 +1,7 @@
 // Exact filtered k-NN on the CPU, and the device dispatch with boundary validation.
 //
 // Plan: the allowed rows are gathered into a row list first (so a selective filter costs
-// only its passing rows) and, when several query blocks will reuse them, copied once into
-// transposed panels; then blocks of queries meet tiles of rows. A register-blocked
+// only its passing rows); then blocks of queries meet tiles of rows. A register-blocked
 // micro-kernel computes a small score tile, which is folded into each query's running
 // top-k at once: the (nq, n) score matrix never exists. Work items are (query block, row
 // chunk) pairs so that a handful of queries still spreads over every thread; each item
@@ -36,13 +35,16 @@ Metric metric_from_code(int32_t code, const char* arg) {
 
 namespace {
 
-constexpr int64_t kQueryBlock = 24;  // queries sharing one pass over a row tile
+// Queries sharing one pass over a row tile (each sub-tile of 2W rows is packed once, into L1,
+// for all of them). 256 streams the rows from memory once per 256 queries. With 24, another
+// path pre-packed the whole table for the blocks to share; on an AVX2 core (100k x 384, every
+// row allowed) 200 queries took 444-582 ms that way, 266 ms now.
+constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stays in L2)
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
-constexpr int64_t kGatherBudgetBytes = int64_t(1) << 30;  // copy passing rows up to 1 GiB
 
 // Storage type of float16 database rows (IEEE binary16 bits). Such rows are converted to
-// float32 wherever rows are copied anyway (packing tiles and panels), so the scoring kernels
+// float32 wherever rows are copied anyway (packing tiles), so the scoring kernels
 // are the float32 ones and the stored bytes read per pass are halved.
 struct Half {
   uint16_t bits;
@@ -153,74 +155,6 @@ void score_tile(const T* q, int64_t nqb, const T* rows, int64_t nrows, int64_t d
   simd::dispatch_at<ScoreTile>(kernel_level(), q, nqb, rows, nrows, d, scores, work);
 }
 
-// Pre-packed panels: rows in groups of R (the sub-tile height of the kernel in use), each
-// group stored transposed (d, R) and zero-padded: every query block reuses them as they are.
-template <typename T, int Bytes>
-__attribute__((always_inline)) inline void score_panels_body(const T* q, int64_t nqb,
-                                                             const T* panels, int64_t nrows,
-                                                             int64_t d, T* scores) {
-  constexpr int64_t R = 2 * Vec<T, Bytes>::lanes;
-  for (int64_t b0 = 0; b0 < nrows; b0 += R)
-    for (int64_t a = 0; a < nqb; a += kMicroQueries)
-      micro_6x2w<T, Bytes>(q + a * d, std::min<int64_t>(kMicroQueries, nqb - a),
-                           panels + (b0 / R) * d * R, d, scores + a * nrows + b0, nrows,
-                           std::min(R, nrows - b0));
-}
-
-struct ScorePanels {
-  template <int VB, typename T>
-  __attribute__((always_inline)) static void run(const T* const& q, const int64_t& nqb, const T* const& panels,
-                                                 const int64_t& nrows, const int64_t& d, T* const& scores) {
-    score_panels_body<T, VB>(q, nqb, panels, nrows, d, scores);
-  }
-};
-
-// Rows per panel for the kernel this CPU runs (two vectors).
-template <typename T>
-int64_t panel_rows() {
-  return 2 * (int64_t(16) << kernel_level()) / static_cast<int64_t>(sizeof(T));
-}
-
-// scores (nqb, nrows) from panels starting at a panel boundary.
-template <typename T>
-void score_panels(const T* q, int64_t nqb, const T* panels, int64_t nrows, int64_t d,
-                  T* scores) {
-  simd::dispatch_at<ScorePanels>(kernel_level(), q, nqb, panels, nrows, d, scores);
-}
-
-// Pack rows (rows[i], or i when rows is null; i < m) into panels of R rows.
-template <typename T, typename S>
-std::vector<T> pack_panels(const S* db, const int64_t* rows, int64_t m, int64_t d) {
-  const int64_t R = panel_rows<T>();
-  const int64_t npanels = (m + R - 1) / R;
-  std::vector<T> out(static_cast<size_t>(npanels * R * d));
-#pragma omp parallel
-  {
-    std::vector<T> row(std::is_same_v<S, T> ? 0 : d);  // one converted float16 row
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < npanels; ++p) {
-      T* dst = out.data() + p * R * d;
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t i = p * R + r;
-        if (i < m) {
-          const S* stored = db + (rows ? rows[i] : i) * d;
-          const T* src;
-          if constexpr (std::is_same_v<S, T>) {
-            src = stored;
-          } else {
-            load_values(stored, d, row.data());
-            src = row.data();
-          }
-          for (int64_t j = 0; j < d; ++j) dst[j * R + r] = src[j];
-        } else {
-          for (int64_t j = 0; j < d; ++j) dst[j * R + r] = T(0);
-        }
-      }
-    }
-  }
-  return out;
-}
-
 // ||row||^2 of every stored row, in T.
 template <typename T, typename S>
 std::vector<T> row_sqnorms(const S* db, int64_t n, int64_t d);
@@ -270,7 +204,6 @@ inline T to_distance(T ip, Metric metric, T qn, T xn) {
 template <typename T, typename S>
 void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64_t d,
                      Metric metric, int64_t k, const int64_t* rows /* null: 0..m-1 */,
-                     const T* panels /* null, or the m rows pre-packed by pack_panels */,
                      int64_t m, const uint8_t* qmask, const int64_t* row_ids, const T* xnorm,
                      const T* qnorm, T* out_dist, int64_t* out_ids) {
   const int64_t keff = std::min(k, m);
@@ -288,10 +221,9 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
     nchunks = std::max<int64_t>(1, (2 * threads + nqb - 1) / nqb);
     nchunks = std::min<int64_t>(nchunks, std::max<int64_t>(1, m / kMinChunkRows));
   }
-  // Chunks start on tile (and so panel) boundaries.
+  // Chunks start on tile boundaries.
   const int64_t chunk_rows = ((m + nchunks - 1) / nchunks + kRowTile - 1) / kRowTile * kRowTile;
   nchunks = (m + chunk_rows - 1) / chunk_rows;
-  const int64_t R = panel_rows<T>();
   // partial[c][q][0..keff) with their sizes.
   std::vector<Hit<T>> partial(static_cast<size_t>(nchunks * nq * keff));
   std::vector<int64_t> partial_size(static_cast<size_t>(nchunks * nq), 0);
@@ -301,7 +233,7 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
   {
     std::vector<T> scores(kQueryBlock * kRowTile);
     constexpr bool convert = !std::is_same_v<S, T>;  // float16 rows: always via `pack`
-    std::vector<T> pack((packed || convert) && !panels ? kRowTile * d : 0);
+    std::vector<T> pack(packed || convert ? kRowTile * d : 0);
     std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t qb = 0; qb < nqb; ++qb) {
@@ -314,22 +246,17 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
           heaps.emplace_back(&partial[(c * nq + qi) * keff], keff);
         for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowTile) {
           const int64_t nr = std::min(kRowTile, r_end - r0);
-          if (panels) {
-            score_panels(queries + q0 * d, q1 - q0, panels + (r0 / R) * R * d, nr, d,
-                         scores.data());
+          const T* tile;
+          if (packed) {
+            for (int64_t r = 0; r < nr; ++r) load_values(db + rows[r0 + r] * d, d, &pack[r * d]);
+            tile = pack.data();
+          } else if constexpr (convert) {
+            load_values(db + r0 * d, nr * d, pack.data());
+            tile = pack.data();
           } else {
-            const T* tile;
-            if (packed) {
-              for (int64_t r = 0; r < nr; ++r) load_values(db + rows[r0 + r] * d, d, &pack[r * d]);
-              tile = pack.data();
-            } else if constexpr (convert) {
-              load_values(db + r0 * d, nr * d, pack.data());
-              tile = pack.data();
-            } else {
-              tile = db + r0 * d;
-            }
-            score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
+            tile = db + r0 * d;
           }
+          score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
           for (int64_t qi = q0; qi < q1; ++qi) {
             TopK<T>& heap = heaps[qi - q0];
             const T* s = &scores[(qi - q0) * nr];
@@ -404,15 +331,6 @@ void search_per_query_lists(const T* queries, int64_t nq, const S* db, int64_t d
   }
 }
 
-// Pack the rows into panels once when several query blocks will reuse them and they fit the
-// budget; otherwise (one block of queries, or a huge table) tiles are packed on the fly.
-template <typename T, typename S>
-std::vector<T> maybe_panels(const S* db, const int64_t* rows, int64_t m, int64_t d, int64_t nq) {
-  if (nq <= kQueryBlock || m == 0 || m * d * static_cast<int64_t>(sizeof(T)) > kGatherBudgetBytes)
-    return {};
-  return pack_panels<T>(db, rows, m, d);
-}
-
 template <typename T, typename S>
 void exact_search_typed(const T* queries, int64_t nq, const S* db, int64_t n, int64_t d,
                         Metric metric, int64_t k, const Filter& f, const int64_t* row_ids,
@@ -453,10 +371,8 @@ void exact_search_typed(const T* queries, int64_t nq, const S* db, int64_t n, in
     for (int64_t qi = 0; qi < nq; ++qi) counts[qi + 1] += counts[qi];
     const double density = n ? double(counts[nq]) / (double(nq) * double(n)) : 0.0;
     if (density >= 0.15) {
-      const std::vector<T> panels = maybe_panels<T>(db, nullptr, n, d, nq);
-      search_row_list<T, S>(queries, nq, db, n, d, metric, k, nullptr,
-                         panels.empty() ? nullptr : panels.data(), n, f.mask, row_ids, xnorm,
-                         qnorm, out_dist, out_ids);
+      search_row_list<T, S>(queries, nq, db, n, d, metric, k, nullptr, n, f.mask, row_ids, xnorm, qnorm,
+                            out_dist, out_ids);
       return;
     }
     std::vector<int64_t> cand(counts[nq]);
@@ -478,16 +394,12 @@ void exact_search_typed(const T* queries, int64_t nq, const S* db, int64_t n, in
       if (f.mask[r]) rows.push_back(r);
     const int64_t m = static_cast<int64_t>(rows.size());
     const int64_t* row_list = m == n ? nullptr : rows.data();
-    const std::vector<T> panels = maybe_panels<T>(db, row_list, m, d, nq);
-    search_row_list<T, S>(queries, nq, db, n, d, metric, k, row_list,
-                       panels.empty() ? nullptr : panels.data(), m, nullptr, row_ids, xnorm,
-                       qnorm, out_dist, out_ids);
+    search_row_list<T, S>(queries, nq, db, n, d, metric, k, row_list, m, nullptr, row_ids, xnorm, qnorm,
+                          out_dist, out_ids);
     return;
   }
-  const std::vector<T> panels = maybe_panels<T>(db, nullptr, n, d, nq);
-  search_row_list<T, S>(queries, nq, db, n, d, metric, k, nullptr,
-                     panels.empty() ? nullptr : panels.data(), n, nullptr, row_ids, xnorm, qnorm,
-                     out_dist, out_ids);
+  search_row_list<T, S>(queries, nq, db, n, d, metric, k, nullptr, n, nullptr, row_ids, xnorm, qnorm,
+                        out_dist, out_ids);
 }
 
 }  // namespace
