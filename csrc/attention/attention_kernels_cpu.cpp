@@ -126,25 +126,35 @@ AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int6
 }
 
 // exp for float32 (Cephes-style polynomial, ~1 ulp), written so loops over it vectorise;
-// exactly 0 below the float range, which includes -inf (masked scores).
-AFFECTKIT_INLINE float exp_fast(float x) {
-  const float lo = -87.3365478515625f, hi = 88.3762626647949f;
-  const float xc = std::min(std::max(x, lo), hi);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f;
+// exactly 0 below -86.6, which includes -inf (masked scores). That bound keeps every
+// intermediate normal: a lower one let y * 2^n go subnormal for masked lanes (clamped, then
+// discarded), and each subnormal result costs a microcode assist (17 % of a D = 6 forward).
+constexpr float kExpLo = -86.6f, kExpHi = 88.3762626647949f;  // -86.6 * log2(e) rounds to -125
+
+// exp(xc) = 2^n * p(r) for xc clamped to [kExpLo, kExpHi], on floats or float vectors
+// (returns p(r) and n as a float); the caller builds 2^n in its own integer type.
+template <typename X>
+AFFECTKIT_INLINE X exp_reduced(X xc, X& n) {
+  // Adding 1.5 * 2^23 rounds to an integer (no fast-math here, so it is not folded away).
+  n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  X r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
+  X y = r * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  return y * r * r + r + 1.0f;
+}
+
+AFFECTKIT_INLINE float exp_fast(float x) {
+  const float xc = std::min(std::max(x, kExpLo), kExpHi);
+  float n;
+  const float y = exp_reduced(xc, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float pow2;
   std::memcpy(&pow2, &bits, sizeof(pow2));
-  return x < lo ? 0.0f : y * pow2;
+  return x < kExpLo ? 0.0f : y * pow2;
 }
 AFFECTKIT_INLINE double exp_fast(double x) { return std::exp(x); }
 
@@ -175,6 +185,37 @@ AFFECTKIT_INLINE float log_fast(float x) {
   return m + y + 0.693359375f * e;
 }
 AFFECTKIT_INLINE double log_fast(double x) { return std::log(x); }
+
+// Every lane a (a broadcast).
+template <typename T, int VB>
+AFFECTKIT_INLINE typename Vec<T, VB>::type splat(T a) {
+  typename Vec<T, VB>::type v;
+  for (int i = 0; i < Vec<T, VB>::n; ++i) v[i] = a;
+  return v;
+}
+
+// exp_fast on a whole vector (float), lane by lane std::exp otherwise (double: the reference
+// path, where accuracy matters more than speed).
+template <typename T, int VB>
+AFFECTKIT_INLINE typename Vec<T, VB>::type exp_vec(typename Vec<T, VB>::type x) {
+  using V = typename Vec<T, VB>::type;
+  if constexpr (std::is_same_v<T, float>) {
+    typedef int32_t I __attribute__((vector_size(VB)));
+    const V lo = splat<T, VB>(kExpLo), hi = splat<T, VB>(kExpHi);
+    V xc = x < lo ? lo : x;
+    xc = xc > hi ? hi : xc;
+    V nf;
+    const V y = exp_reduced(xc, nf);
+    const I bits = (__builtin_convertvector(nf, I) + 127) << 23;
+    V pow2;
+    std::memcpy(&pow2, &bits, sizeof(pow2));
+    return x < lo ? V{} : y * pow2;
+  } else {
+    V e;
+    for (int i = 0; i < Vec<T, VB>::n; ++i) e[i] = std::exp(x[i]);
+    return e;
+  }
+}
 
 // The mask row of query i (key index 0), or null without a mask.
 AFFECTKIT_INLINE const void* mask_row(const Mask& mask, int64_t b, int64_t h, int64_t i) {
@@ -329,8 +370,7 @@ __attribute__((target("avx2,fma"))) void scale_rows_avx2(float* dst, int64_t ldd
     const __m256 sv = _mm256_set1_ps(s);
     for (int64_t c0 = 0; c0 < width; c0 += 8) {
       const __m256 v = zero ? _mm256_setzero_ps() : _mm256_mul_ps(_mm256_loadu_ps(src + r * ldsrc + c0), sv);
-      if (width - c0 >= 8) _mm256_storeu_ps(dst + r * lddst + c0, v);
-      else _mm256_maskstore_ps(dst + r * lddst + c0, lane_mask_avx2(width - c0), v);
+      store_lanes_avx2(dst + r * lddst + c0, v, width - c0);
     }
   }
 }
@@ -437,16 +477,47 @@ struct Params {  // what every task needs, computed once per call
 // ---------------------------------------------------------------------------------- forward
 
 // The forward works on transposed score tiles St[j, i] (keys x queries): each vector holds
-// 16 query rows, so the softmax's max and sum over keys are plain vector ops (no horizontal
-// reductions), K is read in place (broadcast operand) and only Q is transposed, once per task.
+// a vector's worth of query rows, so the softmax's max and sum over keys are plain vector ops
+// (no horizontal reductions), K is read in place (broadcast operand) and only Q is
+// transposed, once per task, with the scale folded in.
 template <typename T>
 struct ForwardScratch {
-  std::vector<T> qt, st, vp, o, m, l, alpha;
+  std::vector<T> qt, st, vp, o, ot, m, l, alpha;
   std::vector<uint64_t> keys;
-  explicit ForwardScratch(int64_t Dvp)
-      : qt(kMaxDim * kBQ), st(kBK * kBQ), vp(kBK * Dvp), o(kBQ * Dvp), m(kBQ), l(kBQ),
-        alpha(kBQ), keys(kBQ) {}
+  ForwardScratch(int64_t Dv, int64_t Dvp)
+      : qt(kMaxDim * kBQ), st(kBK * kBQ), vp(kBK * Dvp), o(kBQ * Dvp), ot(Dv * kBQ), m(kBQ),
+        l(kBQ), alpha(kBQ), keys(kBQ) {}
 };
+
+// One key tile of the online softmax, lanes c < npad of St (nk rows): the running max and
+// sum (mrun, lrun) take the tile in, alpha gets exp(m_old - m_new) and St the exps. Each
+// lane vector keeps its max, shift and sum in registers over the tile's keys.
+template <typename T, int VB>
+AFFECTKIT_INLINE void softmax_tile(T* st, int64_t nk, int64_t npad, T* mrun, T* lrun, T* alpha) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t n = Vec<T, VB>::n;
+  const V ninf = splat<T, VB>(neg_inf<T>());
+  for (int64_t c = 0; c < npad; c += n) {
+    const V mold = load_vec<T, VB>(mrun + c);
+    V m = mold;
+    for (int64_t j = 0; j < nk; ++j) {
+      const V x = load_vec<T, VB>(st + j * kBQ + c);
+      m = m > x ? m : x;
+    }
+    const auto none = m == ninf;  // nothing visible yet: alpha 1, exps of -inf are 0
+    const V a = none ? splat<T, VB>(T(1)) : exp_vec<T, VB>(mold - m);
+    const V shift = none ? V{} : m;
+    V l = load_vec<T, VB>(lrun + c) * a;
+    for (int64_t j = 0; j < nk; ++j) {
+      const V e = exp_vec<T, VB>(load_vec<T, VB>(st + j * kBQ + c) - shift);
+      store_vec<T, VB>(st + j * kBQ + c, e, false);
+      l += e;
+    }
+    store_vec<T, VB>(mrun + c, m, false);
+    store_vec<T, VB>(lrun + c, l, false);
+    store_vec<T, VB>(alpha + c, a, false);
+  }
+}
 
 template <typename T, int VB>
 AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const View& q,
@@ -461,30 +532,35 @@ AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const 
   if (present == 0) return;
   const int64_t npad = round_up(mv, Vec<T, VB>::n);  // query lanes, padded to whole vectors
   const int64_t kend = mv > 0 ? key_end(p, sq, i0 + mv - 1) : 0;
-  T *qt = w.qt.data(), *st = w.st.data(), *o = w.o.data(), *mrun = w.m.data();
+  T *qt = w.qt.data(), *st = w.st.data(), *o = w.o.data(), *ot = w.ot.data(), *mrun = w.m.data();
   T *lrun = w.l.data(), *alpha = w.alpha.data();
   std::fill(mrun, mrun + npad, neg_inf<T>());
   std::fill(lrun, lrun + npad, T(0));
-  if (kend > 0) pack_transposed<T, VB>(q, b, h, sq.q0 + i0, mv, D, npad, qt);
+  if (kend > 0) {
+    pack_transposed<T, VB>(q, b, h, sq.q0 + i0, mv, D, npad, qt);
+    for (int64_t e = 0; e < D * npad; ++e) qt[e] *= pr.scale;  // scores come out scaled
+  }
   if (pr.threshold > 0)
     for (int64_t r = 0; r < mv; ++r) w.keys[r] = dropout_row_key(p.seed, b, h, i0 + r);
+  // O += P V as O^T += V^T St (Dv rows, query lanes) where that computes fewer padded
+  // products than row by row with Dv padded to kCW columns: short values such as MulT's
+  // Dv = 6 then cost 8 rather than 16 lanes per product.
+  const bool transposed = round_up(Dv, 4) * npad < round_up(mv, 4) * Dvp;
   const bool direct_v = Dv % kCW == 0;  // V rows usable in place as the B operand
   for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
     const int64_t nk = std::min<int64_t>(kBK, kend - j0);
-    // St = K Q^T (scores before scale and masks).
+    // St = K (scale Q)^T. Padding lanes (zero queries) score 0: finite, never stored.
     gemm_acc<T, VB>(nk, npad, D, row_ptr<T>(k, b, h, sq.k0 + j0), k.sr, 1, qt, npad, st, kBQ, false);
-    // Scale and mask; lane c (query i0 + c) sees key j0 + j iff j0 + j <= i0 + c + offset.
-    for (int64_t j = 0; j < nk; ++j) {
-      T* row = st + j * kBQ;
-      const int64_t first = p.causal ? j0 + j - sq.offset - i0 : std::numeric_limits<int64_t>::min();
-      // Lanes [lo, mv) are visible. Three plain loops: the one-line form with two 64-bit
-      // compares per lane stayed scalar and cost about as much as the exp.
-      const int64_t lo = clamp64(first, 0, mv);
-      for (int64_t c = 0; c < lo; ++c) row[c] = neg_inf<T>();
-      for (int64_t c = lo; c < mv; ++c) row[c] *= pr.scale;
-      for (int64_t c = mv; c < npad; ++c) row[c] = neg_inf<T>();
-      if (mask.data != nullptr) {
-        for (int64_t c = 0; c < mv; ++c) {
+    // Causal and explicit masks; lane c (query i0 + c) sees key j0 + j iff
+    // j0 + j <= i0 + c + offset. Key lengths need nothing here: kend stops at them.
+    if (p.causal || mask.data != nullptr)
+      for (int64_t j = 0; j < nk; ++j) {
+        T* row = st + j * kBQ;
+        const int64_t first = p.causal ? j0 + j - sq.offset - i0 : std::numeric_limits<int64_t>::min();
+        const int64_t lo = clamp64(first, 0, mv);  // lanes [lo, mv) are visible
+        for (int64_t c = 0; c < lo; ++c) row[c] = neg_inf<T>();
+        if (mask.data == nullptr) continue;
+        for (int64_t c = lo; c < mv; ++c) {
           const void* mr = mask_row(mask, b, h, i0 + c);
           if (mask.dtype == DType::Bool) {
             if (!static_cast<const uint8_t*>(mr)[(j0 + j) * mask.sj]) row[c] = neg_inf<T>();
@@ -495,35 +571,22 @@ AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const 
           }
         }
       }
-    }
-    // Online softmax, 16 queries per vector: new running max, rescale factor, exp and sum.
-    for (int64_t c = 0; c < npad; ++c) alpha[c] = mrun[c];
-    for (int64_t j = 0; j < nk; ++j) {
-      const T* row = st + j * kBQ;
-      for (int64_t c = 0; c < npad; ++c) alpha[c] = alpha[c] > row[c] ? alpha[c] : row[c];
-    }
-    for (int64_t c = 0; c < npad; ++c) {  // alpha <- exp(m_old - m_new); mrun <- m_new
-      const T mnew = alpha[c];
-      const bool none = mnew == neg_inf<T>();  // nothing visible yet: keep 0 / 1
-      alpha[c] = none ? T(1) : exp_fast(mrun[c] - mnew);
-      mrun[c] = mnew;
-      lrun[c] *= alpha[c];
-    }
-    for (int64_t j = 0; j < nk; ++j) {
-      T* row = st + j * kBQ;
-      for (int64_t c = 0; c < npad; ++c) {
-        const T shift = mrun[c] == neg_inf<T>() ? T(0) : mrun[c];
-        const T e = exp_fast(row[c] - shift);
-        row[c] = e;
-        lrun[c] += e;
-      }
-    }
+    softmax_tile<T, VB>(st, nk, npad, mrun, lrun, alpha);
     if (pr.threshold > 0)
       for (int64_t j = 0; j < nk; ++j)
         for (int64_t c = 0; c < mv; ++c) {
           T& e = st[j * kBQ + c];
           e = dropout_keep(w.keys[c], j0 + j, pr.threshold) ? e * pr.inv_keep : T(0);
         }
+    const T* vrows = row_ptr<T>(v, b, h, sq.k0 + j0);
+    if (transposed) {
+      if (j0 > 0)  // the first tile overwrites ot below
+        for (int64_t d = 0; d < Dv; ++d)
+          for (int64_t c = 0; c < npad; ++c) ot[d * kBQ + c] *= alpha[c];
+      // O^T(d, i) += sum_j V(j, d) St(j, i).
+      gemm_acc<T, VB>(Dv, npad, nk, vrows, 1, v.sr, st, kBQ, ot, kBQ, j0 > 0);
+      continue;
+    }
     for (int64_t r = 0; r < mv && j0 > 0; ++r)  // the first tile overwrites o below
       if (alpha[r] != T(1)) {
         T* orow = o + r * Dvp;
@@ -533,12 +596,21 @@ AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const 
     const T* vb = w.vp.data();
     int64_t ldv = Dvp;
     if (direct_v) {
-      vb = row_ptr<T>(v, b, h, sq.k0 + j0);
+      vb = vrows;
       ldv = v.sr;
     } else {
       pack_rows<T, VB>(v, b, h, sq.k0 + j0, nk, Dv, Dvp, w.vp.data());
     }
     gemm_acc<T, VB>(mv, Dvp, nk, st, 1, kBQ, vb, ldv, o, Dvp, j0 > 0);
+  }
+  if (transposed && kend > 0) {  // back to rows: o(i, d) = O^T(d, i)
+#ifdef AFFECTKIT_AVX512_TRANSPOSE
+    if constexpr (use_avx512<T, VB>()) transpose_avx512(ot, kBQ, Dv, mv, Dvp, o);
+    else if constexpr (use_avx2<T, VB>()) transpose_avx2(ot, kBQ, Dv, mv, Dvp, o);
+    else
+#endif
+      for (int64_t r = 0; r < mv; ++r)
+        for (int64_t d = 0; d < Dv; ++d) o[r * Dvp + d] = ot[d * kBQ + r];
   }
   // Row sums are >= 1 where a key is visible (the max contributes exp(0)), else 0: then the
   // row is zeros and lse = +inf, so the backward's P = exp(s - lse) is 0. Vector pass first.
@@ -591,7 +663,7 @@ void forward(const Problem& p, View q, View k, View v, Mask mask, MutView out, M
   const int64_t Dvp = round_up(p.Dv, kCW);
 #pragma omp parallel
   {
-    ForwardScratch<T> w(Dvp);
+    ForwardScratch<T> w(p.Dv, Dvp);
     simd::dispatch<ForwardTasks>(p, pr, q, k, v, mask, out, lse, qtiles, w);
   }
 }
@@ -629,7 +701,9 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
                                          const MutView& gq, const MutView& gk,
                                          const MutView& gv, T* gmask, int64_t b, int64_t h,
                                          BackwardScratch<T>& w) {
-  const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, kCW), Dvp = round_up(Dv, kCW);
+  // Features padded to whole vectors (not to kCW): D = 6 costs 8 lanes per product on AVX2.
+  constexpr int64_t n = Vec<T, VB>::n;
+  const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, n), Dvp = round_up(Dv, n);
   const Seq sq = seq_info(p, b);
   const int64_t qlen = sq.qlen;
   const int64_t kend = qlen > 0 ? key_end(p, sq, qlen - 1) : 0;
@@ -648,6 +722,7 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
     w.dk.resize(kBK * Dp);
     w.dv.resize(kBK * Dvp);
     pack_transposed<T, VB>(q, b, h, sq.q0, qlen, D, ldq, w.qt.data());
+    for (int64_t e = 0; e < D * ldq; ++e) w.qt[e] *= pr.scale;  // scores come out scaled
     pack_transposed<T, VB>(gout, b, h, sq.q0, qlen, Dv, ldq, w.gt.data());
     std::fill(w.delta.begin(), w.delta.end(), T(0));  // padding lanes: P = 0
     std::fill(w.lse.begin(), w.lse.end(), std::numeric_limits<T>::infinity());
@@ -676,7 +751,7 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
   const T* grows = nullptr;
   int64_t ldqr = Dp, ldgr = Dvp;
   if (kend > 0) {
-    if (D % kCW == 0) {
+    if (D % n == 0) {
       qrows = row_ptr<T>(q, b, h, sq.q0);
       ldqr = q.sr;
     } else {
@@ -684,7 +759,7 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
       pack_rows<T, VB>(q, b, h, sq.q0, qlen, D, Dp, w.qp.data());
       qrows = w.qp.data();
     }
-    if (Dv % kCW == 0) {
+    if (Dv % n == 0) {
       grows = row_ptr<T>(gout, b, h, sq.q0);
       ldgr = gout.sr;
     } else {
@@ -701,7 +776,7 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
     const T* vrows = row_ptr<T>(v, b, h, sq.k0 + j0);
     const T* kb = krows;
     int64_t ldk = k.sr;
-    if (D % kCW != 0) {
+    if (D % n != 0) {
       w.kp.resize(kBK * Dp);
       pack_rows<T, VB>(k, b, h, sq.k0 + j0, nk, D, Dp, w.kp.data());
       kb = w.kp.data();
@@ -712,8 +787,8 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
     bool first = true;
     for (int64_t i0 = ifirst; i0 < qlen; i0 += kBQ) {
       const int64_t mq = std::min<int64_t>(kBQ, qlen - i0);
-      const int64_t mpad = round_up(mq, Vec<T, VB>::n);  // whole vectors of query lanes
-      // St = K Q^T and dPt = V dO^T for keys j0.. and queries i0.. (lanes).
+      const int64_t mpad = round_up(mq, n);  // whole vectors of query lanes
+      // St = K (scale Q)^T and dPt = V dO^T for keys j0.. and queries i0.. (lanes).
       gemm_acc<T, VB>(nk, mpad, D, krows, k.sr, 1, w.qt.data() + i0, ldq, st, kBQ, false);
       gemm_acc<T, VB>(nk, mpad, Dv, vrows, v.sr, 1, w.gt.data() + i0, ldq, dpt, kBQ, false);
       // st <- dS = P * (dP * z - delta), dpt <- P * z, with P = exp(score - lse).
@@ -721,13 +796,11 @@ AFFECTKIT_INLINE void backward_task(const Problem& p, const Params<T>& pr, const
         T* srow = st + j * kBQ;
         T* drow = dpt + j * kBQ;
         const int64_t jabs = j0 + j;
-        // Lanes [lo, mq) are visible; three plain loops vectorise (see forward_task).
+        // Lanes [lo, mq) are visible. Padding lanes score 0 against lse = +inf: P = 0.
         const int64_t lo = p.causal ? clamp64(jabs - sq.offset - i0, 0, mq) : 0;
         for (int64_t c = 0; c < lo; ++c) srow[c] = neg_inf<T>();
-        for (int64_t c = lo; c < mq; ++c) srow[c] *= pr.scale;
-        for (int64_t c = mq; c < mpad; ++c) srow[c] = neg_inf<T>();
         if (mask.data != nullptr) {
-          for (int64_t c = 0; c < mq; ++c) {
+          for (int64_t c = lo; c < mq; ++c) {
             const void* mr = mask_row(mask, b, h, i0 + c);
             if (mask.dtype == DType::Bool) {
               if (!static_cast<const uint8_t*>(mr)[jabs * mask.sj]) srow[c] = neg_inf<T>();

@@ -136,13 +136,13 @@ __attribute__((target("avx2,fma"))) void small_grad_xa_avx2(const float* gp, int
         for (int c = 0; c < kB; ++c) transpose8x8_avx2(t + 8 * c);  // t[8c + j] = gx[j, 8c : 8c + 8]
         // Rows in order, each as whole vectors where they stay inside this sample's gx: the
         // lanes past a row's end land in the next rows, which are stored after it. Only the
-        // sample's last row(s) take a masked store (slow on AMD).
+        // sample's last row(s) store part of a vector.
         const int64_t jb = j0 + 8 * b;
         for (int64_t j = 0; j < 8 && jb + j < N; ++j)
           for (int c = 0; c < kB; ++c) {
             const int64_t at = (jb + j) * kF + 8 * c;
             if (at + 8 <= N * kF) _mm256_storeu_ps(gx + at, t[8 * c + j]);
-            else _mm256_maskstore_ps(gx + at, lane_mask_avx2(std::min(8, kF - 8 * c)), t[8 * c + j]);
+            else store_lanes_avx2(gx + at, t[8 * c + j], std::min(8, kF - 8 * c));
           }
       }
     }

@@ -95,17 +95,27 @@ __attribute__((target("avx512f"))) void small_forward_avx512(const float* x, con
   }
 }
 
-// The AVX2 counterpart of finish_row (8 lanes). Masked stores only for a row's last, partial
-// vector: whole ones take plain stores, cheaper than vmaskmovps.
-__attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(const Fused* fused, float* y,
+// The AVX2 forward's view of Fused, passed by value so that it stays in registers: read
+// through the pointer, the compiler reloaded it after every output store (they may alias).
+struct EpilogueAvx2 {
+  float* out;  // null: store the product into y instead
+  int64_t Fo;
+  float slope;  // 0 (ReLU), leaky ReLU's slope, or 1 (none): max(v, slope * v) for slope <= 1
+};
+
+AK_INLINE EpilogueAvx2 epilogue_avx2(const Fused* fused) {
+  return fused ? EpilogueAvx2{fused->out, fused->Fo, fused->negative_slope} : EpilogueAvx2{nullptr, 0, 0.f};
+}
+
+// The AVX2 counterpart of finish_row (8 lanes); a row's last, partial vector is stored lane
+// group by lane group (store_lanes_avx2: vmaskmovps is slow on AMD).
+__attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(EpilogueAvx2 ep, float* y,
                                                                                int64_t Fop, int64_t row, int64_t o0,
                                                                                __m256 v) {
-  if (!fused) return _mm256_storeu_ps(y + row * Fop + o0, v);
-  const __m256 neg = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
-  v = _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(fused->negative_slope)), neg);
-  float* dst = fused->out + row * fused->Fo + o0;
-  if (o0 + 8 <= fused->Fo) _mm256_storeu_ps(dst, v);
-  else _mm256_maskstore_ps(dst, lane_mask_avx2(fused->Fo - o0), v);
+  if (!ep.out) return _mm256_storeu_ps(y + row * Fop + o0, v);
+  // ReLU as max(v, 0), not max(v, 0 * v): that would give -0 for negative v.
+  v = ep.slope == 0.f ? _mm256_max_ps(v, _mm256_setzero_ps()) : _mm256_max_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(ep.slope)));
+  store_lanes_avx2(ep.out + row * ep.Fo + o0, v, ep.Fo - o0);
 }
 
 // Rows i..i+R-1, columns o0..o0+8*NV-1 of the AVX2 forward's output: R * NV independent FMA
@@ -113,7 +123,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(c
 template <int kF, int R, int NV>
 __attribute__((target("avx2,fma"), always_inline)) inline void forward_rows_avx2(
     const float* zt, int64_t Np, const float* wp, int64_t Fop, int64_t i, int64_t o0, const __m256 init[NV],
-    float* y, const Fused* fused) {
+    float* y, EpilogueAvx2 ep) {
   __m256 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = init[v];
@@ -125,8 +135,10 @@ __attribute__((target("avx2,fma"), always_inline)) inline void forward_rows_avx2
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(z, w[v], acc[r][v]);
     }
   }
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) finish_row_avx2(fused, y, Fop, i + r, o0 + 8 * v, acc[r][v]);
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) finish_row_avx2(ep, y, Fop, i + r, o0 + 8 * v, acc[r][v]);
 }
 
 // small_forward_avx512 for AVX2+FMA: 8 nodes per vector for Z = A x (two blocks at once for
@@ -139,6 +151,7 @@ __attribute__((target("avx2,fma"))) void small_forward_avx2(const float* x, cons
                                                            const float* wp, int64_t Fop, int64_t N,
                                                            float* y, float* scratch, const Fused* fused) {
   const int64_t Np = (N + 7) / 8 * 8;
+  const EpilogueAvx2 ep = epilogue_avx2(fused);
   constexpr int NB = combine_blocks_avx2<kF>();
   for (int64_t n0 = 0; n0 < Np; n0 += 8 * NB) {
     __m256 zt[NB * kF];
@@ -153,16 +166,16 @@ __attribute__((target("avx2,fma"))) void small_forward_avx2(const float* x, cons
     const __m256 init[2] = {fused ? _mm256_loadu_ps(fused->bias + o0) : _mm256_setzero_ps(),
                             fused ? _mm256_loadu_ps(fused->bias + o0 + 8) : _mm256_setzero_ps()};
     int64_t i = 0;
-    for (; i + 4 <= N; i += 4) forward_rows_avx2<kF, 4, 2>(scratch, Np, wp, Fop, i, o0, init, y, fused);
-    if (i + 2 <= N) forward_rows_avx2<kF, 2, 2>(scratch, Np, wp, Fop, i, o0, init, y, fused), i += 2;
-    for (; i < N; ++i) forward_rows_avx2<kF, 1, 2>(scratch, Np, wp, Fop, i, o0, init, y, fused);
+    for (; i + 4 <= N; i += 4) forward_rows_avx2<kF, 4, 2>(scratch, Np, wp, Fop, i, o0, init, y, ep);
+    if (i + 2 <= N) forward_rows_avx2<kF, 2, 2>(scratch, Np, wp, Fop, i, o0, init, y, ep), i += 2;
+    for (; i < N; ++i) forward_rows_avx2<kF, 1, 2>(scratch, Np, wp, Fop, i, o0, init, y, ep);
   }
   if (o0 < Fop) {
     const __m256 init[1] = {fused ? _mm256_loadu_ps(fused->bias + o0) : _mm256_setzero_ps()};
     int64_t i = 0;
-    for (; i + 4 <= N; i += 4) forward_rows_avx2<kF, 4, 1>(scratch, Np, wp, Fop, i, o0, init, y, fused);
-    if (i + 2 <= N) forward_rows_avx2<kF, 2, 1>(scratch, Np, wp, Fop, i, o0, init, y, fused), i += 2;
-    for (; i < N; ++i) forward_rows_avx2<kF, 1, 1>(scratch, Np, wp, Fop, i, o0, init, y, fused);
+    for (; i + 4 <= N; i += 4) forward_rows_avx2<kF, 4, 1>(scratch, Np, wp, Fop, i, o0, init, y, ep);
+    if (i + 2 <= N) forward_rows_avx2<kF, 2, 1>(scratch, Np, wp, Fop, i, o0, init, y, ep), i += 2;
+    for (; i < N; ++i) forward_rows_avx2<kF, 1, 1>(scratch, Np, wp, Fop, i, o0, init, y, ep);
   }
 }
 
