@@ -376,6 +376,29 @@ def test_graph_recall_at_several_selectivities(selectivity, metric, graph_index)
     assert (np.diff(approx[0], axis=1) >= 0).all()
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+@pytest.mark.parametrize("d", [37, 16, 5])  # a 16-wide body plus a tail, no tail, only a tail
+def test_graph_distances_are_the_true_distances(metric, d, rng):
+    """The graph walk scores rows four at a time: every distance it returns is the row's own."""
+    x, q = clustered(rng, 700, d, 25)
+    index = EmbeddingIndex(d, metric, M=8, ef_construction=40, graph_min_rows=1)
+    ids = index.add(x)
+    index.build_graph()
+    dist, got = index.search(q, 10, mode="approx", ef=32)
+    assert (got >= 0).all()
+    xr = x.astype(np.float64)[np.searchsorted(ids, got)]  # (nq, 10, d); ids are assigned in order
+    q64 = q.astype(np.float64)
+    if metric == "cosine":
+        xr /= np.linalg.norm(xr, axis=-1, keepdims=True)
+        q64 /= np.linalg.norm(q64, axis=-1, keepdims=True)
+        want = 1 - (q64[:, None] * xr).sum(-1)
+    elif metric == "ip":
+        want = -(q64[:, None] * xr).sum(-1)
+    else:
+        want = ((q64[:, None] - xr) ** 2).sum(-1)
+    np.testing.assert_allclose(dist, want, rtol=0, atol=1e-5 * (np.abs(want).max() + 1.0))
+
+
 def test_graph_respects_tombstones_and_covers_later_rows(graph_index, tmp_path):
     index, x, q, attrs, ids = graph_index
     index = EmbeddingIndex.load(_saved(index, tmp_path), mmap=False)

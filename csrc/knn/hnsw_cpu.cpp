@@ -86,18 +86,82 @@ __attribute__((target("avx512f"))) float l2sq_512(const float* __restrict a,
 }
 #endif
 
+// Distances from a to four rows at once (dot products, or squared L2 with kL2), each with
+// exactly the accumulation order of dot / l2sq (or dot_512 / l2sq_512 for W = 16), so the
+// results are bit-identical: four rows' loads are in flight together, where one row at a
+// time waits on memory for each (the graph walk's rows are rarely cached).
+// Vector types only cross always-inline helpers here: no ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// (Loads by memcpy: a template argument drops V8's aligned(4), and the rows are not aligned.)
+template <typename V>
+inline __attribute__((always_inline)) V load_unaligned(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, int W, bool kL2>
+inline __attribute__((always_inline)) void four_rows(const float* __restrict a, const float* const* x, int64_t d,
+                                                     float* out) {
+  V acc[4][2] = {};
+  int64_t j = 0;
+  for (; j + 2 * W <= d; j += 2 * W) {
+    const V a0 = load_unaligned<V>(a + j), a1 = load_unaligned<V>(a + j + W);
+    for (int r = 0; r < 4; ++r) {
+      V t0 = load_unaligned<V>(x[r] + j), t1 = load_unaligned<V>(x[r] + j + W);
+      if constexpr (kL2) {
+        t0 = a0 - t0;
+        t1 = a1 - t1;
+        acc[r][0] += t0 * t0;
+        acc[r][1] += t1 * t1;
+      } else {
+        acc[r][0] += a0 * t0;
+        acc[r][1] += a1 * t1;
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const V sum = acc[r][0] + acc[r][1];
+    float s = 0;
+    for (int l = 0; l < W; ++l) s += sum[l];
+    for (int64_t i = j; i < d; ++i) s += kL2 ? (a[i] - x[r][i]) * (a[i] - x[r][i]) : a[i] * x[r][i];
+    out[r] = s;
+  }
+}
+
+AFFECTKIT_SIMD_CLONES void dot4(const float* a, const float* const* x, int64_t d, float* out) {
+  four_rows<V8, 8, false>(a, x, d, out);
+}
+AFFECTKIT_SIMD_CLONES void l2sq4(const float* a, const float* const* x, int64_t d, float* out) {
+  four_rows<V8, 8, true>(a, x, d, out);
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target("avx512f"))) void dot4_512(const float* a, const float* const* x, int64_t d, float* out) {
+  four_rows<V16, 16, false>(a, x, d, out);
+}
+__attribute__((target("avx512f"))) void l2sq4_512(const float* a, const float* const* x, int64_t d, float* out) {
+  four_rows<V16, 16, true>(a, x, d, out);
+}
+#endif
+
 using DistFn = float (*)(const float*, const float*, int64_t);
+using Dist4Fn = void (*)(const float*, const float* const*, int64_t, float*);
 
 // The widest kernels this CPU runs, picked once at run time.
 struct Kernels {
   DistFn dot = &affectkit::knn::dot;
   DistFn l2sq = &affectkit::knn::l2sq;
+  Dist4Fn dot4 = &affectkit::knn::dot4;
+  Dist4Fn l2sq4 = &affectkit::knn::l2sq4;
   Kernels() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && std::getenv("AFFECTKIT_NO_AVX512") == nullptr) {
       dot = &dot_512;
       l2sq = &l2sq_512;
+      dot4 = &dot4_512;
+      l2sq4 = &l2sq4_512;
     }
 #endif
   }
@@ -161,6 +225,25 @@ struct HnswGraph::Impl {
     }
   }
 
+  // dist() of nodes v[0..n) into out[0..n): float32 rows four at a time.
+  static void dists(const HnswGraph& g, const float* q, const void* rows, const int32_t* v, size_t n, float* out) {
+    size_t i = 0;
+    if (g.row_dtype_ != DType::Float16) {
+      const Kernels& k = kernels();
+      const bool l2 = g.metric_ != Metric::InnerProduct && g.metric_ != Metric::Cosine;
+      for (; i + 4 <= n; i += 4) {
+        const float* x[4];
+        for (int r = 0; r < 4; ++r) x[r] = static_cast<const float*>(rows) + static_cast<int64_t>(v[i + r]) * g.dim_;
+        (l2 ? k.l2sq4 : k.dot4)(q, x, g.dim_, out + i);
+        if (g.metric_ == Metric::InnerProduct)
+          for (int r = 0; r < 4; ++r) out[i + r] = -out[i + r];
+        else if (g.metric_ == Metric::Cosine)
+          for (int r = 0; r < 4; ++r) out[i + r] = 1.0f - out[i + r];
+      }
+    }
+    for (; i < n; ++i) out[i] = dist(g, q, rows, v[i]);
+  }
+
   // Row v as float32: the stored row itself, or its conversion into `buf`.
   static const float* row_f32(const HnswGraph& g, const void* rows, int32_t v,
                               std::vector<float>& buf) {
@@ -222,11 +305,14 @@ struct HnswGraph::Impl {
     vis.test_and_set(entry);
     if (!allow || allow[entry]) res.push({d0, entry});
     std::vector<int32_t> nb;
+    std::vector<float> dnb;
     while (!cand.empty()) {
       const Cand c = cand.top();
       if (static_cast<int64_t>(res.size()) >= ef && c.first > res.top().first) break;
       cand.pop();
       read_links(g, c.second, level, locked, nb);
+      // The likely next candidate's links, while this one's neighbours are scored.
+      if (!cand.empty()) __builtin_prefetch(g.slot(cand.top().second, level));
       // Drop visited nodes and start loading the others' rows before computing distances.
       size_t fresh = 0;
       for (int32_t v : nb)
@@ -237,8 +323,11 @@ struct HnswGraph::Impl {
           for (int64_t off = 0; off < 256 && off < bytes; off += 64) __builtin_prefetch(row + off);
         }
       nb.resize(fresh);
-      for (int32_t v : nb) {
-        const float dv = dist(g, q, rows, v);
+      dnb.resize(fresh);
+      dists(g, q, rows, nb.data(), fresh, dnb.data());
+      for (size_t i = 0; i < fresh; ++i) {
+        const int32_t v = nb[i];
+        const float dv = dnb[i];
         if (static_cast<int64_t>(res.size()) < ef || dv < res.top().first) {
           cand.push({dv, v});
           if (!allow || allow[v]) {
