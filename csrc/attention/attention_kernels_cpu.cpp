@@ -186,7 +186,8 @@ AFFECTKIT_INLINE float log_fast(float x) {
 }
 AFFECTKIT_INLINE double log_fast(double x) { return std::log(x); }
 
-// Every lane a (a broadcast).
+// Every lane a (a broadcast). For constants, which GCC folds; a runtime value this way can
+// compile to lane-by-lane inserts (CONTRIBUTING.md, "Check the broadcasts").
 template <typename T, int VB>
 AFFECTKIT_INLINE typename Vec<T, VB>::type splat(T a) {
   typename Vec<T, VB>::type v;
