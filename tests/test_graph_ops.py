@@ -133,6 +133,25 @@ def test_graph_conv_float32_small_features_every_activation(N, F, Fo, act, gen):
         assert error(pooled, pool_ref(want, assignment, None, 2), pool_ref(scale, assignment, None, 2)) <= 2e-5
 
 
+@pytest.mark.parametrize("N, F, Fo", [(14, 5, 32), (7, 3, 13), (65, 5, 32), (62, 64, 64)])
+@pytest.mark.parametrize("act", ACTS)
+def test_graph_conv_propagates_nan_and_inf_like_the_composite(N, F, Fo, act, gen):
+    # A NaN or infinite feature spreads through A x W into whole rows; every path, the fused
+    # tile epilogues included, must keep what the composite keeps (relu(NaN) is NaN, not 0).
+    S = 4
+    x = rand(S, N, F, gen=gen, dtype=torch.float32)
+    A = rand(N, N, gen=gen, dtype=torch.float32) / N**0.5
+    W, b = rand(F, Fo, gen=gen, dtype=torch.float32), rand(Fo, gen=gen, dtype=torch.float32)
+    x[1, N // 2, 0] = float("nan")
+    x[2, 0, F - 1] = float("inf")
+    got = ops.graph_conv(x, A, W, b, act)
+    want = conv_ref(x, A, W, b, act)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("F", [1, 5, 16, 17])
 def test_graph_conv_without_weight_or_bias(act, F, gen):

@@ -113,8 +113,9 @@ __attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(E
                                                                                int64_t Fop, int64_t row, int64_t o0,
                                                                                __m256 v) {
   if (!ep.out) return _mm256_storeu_ps(y + row * Fop + o0, v);
-  // ReLU as max(v, 0), not max(v, 0 * v): that would give -0 for negative v.
-  v = ep.slope == 0.f ? _mm256_max_ps(v, _mm256_setzero_ps()) : _mm256_max_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(ep.slope)));
+  // maxps returns its second operand when either is NaN: v must come second (as slope * v
+  // does) so that NaN propagates. ReLU as max(0, v), not max(0 * v, v), which gives -0.
+  v = ep.slope == 0.f ? _mm256_max_ps(_mm256_setzero_ps(), v) : _mm256_max_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(ep.slope)));
   store_lanes_avx2(ep.out + row * ep.Fo + o0, v, ep.Fo - o0);
 }
 
