@@ -133,6 +133,27 @@ def test_graph_conv_float32_small_features_every_activation(N, F, Fo, act, gen):
         assert error(pooled, pool_ref(want, assignment, None, 2), pool_ref(scale, assignment, None, 2)) <= 2e-5
 
 
+@pytest.mark.parametrize("N", [62, 65])
+@pytest.mark.parametrize("F, Fo", [(64, 64), (20, 48), (24, 16), (17, 8)])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graph_conv_general_path_matches_reference_every_activation(N, F, Fo, act, dtype, gen):
+    # More than 16 input features: the general forward, whose last product applies the bias and
+    # a piecewise-linear activation as it stores whole vectors into the output (where Fo fills
+    # them: F <= Fo multiplies by W last, F > Fo by A last). Output poisoned before the call.
+    import affectkit._C as C
+
+    S, B = 4, 1 if (N + F) % 2 else 2
+    x, A = rand(S, N, F, gen=gen, dtype=dtype), rand(B, N, N, gen=gen, dtype=dtype) / N**0.5
+    W = rand(F, Fo, gen=gen, dtype=dtype) / F**0.5
+    b = rand(Fo, gen=gen, dtype=dtype) if (Fo + (act is None)) % 2 == 0 else None
+    out = torch.full((S, N, Fo), float("nan"), dtype=dtype)
+    C.graph_conv_forward(C.DEVICE_CPU, C.DTYPE_CODES[str(dtype).split(".")[1]], _c(x), _c(A), _c(W),
+                         _c(b) if b is not None else 0, _c(out), S, N, F, Fo, B, ops.graph.ACTIVATIONS[act])
+    want = conv_ref(x.reshape(B, S // B, N, F), A, W, b, act).reshape(S, N, Fo)
+    assert rel_error(out, want) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("N, F, Fo", [(14, 5, 32), (7, 3, 13), (65, 5, 32), (62, 64, 64)])
 @pytest.mark.parametrize("act", ACTS)
 def test_graph_conv_propagates_nan_and_inf_like_the_composite(N, F, Fo, act, gen):

@@ -223,7 +223,7 @@ AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s
   if constexpr (tiles) small_fwd = has_w && F >= 1 && F <= 16 && N <= 64;
 #endif
   const bool fused_epilogue = small_fwd && (a.act == Activation::None || a.act == Activation::ReLU ||
-                                            a.act == Activation::LeakyReLU);
+                                            a.act == Activation::LeakyReLU);  // the tiles' own
   const int64_t Npt = round_up(N, VB == 64 ? 16 : 8);  // N rounded up to the tiles' vector lanes
   std::vector<T> at_rows(small_fwd ? N * Npt : 0), scratch(small_fwd ? 16 * Npt : 0);
   // With few features, G samples that share a graph sit side by side in one padded row, so
@@ -233,6 +233,16 @@ AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s
   std::vector<T> bias(Fop, T(0)), w_pool(N);
   if (has_w) copy_padded(a.w, F, Fo, Fo, wp.data(), Fop);
   if (a.bias) std::copy(a.bias, a.bias + Fo, bias.begin());
+  // The general path's last product applies the bias and a piecewise-linear activation as it
+  // stores whole vectors straight into the output (Fo a multiple of the lanes).
+  const bool piecewise_linear = a.act == Activation::None || a.act == Activation::ReLU ||
+                                a.act == Activation::LeakyReLU;
+  const bool gemm_epilogue = !small_fwd && has_w && piecewise_linear && Fo == Fop;
+  using BiasAct = BiasThenPiecewiseLinear<T>;
+  const BiasAct bias_act{bias.data(),
+                         a.act == Activation::ReLU ? BiasAct::kReLU
+                         : a.act == Activation::LeakyReLU ? BiasAct::kLeaky : BiasAct::kNone,
+                         leaky_slope<T>()};
   for (int64_t s = s0, g = 1; s < s1; s += g) {
     g = std::min({G, s1 - s, a.R - s % a.R});  // a group never crosses into another graph
     const int64_t graph = s / a.R;
@@ -252,32 +262,41 @@ AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s
       }
 #endif
     if (!small_fwd) {
-      for (int64_t i = 0; i < N; ++i) {  // xs[i] = [x[s][i] | x[s+1][i] | ... | 0 ...]
-        T* d = xs.data() + i * Fp;
-        int64_t c = 0;
-        for (int64_t k = 0; k < g; ++k)
-          for (int64_t f = 0; f < F; ++f) d[c++] = xg[(k * N + i) * F + f];
-        for (; c < Fp; ++c) d[c] = T(0);
+      // One sample whose rows fill whole vectors is read in place; others are packed.
+      const T* xin = xg;
+      int64_t ldx = F;
+      if (g > 1 || F != Fp) {
+        for (int64_t i = 0; i < N; ++i) {  // xs[i] = [x[s][i] | x[s+1][i] | ... | 0 ...]
+          T* d = xs.data() + i * Fp;
+          int64_t c = 0;
+          for (int64_t k = 0; k < g; ++k)
+            for (int64_t f = 0; f < F; ++f) d[c++] = xg[(k * N + i) * F + f];
+          for (; c < Fp; ++c) d[c] = T(0);
+        }
+        xin = xs.data(), ldx = Fp;
       }
+      T* o = a.out + s * N * Fo;  // g == 1 where the product writes the output directly
       if (!has_w) {
-        gemm<T, VB, false>(N, Fp, N, A, N, xs.data(), Fp, y.data(), Fp);
+        gemm<T, VB, false>(N, Fp, N, A, N, xin, ldx, y.data(), Fp);
       } else if (a_first) {
-        gemm<T, VB, false>(N, Fp, N, A, N, xs.data(), Fp, tmp.data(), Fp);
+        gemm<T, VB, false>(N, Fp, N, A, N, xin, ldx, tmp.data(), Fp);
       } else {
-        gemm<T, VB, false>(N, Fop, F, xs.data(), Fp, wp.data(), Fop, tmp.data(), Fop);
-        gemm<T, VB, false>(N, Fop, N, A, N, tmp.data(), Fop, y.data(), Fop);
+        gemm<T, VB, false>(N, Fop, F, xin, ldx, wp.data(), Fop, tmp.data(), Fop);
+        if (gemm_epilogue) gemm<T, VB, false>(N, Fo, N, A, N, tmp.data(), Fop, o, Fo, bias_act);
+        else gemm<T, VB, false>(N, Fop, N, A, N, tmp.data(), Fop, y.data(), Fop);
       }
     }
     for (int64_t k = 0; k < g; ++k) {
       const T* yk = y.data();
       int64_t ldy = Fop;
+      T* o = a.out + (s + k) * N * Fo;
       if (!has_w) {
         yk = y.data() + k * F, ldy = Fp;
       } else if (a_first && !small_fwd) {
-        gemm<T, VB, false>(N, Fop, F, tmp.data() + k * F, Fp, wp.data(), Fop, y.data(), Fop);
+        if (gemm_epilogue) gemm<T, VB, false>(N, Fo, F, tmp.data() + k * F, Fp, wp.data(), Fop, o, Fo, bias_act);
+        else gemm<T, VB, false>(N, Fop, F, tmp.data() + k * F, Fp, wp.data(), Fop, y.data(), Fop);
       }
-      T* o = a.out + (s + k) * N * Fo;
-      if (!fused_epilogue) epilogue(yk, ldy, bias.data(), o, N, Fo, a.act);
+      if (!fused_epilogue && !gemm_epilogue) epilogue(yk, ldy, bias.data(), o, N, Fo, a.act);
       if (a.kids)
         pool_sample(o, Fo, a.scores ? a.scores + (s + k) * N : nullptr, *a.kids,
                     a.pooled + (s + k) * a.P * Fo, Fo, a.P, w_pool.data());

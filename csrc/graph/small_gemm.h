@@ -33,15 +33,41 @@ AK_INLINE void vstore(T* p, const typename Vec<T, VB>::type& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// What a product does to each output vector (at column col) before storing it: nothing, or
+// graph_conv's bias and piecewise-linear activation, so that the forward writes its output
+// once instead of storing the product and reading it back for a separate epilogue pass.
+struct StoreAsIs {
+  template <typename V>
+  AK_INLINE void operator()(V&, int64_t) const {}
+};
+
+template <typename T>
+struct BiasThenPiecewiseLinear {
+  const T* bias;  // zero-padded to the product's columns
+  enum Kind { kNone, kReLU, kLeaky } kind;
+  T slope;  // leaky ReLU's negative slope
+  template <typename V>
+  AK_INLINE void operator()(V& v, int64_t col) const {
+    V b;
+    std::memcpy(&b, bias + col, sizeof b);
+    v += b;
+    // NaN compares false, so it passes through every branch unchanged (as torch's relu).
+    if (kind == kReLU) v = v < T(0) ? V{} : v;
+    else if (kind == kLeaky) v = v < T(0) ? v * slope : v;
+  }
+};
+
 // C[R, NV*lanes] (= or +=) A[R, K] B[K, NV*lanes]: R x NV vector accumulators in registers.
 // A's element (r, k) is A[r * lda + k * ca], so a transposed operand needs no copy.
-template <typename T, int VB, int R, int NV, bool Acc>
+template <typename T, int VB, int R, int NV, bool Acc, class Epi>
 AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, int64_t ca, const T* B,
-                            int64_t ldb, T* C, int64_t ldc) {
+                            int64_t ldb, T* C, int64_t ldc, const Epi& epi, int64_t col) {
   using V = typename Vec<T, VB>::type;
   constexpr int64_t L = Vec<T, VB>::lanes;
   V acc[R][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       acc[r][v] = V{};
       if (Acc) vload<T, VB>(acc[r][v], C + r * ldc + v * L);
@@ -57,51 +83,66 @@ AK_INLINE void micro_kernel(int64_t K, const T* A, int64_t lda, int64_t ca, cons
       for (int v = 0; v < NV; ++v) acc[r][v] += b[v] * a;
     }
   }
+  // Unrolled, or GCC spills the accumulators and copies them out 16 bytes at a time (10 % of
+  // the 62 x 64 -> 64 forward on Zen 3).
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) vstore<T, VB>(C + r * ldc + v * L, acc[r][v]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      epi(acc[r][v], col + v * L);
+      vstore<T, VB>(C + r * ldc + v * L, acc[r][v]);
+    }
 }
 
-template <typename T, int VB, int R, bool Acc>
+template <typename T, int VB, int R, bool Acc, class Epi>
 AK_INLINE void row_panel(int64_t Nc, int64_t K, const T* A, int64_t lda, int64_t ca, const T* B,
-                         int64_t ldb, T* C, int64_t ldc) {
+                         int64_t ldb, T* C, int64_t ldc, const Epi& epi) {
   constexpr int64_t L = Vec<T, VB>::lanes;
   int64_t j = 0;
   if constexpr (VB >= 64)  // 32 vector registers: a 4 x 4 block of accumulators fits
     for (; j + 4 * L <= Nc; j += 4 * L)
-      micro_kernel<T, VB, R, 4, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
+      micro_kernel<T, VB, R, 4, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc, epi, j);
   for (; j + 2 * L <= Nc; j += 2 * L)
-    micro_kernel<T, VB, R, 2, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
-  if (j < Nc) micro_kernel<T, VB, R, 1, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc);
+    micro_kernel<T, VB, R, 2, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc, epi, j);
+  if (j < Nc) micro_kernel<T, VB, R, 1, Acc>(K, A, lda, ca, B + j, ldb, C + j, ldc, epi, j);
 }
 
 // C[M, Nc] (= or +=) A[M, K] B[K, Nc], row-major with leading dimensions; A's element (i, k)
 // is A[i * lda + k * ca]. Nc must be a multiple of the vector lanes (callers pad their
 // buffers with zero columns).
-// Rows go 6 at a time with 16 vector registers (AVX2, baseline: 6 x 2 accumulators, two B
-// vectors and a broadcast: 12 FMAs for 8 loads), 4 at a time with 32 (AVX-512: 4 x 4).
-template <typename T, int VB, bool Acc>
+// Rows go in panels of up to 6 with 16 vector registers (AVX2, baseline: 6 x 2 accumulators,
+// two B vectors and a broadcast: 12 FMAs for 8 loads), up to 4 with 32 (AVX-512: 4 x 4), as
+// evenly as possible: 62 rows as 7 x 6 + 4 x 5, not 10 x 6 + 2, whose 2-row panel has too
+// few independent FMA chains to cover the FMA latency. Each element's sum runs over k in the
+// same order whatever its panel, so the split never changes a result.
+template <typename T, int VB, bool Acc, class Epi = StoreAsIs>
 AK_INLINE void gemm_strided(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, int64_t ca,
-                            const T* B, int64_t ldb, T* C, int64_t ldc) {
+                            const T* B, int64_t ldb, T* C, int64_t ldc, const Epi& epi = Epi{}) {
   constexpr int kRows = VB >= 64 ? 4 : 6;
+  const int64_t panels = (M + kRows - 1) / kRows;
+  const int64_t base = panels ? M / panels : 0, longer = panels ? M % panels : 0;
   int64_t i = 0;
-  for (; i + kRows <= M; i += kRows)
-    row_panel<T, VB, kRows, Acc>(Nc, K, A + i * lda, lda, ca, B, ldb, C + i * ldc, ldc);
-  const T* Ai = A + i * lda;
-  T* Ci = C + i * ldc;
-  switch (M - i) {
-    case 5: row_panel<T, VB, 5, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
-    case 4: row_panel<T, VB, 4, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
-    case 3: row_panel<T, VB, 3, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
-    case 2: row_panel<T, VB, 2, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
-    case 1: row_panel<T, VB, 1, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc); break;
-    default: break;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t rows = base + (p < longer ? 1 : 0);
+    const T* Ai = A + i * lda;
+    T* Ci = C + i * ldc;
+    switch (rows) {
+      case 6: if constexpr (kRows >= 6) row_panel<T, VB, 6, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc, epi); break;
+      case 5: if constexpr (kRows >= 5) row_panel<T, VB, 5, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc, epi); break;
+      case 4: row_panel<T, VB, 4, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc, epi); break;
+      case 3: row_panel<T, VB, 3, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc, epi); break;
+      case 2: row_panel<T, VB, 2, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc, epi); break;
+      case 1: row_panel<T, VB, 1, Acc>(Nc, K, Ai, lda, ca, B, ldb, Ci, ldc, epi); break;
+      default: break;
+    }
+    i += rows;
   }
 }
 
-template <typename T, int VB, bool Acc>
+template <typename T, int VB, bool Acc, class Epi = StoreAsIs>
 AK_INLINE void gemm(int64_t M, int64_t Nc, int64_t K, const T* A, int64_t lda, const T* B,
-                    int64_t ldb, T* C, int64_t ldc) {
-  gemm_strided<T, VB, Acc>(M, Nc, K, A, lda, 1, B, ldb, C, ldc);
+                    int64_t ldb, T* C, int64_t ldc, const Epi& epi = Epi{}) {
+  gemm_strided<T, VB, Acc>(M, Nc, K, A, lda, 1, B, ldb, C, ldc, epi);
 }
 
 // sum_i a[i] b[i] for n a multiple of the lanes, in vector partial sums (a plain scalar loop
