@@ -315,6 +315,26 @@ def test_graph_conv_float32_gradients_small_graphs(N, F, Fo, B, wanted, gen):
         assert err <= 2e-5 * torch.linalg.vector_norm(want) + 2e-6 * torch.linalg.vector_norm(mag), k
 
 
+@pytest.mark.parametrize("N, F, Fo", [(14, 5, 32), (62, 64, 64)])
+def test_graph_conv_gradients_are_deterministic_across_threads_scheduling(N, F, Fo, gen):
+    # Threads take chunks of samples as they free up, each chunk with its own partial grad A, W
+    # and b, summed in chunk order: which thread ran which chunk must not change a bit.
+    x = rand(97, N, F, gen=gen, dtype=torch.float32, requires_grad=True)
+    A = rand(N, N, gen=gen, dtype=torch.float32, requires_grad=True)
+    W = rand(F, Fo, gen=gen, dtype=torch.float32, requires_grad=True)
+    b = rand(Fo, gen=gen, dtype=torch.float32, requires_grad=True)
+    g = torch.randn(97, N, Fo, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # chunks run unevenly over 3 threads even on a 2-core machine
+        runs = [torch.autograd.grad(ops.graph_conv(x, A, W, b, "relu"), (x, A, W, b), g) for _ in range(6)]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for got, first in zip(run, runs[0]):
+            assert torch.equal(got, first)
+
+
 def test_graph_conv_gradient_only_where_needed(gen):
     x, A = rand(4, 14, 5, gen=gen, requires_grad=True), rand(14, 14, gen=gen)
     W = rand(5, 8, gen=gen)

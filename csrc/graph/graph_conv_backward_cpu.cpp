@@ -1,7 +1,7 @@
 // CPU backward of graph_conv: grad x, grad A (per-sample or shared graph), grad W and grad b,
-// from grad_out read through its strides. Threads split the samples (graph by graph when
-// each sample group has its own graph, so each grad A has one writer) and sum their partial
-// weight and bias gradients in thread order.
+// from grad_out read through its strides. Threads take chunks of the samples (graph by graph
+// when each sample group has its own graph, so each grad A has one writer) and the chunks'
+// partial weight and bias gradients are summed in chunk order.
 #include "graph_conv_cpu_common.h"
 
 namespace affectkit::graph::detail {
@@ -301,6 +301,17 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
     for (int64_t k = 0; k < g; ++k) {
       const T* gs = a.g + (s + k) * a.gs;
       const T* ys = a.y + (s + k) * N * Fo;
+      T* d = gp.data() + k * N * Fop;
+      if (Fo == Fop && a.gf == 0 && a.gn == 0) {  // one value for the whole sample (sum()'s)
+        const T c = *gs;
+        slope_times<T>([c](int64_t) { return c; }, ys, d, N * Fo, a.act);
+        continue;
+      }
+      if (Fo == Fop && a.gf == 1 && a.gn == Fo) {  // the sample's rows back to back, unpadded
+        const T* __restrict gr = gs;
+        slope_times<T>([gr](int64_t f) { return gr[f]; }, ys, d, N * Fo, a.act);
+        continue;
+      }
       for (int64_t i = 0; i < N; ++i) {
         T* d = gp.data() + (k * N + i) * Fop;
         const T* grow = gs + i * a.gn;
@@ -421,30 +432,33 @@ void backward(const T* g, const int64_t* gstrides, const T* y, const T* x, const
     return;
   }
   const bool per_sample = B > 1;
-  // Per-sample graphs are split between threads graph by graph, so each gA[b] has one writer.
+  // Per-sample graphs are split between chunks graph by graph, so each gA[b] has one writer.
+  // Chunks are handed out as threads free up (as in the forward: a fixed share per thread
+  // waits for the slowest core), each with its own partial gradients.
   const int64_t units = per_sample ? B : S, R = S / B;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), units)));
-  std::vector<T> partA(gA && !per_sample ? nt * N * N : 0, T(0));
-  std::vector<T> partW(gW ? nt * F * Fo : 0, T(0)), partb(gb ? nt * Fo : 0, T(0));
+  const int64_t chunks = nt == 1 ? 1 : std::min<int64_t>(units, 4 * nt);
+  std::vector<T> partA(gA && !per_sample ? chunks * N * N : 0, T(0));
+  std::vector<T> partW(gW ? chunks * F * Fo : 0, T(0)), partb(gb ? chunks * Fo : 0, T(0));
   const int level = simd_level();
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
     BackwardArgs<T> a{g, y, x, adj, w, gx,
-                      gA ? (per_sample ? gA : partA.data() + t * N * N) : nullptr,
-                      gW ? partW.data() + t * F * Fo : nullptr,
-                      gb ? partb.data() + t * Fo : nullptr, N, F, Fo, R, act, per_sample,
+                      gA ? (per_sample ? gA : partA.data() + c * N * N) : nullptr,
+                      gW ? partW.data() + c * F * Fo : nullptr,
+                      gb ? partb.data() + c * Fo : nullptr, N, F, Fo, R, act, per_sample,
                       gstrides ? gstrides[0] : N * Fo, gstrides ? gstrides[1] : Fo, gstrides ? gstrides[2] : 1};
     int64_t u0, u1;
-    thread_range(units, t, n, &u0, &u1);
+    thread_range(units, static_cast<int>(c), static_cast<int>(chunks), &u0, &u1);
     if (per_sample) u0 *= R, u1 *= R;
     backward_range(level, a, u0, u1);
   }
-  // Sum the per-thread partials in thread order (deterministic for a thread count).
-  auto reduce = [nt](const std::vector<T>& parts, T* dst, int64_t size) {
+  // Sum the partials in chunk order: deterministic for a thread count, whichever thread ran
+  // which chunk.
+  auto reduce = [chunks](const std::vector<T>& parts, T* dst, int64_t size) {
     std::fill(dst, dst + size, T(0));
-    for (int t = 0; t < nt; ++t)
-      for (int64_t i = 0; i < size; ++i) dst[i] += parts[t * size + i];
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < size; ++i) dst[i] += parts[c * size + i];
   };
   if (gA && !per_sample) reduce(partA, gA, N * N);
   if (gW) reduce(partW, gW, F * Fo);

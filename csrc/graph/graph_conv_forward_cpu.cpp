@@ -315,15 +315,17 @@ void forward(const T* x, const T* adj, const T* w, const T* bias, T* out, int64_
     throw ValueError("adjacency: expected finite values, got NaN or infinity");
   const Children kids = assignment ? build_children(assignment, N, P) : Children{};
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), S)));
-  std::vector<int64_t> bad(nt, -1);
+  // Runs of samples handed out as threads free up, not one fixed share per thread: on a
+  // shared machine one core is often slowed by other work, and a fixed split waits for it.
+  const int64_t chunks = nt == 1 ? 1 : std::min<int64_t>(S, 8 * nt);
+  std::vector<int64_t> bad(chunks, -1);
   const int level = simd_level();
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    ForwardArgs<T> a{x, adj, w, bias, out, N, F, Fo, S / B, act, B > 1, &bad[t],
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    ForwardArgs<T> a{x, adj, w, bias, out, N, F, Fo, S / B, act, B > 1, &bad[c],
                      assignment ? &kids : nullptr, scores, pooled, P};
     int64_t s0, s1;
-    thread_range(S, t, n, &s0, &s1);
+    thread_range(S, static_cast<int>(c), static_cast<int>(chunks), &s0, &s1);
     forward_range(level, a, s0, s1);
   }
   for (int64_t g : bad)
