@@ -131,3 +131,26 @@ def test_function_route_gradcheck_and_double_backward(gen):
     lengths = torch.tensor([6, 0, 2])
     assert torch.autograd.gradgradcheck(lambda t: ops.masked_mean(t, lengths), (y,))
 
+
+
+def test_graph_ops_on_3d_inputs_record_no_view_nodes(gen):
+    # (S, N, F) inputs are what the kernels take: a reshape to the same shape would still add
+    # a view node before and after the op (about 28 us of autograd work per call).
+    x = torch.randn(6, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    A, W, b = torch.rand(5, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    assignment = torch.tensor([0, 0, 1, 1, 1])
+    scores = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    L, C = torch.rand(5, 5, dtype=torch.float64), torch.randn(3, 3, 2, dtype=torch.float64)
+    outs = {"graph_conv": ops.graph_conv(x, A, W, b, "relu"),
+            "hierarchical_pool": ops.hierarchical_pool(x, assignment, scores),
+            "cheb_graph_conv": ops.cheb_graph_conv(x, L, C),
+            **dict(zip(("graph_conv_pool node", "graph_conv_pool pooled"),
+                       ops.graph_conv_pool(x, A, assignment, W, b, "relu", scores)))}
+    for name, out in outs.items():
+        node = out.grad_fn
+        assert "View" not in type(node).__name__, name
+        inputs = [f for f, _ in node.next_functions if f is not None]
+        assert inputs and all(type(f).__name__ == "AccumulateGrad" for f in inputs), (name, inputs)
+    # 4-D inputs are still flattened and restored.
+    x4 = x.detach().reshape(2, 3, 5, 3).requires_grad_()
+    assert ops.graph_conv(x4, A, W, b).shape == (2, 3, 5, 4)

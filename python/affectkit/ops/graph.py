@@ -72,8 +72,23 @@ def _check_square(name: str, a: torch.Tensor, N: int, allow_batch: bool) -> None
 
 
 def _flatten(x: torch.Tensor) -> torch.Tensor:
+    """x as (S, N, F). Already 3-D: x itself, since a reshape to the same shape still records
+    a view node that costs about 14 us of autograd work per call (forward and backward)."""
+    if x.dim() == 3:
+        return x
     N, F = x.shape[-2], x.shape[-1]
     return x.reshape(math.prod(x.shape[:-2]), N, F)
+
+
+def _unflatten(t: torch.Tensor, lead: tuple, *tail: int) -> torch.Tensor:
+    """t (S, ...) back to (*lead, *tail); t itself when lead is S already (see _flatten)."""
+    return t if len(lead) == 1 else t.reshape(*lead, *tail)
+
+
+def _flat_scores(scores: Optional[torch.Tensor], lead: tuple, N: int) -> Optional[torch.Tensor]:
+    if scores is None or len(lead) == 1:
+        return scores
+    return scores.reshape(math.prod(lead), N)
 
 
 def _check_conv_args(x, adjacency, weight, bias) -> int:
@@ -200,7 +215,7 @@ def graph_conv(
     adj3 = adjacency if adjacency.dim() == 3 else adjacency.unsqueeze(0)
     out = call_direct_or_op(_graph_conv.plain, torch.ops.affectkit.graph_conv,
                             _flatten(x), adj3, weight, bias, code, function=_graph_conv.function)
-    return out.reshape(*lead, x.shape[-2], out.shape[-1])
+    return _unflatten(out, lead, x.shape[-2], out.shape[-1])
 
 
 def hierarchical_pool(
@@ -226,10 +241,10 @@ def hierarchical_pool(
     _check_nodes(x)
     P = _check_assignment(x, assignment, scores, num_parents)
     lead = x.shape[:-2]
-    s2 = None if scores is None else scores.reshape(math.prod(lead), x.shape[-2])
+    s2 = _flat_scores(scores, lead, x.shape[-2])
     out = call_direct_or_op(_hierarchical_pool.plain, torch.ops.affectkit.hierarchical_pool,
                             _flatten(x), assignment, s2, P, function=_hierarchical_pool.function)
-    return out.reshape(*lead, P, x.shape[-1])
+    return _unflatten(out, lead, P, x.shape[-1])
 
 
 def graph_conv_pool(
@@ -253,12 +268,12 @@ def graph_conv_pool(
     P = _check_assignment(x, assignment, scores, num_parents)
     lead, N = x.shape[:-2], x.shape[-2]
     adj3 = adjacency if adjacency.dim() == 3 else adjacency.unsqueeze(0)
-    s2 = None if scores is None else scores.reshape(math.prod(lead), N)
+    s2 = _flat_scores(scores, lead, N)
     node, pooled = call_direct_or_op(_graph_conv_pool.plain, torch.ops.affectkit.graph_conv_pool,
                                       _flatten(x), adj3, weight, bias, code, assignment, s2, P,
                                       function=_graph_conv_pool.function)
     Fo = node.shape[-1]
-    return node.reshape(*lead, N, Fo), pooled.reshape(*lead, P, Fo)
+    return _unflatten(node, lead, N, Fo), _unflatten(pooled, lead, P, Fo)
 
 
 def cheb_graph_conv(x: torch.Tensor, laplacian: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
@@ -291,7 +306,7 @@ def cheb_graph_conv(x: torch.Tensor, laplacian: torch.Tensor, coefficients: torc
     lead = x.shape[:-2]
     out = call_direct_or_op(_cheb_graph_conv.plain, torch.ops.affectkit.cheb_graph_conv,
                             _flatten(x), laplacian, coefficients, function=_cheb_graph_conv.function)
-    return out.reshape(*lead, N, out.shape[-1])
+    return _unflatten(out, lead, N, out.shape[-1])
 
 
 # --------------------------------------------------------------------------------------
