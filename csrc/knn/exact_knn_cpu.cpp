@@ -197,6 +197,33 @@ inline T to_distance(T ip, Metric metric, T qn, T xn) {
   }
 }
 
+// dist[r] = to_distance(s[r], metric, qn, xn[r]) for r < nr, in loops the compiler
+// vectorises (the metric fixed per loop); returns whether any of them may enter `heap`. With
+// 1,000 queries against 20,000 rows, folding every score into the heap one by one was a
+// quarter of an exact search's time on one AVX2 core; after the first tiles almost none
+// can enter.
+template <typename T>
+bool tile_distances_may_enter(const T* s, int64_t nr, Metric metric, T qn, const T* xn,
+                              const TopK<T>& heap, T* dist) {
+  switch (metric) {
+    case Metric::InnerProduct:
+      for (int64_t r = 0; r < nr; ++r) dist[r] = to_distance(s[r], Metric::InnerProduct, qn, T(0));
+      break;
+    case Metric::Cosine:
+      for (int64_t r = 0; r < nr; ++r) dist[r] = to_distance(s[r], Metric::Cosine, qn, T(0));
+      break;
+    default:
+      for (int64_t r = 0; r < nr; ++r) dist[r] = to_distance(s[r], Metric::L2, qn, xn[r]);
+  }
+  if (heap.may_enter(std::numeric_limits<T>::infinity())) return true;  // not full (or +inf kept)
+  // Exactly may_enter's test, summed as integers (a reduction the compiler vectorises; NaN
+  // compares false, as in may_enter).
+  const T worst = heap.worst();
+  int any = 0;
+  for (int64_t r = 0; r < nr; ++r) any |= dist[r] <= worst;
+  return any != 0;
+}
+
 // ---------------------------------------------------------------------------------------
 // Shared row list (all rows, or the rows a shared mask lets through): blocked kernel.
 // `qmask` (per-query mask, or null) is checked while folding scores into the top-k.
@@ -235,6 +262,7 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
     constexpr bool convert = !std::is_same_v<S, T>;  // float16 rows: always via `pack`
     std::vector<T> pack(packed || convert ? kRowTile * d : 0);
     std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
+    std::vector<T> dist(kRowTile), xn_tile(kRowTile, T(0));
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t qb = 0; qb < nqb; ++qb) {
       for (int64_t c = 0; c < nchunks; ++c) {
@@ -257,17 +285,21 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
             tile = db + r0 * d;
           }
           score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
+          if (xnorm)
+            for (int64_t r = 0; r < nr; ++r) xn_tile[r] = xnorm[packed ? rows[r0 + r] : r0 + r];
           for (int64_t qi = q0; qi < q1; ++qi) {
             TopK<T>& heap = heaps[qi - q0];
             const T* s = &scores[(qi - q0) * nr];
             const uint8_t* qm = qmask ? qmask + qi * n : nullptr;
             const T qn = qnorm ? qnorm[qi] : T(0);
+            // Once the heap is full, a tile rarely holds a row that can enter it: test the whole
+            // tile with vector compares first, and only then fold its rows in one by one.
+            if (!tile_distances_may_enter(s, nr, metric, qn, xn_tile.data(), heap, dist.data())) continue;
             for (int64_t r = 0; r < nr; ++r) {
               const int64_t row = packed ? rows[r0 + r] : r0 + r;
               if (qm && !qm[row]) continue;
-              const T dist = to_distance(s[r], metric, qn, xnorm ? xnorm[row] : T(0));
-              if (!heap.may_enter(dist)) continue;
-              heap.push(dist, row_ids ? row_ids[row] : row);
+              if (!heap.may_enter(dist[r])) continue;
+              heap.push(dist[r], row_ids ? row_ids[row] : row);
             }
           }
         }

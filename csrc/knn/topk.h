@@ -46,6 +46,8 @@ class TopK {
   }
   // Cheap pre-check for hot loops: could `dist` enter at all?
   inline bool may_enter(T dist) const { return size_ < k_ || dist <= h_[0].dist; }
+  // The distance of the worst kept hit (the heap must be full: size() == k, k > 0).
+  inline T worst() const { return h_[0].dist; }
   int64_t size() const { return size_; }
   const Hit<T>* data() const { return h_; }
 
