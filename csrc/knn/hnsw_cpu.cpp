@@ -172,22 +172,27 @@ const Kernels& kernels() {
 }
 
 // Marks visited nodes with an epoch number, so clearing is O(1) per search.
+// Nodes seen by one walk: a bit per node (25 KB at 200,000 rows, cache-resident, where an
+// epoch per node took 800 KB), cleared word by word where the last walk set bits.
 struct Visited {
-  std::vector<uint32_t> mark;
-  uint32_t epoch = 0;
+  std::vector<uint64_t> bits;
+  std::vector<int64_t> touched;  // words with bits set
   void reset(size_t n) {
-    if (mark.size() < n) {
-      mark.assign(n, 0);
-      epoch = 0;
+    const size_t words = (n + 63) / 64;
+    if (bits.size() < words) {
+      bits.assign(words, 0);
+      touched.clear();
+      return;
     }
-    if (++epoch == 0) {
-      std::fill(mark.begin(), mark.end(), 0);
-      epoch = 1;
-    }
+    for (int64_t w : touched) bits[w] = 0;
+    touched.clear();
   }
   bool test_and_set(int32_t i) {
-    if (mark[i] == epoch) return true;
-    mark[i] = epoch;
+    uint64_t& word = bits[static_cast<size_t>(i) >> 6];
+    const uint64_t bit = uint64_t{1} << (i & 63);
+    if (word & bit) return true;
+    if (!word) touched.push_back(static_cast<int64_t>(i) >> 6);
+    word |= bit;
     return false;
   }
 };
@@ -469,11 +474,12 @@ void HnswGraph::add(const void* rows, int64_t count) {
     throw ValueError("count: the graph holds at most 2^31 - 1 rows, got " + std::to_string(total));
   if (count == 0) return;
   level_.resize(total);
-  links_.resize(total);
+  links0_.resize(total * (2 * M_ + 1), 0);
+  upper_.resize(total);
   locks_.reserve(total);
   for (int64_t i = start; i < total; ++i) {
     level_[i] = draw_level();
-    links_[i].assign(offset(level_[i] + 1), 0);
+    upper_[i].assign(offset(level_[i] + 1) - offset(1), 0);
     locks_.push_back(std::make_unique<std::mutex>());
   }
   int64_t first = start;
@@ -540,7 +546,11 @@ std::vector<int32_t> HnswGraph::to_flat() const {
                               static_cast<int32_t>(rng_state_ >> 32)};
   if (typed) out.push_back(static_cast<int32_t>(row_dtype_));
   out.insert(out.end(), level_.begin(), level_.end());
-  for (int64_t i = 0; i < n; ++i) out.insert(out.end(), links_[i].begin(), links_[i].end());
+  for (int64_t i = 0; i < n; ++i) {  // each node's levels in order, as one block
+    const int32_t* l0 = slot(static_cast<int32_t>(i), 0);
+    out.insert(out.end(), l0, l0 + offset(1));
+    out.insert(out.end(), upper_[i].begin(), upper_[i].end());
+  }
   return out;
 }
 
@@ -587,10 +597,12 @@ std::unique_ptr<HnswGraph> HnswGraph::from_flat(const int32_t* data, int64_t cou
                                     g->max_level_ != top))
     throw bad("entry point inconsistent with the levels");
   const int32_t* p = data + kHeader + n;
-  g->links_.resize(n);
+  g->links0_.resize(n * (2 * g->M_ + 1));
+  g->upper_.resize(n);
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t len = g->offset(g->level_[i] + 1);
-    g->links_[i].assign(p, p + len);
+    const int64_t len = g->offset(g->level_[i] + 1), len0 = g->offset(1);
+    std::copy(p, p + len0, g->slot(static_cast<int32_t>(i), 0));
+    g->upper_[i].assign(p + len0, p + len);
     p += len;
     for (int l = 0; l <= g->level_[i]; ++l) {
       const int32_t* s = g->slot(static_cast<int32_t>(i), l);

@@ -102,14 +102,21 @@ class HnswGraph {
   int32_t entry_ = -1;
   int32_t max_level_ = -1;
   std::vector<int32_t> level_;               // top level of each node
-  std::vector<std::vector<int32_t>> links_;  // per node, per level: [count, cap slots]
+  // Links per level: [count, cap slots]. Level 0 (where searches spend their time) of every
+  // node back to back, so a node's links are one address computation away (a vector per node
+  // cost a dependent cache miss on its header before each expansion); levels 1..top per node.
+  std::vector<int32_t> links0_;              // (size, 2M + 1)
+  std::vector<std::vector<int32_t>> upper_;  // per node: levels 1..top, (M + 1) each
   std::vector<std::unique_ptr<std::mutex>> locks_;  // one per node, guards its links
   std::mutex global_;                                // guards entry_ and max_level_
   int64_t cap(int level) const { return level == 0 ? 2 * M_ : M_; }
+  // Where a level's block starts in a node's saved links (level 0 first, then 1..top).
   int64_t offset(int level) const { return level == 0 ? 0 : (2 * M_ + 1) + (level - 1) * (M_ + 1); }
-  int32_t* slot(int32_t node, int level) { return links_[node].data() + offset(level); }
+  int32_t* slot(int32_t node, int level) {
+    return level == 0 ? links0_.data() + node * (2 * M_ + 1) : upper_[node].data() + (level - 1) * (M_ + 1);
+  }
   const int32_t* slot(int32_t node, int level) const {
-    return links_[node].data() + offset(level);
+    return level == 0 ? links0_.data() + node * (2 * M_ + 1) : upper_[node].data() + (level - 1) * (M_ + 1);
   }
   int draw_level();
 };
