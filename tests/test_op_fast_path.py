@@ -132,7 +132,6 @@ def test_function_route_gradcheck_and_double_backward(gen):
     assert torch.autograd.gradgradcheck(lambda t: ops.masked_mean(t, lengths), (y,))
 
 
-
 def test_graph_ops_on_3d_inputs_record_no_view_nodes(gen):
     # (S, N, F) inputs are what the kernels take: a reshape to the same shape would still add
     # a view node before and after the op (about 28 us of autograd work per call).

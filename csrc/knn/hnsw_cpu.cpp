@@ -171,7 +171,6 @@ const Kernels& kernels() {
   return k;
 }
 
-// Marks visited nodes with an epoch number, so clearing is O(1) per search.
 // Nodes seen by one walk: a bit per node (25 KB at 200,000 rows, cache-resident, where an
 // epoch per node took 800 KB), cleared word by word where the last walk set bits.
 struct Visited {
