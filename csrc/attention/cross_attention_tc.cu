@@ -50,6 +50,16 @@
 // aligned or Dv is odd; the math is the same.
 // (The generic kernel took D = 6 at 36.6 us for B=64 H=8 33x33 on an H100, graph replay.)
 //
+// Key groups. With few blocks on the GPU (MulT: 32 x 8 heads, 50 queries, so 256 blocks of 64
+// rows), each block is a chain of dependent key tiles, about 1.4 us each on an H100, and most
+// of every multiprocessor's warp slots are empty. Then 2 (or, forced, 4) groups of warps share
+// the block's rows: each staged tile holds 64 keys per group, group w / row_warps works on its
+// own 64 keys with its own running max, sum and output, and at the end the groups merge into
+// group 0 through the freed K/V stages. The chain is 2 or 4 times shorter for the same copies.
+// The dispatcher takes 2 groups where the key length spans more than one tile and the grid has
+// fewer than 4 blocks per multiprocessor; AFFECTKIT_ATTENTION_KEY_GROUPS (auto, 1, 2, 4; read
+// once) forces a setting, capped by the device's shared memory.
+//
 // Long unmasked sequences at D = Dv = 64 or 128 may go to cross_attention_tc_long.cu (32 rows a
 // warp; on by default since it ran on an H200: 1.4-1.7x faster at L = 4096, see there).
 // Not taken here (the generic kernel runs): float32/float64, dropout > 0, D or Dv above 128,
@@ -81,19 +91,24 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <typename T, int kD, int kDv>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     tc_forward_kernel(Problem p, View q, View k, View v, Mask mask, MutView out, MutView lse, float scale_log2,
-                      int row_copy, bool pair_store) {
+                      int row_copy, bool pair_store, int key_groups) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kSQ = kD + kPad;   // shared row stride of Q and K (elements)
   constexpr int kSV = kDv + kPad;  // of V
-  constexpr int kStage = kKeys * (kSQ + kSV);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* const sQ = reinterpret_cast<T*>(smem_raw);
 
+  // Warp w owns rows 16 * (w % row_warps) .. + 15 of the block's tile and, of every staged
+  // tile of key_groups * 64 keys, the 64 keys of group w / row_warps.
   const int nwarps = static_cast<int>(blockDim.x >> 5);
-  const int rows = nwarps * 16;
+  const int row_warps = nwarps / key_groups;
+  const int rows = row_warps * 16;
+  const int tile_keys = key_groups * kKeys;
+  const int stage_elems = tile_keys * (kSQ + kSV);
   const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int rg = warp % row_warps, kg = warp / row_warps;
   const int g = lane >> 2, c4 = lane & 3;
-  T* const sK0 = sQ + rows * kSQ;  // stage s: K at sK0 + s * kStage, V right after it
+  T* const sK0 = sQ + rows * kSQ;  // stage s: K at sK0 + s * stage_elems, V right after it
 
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const Seq s = seq_info(p, b);
@@ -103,10 +118,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int qlen = static_cast<int>(s.qlen);
   const int qvalid = qlen - r0;  // valid rows of this tile (may be <= 0)
   const int kend_blk = qvalid > 0 ? static_cast<int>(key_end(p, s, r0 + min(rows, qvalid) - 1)) : 0;
-  const int n_tiles = (kend_blk + kKeys - 1) / kKeys;
+  const int n_tiles = (kend_blk + tile_keys - 1) / tile_keys;
 
   // This thread's two rows (g and g + 8 of its warp) and their key limits; the warp's range.
-  const int wr0 = r0 + warp * 16;
+  const int wr0 = r0 + rg * 16;
   const int ia = wr0 + g, ib = wr0 + g + 8;
   const int kend_a = ia < qlen ? static_cast<int>(key_end(p, s, ia)) : 0;
   const int kend_b = ib < qlen ? static_cast<int>(key_end(p, s, ib)) : 0;
@@ -127,24 +142,24 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int dvfill = min(kDv, static_cast<int>((p.Dv + 15) / 16) * 16);
 
   auto stage_kv = [&](int t) {
-    const int j0 = t * kKeys;
-    T* const dK = sK0 + (t & 1) * kStage;
-    T* const dV = dK + kKeys * kSQ;
+    const int j0 = t * tile_keys;
+    T* const dK = sK0 + (t & 1) * stage_elems;
+    T* const dV = dK + tile_keys * kSQ;
     const int valid = kend_blk - j0;  // > 0 for every tile we load
     const T* const ksrc = kbase + static_cast<int64_t>(j0) * k.sr;
     const T* const vsrc = vbase + static_cast<int64_t>(j0) * v.sr;
     if (row_copy == kCopy16) {
-      stage_rows<T, kD / 8>(dK, kSQ, ksrc, k.sr, kKeys, valid, dchunks);
-      stage_rows<T, kDv / 8>(dV, kSV, vsrc, v.sr, kKeys, valid, dvchunks);
+      stage_rows<T, kD / 8>(dK, kSQ, ksrc, k.sr, tile_keys, valid, dchunks);
+      stage_rows<T, kDv / 8>(dV, kSV, vsrc, v.sr, tile_keys, valid, dvchunks);
     } else {
-      stage_rows_small<T>(row_copy, dK, kSQ, ksrc, k.sr, kKeys, valid, static_cast<int>(p.D), dfill, true);
-      stage_rows_small<T>(row_copy, dV, kSV, vsrc, v.sr, kKeys, valid, static_cast<int>(p.Dv), dvfill, true);
+      stage_rows_small<T>(row_copy, dK, kSQ, ksrc, k.sr, tile_keys, valid, static_cast<int>(p.D), dfill, true);
+      stage_rows_small<T>(row_copy, dV, kSV, vsrc, v.sr, tile_keys, valid, static_cast<int>(p.Dv), dvfill, true);
     }
   };
   if (row_copy == kCopy4) {  // the pad columns of every K/V stage, zeroed once (never copied into)
-    for (int st = 0; st < (p.Lk > kKeys ? 2 : 1); ++st) {
-      zero_columns(sK0 + st * kStage, kSQ, kKeys, static_cast<int>(p.D), dfill);
-      zero_columns(sK0 + st * kStage + kKeys * kSQ, kSV, kKeys, static_cast<int>(p.Dv), dvfill);
+    for (int st = 0; st < (p.Lk > tile_keys ? 2 : 1); ++st) {
+      zero_columns(sK0 + st * stage_elems, kSQ, tile_keys, static_cast<int>(p.D), dfill);
+      zero_columns(sK0 + st * stage_elems + tile_keys * kSQ, kSV, tile_keys, static_cast<int>(p.Dv), dvfill);
     }
   }
 
@@ -165,18 +180,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     cp_async_commit();   // possibly empty: "all but the newest group" is then tile t
     cp_async_wait_1();
     __syncthreads();
-    const int j0 = t * kKeys;
+    const int j0 = t * tile_keys + kg * kKeys;  // this warp's first key
     if (warp_active && t == 0) {
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const int row = warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const int row = rg * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
         const int col = ks * 16 + (lane >> 4) * 8;
         ldsm_x4(qf[ks], smem_addr(sQ + row * kSQ + col));
       }
     }
     if (warp_active && j0 < warp_kmax) {  // warp-uniform
-      const T* const Ks = sK0 + (t & 1) * kStage;
-      const T* const Vs = Ks + kKeys * kSQ;
+      const T* const Ks = sK0 + (t & 1) * stage_elems + kg * kKeys * kSQ;
+      const T* const Vs = sK0 + (t & 1) * stage_elems + tile_keys * kSQ + kg * kKeys * kSV;
       float sc[kKeys / 8][4];
 #pragma unroll
       for (int n = 0; n < kKeys / 8; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
@@ -279,6 +294,45 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     __syncthreads();  // the stage read here is overwritten by the copy issued next iteration
   }
 
+  if (key_groups > 1) {
+    // Merge the key groups' softmax states (m, per-lane partial l, O) for the same rows into
+    // group 0's warp, through the K/V stages: the loop's last barrier ended every read of
+    // them, and the newest copy group waited for in the loop was the last one with copies.
+    constexpr int kFields = 4 + kDv / 2;  // m_a, m_b, l_a, l_b, o
+    float* const parts = reinterpret_cast<float*>(sK0);
+    if (kg > 0) {
+      float* const mine = parts + ((kg - 1) * row_warps + rg) * kFields * 32 + lane;
+      mine[0] = m_a;
+      mine[32] = m_b;
+      mine[64] = l_a;
+      mine[96] = l_b;
+#pragma unroll
+      for (int n = 0; n < kDv / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[(4 + 4 * n + e) * 32] = o[n][e];
+    }
+    __syncthreads();  // block-uniform; no barrier follows
+    if (kg > 0) return;
+    for (int other = 1; other < key_groups; ++other) {
+      const float* const theirs = parts + ((other - 1) * row_warps + rg) * kFields * 32 + lane;
+      const float mx_a = fmaxf(m_a, theirs[0]), mx_b = fmaxf(m_b, theirs[32]);
+      const float base_a = mx_a == -INFINITY ? 0.f : mx_a, base_b = mx_b == -INFINITY ? 0.f : mx_b;
+      const float sa = exp2f(m_a - base_a), ta = exp2f(theirs[0] - base_a);  // exp2(-inf) = 0
+      const float sb = exp2f(m_b - base_b), tb = exp2f(theirs[32] - base_b);
+      l_a = l_a * sa + theirs[64] * ta;
+      l_b = l_b * sb + theirs[96] * tb;
+#pragma unroll
+      for (int n = 0; n < kDv / 8; ++n) {
+        o[n][0] = o[n][0] * sa + theirs[(4 + 4 * n) * 32] * ta;
+        o[n][1] = o[n][1] * sa + theirs[(5 + 4 * n) * 32] * ta;
+        o[n][2] = o[n][2] * sb + theirs[(6 + 4 * n) * 32] * tb;
+        o[n][3] = o[n][3] * sb + theirs[(7 + 4 * n) * 32] * tb;
+      }
+      m_a = mx_a;
+      m_b = mx_b;
+    }
+  }
+
   // Epilogue: O / l in the input dtype, lse; zeros and +inf where nothing was visible.
   l_a = quad_sum(l_a);
   l_b = quad_sum(l_b);
@@ -329,51 +383,92 @@ bool aligned4(const void* ptr, int64_t sb, int64_t sh, int64_t sr) {
   return reinterpret_cast<uintptr_t>(ptr) % 4 == 0 && sb % 2 == 0 && sh % 2 == 0 && sr % 2 == 0;
 }
 
-size_t smem_bytes(int kD, int kDv, int warps, int stages) {
-  return static_cast<size_t>(warps * 16 * (kD + kPad) + stages * kKeys * ((kD + kPad) + (kDv + kPad))) * 2;
+// Shared memory of a block: its Q tile and the K/V stages (which the key-group merge reuses).
+size_t smem_bytes(int kD, int kDv, int row_warps, int key_groups, int stages) {
+  const size_t stage_area = static_cast<size_t>(stages * key_groups * kKeys * ((kD + kPad) + (kDv + kPad))) * 2;
+  const size_t merge_area = static_cast<size_t>((key_groups - 1) * row_warps * 32 * (4 + kDv / 2)) * 4;
+  return static_cast<size_t>(row_warps * 16 * (kD + kPad)) * 2 + std::max(stage_area, merge_area);
+}
+
+// AFFECTKIT_ATTENTION_KEY_GROUPS (read once): unset or "auto" -> 0 (the dispatcher chooses),
+// else 1, 2 or 4 key groups wherever shared memory allows.
+int key_groups_setting() {
+  static const int setting = [] {
+    const char* env = std::getenv("AFFECTKIT_ATTENTION_KEY_GROUPS");
+    if (env == nullptr || std::strcmp(env, "auto") == 0) return 0;
+    if (std::strcmp(env, "1") == 0) return 1;
+    if (std::strcmp(env, "2") == 0) return 2;
+    if (std::strcmp(env, "4") == 0) return 4;
+    throw ValueError(std::string("AFFECTKIT_ATTENTION_KEY_GROUPS: expected auto, 1, 2 or 4, got '") + env + "'");
+  }();
+  return setting;
+}
+
+struct BlockShape {
+  int row_warps, key_groups;
+};
+
+// Rows of 16 per block (row_warps) and key groups, at most kMaxWarps warps in all. Key groups
+// shorten each block's chain of dependent key tiles (one 64-key tile costs about 1.4 us of
+// latency on an H100 when a few blocks share a multiprocessor): they are chosen where the
+// grid leaves multiprocessors short of warps and there is more than one key tile.
+BlockShape block_shape(const Problem& p, int sms, int kD, int kDv, size_t smem_limit) {
+  const int64_t tiles128 = (p.Lq + 127) / 128, tiles64 = (p.Lq + 63) / 64;
+  const int forced = key_groups_setting();
+  int groups = forced;
+  if (groups == 0) groups = p.Lk > kKeys && p.B * p.H * tiles64 < 4 * static_cast<int64_t>(sms) ? 2 : 1;
+  int row_warps = groups == 1 && p.Lq >= 256 && p.B * p.H * tiles128 >= 2 * static_cast<int64_t>(sms) ? 8 : 4;
+  row_warps = std::min(row_warps, kMaxWarps / groups);
+  const auto stages = [&](int kg) { return p.Lk > kg * kKeys ? 2 : 1; };
+  while (groups > 1 && smem_bytes(kD, kDv, row_warps, groups, stages(groups)) > smem_limit) {
+    groups /= 2;
+    row_warps = std::min(4, kMaxWarps / groups);
+  }
+  if (smem_bytes(kD, kDv, row_warps, groups, stages(groups)) > smem_limit) row_warps = 4;
+  return {row_warps, groups};
 }
 
 template <typename T, int kD, int kDv>
 void launch(const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev, int sms,
-            cudaStream_t stream) {
+            size_t smem_limit, cudaStream_t stream) {
   // The row copy every operand allows (16-byte, 4-byte or 2-byte pieces; see mma_helpers.cuh).
   const int row_copy = std::max({row_copy_mode(p.D, q.data, q.sb, q.sh, q.sr),
                                  row_copy_mode(p.D, k.data, k.sb, k.sh, k.sr),
                                  row_copy_mode(p.Dv, v.data, v.sb, v.sh, v.sr)});
   const bool pair_store = p.Dv % 2 == 0 && aligned4(out.data, out.sb, out.sh, out.sr);
   auto* kernel = tc_forward_kernel<T, kD, kDv>;
-  // Raise the dynamic shared-memory limit to this kernel's largest configuration, once per device.
+  const BlockShape shape = block_shape(p, sms, kD, kDv, smem_limit);
+  const int rows = shape.row_warps * 16, tile_keys = shape.key_groups * kKeys;
+  const int stages = p.Lk > tile_keys ? 2 : 1;  // one key tile at most: a single stage
+  const size_t bytes = smem_bytes(kD, kDv, shape.row_warps, shape.key_groups, stages);
+  // Allow this kernel the device's whole opt-in shared memory, once per device.
   static std::atomic<uint64_t> configured{0};
-  const size_t max_bytes = smem_bytes(kD, kDv, kMaxWarps, 2);
   const uint64_t bit = dev >= 0 && dev < kMaxDevices ? uint64_t{1} << dev : 0;
-  if (max_bytes > 48 * 1024 && (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit))) {
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_bytes)),
+  if (bytes > 48 * 1024 && (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit))) {
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_limit)),
                "attention_forward: shared memory");
     configured.fetch_or(bit, std::memory_order_relaxed);
   }
-  const int64_t tiles128 = (p.Lq + 127) / 128;
-  const int warps = p.Lq >= 256 && p.B * p.H * tiles128 >= 2 * static_cast<int64_t>(sms) ? 8 : 4;
-  const int rows = warps * 16;
-  const int stages = p.Lk > kKeys ? 2 : 1;  // one key tile at most: a single stage
   dim3 grid(static_cast<unsigned>((p.Lq + rows - 1) / rows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
-  kernel<<<grid, warps * 32, smem_bytes(kD, kDv, warps, stages), stream>>>(
-      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634), row_copy, pair_store);
+  kernel<<<grid, shape.row_warps * shape.key_groups * 32, bytes, stream>>>(
+      p, q, k, v, mask, out, lse, static_cast<float>(p.scale * 1.4426950408889634), row_copy, pair_store,
+      shape.key_groups);
 }
 
 template <typename T, int kD>
 void launch_dv(int dv_bucket, const Problem& p, View q, View k, View v, Mask mask, MutView out, MutView lse, int dev,
-               int sms, cudaStream_t stream) {
-  if (dv_bucket == 32) launch<T, kD, 32>(p, q, k, v, mask, out, lse, dev, sms, stream);
-  else if (dv_bucket == 64) launch<T, kD, 64>(p, q, k, v, mask, out, lse, dev, sms, stream);
-  else launch<T, kD, 128>(p, q, k, v, mask, out, lse, dev, sms, stream);
+               int sms, size_t smem_limit, cudaStream_t stream) {
+  if (dv_bucket == 32) launch<T, kD, 32>(p, q, k, v, mask, out, lse, dev, sms, smem_limit, stream);
+  else if (dv_bucket == 64) launch<T, kD, 64>(p, q, k, v, mask, out, lse, dev, sms, smem_limit, stream);
+  else launch<T, kD, 128>(p, q, k, v, mask, out, lse, dev, sms, smem_limit, stream);
 }
 
 template <typename T>
 void launch_d(int d_bucket, int dv_bucket, const Problem& p, View q, View k, View v, Mask mask, MutView out,
-              MutView lse, int dev, int sms, cudaStream_t stream) {
-  if (d_bucket == 32) launch_dv<T, 32>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, stream);
-  else if (d_bucket == 64) launch_dv<T, 64>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, stream);
-  else launch_dv<T, 128>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, stream);
+              MutView lse, int dev, int sms, size_t smem_limit, cudaStream_t stream) {
+  if (d_bucket == 32) launch_dv<T, 32>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, smem_limit, stream);
+  else if (d_bucket == 64) launch_dv<T, 64>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, smem_limit, stream);
+  else launch_dv<T, 128>(dv_bucket, p, q, k, v, mask, out, lse, dev, sms, smem_limit, stream);
 }
 
 int bucket(int64_t d) { return d <= 32 ? 32 : (d <= 64 ? 64 : 128); }
@@ -397,12 +492,14 @@ bool forward_cuda_tensor_cores(DType dtype, const Problem& p, View q, View k, Vi
   static std::atomic<int> cc_major[kMaxDevices];
   static std::atomic<int> sm_count[kMaxDevices];
   if (device_attr(cudaDevAttrComputeCapabilityMajor, dev, cc_major) < 8) return false;
+  static std::atomic<int> smem_optin[kMaxDevices];
   const int sms = device_attr(cudaDevAttrMultiProcessorCount, dev, sm_count);
+  const size_t smem_limit = static_cast<size_t>(device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, dev, smem_optin));
   if (forward_cuda_tensor_cores_long(dtype, p, q, k, v, mask, out, lse, sms, stream)) return true;
   const cudaStream_t st = as_stream(stream);
   const int db = bucket(p.D), dvb = bucket(p.Dv);
-  if (dtype == DType::Float16) launch_d<__half>(db, dvb, p, q, k, v, mask, out, lse, dev, sms, st);
-  else launch_d<__nv_bfloat16>(db, dvb, p, q, k, v, mask, out, lse, dev, sms, st);
+  if (dtype == DType::Float16) launch_d<__half>(db, dvb, p, q, k, v, mask, out, lse, dev, sms, smem_limit, st);
+  else launch_d<__nv_bfloat16>(db, dvb, p, q, k, v, mask, out, lse, dev, sms, smem_limit, st);
   cuda_check(cudaGetLastError(), "attention_forward");
   return true;
 }
