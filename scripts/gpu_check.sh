@@ -37,8 +37,8 @@ LOG="$OUT/log.txt"
 PYTEST=(python3 -m pytest -q -rs -p no:cacheprovider --benchmark-disable)
 ALL_TESTS="tests/test_cross_modal_attention.py:150 tests/test_exact_knn.py:150 tests/test_graph_ops.py:90
   tests/test_index_cuda.py:60 tests/test_cuda_graphs.py:60 tests/test_masked_mean.py:60 tests/test_nn_attention.py:60
-  tests/test_core_module.py:40 tests/test_attention_long_cuda.py:200 tests/test_graph_conv_cuda_fast.py:150
-  tests/test_exact_knn_mma.py:200:mma"
+  tests/test_core_module.py:40 tests/test_attention_long_cuda.py:200 tests/test_graph_conv_cuda_fast.py:300
+  tests/test_exact_knn_mma.py:200:mma tests/test_attention_key_groups_cuda.py:200"
 STEPS=${*:-probe $ALL_TESTS targets}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$LOG"

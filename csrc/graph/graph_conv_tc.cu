@@ -73,7 +73,7 @@ struct TcShape {
   bool vec_in;     // 16-byte copies of x (F % 4 == 0, x 16-byte aligned)
   bool vec_out;    // 16-byte stores of out (Fo % 4 == 0, out 16-byte aligned)
   bool az_pairs;   // phase 2 gives each warp two m16 tiles of A (needs NP / 16 even)
-  int xbufs;       // x tile buffers (2 .. 4): copies run xbufs - 1 tiles ahead of the math
+  int xbufs;       // x tile buffers (kXBuffers): copies run xbufs - 1 tiles ahead of the math
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -330,10 +330,10 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // overlap math; more mean fewer barriers per sample.
 // AFFECTKIT_GRAPH_TC_AZ_MR (1 or 2, default 2): m16 tiles of A per warp in phase 2 where NP/16
 // is even; 1 spreads a lone 64-row sample over all 8 warps instead of 4.
-// AFFECTKIT_GRAPH_TC_XBUFS (2 .. 4, default 2): x tile buffers. With two, one copy is in flight
-// while a tile is computed; the H200 timings (14 x 32 -> 32: ~4 tiles per block, 19 us
-// against a ~6 us memory floor and ~5 us of issue) look like copy latency, which more buffers
-// would hide.
+// Both are read on every call, so that a bad value raises wherever it is set. x tile buffers
+// are 2 (one copy in flight while a tile is computed): 3 and 4 were no faster on an H100, and
+// 3 failed its float64 sweep once on an H200, so that setting was removed (the kernel keeps
+// the count as a field: kXBuffers).
 int env_knob(const char* name, int fallback, int lo, int hi) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return fallback;
@@ -355,10 +355,7 @@ int az_mr() {
   return mr;
 }
 
-int x_buffers() {
-  static const int n = env_knob("AFFECTKIT_GRAPH_TC_XBUFS", 2, 2, 4);
-  return n;
-}
+constexpr int kXBuffers = 2;
 
 using TcKernel = void (*)(const float*, const float*, const float*, const float*, float*, TcShape);
 
@@ -379,6 +376,8 @@ TcKernel pick_kernel(Activation act) {
 bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, const float* w,
                            const float* bias, float* out, int64_t S, int64_t N, int64_t F,
                            int64_t Fo, Activation act, uintptr_t stream) {
+  const int64_t aim_bytes = tile_bytes();
+  const int mr = az_mr();
   if (w == nullptr || N < 1 || F < 1 || Fo < 1 || N > kMaxDim || F > kMaxDim || Fo > kMaxDim) return false;
   if (current_device_attr(cudaDevAttrComputeCapabilityMajor) < 8) return false;
   TcShape sh{};
@@ -394,14 +393,14 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
   sh.sw = sh.OP + 8;
   sh.vec_in = F % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   sh.vec_out = Fo % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  sh.az_pairs = (sh.NP / 16) % 2 == 0 && az_mr() == 2;
+  sh.az_pairs = (sh.NP / 16) % 2 == 0 && mr == 2;
   const int64_t fixed = sh.NP * sh.sa + sh.KP * sh.sw + sh.OP;         // floats
-  sh.xbufs = x_buffers();
+  sh.xbufs = kXBuffers;
   const int64_t per_sample = sh.xbufs * sh.NP * sh.sx + sh.NP * sh.sw;  // floats
   const int64_t limit = current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   // ~16 KB of x per tile (62 x 64: one sample, and two blocks per SM whose barriers do not
   // line up), even above one sample so that phase 1 can pair m16 tiles.
-  int64_t G = std::clamp<int64_t>(tile_bytes() / (N * F * 4), 1, std::min<int64_t>(kMaxTile, S));
+  int64_t G = std::clamp<int64_t>(aim_bytes / (N * F * 4), 1, std::min<int64_t>(kMaxTile, S));
   if (G > 1) G -= G % 2;
   while (G > 2 && (fixed + G * per_sample) * 4 > limit) G -= 2;
   if (G == 2 && (fixed + G * per_sample) * 4 > limit) G = 1;
