@@ -50,6 +50,9 @@ echo "build: $(( $(date +%s) - start )) s" | tee -a "$LOG"
 python3 -m affectkit info --json 2>&1 | tr -d '\n ' | tee -a "$LOG"; echo
 REPO=$PWD
 cd /tmp  # import the installed package, never the source tree
+# pytest-timeout's --session-timeout ends a test step between tests before its hard limit, so
+# that pytest still prints the failures of the tests that ran (a killed step prints none).
+HAS_SESSION_TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo 1)
 
 for step in $STEPS; do
   t0=$(date +%s)
@@ -58,7 +61,8 @@ for step in $STEPS; do
       IFS=: read -r file limit kexpr <<< "$step"
       kexpr=${kexpr//,/ or }
       echo "=== $file ${kexpr:-}" | tee -a "$OUT/tests.log"
-      timeout "$limit" "${PYTEST[@]}" -v "$REPO/$file" -k "${kexpr:-cuda or core_module or graphs}" 2>&1 \
+      soft=(); [[ -n $HAS_SESSION_TIMEOUT ]] && soft=(--session-timeout "$(( limit > 40 ? limit - 20 : limit ))")
+      timeout "$limit" "${PYTEST[@]}" "${soft[@]}" -v "$REPO/$file" -k "${kexpr:-cuda or core_module or graphs}" 2>&1 \
         | tee -a "$OUT/tests.log" | grep -E "FAILED|Error|rror:|Fatal| passed| failed" | tail -8
       if [[ $file == *core_module* ]] && grep -q "Fatal Python" "$OUT/tests.log"; then
         timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "${PYTEST[@]}" "$REPO/$file" > "$OUT/gdb.log" 2>&1
