@@ -78,26 +78,24 @@ def _check_against_reference(gen, q, k, v, **kw):
         assert err <= tol * magnitude or err == 0
     else:
         assert rel_error(got[0], want[0]) <= tol
-    if q.dtype in (torch.float16, torch.bfloat16):
-        # Likewise dS = P (dO . v - delta) cancels through near-one-hot rows (frequent at D = 1):
-        # in a float64 emulation of the CUDA kernels' rounding points, ~5 % of runs of the bf16
-        # 17 x 70, D = 1 case exceed 2e-2 relative to ||grad||, none 9e-3 relative to the
-        # root-sum-square of the summed terms. A dropped key, an lse off by 0.05 or an
-        # unnormalised P still err above 2e-2 on every run.
-        magnitudes = _grad_magnitudes(q, k, v, g, **kw)
-        for name, a, b, mag in zip(("q", "k", "v"), got[1:], want[1:], magnitudes):
-            assert torch.isfinite(a).all(), name
-            err = torch.linalg.vector_norm(a.double() - b).item()
-            assert err <= gtol * torch.linalg.vector_norm(mag).item() or err == 0, name
-    else:
-        for name, a, b in zip(("q", "k", "v"), got[1:], want[1:]):
-            assert torch.isfinite(a).all(), name
-            assert rel_error(a, b) <= gtol, name
+    # Gradients err relative to the larger of their own norm and the root-sum-square of the
+    # terms they sum: dS = P (dO . v - delta) cancels through near-one-hot rows, and exactly
+    # (up to rounding) with a single key. In a float64 emulation of the CUDA kernels' rounding
+    # points, ~5 % of runs of the bf16 17 x 70, D = 1 case exceed 2e-2 relative to ||grad||,
+    # none 9e-3 relative to the terms; float32 with one key (17 x 1, Dv = 200) reached 5.005e-5
+    # against 5e-5 at the baseline SIMD level. A dropped key, an lse off by 0.05 or an
+    # unnormalised P still err above 2e-2 relative to either on every run.
+    magnitudes = _grad_magnitudes(q, k, v, g, **kw)
+    for name, a, b, mag in zip(("q", "k", "v"), got[1:], want[1:], magnitudes):
+        assert torch.isfinite(a).all(), name
+        err = torch.linalg.vector_norm(a.double() - b).item()
+        scale = max(torch.linalg.vector_norm(b).item(), torch.linalg.vector_norm(mag).item())
+        assert err <= gtol * scale or err == 0, (name, err, scale)
 
 
 def _grad_magnitudes(q, k, v, g, **kw):
     """The root-sum-square of the terms each of dQ, dK, dV sums (float64), the scale that
-    rounding errors in half precision grow with. P is reference(q, k, I), so every mask, length
+    rounding errors grow with. P is reference(q, k, I), so every mask, length
     and causal rule is the reference's own."""
     q, k, v, g = q.double(), k.double(), v.double(), g.double().to(q.device)
     B, H, _, D = q.shape
