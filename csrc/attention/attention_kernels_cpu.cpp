@@ -37,7 +37,6 @@ namespace {
 constexpr int64_t kBQ = 64;   // query rows per tile
 constexpr int64_t kBK = 64;   // keys per tile
 constexpr int64_t kCW = 16;   // column granularity of score tiles and padded features
-constexpr int64_t kMaxDim = 256;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -485,9 +484,11 @@ template <typename T>
 struct ForwardScratch {
   std::vector<T> qt, st, vp, o, ot, m, l, alpha;
   std::vector<uint64_t> keys;
-  ForwardScratch(int64_t Dv, int64_t Dvp)
-      : qt(kMaxDim * kBQ), st(kBK * kBQ), vp(kBK * Dvp), o(kBQ * Dvp), ot(Dv * kBQ), m(kBQ),
-        l(kBQ), alpha(kBQ), keys(kBQ) {}
+  // Sized for this call (D feature rows of Q^T, at most Lk key rows of St): allocating and
+  // zeroing the largest case, 130 KB a thread, was most of a tiny call's time in the core.
+  ForwardScratch(int64_t D, int64_t Dv, int64_t Dvp, int64_t Lk)
+      : qt(D * kBQ), st(std::min(kBK, Lk) * kBQ), vp(std::min(kBK, Lk) * Dvp), o(kBQ * Dvp), ot(Dv * kBQ),
+        m(kBQ), l(kBQ), alpha(kBQ), keys(kBQ) {}
 };
 
 // One key tile of the online softmax, lanes c < npad of St (nk rows): the running max and
@@ -664,7 +665,7 @@ void forward(const Problem& p, View q, View k, View v, Mask mask, MutView out, M
   const int64_t Dvp = round_up(p.Dv, kCW);
 #pragma omp parallel
   {
-    ForwardScratch<T> w(p.Dv, Dvp);
+    ForwardScratch<T> w(p.D, p.Dv, Dvp, p.Lk);
     simd::dispatch<ForwardTasks>(p, pr, q, k, v, mask, out, lse, qtiles, w);
   }
 }
@@ -948,7 +949,7 @@ void weights(const Problem& p, View q, View k, Mask mask, View lse, T* w, bool a
   const Params<T> pr(p);
 #pragma omp parallel
   {
-    std::vector<T> kt(kMaxDim * kBK), pt(kBQ * kBK);
+    std::vector<T> kt(p.D * kBK), pt(kBQ * kBK);
     T* ktp = kt.data();
     T* ptp = pt.data();
     simd::dispatch<WeightsTasks>(p, pr, q, k, mask, lse, w, average_heads, qtiles, ktp, ptp);
