@@ -84,24 +84,20 @@ AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* const* a, int
     V b1 = {};
     if constexpr (NV == 2) b1 = load_vec<T, VB>(b + n);
     const int64_t o = k * sak;
-    T x = a0[o];
-    c00 += x * b0;
-    if constexpr (NV == 2) c01 += x * b1;
-    x = a1[o];
-    c10 += x * b0;
-    if constexpr (NV == 2) c11 += x * b1;
-    x = a2[o];
-    c20 += x * b0;
-    if constexpr (NV == 2) c21 += x * b1;
-    x = a3[o];
-    c30 += x * b0;
-    if constexpr (NV == 2) c31 += x * b1;
-    x = a4[o];
-    c40 += x * b0;
-    if constexpr (NV == 2) c41 += x * b1;
-    x = a5[o];
-    c50 += x * b0;
-    if constexpr (NV == 2) c51 += x * b1;
+    // Row r's scalar times both B vectors (a macro: named accumulators stay in registers).
+#define AFFECTKIT_TILE_ROW(r)                     \
+  {                                               \
+    const T x = a##r[o];                          \
+    c##r##0 += x * b0;                            \
+    if constexpr (NV == 2) c##r##1 += x * b1;     \
+  }
+    AFFECTKIT_TILE_ROW(0)
+    AFFECTKIT_TILE_ROW(1)
+    AFFECTKIT_TILE_ROW(2)
+    AFFECTKIT_TILE_ROW(3)
+    AFFECTKIT_TILE_ROW(4)
+    AFFECTKIT_TILE_ROW(5)
+#undef AFFECTKIT_TILE_ROW
   }
   const V r0[6] = {c00, c10, c20, c30, c40, c50};
   const V r1[6] = {c01, c11, c21, c31, c41, c51};
