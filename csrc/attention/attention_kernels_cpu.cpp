@@ -64,18 +64,21 @@ AFFECTKIT_INLINE void store_vec(T* p, typename Vec<T, VB>::type v, bool accumula
   std::memcpy(p, &v, sizeof(v));
 }
 
-// C[r, 0:NV*n] (+)= sum_k a[r][k * sak] * B[k, 0:NV*n] for the first `rows` of 6 rows
-// (NV = 1 or 2 vectors per row): 6 * NV accumulators in registers, B read once per step, one
-// broadcast live at a time. Six rows of two vectors is the widest tile AVX2's 16 registers
-// hold (12 accumulators, 2 B vectors, 1 broadcast; a 4 x 3-vector tile needed 19). It cut
-// a 1-thread 8 x 33 x 33 D = 64 backward with hot caches by 5-8 % against 4 rows.
-template <typename T, int VB, int NV>
-AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* const* a, int64_t sak,
-                                 const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
-                                 bool accumulate) {
+// C[r, 0:NV*n] (+)= sum_k a[r][k * sak] * B[k, 0:NV*n] for r < R <= 6 (NV = 1 or 2 vectors
+// per row): R * NV accumulators in registers, B read once per step, one broadcast live at a
+// time. Six rows of two vectors is the widest tile AVX2's 16 registers hold (12 accumulators,
+// 2 B vectors, 1 broadcast; a 4 x 3-vector tile needed 19).
+template <typename T, int VB, int NV, int R>
+AFFECTKIT_INLINE void micro_tile(int64_t K, const T* A, int64_t sam, int64_t sak, const T* __restrict B,
+                                 int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
   using V = typename Vec<T, VB>::type;
   constexpr int n = Vec<T, VB>::n;
-  const T *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  const T* a0 = A;
+  const T* a1 = A + sam * (R > 1 ? 1 : 0);
+  const T* a2 = A + sam * (R > 2 ? 2 : 0);
+  const T* a3 = A + sam * (R > 3 ? 3 : 0);
+  const T* a4 = A + sam * (R > 4 ? 4 : 0);
+  const T* a5 = A + sam * (R > 5 ? 5 : 0);
   V c00 = {}, c10 = {}, c20 = {}, c30 = {}, c40 = {}, c50 = {};
   V c01 = {}, c11 = {}, c21 = {}, c31 = {}, c41 = {}, c51 = {};
   for (int64_t k = 0; k < K; ++k) {
@@ -85,11 +88,11 @@ AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* const* a, int
     if constexpr (NV == 2) b1 = load_vec<T, VB>(b + n);
     const int64_t o = k * sak;
     // Row r's scalar times both B vectors (a macro: named accumulators stay in registers).
-#define AFFECTKIT_TILE_ROW(r)                     \
-  {                                               \
-    const T x = a##r[o];                          \
-    c##r##0 += x * b0;                            \
-    if constexpr (NV == 2) c##r##1 += x * b1;     \
+#define AFFECTKIT_TILE_ROW(r)                  \
+  if constexpr (R > r) {                       \
+    const T x = a##r[o];                       \
+    c##r##0 += x * b0;                         \
+    if constexpr (NV == 2) c##r##1 += x * b1;  \
   }
     AFFECTKIT_TILE_ROW(0)
     AFFECTKIT_TILE_ROW(1)
@@ -101,32 +104,49 @@ AFFECTKIT_INLINE void micro_tile(int64_t rows, int64_t K, const T* const* a, int
   }
   const V r0[6] = {c00, c10, c20, c30, c40, c50};
   const V r1[6] = {c01, c11, c21, c31, c41, c51};
-  for (int r = 0; r < 6; ++r) {
-    if (r >= rows) break;
+  for (int r = 0; r < R; ++r) {
     store_vec<T, VB>(C + r * ldc, r0[r], accumulate);
     if constexpr (NV == 2) store_vec<T, VB>(C + r * ldc + n, r1[r], accumulate);
   }
 }
 
+template <typename T, int VB, int R>
+AFFECTKIT_INLINE void row_panel(int64_t N, int64_t K, const T* A, int64_t sam, int64_t sak, const T* B,
+                                int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t n = Vec<T, VB>::n;
+  int64_t n0 = 0;
+  for (; n0 + 2 * n <= N; n0 += 2 * n)
+    micro_tile<T, VB, 2, R>(K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+  if (n0 < N) micro_tile<T, VB, 1, R>(K, A, sam, sak, B + n0, ldb, C + n0, ldc, accumulate);
+}
+
 // C[m, 0:N] (+)= sum_k A(m, k) * B[k, 0:N] for m < M, with A(m, k) = A[m*sam + k*sak].
 // N is a multiple of the vector lanes; B and C rows are contiguous with leading dims ldb and ldc.
+// Rows go in panels of up to 6, as even as possible (33 as 3 x 6 + 3 x 5, not 5 x 6 + 3): a
+// panel of few rows has too few FMA chains to cover the FMA latency, and no panel computes
+// rows it does not store. Against one 4-row tile with the tail padded, a 1-thread 8 x 33 x 33
+// D = 64 backward with hot caches took 5-8 % less. Each element sums over k in the same order
+// whatever its panel, so the split never changes a result.
 template <typename T, int VB>
 AFFECTKIT_INLINE void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam,
                                int64_t sak, const T* B, int64_t ldb, T* C, int64_t ldc,
                                bool accumulate) {
-  constexpr int64_t n = Vec<T, VB>::n;
-  constexpr int64_t kMR = 6;
-  static_assert(kCW % n == 0, "kCW must be a whole number of vectors");
-  for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-    const int64_t rows = std::min<int64_t>(kMR, M - m0);
-    const T* a[kMR];  // rows past M repeat the last one (computed, not stored)
-    for (int64_t r = 0; r < kMR; ++r) a[r] = A + std::min(m0 + r, M - 1) * sam;
+  static_assert(kCW % Vec<T, VB>::n == 0, "kCW must be a whole number of vectors");
+  const int64_t panels = (M + 5) / 6;
+  const int64_t base = panels ? M / panels : 0, longer = panels ? M % panels : 0;
+  for (int64_t p = 0, m0 = 0; p < panels; ++p) {
+    const int64_t rows = base + (p < longer ? 1 : 0);
+    const T* a = A + m0 * sam;
     T* c = C + m0 * ldc;
-    int64_t n0 = 0;
-    for (; n0 + 2 * n <= N; n0 += 2 * n)
-      micro_tile<T, VB, 2>(rows, K, a, sak, B + n0, ldb, c + n0, ldc, accumulate);
-    if (n0 < N)
-      micro_tile<T, VB, 1>(rows, K, a, sak, B + n0, ldb, c + n0, ldc, accumulate);
+    switch (rows) {
+      case 6: row_panel<T, VB, 6>(N, K, a, sam, sak, B, ldb, c, ldc, accumulate); break;
+      case 5: row_panel<T, VB, 5>(N, K, a, sam, sak, B, ldb, c, ldc, accumulate); break;
+      case 4: row_panel<T, VB, 4>(N, K, a, sam, sak, B, ldb, c, ldc, accumulate); break;
+      case 3: row_panel<T, VB, 3>(N, K, a, sam, sak, B, ldb, c, ldc, accumulate); break;
+      case 2: row_panel<T, VB, 2>(N, K, a, sam, sak, B, ldb, c, ldc, accumulate); break;
+      default: row_panel<T, VB, 1>(N, K, a, sam, sak, B, ldb, c, ldc, accumulate); break;
+    }
+    m0 += rows;
   }
 }
 
