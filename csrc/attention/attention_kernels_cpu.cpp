@@ -511,7 +511,7 @@ struct ForwardScratch {
   std::vector<T> qt, st, vp, o, ot, m, l, alpha;
   std::vector<uint64_t> keys;
   // Sized for this call (D feature rows of Q^T, at most Lk key rows of St): allocating and
-  // zeroing the largest case, 130 KB a thread, was most of a tiny call's time in the core.
+  // zeroing the largest case, 130 KB a thread, was a quarter of a tiny call's time in the core.
   ForwardScratch(int64_t D, int64_t Dv, int64_t Dvp, int64_t Lk)
       : qt(D * kBQ), st(std::min(kBK, Lk) * kBQ), vp(std::min(kBK, Lk) * Dvp), o(kBQ * Dvp), ot(Dv * kBQ),
         m(kBQ), l(kBQ), alpha(kBQ), keys(kBQ) {}
