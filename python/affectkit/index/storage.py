@@ -52,20 +52,24 @@ def save(path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray], ver
         raise ValueError(f"version: expected one of {READABLE_VERSIONS}, got {version!r}")
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    # Lay out the arrays after a header whose size depends on the offsets: iterate to a fix point.
-    table, header = [], b""
-    for _ in range(8):
-        offset = _aligned(_PREFIX.size + len(header))
-        table = []
+    # Lay out the arrays after a header whose size depends on the offsets: iterate until the
+    # header written fits in front of the offsets it names. (Stopping when two headers had the
+    # same length kept the older one, whose offsets could start 64 bytes before those written
+    # when its length crossed an alignment boundary: a corrupt file, rarely.)
+    header = b""
+    for _ in range(16):
+        base = _aligned(_PREFIX.size + len(header))
+        table, offset = [], base
         for name, arr in arrays.items():
             table.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
                           "offset": offset, "nbytes": arr.nbytes})
             offset = _aligned(offset + arr.nbytes)
-        new_header = json.dumps({"meta": meta, "arrays": table, "payload_end": offset}).encode()
-        if len(new_header) == len(header):
+        header = json.dumps({"meta": meta, "arrays": table, "payload_end": offset}).encode()
+        if _aligned(_PREFIX.size + len(header)) == base:
             break
-        header = new_header
-    payload_end = json.loads(header)["payload_end"]
+    else:  # offsets only grow with the header, so this cannot happen
+        raise RuntimeError("index header layout did not converge")
+    payload_end = offset
 
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".affectkit-index-", suffix=".tmp", dir=folder)
