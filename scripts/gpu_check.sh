@@ -87,11 +87,13 @@ for step in $STEPS; do
       done ;;
     ncu:*)
       IFS=: read -r _ regex part match <<< "$step"
-      timeout 240 ncu --kernel-name "regex:$regex" --launch-count 2 --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      # --clock-control none: measure the card at its own clocks (the device notes ask this).
+      timeout 240 ncu --clock-control none --kernel-name "regex:$regex" --launch-count 2 --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters \
         python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > "$OUT/ncu_$part.txt" 2>&1
-      echo "ncu exit $?"; grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Pipe|Stall|Issue" \
-        "$OUT/ncu_$part.txt" | head -60 ;;
+      echo "ncu exit $?"; grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Pipe|Stall|Issued Warp|No Eligible" \
+        "$OUT/ncu_$part.txt" | head -40 ;;
     bench:*)
       timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/benchmarks" --benchmark-only \
         -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \

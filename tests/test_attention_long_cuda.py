@@ -155,6 +155,10 @@ def test_rows_past_q_lengths_stay_zero_when_v_holds_an_infinity(D, gen):
 LONG_KERNEL_OFF = os.environ.get("AFFECTKIT_ATTENTION_LONG_KERNEL") == "0"
 # D = 128 on wgmma (the default where it can run; AFFECTKIT_ATTENTION_WGMMA=0 turns it off)
 WGMMA_OFF = os.environ.get("AFFECTKIT_ATTENTION_WGMMA") == "0"
+# The wgmma kernel overlaps each tile's softmax with the previous tile's O += P V by default;
+# AFFECTKIT_ATTENTION_WG_PIPELINE=0 keeps its first, serial order.
+PIPELINE_OFF = os.environ.get("AFFECTKIT_ATTENTION_WG_PIPELINE") == "0"
+RERUN = LONG_KERNEL_OFF or WGMMA_OFF or PIPELINE_OFF
 
 
 def _wgmma_possible() -> bool:
@@ -203,13 +207,13 @@ def _rerun_this_file(**env):
 
 
 @requires_cuda
-@pytest.mark.skipif(LONG_KERNEL_OFF or WGMMA_OFF, reason="this is already a run with another setting")
+@pytest.mark.skipif(RERUN, reason="this is already a run with another setting")
 def test_general_kernel_matches_reference_on_the_same_shapes():
     _rerun_this_file(AFFECTKIT_ATTENTION_LONG_KERNEL="0")
 
 
 @requires_cuda
-@pytest.mark.skipif(LONG_KERNEL_OFF or WGMMA_OFF, reason="this is already a run with another setting")
+@pytest.mark.skipif(RERUN, reason="this is already a run with another setting")
 def test_long_kernel_at_d128_matches_reference_where_wgmma_is_the_default():
     # Where wgmma takes D = 128 by default, the long kernel still serves it on other GPUs and
     # with AFFECTKIT_ATTENTION_WGMMA=0: run the same shapes through it.
@@ -219,18 +223,42 @@ def test_long_kernel_at_d128_matches_reference_where_wgmma_is_the_default():
 
 
 @requires_cuda
-def test_bad_wgmma_value_raises_value_error():
-    if "90a-real" not in C.build_info()["cuda_architectures"].split(";"):
-        pytest.skip("AFFECTKIT_ATTENTION_WGMMA is read only by builds with sm_90a (90a-real)")
+@pytest.mark.skipif(RERUN, reason="this is already a run with another setting")
+def test_serial_wgmma_kernel_matches_reference_on_the_same_shapes():
+    # The pipelined order is the default; the serial one stays selectable, so it is checked too.
+    if not _wgmma_possible():
+        pytest.skip("the wgmma kernel needs compute capability 9.0 and a build with sm_90a")
+    _rerun_this_file(AFFECTKIT_ATTENTION_WG_PIPELINE="0")
+
+
+def _bad_setting_message(var: str, value: str) -> str:
+    """What a D = 128 forward prints under var=value: the ValueError's text, or nothing."""
     code = ("import torch, affectkit.ops as ops\n"
             "q = torch.ones(2, 132, 300, 128, device='cuda', dtype=torch.float16)\n"
             "try:\n"
             "    ops.cross_modal_attention(q, q, q)\n"
             "except ValueError as e:\n"
             "    print('ValueError:', e)\n")
-    # The long kernel reads the setting, so this runs with it on even inside the rerun without it.
-    env = {k: v for k, v in os.environ.items() if k != "AFFECTKIT_ATTENTION_LONG_KERNEL"}
-    run = subprocess.run([sys.executable, "-c", code], env=dict(env, AFFECTKIT_ATTENTION_WGMMA="yes"),
+    # The long kernel and the wgmma kernel read these, so they must be on even inside reruns.
+    drop = ("AFFECTKIT_ATTENTION_LONG_KERNEL", "AFFECTKIT_ATTENTION_WGMMA", "AFFECTKIT_ATTENTION_WG_PIPELINE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    run = subprocess.run([sys.executable, "-c", code], env=dict(env, **{var: value}),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "ValueError:" in run.stdout and "AFFECTKIT_ATTENTION_WGMMA" in run.stdout, run.stdout
+    return run.stdout
+
+
+@requires_cuda
+def test_bad_pipeline_value_raises_value_error():
+    if not _wgmma_possible():
+        pytest.skip("AFFECTKIT_ATTENTION_WG_PIPELINE is read only where the wgmma kernel runs")
+    out = _bad_setting_message("AFFECTKIT_ATTENTION_WG_PIPELINE", "2")
+    assert "ValueError:" in out and "AFFECTKIT_ATTENTION_WG_PIPELINE" in out, out
+
+
+@requires_cuda
+def test_bad_wgmma_value_raises_value_error():
+    if "90a-real" not in C.build_info()["cuda_architectures"].split(";"):
+        pytest.skip("AFFECTKIT_ATTENTION_WGMMA is read only by builds with sm_90a (90a-real)")
+    out = _bad_setting_message("AFFECTKIT_ATTENTION_WGMMA", "yes")
+    assert "ValueError:" in out and "AFFECTKIT_ATTENTION_WGMMA" in out, out

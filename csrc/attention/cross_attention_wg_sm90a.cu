@@ -53,11 +53,13 @@ namespace {
 constexpr int kD = 128;                 // D = Dv
 constexpr int kRows = 128;              // query rows a block: two warpgroups of 64
 constexpr int kKeys = 128;              // keys a tile
-constexpr int kStages = 2;
 constexpr int kThreads = 256;
 constexpr int kOperand = 128 * kD * 2;  // bytes of one 128-row operand (two column blocks)
 constexpr int kColumnBlock = 128 * 128; // bytes of one 64-d column block of 128 rows
-constexpr size_t kSmemBytes = static_cast<size_t>(kOperand) * (1 + 2 * kStages) + 1024;  // + alignment slack
+// Q and a K/V ring of 2 stages (3 pipelined), + alignment slack: 161 KB or 225 KB.
+constexpr size_t smem_bytes(bool pipelined) {
+  return static_cast<size_t>(kOperand) * (1 + 2 * (pipelined ? 3 : 2)) + 1024;
+}
 constexpr float kLn2 = 0.6931471805599453f;
 
 // D (64 x 128, fp32) += A (64 x 16) B^T (B: 128 x 16), A and B K-major in shared memory.
@@ -110,11 +112,18 @@ __device__ __forceinline__ void stage_operand(unsigned char* dst, const T* src, 
   }
 }
 
-template <typename T>
+// kPipelined (AFFECTKIT_ATTENTION_WG_PIPELINE): FlashAttention-3's overlap inside a warpgroup.
+// Tile t's S = Q K_t^T and tile t - 1's O += P V_{t-1} are issued together, and the softmax of
+// S_t (exp2 on the MUFU pipe: about half the tensor time of a tile) runs while O += P V_{t-1}
+// is still on the tensor cores. V_{t-1} is then still read while tile t + 1 is loaded, so the
+// K/V ring has 3 stages (224 KB with Q), against 2 without the overlap. Every asynchronous
+// window opens and closes inside one iteration, so no wgmma is in flight across a branch.
+template <typename T, bool kPipelined>
 __global__ void __launch_bounds__(kThreads, 1)
     wg_forward_kernel(Problem p, View q, View k, View v, MutView out, MutView lse, float scale_log2,
                       uint32_t v_leading, uint32_t v_stride) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = kPipelined ? 3 : 2;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   unsigned char* const sQ = smem;
@@ -142,6 +151,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   const int wg_kmin = wg_r0 + 63 < qlen ? static_cast<int>(key_end(p, s, wg_r0)) : 0;
   const int wg_kmax = wg_r0 < qlen ? static_cast<int>(key_end(p, s, min(wg_r0 + 63, qlen - 1))) : 0;
+  // The tiles this warpgroup multiplies: a prefix of the block's (nothing past wg_kmax is visible).
+  const int n_wg = min(n_tiles, (wg_kmax + kKeys - 1) / kKeys);
 
   const T* const qbase = static_cast<const T*>(q.data) + b * q.sb + h * q.sh + (s.q0 + r0) * q.sr;
   const T* const kbase = static_cast<const T*>(k.data) + b * k.sb + h * k.sh + s.k0 * k.sr;
@@ -152,28 +163,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     stage_operand<T>(dK, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kend_blk - j0);
     stage_operand<T>(dK + kOperand, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kend_blk - j0);
   };
+  auto k_addr_of = [&](int t) { return smem_addr(sKV + (t % kStages) * 2 * kOperand); };
 
-  // Prologue: Q with tile 0 (one commit group), then tiles up to kStages - 2.
+  // Prologue: Q with tile 0 (one commit group). One tile is loaded ahead of the one multiplied.
   stage_operand<T>(sQ, qbase, q.sr, n_tiles > 0 ? qvalid : 0);
-#pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) {
-    if (t < n_tiles) stage_kv(t);
-    cp_async_commit();
-  }
+  if (n_tiles > 0) stage_kv(0);
+  cp_async_commit();
 
   float o[16][4];
 #pragma unroll
   for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max of raw scores, per-lane sum
   const uint32_t q_addr = smem_addr(sQ) + 64 * wg * 128;    // this warpgroup's 64 rows
+  float sc[16][4];  // S of the tile in hand, then its exponentials
+  uint32_t pa[8][4];  // P in the input dtype: the A fragments of O += P V
+  float alpha[2];     // O's rescale for the tile in hand
 
-  auto process = [&](uint32_t k_addr, uint32_t v_addr, int j0, auto limits) {
-    constexpr bool kLimits = decltype(limits)::value;
-    float sc[16][4];
+  auto clear_s = [&]() {  // before the fence: the products accumulate into S
 #pragma unroll
     for (int n = 0; n < 16; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-    wgmma_fence_operand(sc);  // the zeros are written before the fence, not sunk past it
-    wgmma_fence();
+  };
+  auto issue_s = [&](uint32_t k_addr) {  // S = Q K^T, committed as one group
 #pragma unroll
     for (int blk = 0; blk < 2; ++blk)
 #pragma unroll
@@ -181,22 +191,34 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_ss<T>(sc, sw128_desc(q_addr + blk * kColumnBlock + 32 * kk),
                     sw128_desc(k_addr + blk * kColumnBlock + 32 * kk));
     wgmma_commit();
-    wgmma_wait_all(sc);
-    if constexpr (kLimits) {
+  };
+  // O += P V over the whole tile, committed as one group. Skipping the steps past the
+  // warpgroup's last visible key (a data-dependent break) made ptxas serialise every wgmma of
+  // the kernel (C7520), so P = 0 multiplies those key rows instead: zeros past the block's last
+  // key, real V rows (another warpgroup's, under causal) before it.
+  auto issue_pv = [&](uint32_t v_addr) {
+#pragma unroll
+    for (int t = 0; t < kKeys / 16; ++t)
+      wgmma_rs<T>(o, pa[t], desc_with(v_addr + t * 16 * 128, v_leading, v_stride));
+    wgmma_commit();
+  };
+  // The online softmax of S (sc, complete) at keys j0 ..: the running max and sum, O's rescale
+  // (alpha), and the exponentials in place of the scores. A row's four owners are lanes 4g .. 4g + 3.
+  auto softmax_with = [&](int j0, auto limits) {
+    if constexpr (decltype(limits)::value) {
 #pragma unroll
       for (int n = 0; n < 16; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           if (j0 + n * 8 + 2 * c4 + (e & 1) >= kend[e >> 1]) sc[n][e] = -INFINITY;
     }
-    // Online softmax per row (a row's four owners are lanes 4g .. 4g + 3).
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
       mx[0] = fmaxf(mx[0], fmaxf(sc[n][0], sc[n][1]));
       mx[1] = fmaxf(mx[1], fmaxf(sc[n][2], sc[n][3]));
     }
-    float alpha[2], shift[2];
+    float shift[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       mx[half] = quad_max(mx[half]);
@@ -205,59 +227,103 @@ __global__ void __launch_bounds__(kThreads, 1)
       shift[half] = -base * scale_log2;
       m[half] = mx[half];
     }
-    // P in the input dtype: the S accumulators of keys 16 t .. 16 t + 15 (chunks 2 t, 2 t + 1)
-    // are the A fragment of O's k-step t.
-    uint32_t pa[8][4];
     float sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      float e4[4];
+    for (int n = 0; n < 16; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        e4[e] = exp2f(fmaf(sc[n][e], scale_log2, shift[e >> 1]));
-        sum[e >> 1] += e4[e];
+        sc[n][e] = exp2f(fmaf(sc[n][e], scale_log2, shift[e >> 1]));
+        sum[e >> 1] += sc[n][e];
       }
-      pa[n / 2][(n & 1) * 2] = pack2<T>(e4[0], e4[1]);
-      pa[n / 2][(n & 1) * 2 + 1] = pack2<T>(e4[2], e4[3]);
-    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+  };
+  // Two copies, one with the key limits: the branch between them also ends the basic block
+  // there. ptxas hoists a wgmma wait to the start of its block, so the pipelined wait for
+  // O += P V, in the block after this one, stays behind the exponentials.
+  auto softmax = [&](int j0) {
+    if (j0 + kKeys > wg_kmin) softmax_with(j0, std::true_type{});  // warpgroup-uniform
+    else softmax_with(j0, std::false_type{});
+  };
+  // O to the tile's max, and its P packed: the S accumulators of keys 16 t .. 16 t + 15
+  // (chunks 2 t, 2 t + 1) are the A fragment of O's k-step t. Only once no product reads O or P.
+  auto rescale_and_pack = [&]() {
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
       o[n][0] *= alpha[0];
       o[n][1] *= alpha[0];
       o[n][2] *= alpha[1];
       o[n][3] *= alpha[1];
+      pa[n / 2][(n & 1) * 2] = pack2<T>(sc[n][0], sc[n][1]);
+      pa[n / 2][(n & 1) * 2 + 1] = pack2<T>(sc[n][2], sc[n][3]);
     }
-    // O += P V over the whole tile. Skipping the steps past the warpgroup's last visible key
-    // (a data-dependent break) made ptxas serialise every wgmma of the kernel (C7520), so P = 0
-    // multiplies those key rows instead: zeros past the block's last key, real V rows (another
-    // warpgroup's, under causal) before it.
-    wgmma_fence_operand(o);  // the rescaled O and the packed P precede the fence
-    wgmma_fence_operand(pa);
-    wgmma_fence();
+  };
+  auto keep_p = [&]() {  // P was read asynchronously: keep it intact until its product is done
 #pragma unroll
     for (int t = 0; t < kKeys / 16; ++t)
-      wgmma_rs<T>(o, pa[t], desc_with(v_addr + t * 16 * 128, v_leading, v_stride));
-    wgmma_commit();
-    wgmma_wait_all(o);
-#pragma unroll
-    for (int t = 0; t < kKeys / 16; ++t)  // P was read asynchronously: keep it intact until now
 #pragma unroll
       for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(pa[t][r])::"memory");
   };
+  // Operands written by ordinary instructions (zeroed S, rescaled O, packed P) precede the fence.
+  auto fence_operands = [&]() {
+    wgmma_fence_operand(sc);
+    wgmma_fence_operand(o);
+    wgmma_fence_operand(pa);
+    wgmma_fence();
+  };
 
-  for (int t = 0; t < n_tiles; ++t) {
-    cp_async_wait_pending(kStages - 2);  // tile t (and Q) landed for this thread's copies
-    fence_proxy_async();                 // ... visible to wgmma (the async proxy)
-    __syncthreads();                     // ... for every thread's; and tile t - 1's stage is free
-    if (t + kStages - 1 < n_tiles) stage_kv(t + kStages - 1);
-    cp_async_commit();
+  // Tile t is waited for, and tile t + 1 loaded, at the top of iteration t; the barrier also
+  // frees the stage refilled there (its last reader, tile t + 1 - kStages, finished in an
+  // earlier iteration). Pipelined, iteration n_wg only finishes O += P V of the last tile.
+  const int n_iter = kPipelined ? n_tiles + 1 : n_tiles;
+  for (int t = 0; t < n_iter; ++t) {
+    if (t < n_tiles) {  // block-uniform
+      cp_async_wait_pending(0);  // tile t (and Q) landed for this thread's copies
+      fence_proxy_async();       // ... visible to wgmma (the async proxy)
+      __syncthreads();           // ... for every thread's; and the stage refilled next is free
+      if (t + 1 < n_tiles) stage_kv(t + 1);
+      cp_async_commit();
+    }
     const int j0 = t * kKeys;
-    if (j0 >= wg_kmax) continue;  // warpgroup-uniform: nothing of this tile is visible to it
-    const uint32_t k_addr = smem_addr(sKV + (t % kStages) * 2 * kOperand), v_addr = k_addr + kOperand;
-    if (j0 + kKeys <= wg_kmin) process(k_addr, v_addr, j0, std::false_type{});
-    else process(k_addr, v_addr, j0, std::true_type{});
+    if constexpr (kPipelined) {
+      const bool do_s = t < n_wg, do_pv = t > 0 && t <= n_wg;  // warpgroup-uniform
+      if (do_s && do_pv) {  // S_t and O += P_{t-1} V_{t-1} together; softmax of S_t under the latter
+        clear_s();
+        fence_operands();
+        issue_s(k_addr_of(t));
+        issue_pv(k_addr_of(t - 1) + kOperand);
+        wgmma_wait_pending<1>();  // groups complete in order: S_t is done
+        wgmma_fence_operand(sc);  // ... so its registers are read only from here
+        softmax(j0);
+        wgmma_wait_all(o);
+        keep_p();
+        rescale_and_pack();
+      } else if (do_s) {  // the first tile
+        clear_s();
+        fence_operands();
+        issue_s(k_addr_of(t));
+        wgmma_wait_all(sc);
+        softmax(j0);
+        rescale_and_pack();
+      } else if (do_pv) {  // the last tile's O += P V
+        fence_operands();
+        issue_pv(k_addr_of(t - 1) + kOperand);
+        wgmma_wait_all(o);
+        keep_p();
+      }
+    } else {
+      if (t >= n_wg) continue;  // warpgroup-uniform: nothing of this tile is visible to it
+      clear_s();
+      fence_operands();
+      issue_s(k_addr_of(t));
+      wgmma_wait_all(sc);
+      softmax(j0);
+      rescale_and_pack();
+      fence_operands();
+      issue_pv(k_addr_of(t) + kOperand);
+      wgmma_wait_all(o);
+      keep_p();
+    }
   }
 
   // Epilogue: O / l in the input dtype, lse; zeros and +inf where nothing was visible.
@@ -285,17 +351,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename T>
+// AFFECTKIT_ATTENTION_WG_PIPELINE: 1 (the default) overlaps the softmax with the products
+// (kPipelined above), 0 keeps the serial order of the kernel's first version. Read once; a bad
+// value raises on every call.
+bool pipeline_requested() {
+  static const bool requested = [] {
+    const char* env = std::getenv("AFFECTKIT_ATTENTION_WG_PIPELINE");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return true;
+    if (std::strcmp(env, "0") == 0) return false;
+    throw ValueError(std::string("AFFECTKIT_ATTENTION_WG_PIPELINE: expected 0 or 1, got '") + env + "'");
+  }();
+  return requested;
+}
+
+template <typename T, bool kPipelined>
 void launch(const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t stream) {
-  auto* kernel = wg_forward_kernel<T>;
-  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
+  auto* kernel = wg_forward_kernel<T, kPipelined>;
+  constexpr size_t bytes = smem_bytes(kPipelined);
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "attention_forward (wgmma): shared memory");
   // V's descriptor offsets: leading = the column blocks' stride, stride = the 8-key groups'
   // (CUTLASS's MN-major 128-byte swizzle; the probe showed the reverse order wrong on an H100).
   const uint32_t leading = static_cast<uint32_t>(kColumnBlock), stride = 1024u;
   dim3 grid(static_cast<unsigned>((p.Lq + kRows - 1) / kRows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, q, k, v, out, lse, static_cast<float>(p.scale * 1.4426950408889634),
-                                                 leading, stride);
+  kernel<<<grid, kThreads, bytes, stream>>>(p, q, k, v, out, lse, static_cast<float>(p.scale * 1.4426950408889634),
+                                            leading, stride);
 }
 
 }  // namespace
@@ -303,12 +383,19 @@ void launch(const Problem& p, View q, View k, View v, MutView out, MutView lse, 
 bool forward_cuda_wgmma(DType dtype, const Problem& p, View q, View k, View v, MutView out, MutView lse,
                         uintptr_t stream) {
   if (p.D != kD || p.Dv != kD || (dtype != DType::Float16 && dtype != DType::BFloat16)) return false;
-  if (current_device_attr(cudaDevAttrComputeCapabilityMajor) != 9 || current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
-      current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
+  if (current_device_attr(cudaDevAttrComputeCapabilityMajor) != 9 || current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0)
     return false;
+  const int optin = current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  if (optin < static_cast<int>(smem_bytes(false))) return false;
+  const bool pipelined = pipeline_requested() && optin >= static_cast<int>(smem_bytes(true));
   const cudaStream_t st = as_stream(stream);
-  if (dtype == DType::Float16) launch<__half>(p, q, k, v, out, lse, st);
-  else launch<__nv_bfloat16>(p, q, k, v, out, lse, st);
+  if (dtype == DType::Float16) {
+    if (pipelined) launch<__half, true>(p, q, k, v, out, lse, st);
+    else launch<__half, false>(p, q, k, v, out, lse, st);
+  } else {
+    if (pipelined) launch<__nv_bfloat16, true>(p, q, k, v, out, lse, st);
+    else launch<__nv_bfloat16, false>(p, q, k, v, out, lse, st);
+  }
   cuda_check(cudaGetLastError(), "attention_forward (wgmma)");
   return true;
 }
