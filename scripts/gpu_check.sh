@@ -90,7 +90,7 @@ for step in $STEPS; do
       # --clock-control none: measure the card at its own clocks (the device notes ask this).
       timeout 240 ncu --clock-control none --kernel-name "regex:$regex" --launch-count 2 --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
-        --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters \
+        --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters --print-details all \
         python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > "$OUT/ncu_$part.txt" 2>&1
       echo "ncu exit $?"; grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Pipe|Stall|Issued Warp|No Eligible" \
         "$OUT/ncu_$part.txt" | head -40 ;;

@@ -204,30 +204,6 @@ def test_bad_knob_raises_value_error(knob, value):
     assert "ValueError:" in proc.stdout and knob in proc.stdout, proc.stdout
 
 
-# The wg kernel's knobs (graph_conv_wg_sm90a.cu): 4 warpgroups a block, the next sample's x
-# loaded after the Z^T fence. Each must give the same results before it can become the default.
-@pytest.mark.parametrize("knobs", [
-    dict(AFFECTKIT_GRAPH_WG_GROUPS="4"),
-    dict(AFFECTKIT_GRAPH_WG_PREFETCH="late"),
-    dict(AFFECTKIT_GRAPH_WG_GROUPS="4", AFFECTKIT_GRAPH_WG_PREFETCH="late")],
-                         ids=lambda k: ",".join(f"{n.removeprefix('AFFECTKIT_GRAPH_WG_').lower()}={v}" for n, v in k.items()))
-def test_wg_knobs_match_float64(knobs, gen):
-    if not _wgmma_possible():
-        pytest.skip("the wg kernel needs compute capability 9.0 and a build with sm_90a")
-    seed = int(torch.randint(2**31, (1,), generator=gen))
-    proc = _run("wg", SCRIPT, str(seed), str(TOL), **knobs)
-    assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-
-
-@pytest.mark.parametrize("knob, value", [("AFFECTKIT_GRAPH_WG_GROUPS", "2"), ("AFFECTKIT_GRAPH_WG_PREFETCH", "soon")])
-def test_bad_wg_knob_raises_value_error(knob, value):
-    if not _wgmma_possible():
-        pytest.skip("the wg kernel, which reads these, needs compute capability 9.0 and a build with sm_90a")
-    proc = _run("wg", CALL_PRINTING_VALUE_ERROR, **{knob: value})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ValueError:" in proc.stdout and knob in proc.stdout, proc.stdout
-
-
 def test_unknown_path_raises_value_error():
     proc = _run("bogus", CALL_PRINTING_VALUE_ERROR)
     assert proc.returncode == 0, proc.stderr[-3000:]

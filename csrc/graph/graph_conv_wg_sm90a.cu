@@ -29,9 +29,6 @@
 // 16-byte shared stores per thread, four warpgroup barriers.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 
 #include "../core/cuda_utils.cuh"
 #include "../core/wgmma.cuh"
@@ -41,16 +38,16 @@
 namespace affectkit::graph::detail {
 namespace {
 
-// Warpgroups per block: 3 by default, 4 with AFFECTKIT_GRAPH_WG_GROUPS=4 (registers then capped
-// at 128 a thread; the kernel needs about 131 with 3).
+constexpr int kGroups = 3;                    // warpgroups per block (4 would cap registers at 128)
+constexpr int kThreads = 128 * kGroups;
 constexpr int kDim = 64;                      // N, F and Fo padded to 64
 constexpr uint32_t kOperand = kDim * kDim * 4;  // bytes of one 64 x 64 float operand
 // Shared memory, from a 1024-byte aligned base: W^T big and pair, A big and pair, then per
 // warpgroup a big and a pair operand, then the bias.
 constexpr uint32_t kWtBig = 0, kWtPair = kOperand, kAdjBig = 2 * kOperand, kAdjPair = 3 * kOperand;
 constexpr uint32_t kGroupBase = 4 * kOperand, kGroupBytes = 2 * kOperand;
-__host__ __device__ constexpr uint32_t bias_offset(int groups) { return kGroupBase + groups * kGroupBytes; }
-__host__ __device__ constexpr size_t smem_bytes(int groups) { return bias_offset(groups) + kDim * 4 + 1024; }  // + alignment slack
+constexpr uint32_t kBiasOff = kGroupBase + kGroups * kGroupBytes;
+constexpr size_t kSmemBytes = kBiasOff + kDim * 4 + 1024;  // + slack to align the base
 
 // Byte offset of float k of row r in an operand (two 128-byte column blocks of 64 rows).
 __host__ __device__ constexpr uint32_t elem_offset(int r, int k) {
@@ -131,7 +128,7 @@ __device__ __forceinline__ void group_barrier(int group) {
 template <bool Left, bool Transposed>
 __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pair_off, const float* m,
                               int rows, int cols, int ld) {
-  for (int i = threadIdx.x; i < kDim * kDim; i += blockDim.x) {
+  for (int i = threadIdx.x; i < kDim * kDim; i += kThreads) {
     const int r = i / kDim, k = i % kDim;
     const float v = r < rows && k < cols ? (Transposed ? m[k * ld + r] : m[r * ld + k]) : 0.f;
     uint32_t big, pair;
@@ -142,13 +139,12 @@ __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pa
 }
 #endif
 
-// grid: resident blocks (persistent); block: 128 kGroups threads; dynamic shared memory
-// smem_bytes(kGroups).
-template <int Act, int kGroups>
-__global__ void __launch_bounds__(128 * kGroups, 1)
+// grid: resident blocks (persistent); block: kThreads; dynamic shared memory kSmemBytes.
+template <int Act>
+__global__ void __launch_bounds__(kThreads, 1)
 wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const float* __restrict__ w,
                const float* __restrict__ bias, float* __restrict__ out, int64_t S, int N, int F, int Fo,
-               bool pair_stores, bool late_prefetch) {
+               bool pair_stores) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // sm_90a only; graph_conv_forward_wg launches it on compute capability 9.0
 #else
@@ -157,12 +153,12 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
   const uint32_t base = smem_addr(smem);
   const int tid = threadIdx.x, group = tid >> 7, gt = tid & 127;
   const int warp = gt >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  float* bias_s = reinterpret_cast<float*>(smem + bias_offset(kGroups));
+  float* bias_s = reinterpret_cast<float*>(smem + kBiasOff);
 
   // Once per block: W^T (row fo, float f = W[f][fo]), A (row n, float m = A[n][m]), the bias.
   stage_operand<true, true>(smem, kWtBig, kWtPair, w, Fo, F, Fo);
   stage_operand<true, false>(smem, kAdjBig, kAdjPair, adj, N, N, N);
-  for (int i = tid; i < kDim; i += 128 * kGroups) bias_s[i] = bias != nullptr && i < Fo ? bias[i] : 0.f;
+  for (int i = tid; i < kDim; i += kThreads) bias_s[i] = bias != nullptr && i < Fo ? bias[i] : 0.f;
   fence_proxy_async();
   __syncthreads();
 
@@ -202,11 +198,7 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
       *reinterpret_cast<uint4*>(smem + buf_big + off) = make_uint4(big[0], big[1], big[2], big[3]);
       *reinterpret_cast<uint4*>(smem + buf_pair + off) = make_uint4(pair[0], pair[1], pair[2], pair[3]);
     }
-    // The next sample's x, in flight during the products. fence.proxy.async compiles to
-    // MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S; if the MEMBAR waits for loads still in flight,
-    // loading after the Z^T fence (late_prefetch, AFFECTKIT_GRAPH_WG_PREFETCH=late) keeps the
-    // load off the fences, in flight during the second product and the epilogue only.
-    if (!late_prefetch) load_x(s + stride);
+    load_x(s + stride);  // in flight during the two products
     fence_proxy_async();
     group_barrier(group);
     product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
@@ -225,7 +217,6 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
       }
     fence_proxy_async();
     group_barrier(group);
-    if (late_prefetch) load_x(s + stride);
     product(acc, base + kAdjBig, base + kAdjPair, base + buf_big, base + buf_pair);  // Y
     // Y (row n = 16 warp + 8 h + g, column fo = 8 j + 2 c + e): bias, activation, store.
     float* y = out + s * N * Fo;
@@ -251,35 +242,17 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
 }
 
 using WgKernel = void (*)(const float*, const float*, const float*, const float*, float*, int64_t, int,
-                          int, int, bool, bool);
+                          int, int, bool);
 
-// AFFECTKIT_GRAPH_WG_PREFETCH: "early" (the default) or "late" (see late_prefetch above). Read
-// on every call, so a bad value raises every time.
-bool late_prefetch_requested() {
-  const char* env = std::getenv("AFFECTKIT_GRAPH_WG_PREFETCH");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "early") == 0) return false;
-  if (std::strcmp(env, "late") == 0) return true;
-  throw ValueError(std::string("AFFECTKIT_GRAPH_WG_PREFETCH: expected early or late, got '") + env + "'");
-}
-
-template <int kGroups>
 WgKernel pick_kernel(Activation act) {
   switch (act) {
-    case Activation::ReLU: return wg_conv_kernel<1, kGroups>;
-    case Activation::ELU: return wg_conv_kernel<2, kGroups>;
-    case Activation::LeakyReLU: return wg_conv_kernel<3, kGroups>;
-    case Activation::Tanh: return wg_conv_kernel<4, kGroups>;
-    case Activation::Sigmoid: return wg_conv_kernel<5, kGroups>;
-    default: return wg_conv_kernel<0, kGroups>;
+    case Activation::ReLU: return wg_conv_kernel<1>;
+    case Activation::ELU: return wg_conv_kernel<2>;
+    case Activation::LeakyReLU: return wg_conv_kernel<3>;
+    case Activation::Tanh: return wg_conv_kernel<4>;
+    case Activation::Sigmoid: return wg_conv_kernel<5>;
+    default: return wg_conv_kernel<0>;
   }
-}
-
-// AFFECTKIT_GRAPH_WG_GROUPS: 3 (the default) or 4 warpgroups a block. Read on every call.
-int groups_requested() {
-  const char* env = std::getenv("AFFECTKIT_GRAPH_WG_GROUPS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "3") == 0) return 3;
-  if (std::strcmp(env, "4") == 0) return 4;
-  throw ValueError(std::string("AFFECTKIT_GRAPH_WG_GROUPS: expected 3 or 4, got '") + env + "'");
 }
 
 }  // namespace
@@ -291,21 +264,17 @@ bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, con
       reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
   if (current_device_attr(cudaDevAttrComputeCapabilityMajor) != 9 ||
-      current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0)
+      current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
+      current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
     return false;
-  const int groups = groups_requested();
-  if (current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(smem_bytes(groups)))
-    return false;
-  const WgKernel kernel = groups == 4 ? pick_kernel<4>(act) : pick_kernel<3>(act);
-  const size_t bytes = smem_bytes(groups);
-  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+  const WgKernel kernel = pick_kernel(act);
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
              "graph_conv_forward (shared memory)");
-  const int64_t blocks = std::min<int64_t>((S + groups - 1) / groups, current_device_attr(cudaDevAttrMultiProcessorCount));
+  const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, current_device_attr(cudaDevAttrMultiProcessorCount));
   if (blocks == 0) return true;
   const bool pair_stores = Fo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0;
-  kernel<<<static_cast<unsigned>(blocks), 128 * groups, bytes, as_stream(stream)>>>(
-      x, adj, w, bias, out, S, static_cast<int>(N), static_cast<int>(F), static_cast<int>(Fo), pair_stores,
-      late_prefetch_requested());
+  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, as_stream(stream)>>>(
+      x, adj, w, bias, out, S, static_cast<int>(N), static_cast<int>(F), static_cast<int>(Fo), pair_stores);
   cuda_check(cudaGetLastError(), "graph_conv_forward (wgmma kernel launch)");
   return true;
 }
