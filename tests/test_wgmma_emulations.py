@@ -71,7 +71,8 @@ def _nvcc():
                                              ("wgmma_attention_probe", {"m64n64k16.f32.bf16.bf16",
                                                                         "m64n128k16.f32.bf16.bf16"}),
                                              ("wgmma_graph_probe", {"m64n64k16.f32.bf16.bf16",
-                                                                    "m64n64k8.f32.tf32.tf32"})])
+                                                                    "m64n64k8.f32.tf32.tf32"}),
+                                             ("fence_probe", set())])
 def test_wgmma_probe_builds_for_sm90a(tmp_path, probe, products):
     # The probes run wgmma layouts alone on a GPU machine (gpu_check.sh step "probe"); here each
     # must assemble for sm_90a, with its products really there (the helpers compile to nothing

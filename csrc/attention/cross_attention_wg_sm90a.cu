@@ -112,22 +112,55 @@ __device__ __forceinline__ void stage_operand(unsigned char* dst, const T* src, 
   }
 }
 
-// kPipelined (AFFECTKIT_ATTENTION_WG_PIPELINE): FlashAttention-3's overlap inside a warpgroup.
+// 16-byte cp.async; valid == false zero-fills the destination and reads nothing.
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// stage_operand with the per-piece arithmetic taken out of the loop (kMode 2): thread tid always
+// copies piece tid % 16 of rows tid / 16 + 16 it (it < 8), and in the swizzled layout those
+// land 2,048 bytes apart (16 rows; the swizzle depends on the row mod 8 only). Straight-line:
+// 8 zero-filling copies, an add and a compare each.
+template <typename T>
+__device__ __forceinline__ void stage_operand_fast(uint32_t dst, const T* src, int64_t stride, int valid) {
+  const int row = static_cast<int>(threadIdx.x) >> 4, piece = static_cast<int>(threadIdx.x) & 15;
+  const uint32_t d0 = dst + (piece / 8) * kColumnBlock + sw128_offset(row, piece % 8);
+  const T* const s0 = src + static_cast<int64_t>(row) * stride + piece * 8;
+  const int64_t step = 16 * stride;
+#pragma unroll
+  for (int it = 0; it < 8; ++it) {
+    const bool ok = row + 16 * it < valid;
+    cp_async16_zfill(d0 + 2048u * it, ok ? s0 + it * step : src, ok);
+  }
+}
+static_assert(kThreads == 256 && kD / 8 == 16, "stage_operand_fast: 256 threads, 16 pieces a row, 16 rows a step");
+
+// kMode (AFFECTKIT_ATTENTION_WG_PIPELINE): 0 serial; 1 and 2 pipelined, FlashAttention-3's
+// overlap inside a warpgroup.
 // Tile t's S = Q K_t^T and tile t - 1's O += P V_{t-1} are issued together, and the softmax of
 // S_t (exp2 on the MUFU pipe: about half the tensor time of a tile) runs while O += P V_{t-1}
 // is still on the tensor cores. V_{t-1} is then still read while tile t + 1 is loaded, so the
 // K/V ring has 3 stages (224 KB with Q), against 2 without the overlap. Every asynchronous
-// window opens and closes inside one iteration, so no wgmma is in flight across a branch.
-template <typename T, bool kPipelined>
+// window opens and closes inside one iteration.
+// kMode 2 (not yet run on a GPU) differs in its loads. The ncu profile of mode 1 had the tensor
+// cores busy a third of the time, with all threads staging the next tile between the barrier
+// and the products, and each tile's loads given one tile of time. Mode 2 issues the products
+// first and stages after them, with the cheaper stage_operand_fast, and loads further ahead in
+// separate K and V rings of 3 (the same 224 KB): iteration t needs K_t and V_{t-1} and loads
+// K_{t+2} and V_{t+1}, one commit group, so each load has two iterations to land.
+template <typename T, int kMode>
 __global__ void __launch_bounds__(kThreads, 1)
     wg_forward_kernel(Problem p, View q, View k, View v, MutView out, MutView lse, float scale_log2,
                       uint32_t v_leading, uint32_t v_stride) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kPipelined = kMode > 0;
   constexpr int kStages = kPipelined ? 3 : 2;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   unsigned char* const sQ = smem;
-  unsigned char* const sKV = smem + kOperand;  // stage s: K at 2 s kOperand, V after it
+  // kMode < 2: stage s holds K at 2 s kOperand, V after it. kMode 2: K slots s < 3, V slots 3 + s.
+  unsigned char* const sKV = smem + kOperand;
 
   const int tid = static_cast<int>(threadIdx.x), wg = tid >> 7, warp = (tid >> 5) & 3;
   const int g = (tid & 31) >> 2, c4 = tid & 3;
@@ -163,12 +196,38 @@ __global__ void __launch_bounds__(kThreads, 1)
     stage_operand<T>(dK, kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kend_blk - j0);
     stage_operand<T>(dK + kOperand, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kend_blk - j0);
   };
-  auto k_addr_of = [&](int t) { return smem_addr(sKV + (t % kStages) * 2 * kOperand); };
+  auto k_addr_of = [&](int t) {
+    return smem_addr(sKV) + static_cast<uint32_t>((t % kStages) * (kMode == 2 ? 1 : 2) * kOperand);
+  };
+  auto v_addr_of = [&](int t) {
+    return kMode == 2 ? smem_addr(sKV) + static_cast<uint32_t>((3 + t % 3) * kOperand) : k_addr_of(t) + kOperand;
+  };
+  // kMode 2: the loads of iteration t (K_{t+2}, V_{t+1}) as one commit group; past the last
+  // tile the group is empty.
+  auto stage_ahead = [&](int t) {
+    if (t + 2 < n_tiles) {
+      const int j0 = (t + 2) * kKeys;
+      stage_operand_fast<T>(k_addr_of(t + 2), kbase + static_cast<int64_t>(j0) * k.sr, k.sr, kend_blk - j0);
+    }
+    if (t + 1 < n_tiles) {
+      const int j0 = (t + 1) * kKeys;
+      stage_operand_fast<T>(v_addr_of(t + 1), vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kend_blk - j0);
+    }
+    cp_async_commit();
+  };
 
-  // Prologue: Q with tile 0 (one commit group). One tile is loaded ahead of the one multiplied.
-  stage_operand<T>(sQ, qbase, q.sr, n_tiles > 0 ? qvalid : 0);
-  if (n_tiles > 0) stage_kv(0);
-  cp_async_commit();
+  if constexpr (kMode == 2) {
+    // Prologue: {Q, K_0}, then {K_1, V_0} (two commit groups).
+    stage_operand_fast<T>(smem_addr(sQ), qbase, q.sr, n_tiles > 0 ? qvalid : 0);
+    if (n_tiles > 0) stage_operand_fast<T>(k_addr_of(0), kbase, k.sr, kend_blk);
+    cp_async_commit();
+    stage_ahead(-1);
+  } else {
+    // Prologue: Q with tile 0 (one commit group). One tile is loaded ahead of the one multiplied.
+    stage_operand<T>(sQ, qbase, q.sr, n_tiles > 0 ? qvalid : 0);
+    if (n_tiles > 0) stage_kv(0);
+    cp_async_commit();
+  }
 
   float o[16][4];
 #pragma unroll
@@ -275,9 +334,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Tile t is waited for, and tile t + 1 loaded, at the top of iteration t; the barrier also
   // frees the stage refilled there (its last reader, tile t + 1 - kStages, finished in an
   // earlier iteration). Pipelined, iteration n_wg only finishes O += P V of the last tile.
+  // kMode 2: the wait at the top of iteration t is for the group of iteration t - 2 (K_t and
+  // V_{t-1}), also in the last iteration, which only finishes O += P V.
   const int n_iter = kPipelined ? n_tiles + 1 : n_tiles;
   for (int t = 0; t < n_iter; ++t) {
-    if (t < n_tiles) {  // block-uniform
+    if constexpr (kMode == 2) {  // block-uniform
+      cp_async_wait_pending(1);
+      fence_proxy_async();
+      __syncthreads();  // every thread's copies landed; the slots refilled below are free
+    } else if (t < n_tiles) {  // block-uniform
       cp_async_wait_pending(0);  // tile t (and Q) landed for this thread's copies
       fence_proxy_async();       // ... visible to wgmma (the async proxy)
       __syncthreads();           // ... for every thread's; and the stage refilled next is free
@@ -285,7 +350,41 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_commit();
     }
     const int j0 = t * kKeys;
-    if constexpr (kPipelined) {
+    if constexpr (kMode == 2) {
+      // Each case issues its products, stages the next loads under them (every thread takes
+      // exactly one case, so all stage), then waits. Issuing in one branch and waiting in
+      // another made ptxas serialise every wgmma (C7520, "WG.AR in divergent path").
+      const bool do_s = t < n_wg, do_pv = t > 0 && t <= n_wg;  // warpgroup-uniform
+      if (do_s && do_pv) {
+        clear_s();
+        fence_operands();
+        issue_s(k_addr_of(t));
+        issue_pv(v_addr_of(t - 1));
+        if (t < n_tiles) stage_ahead(t);
+        wgmma_wait_pending<1>();  // groups complete in order: S_t is done
+        wgmma_fence_operand(sc);
+        softmax(j0);
+        wgmma_wait_all(o);
+        keep_p();
+        rescale_and_pack();
+      } else if (do_s) {
+        clear_s();
+        fence_operands();
+        issue_s(k_addr_of(t));
+        if (t < n_tiles) stage_ahead(t);
+        wgmma_wait_all(sc);
+        softmax(j0);
+        rescale_and_pack();
+      } else if (do_pv) {
+        fence_operands();
+        issue_pv(v_addr_of(t - 1));
+        if (t < n_tiles) stage_ahead(t);
+        wgmma_wait_all(o);
+        keep_p();
+      } else if (t < n_tiles) {
+        stage_ahead(t);
+      }
+    } else if constexpr (kPipelined) {
       const bool do_s = t < n_wg, do_pv = t > 0 && t <= n_wg;  // warpgroup-uniform
       if (do_s && do_pv) {  // S_t and O += P_{t-1} V_{t-1} together; softmax of S_t under the latter
         clear_s();
@@ -351,23 +450,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// AFFECTKIT_ATTENTION_WG_PIPELINE: 1 (the default) overlaps the softmax with the products
-// (kPipelined above), 0 keeps the serial order of the kernel's first version. Read once; a bad
-// value raises on every call.
-bool pipeline_requested() {
-  static const bool requested = [] {
+// AFFECTKIT_ATTENTION_WG_PIPELINE: the kernel's kMode. 1 (the default: pipelined, ran on an
+// H100), 0 (serial, the kernel's first version) or 2 (pipelined, loads issued after the
+// products and two iterations ahead; not yet run on a GPU). Read once; a bad value raises on
+// every call.
+int pipeline_mode() {
+  static const int mode = [] {
     const char* env = std::getenv("AFFECTKIT_ATTENTION_WG_PIPELINE");
-    if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return true;
-    if (std::strcmp(env, "0") == 0) return false;
-    throw ValueError(std::string("AFFECTKIT_ATTENTION_WG_PIPELINE: expected 0 or 1, got '") + env + "'");
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return 1;
+    if (std::strcmp(env, "0") == 0) return 0;
+    if (std::strcmp(env, "2") == 0) return 2;
+    throw ValueError(std::string("AFFECTKIT_ATTENTION_WG_PIPELINE: expected 0, 1 or 2, got '") + env + "'");
   }();
-  return requested;
+  return mode;
 }
 
-template <typename T, bool kPipelined>
+template <typename T, int kMode>
 void launch(const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t stream) {
-  auto* kernel = wg_forward_kernel<T, kPipelined>;
-  constexpr size_t bytes = smem_bytes(kPipelined);
+  auto* kernel = wg_forward_kernel<T, kMode>;
+  constexpr size_t bytes = smem_bytes(kMode > 0);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "attention_forward (wgmma): shared memory");
   // V's descriptor offsets: leading = the column blocks' stride, stride = the 8-key groups'
@@ -387,15 +488,16 @@ bool forward_cuda_wgmma(DType dtype, const Problem& p, View q, View k, View v, M
     return false;
   const int optin = current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   if (optin < static_cast<int>(smem_bytes(false))) return false;
-  const bool pipelined = pipeline_requested() && optin >= static_cast<int>(smem_bytes(true));
+  const int mode = optin >= static_cast<int>(smem_bytes(true)) ? pipeline_mode() : 0;
   const cudaStream_t st = as_stream(stream);
-  if (dtype == DType::Float16) {
-    if (pipelined) launch<__half, true>(p, q, k, v, out, lse, st);
-    else launch<__half, false>(p, q, k, v, out, lse, st);
-  } else {
-    if (pipelined) launch<__nv_bfloat16, true>(p, q, k, v, out, lse, st);
-    else launch<__nv_bfloat16, false>(p, q, k, v, out, lse, st);
-  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    if (mode == 2) launch<T, 2>(p, q, k, v, out, lse, st);
+    else if (mode == 1) launch<T, 1>(p, q, k, v, out, lse, st);
+    else launch<T, 0>(p, q, k, v, out, lse, st);
+  };
+  if (dtype == DType::Float16) run(__half{});
+  else run(__nv_bfloat16{});
   cuda_check(cudaGetLastError(), "attention_forward (wgmma)");
   return true;
 }
