@@ -107,7 +107,7 @@ for step in $STEPS; do
           && timeout 30 "/tmp/$probe" >> "$OUT/probe.log" 2>&1
         echo "$probe exit $?"
       done
-      grep -E "probe|O\(|D\(|^A[123]" "$OUT/probe.log" | tail -22 ;;
+      grep -E "probe|O\(|D\(|^A[1-5]" "$OUT/probe.log" | tail -22 ;;
     env:*)
       assignment=${step#env:}
       if [[ ${assignment#*=} == "" ]]; then unset "${assignment%%=*}"; else export "${assignment?}"; fi

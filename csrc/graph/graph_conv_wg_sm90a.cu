@@ -29,6 +29,9 @@
 // 16-byte shared stores per thread, four warpgroup barriers.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "../core/cuda_utils.cuh"
 #include "../core/wgmma.cuh"
@@ -93,6 +96,40 @@ __device__ __forceinline__ void wgmma_bf16_m64n64k16(float (&d)[8][4], uint64_t 
 #endif
 }
 
+// The same two steps with the left operand from registers (wgmma "RS"). Thread t of warp w,
+// g = t / 4, c = t % 4, holds a[i] = L(16 w + g + 8 (i & 1), k) with k = c + 4 (i >> 1) (tf32,
+// CuTe's ALayout_64x8), or the bf16 pair of slots 2 k, 2 k + 1 of that k (bf16: the slots
+// 2 c + 8 (i >> 1), + 1, ALayout_64x16). B is K-major in shared memory, as above.
+__device__ __forceinline__ void wgmma_tf32_m64n64k8_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                                        int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_bf16_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                                        int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
 // v as the big part and the bf16 pair of a left (v, small) or right (small, v) operand.
 template <bool Left>
 __device__ __forceinline__ void split_pair(float v, uint32_t& big, uint32_t& pair) {
@@ -125,12 +162,18 @@ __device__ __forceinline__ void group_barrier(int group) {
 
 // Stage rows x cols of a row-major matrix (or its transpose) as a split operand: row r, float
 // k of the operand is m[r * ld + k] (or m[k * ld + r]); zero outside rows x cols.
-template <bool Left, bool Transposed>
+// With PermuteK, float k of the operand holds column permute_k(k) of m: within each group of 8,
+// positions 0..3 hold the even columns and 4..7 the odd ones, the K order in which kRegsZ's
+// register fragments carry Z^T (thread c holds columns 2 c and 2 c + 1 of each group as its
+// k = c and k = c + 4).
+__host__ __device__ constexpr int permute_k(int k) { return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1); }
+
+template <bool Left, bool Transposed, bool PermuteK = false>
 __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pair_off, const float* m,
                               int rows, int cols, int ld) {
-  for (int i = threadIdx.x; i < kDim * kDim; i += kThreads) {
-    const int r = i / kDim, k = i % kDim;
-    const float v = r < rows && k < cols ? (Transposed ? m[k * ld + r] : m[r * ld + k]) : 0.f;
+  for (int i = threadIdx.x; i < kDim * kDim; i += blockDim.x) {
+    const int r = i / kDim, k = i % kDim, km = PermuteK ? permute_k(k) : k;
+    const float v = r < rows && km < cols ? (Transposed ? m[km * ld + r] : m[r * ld + km]) : 0.f;
     uint32_t big, pair;
     split_pair<Left>(v, big, pair);
     *reinterpret_cast<uint32_t*>(smem + big_off + elem_offset(r, k)) = big;
@@ -140,7 +183,14 @@ __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pa
 #endif
 
 // grid: resident blocks (persistent); block: kThreads; dynamic shared memory kSmemBytes.
-template <int Act>
+// kRegsZ (AFFECTKIT_GRAPH_WG_PHASE2=regs; not yet run on a GPU): phase 2 as Y^T = Z^T A^T with
+// Z^T taken from phase 1's accumulators in registers (wgmma with A from registers) and A from
+// shared memory, instead of storing Z^T and reading it back. The ncu profile of the default
+// put shared memory at 80 % of its throughput: this drops the Z^T stores (64 KB a sample, with
+// a 2-way bank conflict) and phase 2's left-operand reads (32 KB), about 40 % of the traffic,
+// and the buffer is free once phase 1 is done, so the next sample's x is stored while phase 2
+// runs. The outputs come out transposed (rows fo), stored 4 bytes a lane, 32 bytes a row.
+template <int Act, bool kRegsZ>
 __global__ void __launch_bounds__(kThreads, 1)
 wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const float* __restrict__ w,
                const float* __restrict__ bias, float* __restrict__ out, int64_t S, int N, int F, int Fo,
@@ -157,7 +207,8 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
 
   // Once per block: W^T (row fo, float f = W[f][fo]), A (row n, float m = A[n][m]), the bias.
   stage_operand<true, true>(smem, kWtBig, kWtPair, w, Fo, F, Fo);
-  stage_operand<true, false>(smem, kAdjBig, kAdjPair, adj, N, N, N);
+  if constexpr (kRegsZ) stage_operand<false, false, true>(smem, kAdjBig, kAdjPair, adj, N, N, N);  // right
+  else stage_operand<true, false>(smem, kAdjBig, kAdjPair, adj, N, N, N);
   for (int i = tid; i < kDim; i += kThreads) bias_s[i] = bias != nullptr && i < Fo ? bias[i] : 0.f;
   fence_proxy_async();
   __syncthreads();
@@ -185,8 +236,7 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
   int64_t s = static_cast<int64_t>(blockIdx.x) * kGroups + group;
   load_x(s);
   float acc[8][4];
-  for (; s < S; s += stride) {
-    group_barrier(group);  // this group's products of the previous sample are done with its buffer
+  auto store_x = [&]() {  // xr, split, into the buffer (every piece, padding included)
 #pragma unroll
     for (int r = 0; r < 8; ++r) {
       const int i = x_piece(r);
@@ -198,42 +248,104 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
       *reinterpret_cast<uint4*>(smem + buf_big + off) = make_uint4(big[0], big[1], big[2], big[3]);
       *reinterpret_cast<uint4*>(smem + buf_pair + off) = make_uint4(pair[0], pair[1], pair[2], pair[3]);
     }
-    load_x(s + stride);  // in flight during the two products
+  };
+  if constexpr (kRegsZ) {
+    if (s >= S) return;  // warpgroup-uniform; only named barriers of this group follow
+    store_x();
     fence_proxy_async();
     group_barrier(group);
-    product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
-    group_barrier(group);  // every warp's product is done reading x before Z^T replaces it
-    // Z^T (row fo = 16 warp + 8 h + g, float n = 8 j + 2 c + e) as the right operand.
+    load_x(s + stride);
+    const float bias_r[2] = {bias_s[16 * warp + g], bias_s[16 * warp + 8 + g]};  // row fo of Y^T
+    float d2[8][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int j = 0; j < 8; ++j) d2[j][0] = d2[j][1] = d2[j][2] = d2[j][3] = 0.f;
+    for (; s < S; s += stride) {
+      product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
+      // Z^T as phase 2's left operand: k-step t holds columns 8 t .. 8 t + 7 in permute_k
+      // order, so thread c's k = c and k = c + 4 are its own columns 8 t + 2 c and + 1.
+      uint32_t zb[8][4], zp[8][4];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        split_pair<true>(acc[t][0], zb[t][0], zp[t][0]);  // row g,     k = c
+        split_pair<true>(acc[t][2], zb[t][1], zp[t][1]);  // row g + 8, k = c
+        split_pair<true>(acc[t][1], zb[t][2], zp[t][2]);  // row g,     k = c + 4
+        split_pair<true>(acc[t][3], zb[t][3], zp[t][3]);  // row g + 8, k = c + 4
+      }
+      group_barrier(group);  // every warp's phase 1 is done reading x: the buffer is free
+      wgmma_fence_operand(zb);
+      wgmma_fence_operand(zp);
+      wgmma_fence_operand(d2);
+      wgmma_fence();
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+        wgmma_bf16_m64n64k16_rs(d2, zp[t], sw128_desc(base + kAdjPair + step_offset(t)), t > 0);
+      wgmma_fence();  // k16 -> k8, as in product()
+#pragma unroll
+      for (int t = 0; t < 8; ++t) wgmma_tf32_m64n64k8_rs(d2, zb[t], sw128_desc(base + kAdjBig + step_offset(t)), 1);
+      wgmma_commit();
+      store_x();  // the next sample's x under phase 2 (past the last sample: stale, never read)
+      wgmma_wait_all(d2);
+      wgmma_fence_operand(zb);  // read asynchronously: intact until here
+      wgmma_fence_operand(zp);
+      fence_proxy_async();  // the x stores, for the next phase 1
+      load_x(s + 2 * stride);
+      // Y^T (row fo = 16 warp + 8 h + g, column n = 8 j + 2 c + e): bias, activation, store.
+      float* y = out + s * N * Fo;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int fo = 16 * warp + 8 * h + g, n = 8 * j + 2 * c;
-        uint32_t b0, p0, b1, p1;
-        split_pair<false>(acc[j][2 * h], b0, p0);
-        split_pair<false>(acc[j][2 * h + 1], b1, p1);
-        *reinterpret_cast<uint2*>(smem + buf_big + elem_offset(fo, n)) = make_uint2(b0, b1);
-        *reinterpret_cast<uint2*>(smem + buf_pair + elem_offset(fo, n)) = make_uint2(p0, p1);
+        const int fo = 16 * warp + 8 * h + g;
+        if (fo >= Fo) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int n = 8 * j + 2 * c + e;
+            if (n < N) __stcs(y + n * Fo + fo, activate<Act>(d2[j][2 * h + e] + bias_r[h]));
+          }
       }
-    fence_proxy_async();
-    group_barrier(group);
-    product(acc, base + kAdjBig, base + kAdjPair, base + buf_big, base + buf_pair);  // Y
-    // Y (row n = 16 warp + 8 h + g, column fo = 8 j + 2 c + e): bias, activation, store.
-    float* y = out + s * N * Fo;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = 16 * warp + 8 * h + g;
-      if (n >= N) continue;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int fo = 8 * j + 2 * c;
-        const float v0 = activate<Act>(acc[j][2 * h] + bias_s[fo]);
-        const float v1 = activate<Act>(acc[j][2 * h + 1] + bias_s[fo + 1]);
-        if (pair_stores && fo + 1 < Fo) {
-          __stcs(reinterpret_cast<float2*>(y + n * Fo + fo), make_float2(v0, v1));
-        } else {
-          if (fo < Fo) __stcs(y + n * Fo + fo, v0);
-          if (fo + 1 < Fo) __stcs(y + n * Fo + fo + 1, v1);
+      group_barrier(group);  // every warp's x stores are in before the next phase 1
+    }
+  } else {
+    for (; s < S; s += stride) {
+      group_barrier(group);  // this group's products of the previous sample are done with its buffer
+      store_x();
+      load_x(s + stride);  // in flight during the two products
+      fence_proxy_async();
+      group_barrier(group);
+      product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
+      group_barrier(group);  // every warp's product is done reading x before Z^T replaces it
+      // Z^T (row fo = 16 warp + 8 h + g, float n = 8 j + 2 c + e) as the right operand.
+  #pragma unroll
+      for (int j = 0; j < 8; ++j)
+  #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int fo = 16 * warp + 8 * h + g, n = 8 * j + 2 * c;
+          uint32_t b0, p0, b1, p1;
+          split_pair<false>(acc[j][2 * h], b0, p0);
+          split_pair<false>(acc[j][2 * h + 1], b1, p1);
+          *reinterpret_cast<uint2*>(smem + buf_big + elem_offset(fo, n)) = make_uint2(b0, b1);
+          *reinterpret_cast<uint2*>(smem + buf_pair + elem_offset(fo, n)) = make_uint2(p0, p1);
+        }
+      fence_proxy_async();
+      group_barrier(group);
+      product(acc, base + kAdjBig, base + kAdjPair, base + buf_big, base + buf_pair);  // Y
+      // Y (row n = 16 warp + 8 h + g, column fo = 8 j + 2 c + e): bias, activation, store.
+      float* y = out + s * N * Fo;
+  #pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = 16 * warp + 8 * h + g;
+        if (n >= N) continue;
+  #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int fo = 8 * j + 2 * c;
+          const float v0 = activate<Act>(acc[j][2 * h] + bias_s[fo]);
+          const float v1 = activate<Act>(acc[j][2 * h + 1] + bias_s[fo + 1]);
+          if (pair_stores && fo + 1 < Fo) {
+            __stcs(reinterpret_cast<float2*>(y + n * Fo + fo), make_float2(v0, v1));
+          } else {
+            if (fo < Fo) __stcs(y + n * Fo + fo, v0);
+            if (fo + 1 < Fo) __stcs(y + n * Fo + fo + 1, v1);
+          }
         }
       }
     }
@@ -244,15 +356,25 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
 using WgKernel = void (*)(const float*, const float*, const float*, const float*, float*, int64_t, int,
                           int, int, bool);
 
+template <bool kRegsZ>
 WgKernel pick_kernel(Activation act) {
   switch (act) {
-    case Activation::ReLU: return wg_conv_kernel<1>;
-    case Activation::ELU: return wg_conv_kernel<2>;
-    case Activation::LeakyReLU: return wg_conv_kernel<3>;
-    case Activation::Tanh: return wg_conv_kernel<4>;
-    case Activation::Sigmoid: return wg_conv_kernel<5>;
-    default: return wg_conv_kernel<0>;
+    case Activation::ReLU: return wg_conv_kernel<1, kRegsZ>;
+    case Activation::ELU: return wg_conv_kernel<2, kRegsZ>;
+    case Activation::LeakyReLU: return wg_conv_kernel<3, kRegsZ>;
+    case Activation::Tanh: return wg_conv_kernel<4, kRegsZ>;
+    case Activation::Sigmoid: return wg_conv_kernel<5, kRegsZ>;
+    default: return wg_conv_kernel<0, kRegsZ>;
   }
+}
+
+// AFFECTKIT_GRAPH_WG_PHASE2: "smem" (the default: Z^T through shared memory) or "regs" (kRegsZ).
+// Read on every call, so a bad value raises every time.
+bool regs_z_requested() {
+  const char* env = std::getenv("AFFECTKIT_GRAPH_WG_PHASE2");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "smem") == 0) return false;
+  if (std::strcmp(env, "regs") == 0) return true;
+  throw ValueError(std::string("AFFECTKIT_GRAPH_WG_PHASE2: expected smem or regs, got '") + env + "'");
 }
 
 }  // namespace
@@ -267,7 +389,7 @@ bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, con
       current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
       current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
     return false;
-  const WgKernel kernel = pick_kernel(act);
+  const WgKernel kernel = regs_z_requested() ? pick_kernel<true>(act) : pick_kernel<false>(act);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
              "graph_conv_forward (shared memory)");
   const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, current_device_attr(cudaDevAttrMultiProcessorCount));

@@ -9,7 +9,13 @@
 # pairs as two bf16 values (the lower K slot in the low half), products summed in float64 here
 # (the tensor cores' float32 sums are within the tolerance below).
 #
-# Usage: python3 graph_conv_wg_kernel.py [--bug NAME]; exits non-zero on a failure.
+# --phase2 regs emulates kRegsZ (AFFECTKIT_GRAPH_WG_PHASE2=regs): phase 2 as Y^T = Z^T A^T, Z^T
+# split from phase 1's accumulators into register fragments (CuTe's ALayout_64x8 for tf32,
+# ALayout_64x16 for the bf16 pairs), A staged as a right operand with its columns in
+# permute_k order, the outputs stored from Y^T's accumulators.
+#
+# Usage: python3 graph_conv_wg_kernel.py [--phase2 smem|regs] [--bug NAME]; exits non-zero on a
+# failure.
 import argparse
 import sys
 
@@ -92,6 +98,50 @@ def product(sm, l_big, l_pair, r_big, r_pair):
     return D.astype(f32)
 
 
+def permute_k(k):
+    if BUG == "no_permute":  # planted: A staged in plain column order
+        return k
+    return (k & ~7) | ((k & 3) << 1) | ((k >> 2) & 1)
+
+
+def fragment_matrix(regs, bf16):
+    """The 64 x K left operand that per-thread registers regs[warp][lane][i] (uint32 words) hand
+    to one wgmma k step: tf32 a[i] = L(16 w + g + 8 (i & 1), c + 4 (i >> 1)); bf16: the pair of
+    slots 2 k, 2 k + 1 of that k (low half first)."""
+    L = np.zeros((64, 16 if bf16 else 8))
+    for w in range(4):
+        for lane in range(32):
+            g, c = lane >> 2, lane & 3
+            for i in range(4):
+                m, k = 16 * w + g + 8 * (i & 1), c + 4 * (i >> 1)
+                word = np.uint32(regs[w][lane][i])
+                if bf16:
+                    L[m, 2 * k] = np.array([(word & 0xffff) << 16], np.uint32).view(f32)[0]
+                    L[m, 2 * k + 1] = np.array([(word >> 16) << 16], np.uint32).view(f32)[0]
+                else:
+                    L[m, k] = np.array([word & np.uint32(0xffffe000)], np.uint32).view(f32)[0]
+    return L
+
+
+def phase2_regs(sm, D1, adj_big, adj_pair):
+    """kRegsZ's phase 2: D2 (rows fo, columns n) = Z^T A^T from register fragments of D1."""
+    D2 = np.zeros((64, 64))
+    for t in range(8):
+        zb = [[None] * 32 for _ in range(4)]
+        zp = [[None] * 32 for _ in range(4)]
+        for w in range(4):
+            for lane in range(32):
+                g, c = lane >> 2, lane & 3
+                acc = [D1[16 * w + g, 8 * t + 2 * c], D1[16 * w + g, 8 * t + 2 * c + 1],
+                       D1[16 * w + 8 + g, 8 * t + 2 * c], D1[16 * w + 8 + g, 8 * t + 2 * c + 1]]  # acc[t][0..3]
+                order = [0, 2, 1, 3] if BUG != "rs_order" else [0, 1, 2, 3]  # planted: accumulator order
+                big, pair = split_pair(np.array([acc[o] for o in order], f32), True)
+                zb[w][lane], zp[w][lane] = big, pair
+        D2 += fragment_matrix(zp, True) @ read_operand(sm, adj_pair + step_offset(t), True).T
+        D2 += fragment_matrix(zb, False) @ read_operand(sm, adj_big + step_offset(t), False).T
+    return D2.astype(f32)
+
+
 def stage(sm, big_off, pair_off, m, left):
     r, k = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
     v = np.zeros((64, 64), f32)
@@ -101,7 +151,7 @@ def stage(sm, big_off, pair_off, m, left):
     sm.put(pair_off + elem_offset(r, k), pair)
 
 
-def run(S, N, F, Fo, act, rng):
+def run(S, N, F, Fo, act, rng, regs=False):
     kOperand = 64 * 64 * 4
     wt_big, wt_pair, adj_big, adj_pair = 0, kOperand, 2 * kOperand, 3 * kOperand
     buf_big, buf_pair = 4 * kOperand, 5 * kOperand
@@ -111,7 +161,13 @@ def run(S, N, F, Fo, act, rng):
     W = (rng.standard_normal((F, Fo)) / np.sqrt(F)).astype(f32)
     b = rng.standard_normal(Fo).astype(f32)
     stage(sm, wt_big, wt_pair, W.T, True)
-    stage(sm, adj_big, adj_pair, A, True)
+    if regs:  # a right operand, columns in permute_k order
+        Ap = np.zeros((N, 64), f32)
+        cols = np.array([permute_k(k) for k in range(64)])
+        Ap[:, cols < N] = A[:, cols[cols < N]]
+        stage(sm, adj_big, adj_pair, Ap, False)
+    else:
+        stage(sm, adj_big, adj_pair, A, True)
     bias = np.zeros(64, f32)
     bias[:Fo] = b
     out = np.full((S, N, Fo), np.nan, f32)
@@ -131,6 +187,21 @@ def run(S, N, F, Fo, act, rng):
                 sm.put(buf_big + off + 4 * np.arange(4), big)
                 sm.put(buf_pair + off + 4 * np.arange(4), pair)
         D1 = product(sm, wt_big, wt_pair, buf_big, buf_pair)
+        if regs:
+            D2 = phase2_regs(sm, D1, adj_big, adj_pair)
+            for warp in range(4):  # Y^T (row fo = 16 w + 8 h + g, column n = 8 j + 2 c + e)
+                for lane in range(32):
+                    g, c = lane >> 2, lane & 3
+                    for h in range(2):
+                        fo = 16 * warp + 8 * h + g
+                        if fo >= Fo:
+                            continue
+                        for j in range(8):
+                            for e in range(2):
+                                n = 8 * j + 2 * c + e
+                                if n < N:
+                                    out[s, n, fo] = ACT[act](D2[fo, n] + bias[fo])
+            continue
         for warp in range(4):  # Z^T stores from the accumulators
             for lane in range(32):
                 g, c = lane >> 2, lane & 3
@@ -166,13 +237,16 @@ ACT = {0: lambda v: v, 1: lambda v: np.maximum(v, 0), 4: np.tanh}
 def main():
     global BUG
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bug", default=None, help="planted bug: column_block | pair_order | k_step | zt_transposed | padding_skipped")
-    BUG = ap.parse_args().bug
+    ap.add_argument("--bug", default=None, help="planted bug: column_block | pair_order | k_step | zt_transposed | "
+                    "padding_skipped | rs_order | no_permute")
+    ap.add_argument("--phase2", default="smem", choices=["smem", "regs"])
+    args = ap.parse_args()
+    BUG = args.bug
     rng = np.random.default_rng()
     failures = 0
     cases = [(2, 62, 64, 64, 0), (1, 64, 64, 1, 1), (2, 13, 32, 33, 4), (1, 1, 4, 7, 0), (1, 31, 8, 64, 1)]
     for S, N, F, Fo, act in cases:
-        out, want = run(S, N, F, Fo, act, rng)
+        out, want = run(S, N, F, Fo, act, rng, regs=args.phase2 == "regs")
         err = np.linalg.norm(out - want) / np.linalg.norm(want)
         ok = not np.isnan(out).any() and err <= 1e-5
         failures += not ok

@@ -6,7 +6,9 @@
 //   A2: 8 bf16 m64n64k16 steps on raw pairs of integers (exact): which half of a pair is the
 //       lower k;
 //   A3: product() (bf16 corrections, then tf32) on operands split as the kernel splits them,
-//       magnitudes spread over 1e-2 .. 1e2: float32 accuracy against float64.
+//       magnitudes spread over 1e-2 .. 1e2: float32 accuracy against float64;
+//   A4, A5: A1 and A2 with the left operand from registers (the kRegsZ phase 2's wgmma "RS"
+//       forms): the register fragment layouts, a[i] = L(16 w + g + 8 (i & 1), c + 4 (i >> 1)).
 // Run by scripts/gpu_check.sh's probe step; a CPU test builds it for sm_90a.
 #ifndef AFFECTKIT_WITH_CUDA
 #define AFFECTKIT_WITH_CUDA 1
@@ -29,7 +31,8 @@ using affectkit::graph::Activation;
 namespace affectkit::graph::detail {
 namespace {
 
-// mode 0: tf32 only from raw words; 1: bf16 only from raw words; 2: product().
+// mode 0: tf32 only from raw words; 1: bf16 only from raw words; 2: product(); 3 and 4: modes 0
+// and 1 with the left words in registers.
 // lw/rw: 64 x 64 words (row, k) for the big operands; lp/rp: 64 x 64 pair words.
 __global__ void probe_kernel(int mode, const uint32_t* lw, const uint32_t* lp, const uint32_t* rw,
                              const uint32_t* rp, float* out) {
@@ -60,6 +63,25 @@ __global__ void probe_kernel(int mode, const uint32_t* lw, const uint32_t* lp, c
     for (int t = 0; t < 8; ++t) wgmma_bf16_m64n64k16(d, sw128_desc(lpa + step_offset(t)), sw128_desc(rpa + step_offset(t)), t > 0);
     wgmma_commit();
     wgmma_wait_all(d);
+  } else if (mode == 3 || mode == 4) {
+    uint32_t a[8][4];
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        a[t][i] = (mode == 3 ? lw : lp)[(16 * warp + g + 8 * (i & 1)) * 64 + 8 * t + c + 4 * (i >> 1)];
+    wgmma_fence_operand(a);
+    wgmma_fence();
+    if (mode == 3) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) wgmma_tf32_m64n64k8_rs(d, a[t], sw128_desc(rb + step_offset(t)), t > 0);
+    } else {
+#pragma unroll
+      for (int t = 0; t < 8; ++t) wgmma_bf16_m64n64k16_rs(d, a[t], sw128_desc(rpa + step_offset(t)), t > 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all(d);
+    wgmma_fence_operand(a);
   } else {
     product(d, lb, lpa, rb, rpa);
   }
@@ -118,16 +140,17 @@ int main() {
     L[i] = rand() % 7 - 3; R[i] = rand() % 7 - 3;
     lw[i] = f2u((float)L[i]); rw[i] = f2u((float)R[i]); lp[i] = rp[i] = 0;
   }
-  run_probe(0, lw, lp, rw, rp, out);
-  {
+  for (int mode : {0, 3}) {
+    run_probe(mode, lw, lp, rw, rp, out);
+    const char* name = mode == 0 ? "A1 tf32-only m64n64k8 x8" : "A4 tf32-only m64n64k8 x8, left from registers";
     int bad = 0;
     for (int m = 0; m < 64; ++m)
       for (int n = 0; n < 64; ++n) {
         double want = 0;
         for (int k = 0; k < 64; ++k) want += L[m * 64 + k] * R[n * 64 + k];
-        if (out[m * 64 + n] != want && bad++ < 4) std::printf("  A1 D(%d,%d) = %g want %g\n", m, n, out[m * 64 + n], want);
+        if (out[m * 64 + n] != want && bad++ < 4) std::printf("  %.2s D(%d,%d) = %g want %g\n", name, m, n, out[m * 64 + n], want);
       }
-    std::printf("A1 tf32-only m64n64k8 x8: %s (%d wrong)\n", bad ? "FAIL" : "PASS", bad);
+    std::printf("%s: %s (%d wrong)\n", name, bad ? "FAIL" : "PASS", bad);
     fails += bad != 0;
   }
   // A2: bf16 only, raw pairs (lo = slot 2k, hi = slot 2k+1) of integers.
@@ -138,16 +161,17 @@ int main() {
     rp[i] = bf16_bits((float)Rlo[i]) | (bf16_bits((float)Rhi[i]) << 16);
     lw[i] = rw[i] = 0;
   }
-  run_probe(1, lw, lp, rw, rp, out);
-  {
+  for (int mode : {1, 4}) {
+    run_probe(mode, lw, lp, rw, rp, out);
+    const char* name = mode == 1 ? "A2 bf16-only m64n64k16 x8" : "A5 bf16-only m64n64k16 x8, left from registers";
     int bad = 0;
     for (int m = 0; m < 64; ++m)
       for (int n = 0; n < 64; ++n) {
         double want = 0;
         for (int k = 0; k < 64; ++k) want += Llo[m * 64 + k] * Rlo[n * 64 + k] + Lhi[m * 64 + k] * Rhi[n * 64 + k];
-        if (out[m * 64 + n] != want && bad++ < 4) std::printf("  A2 D(%d,%d) = %g want %g\n", m, n, out[m * 64 + n], want);
+        if (out[m * 64 + n] != want && bad++ < 4) std::printf("  %.2s D(%d,%d) = %g want %g\n", name, m, n, out[m * 64 + n], want);
       }
-    std::printf("A2 bf16-only m64n64k16 x8: %s (%d wrong)\n", bad ? "FAIL" : "PASS", bad);
+    std::printf("%s: %s (%d wrong)\n", name, bad ? "FAIL" : "PASS", bad);
     fails += bad != 0;
   }
   // A3: operands split as the kernel splits them (left (v, small), right (small, v)).
