@@ -1,8 +1,10 @@
 // Attention forward on Hopper's warpgroup MMA (wgmma, sm_90a): fp16 / bf16, D = Dv = 128, no
 // attn_mask, the key limits of the long kernel (kv lengths, causal). The default for these
 // shapes on compute capability 9.0 since it first ran (H100, 2026-11-27: 1688 us at L = 4096,
-// B = 4, H = 16, 0.49x of SDPA); AFFECTKIT_ATTENTION_WGMMA=0 (read once) turns it off, and the
-// long kernel (cross_attention_tc_long.cu) runs these shapes, as it does on other GPUs.
+// B = 4, H = 16, 0.49x of SDPA; pipelined, 2026-11-28: 1702 us against the serial order's 1816
+// on another H100, 0.47x of that card's SDPA); AFFECTKIT_ATTENTION_WGMMA=0 (read once) turns it
+// off, and the long kernel (cross_attention_tc_long.cu) runs these shapes, as it does on other
+// GPUs.
 //
 // Why. At L = 4096, D = 128 the long kernel (mma.sync, ldmatrix fragments) reached 285 TFLOP/s
 // on the H200, 0.43x of SDPA's flash path (669), against a target of 0.5x; FlashAttention-2
@@ -11,8 +13,9 @@
 // 64-row warpgroup tile per instruction, and takes P straight from registers for O += P V.
 //
 // Design (FlashAttention-3's structure without its producer warps and TMA):
-//   * a block: 2 warpgroups x 64 query rows = 128 rows, 256 threads, one block an SM (160 KB of
-//     shared memory); key tiles of 128, double buffered by cp.async from all threads;
+//   * a block: 2 warpgroups x 64 query rows = 128 rows, 256 threads, one block an SM; key tiles
+//     of 128 loaded by cp.async from all threads, in a ring of 2 stages (serial, 160 KB of shared
+//     memory) or 3 (pipelined, 224 KB; see kMode below);
 //   * shared memory in Hopper's 128-byte swizzle: each 128-row operand (Q, and per stage K and V)
 //     is two column blocks of 64 d, 128 bytes a row (core/wgmma.cuh);
 //   * S (64 x 128 keys) = Q K^T: 8 wgmma m64n128k16, both operands K-major from shared memory;
@@ -24,9 +27,9 @@
 //     were the one thing here that no kernel of ours had used before:
 //     scripts/probe/wgmma_attention_probe.cu checks both orders on a GPU (on an H100 the one
 //     used here passed, the reverse failed);
-//   * each warpgroup waits for its products before touching their registers (no overlap of one
-//     tile's softmax with the next tile's S inside a warpgroup; the two warpgroups of a block
-//     interleave on the SM instead).
+//   * by default (kMode 1) each warpgroup overlaps tile t's softmax with tile t - 1's O += P V
+//     on the tensor cores; serially (kMode 0) it waits for each product before the next step,
+//     and only the two warpgroups of a block interleave.
 // Semantics, limits and the epilogue (O / l in the input dtype; zeros and lse = +inf where no
 // key is visible) are the long kernel's. One difference: a row multiplies P = 0 by the V rows
 // of keys it cannot see but its block can (causal), so an infinite or NaN value there reaches
