@@ -131,14 +131,16 @@ CHILD = textwrap.dedent(
 
 SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "0"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
             "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"},
-            "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"}}
+            "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"},
+            "wgmma2_stages2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2", "AFFECTKIT_KNN_STAGES": "2"}}
 
 
 @pytest.fixture(scope="module")
 def reports():
     """{setting: (report, names of the top-k kernels one call ran)}, one child process each:
     "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation,
-    "wgmma2" the same keeping one slab's products in flight."""
+    "wgmma2" the same keeping one slab's products in flight, "wgmma2_stages2" that with 2 row
+    stages at most (AFFECTKIT_KNN_STAGES, a timing experiment)."""
     out = {}
     for setting, env_vars in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
@@ -150,7 +152,8 @@ def reports():
     return out
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma", "wgmma_in_flight"])
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma", "wgmma_in_flight",
+                                                         "wgmma_in_flight_2_stages"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_matches_float64_reference(reports, setting, metric):
     rows = [r for r in reports[setting][0] if r["metric"] == metric]
@@ -200,13 +203,14 @@ def test_cases_exercise_padding(reports):
         assert padded[(3, 70001, 384, 10, "few")] == 3 * 7
 
 
-def test_bad_wgmma_value_raises_value_error():
+@pytest.mark.parametrize("var, value", [("AFFECTKIT_KNN_WGMMA", "3"), ("AFFECTKIT_KNN_STAGES", "4")])
+def test_bad_setting_raises_value_error(var, value):
     import affectkit._C as C
     import torch
 
     if "90a-real" not in C.build_info()["cuda_architectures"].split(";") or \
             torch.cuda.get_device_capability(0) != (9, 0):
-        pytest.skip("AFFECTKIT_KNN_WGMMA is read where the sm_90a code can run (compute capability 9.0)")
+        pytest.skip(f"{var} is read where the sm_90a code can run (compute capability 9.0)")
     code = ("import torch, affectkit.ops as ops\n"
             "q = torch.ones(4, 64, device='cuda', dtype=torch.float16)\n"
             "try:\n"
@@ -214,7 +218,7 @@ def test_bad_wgmma_value_raises_value_error():
             "except ValueError as e:\n"
             "    print('ValueError:', e)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
-    proc = subprocess.run([sys.executable, "-c", code], env={**env, "AFFECTKIT_KNN_WGMMA": "3"},
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, var: value},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ValueError:" in proc.stdout and "AFFECTKIT_KNN_WGMMA" in proc.stdout, proc.stdout
+    assert "ValueError:" in proc.stdout and var in proc.stdout, proc.stdout

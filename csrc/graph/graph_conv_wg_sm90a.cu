@@ -368,20 +368,19 @@ WgKernel pick_kernel(Activation act) {
   }
 }
 
-// AFFECTKIT_GRAPH_WG_PHASE2: "smem" (the default: Z^T through shared memory) or "regs" (kRegsZ).
-// Read on every call, so a bad value raises every time.
-bool regs_z_requested() {
+}  // namespace
+
+bool wg_phase2_in_registers() {
   const char* env = std::getenv("AFFECTKIT_GRAPH_WG_PHASE2");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "smem") == 0) return false;
   if (std::strcmp(env, "regs") == 0) return true;
   throw ValueError(std::string("AFFECTKIT_GRAPH_WG_PHASE2: expected smem or regs, got '") + env + "'");
 }
 
-}  // namespace
-
 bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, const float* bias,
                            float* out, int64_t S, int64_t N, int64_t F, int64_t Fo, Activation act,
                            uintptr_t stream) {
+  const bool regs_z = wg_phase2_in_registers();
   if (w == nullptr || N < 1 || F < 1 || Fo < 1 || N > kDim || F > kDim || Fo > kDim || F % 4 != 0 ||
       reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
@@ -389,7 +388,7 @@ bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, con
       current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
       current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
     return false;
-  const WgKernel kernel = regs_z_requested() ? pick_kernel<true>(act) : pick_kernel<false>(act);
+  const WgKernel kernel = regs_z ? pick_kernel<true>(act) : pick_kernel<false>(act);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
              "graph_conv_forward (shared memory)");
   const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, current_device_attr(cudaDevAttrMultiProcessorCount));
