@@ -89,9 +89,11 @@ for step in $STEPS; do
     ncu:*)
       IFS=: read -r _ regex part match <<< "$step"
       # --clock-control none: measure the card at its own clocks (the device notes ask this).
+      # --print-details all (where this ncu has it): the stall reasons and source-line tables.
+      details=(); ncu --help 2>/dev/null | grep -q -- "--print-details" && details=(--print-details all)
       timeout 240 ncu --clock-control none --kernel-name "regex:$regex" --launch-count 2 --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
-        --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters --print-details all \
+        --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters "${details[@]}" \
         python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > "$OUT/ncu_$part.txt" 2>&1
       echo "ncu exit $?"; grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Pipe|Stall|Issued Warp|No Eligible" \
         "$OUT/ncu_$part.txt" | head -40 ;;
