@@ -131,16 +131,14 @@ CHILD = textwrap.dedent(
 
 SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "0"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
             "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"},
-            "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"},
-            "wgmma2_stages2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2", "AFFECTKIT_KNN_STAGES": "2"}}
+            "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"}}
 
 
 @pytest.fixture(scope="module")
 def reports():
     """{setting: (report, names of the top-k kernels one call ran)}, one child process each:
     "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation,
-    "wgmma2" the same keeping one slab's products in flight, "wgmma2_stages2" that with 2 row
-    stages at most (AFFECTKIT_KNN_STAGES, a timing experiment)."""
+    "wgmma2" the same keeping one slab's products in flight."""
     out = {}
     for setting, env_vars in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
@@ -152,8 +150,7 @@ def reports():
     return out
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma", "wgmma_in_flight",
-                                                         "wgmma_in_flight_2_stages"])
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma", "wgmma_in_flight"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_matches_float64_reference(reports, setting, metric):
     rows = [r for r in reports[setting][0] if r["metric"] == metric]
@@ -203,7 +200,7 @@ def test_cases_exercise_padding(reports):
         assert padded[(3, 70001, 384, 10, "few")] == 3 * 7
 
 
-@pytest.mark.parametrize("var, value", [("AFFECTKIT_KNN_WGMMA", "3"), ("AFFECTKIT_KNN_STAGES", "4")])
+@pytest.mark.parametrize("var, value", [("AFFECTKIT_KNN_WGMMA", "3")])
 def test_bad_setting_raises_value_error(var, value):
     import affectkit._C as C
     import torch

@@ -204,24 +204,6 @@ def test_bad_knob_raises_value_error(knob, value):
     assert "ValueError:" in proc.stdout and knob in proc.stdout, proc.stdout
 
 
-# The wg kernel's phase 2 with Z^T in registers (AFFECTKIT_GRAPH_WG_PHASE2=regs) must give the
-# same results before it can become the default.
-def test_wg_regs_phase2_matches_float64(gen):
-    if not _wgmma_possible():
-        pytest.skip("the wg kernel needs compute capability 9.0 and a build with sm_90a")
-    seed = int(torch.randint(2**31, (1,), generator=gen))
-    proc = _run("wg", SCRIPT, str(seed), str(TOL), AFFECTKIT_GRAPH_WG_PHASE2="regs")
-    assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
-
-
-def test_bad_wg_phase2_raises_value_error():
-    if not _wgmma_possible():
-        pytest.skip("the wg kernel, which reads it, needs compute capability 9.0 and a build with sm_90a")
-    proc = _run("wg", CALL_PRINTING_VALUE_ERROR, AFFECTKIT_GRAPH_WG_PHASE2="registers")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ValueError:" in proc.stdout and "AFFECTKIT_GRAPH_WG_PHASE2" in proc.stdout, proc.stdout
-
-
 def test_unknown_path_raises_value_error():
     proc = _run("bogus", CALL_PRINTING_VALUE_ERROR)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,10 +1,10 @@
 // Attention forward on Hopper's warpgroup MMA (wgmma, sm_90a): fp16 / bf16, D = Dv = 128, no
 // attn_mask, the key limits of the long kernel (kv lengths, causal). The default for these
 // shapes on compute capability 9.0 since it first ran (H100, 2026-11-27: 1688 us at L = 4096,
-// B = 4, H = 16, 0.49x of SDPA; pipelined, 2026-11-28: 1702 us against the serial order's 1816
-// on another H100, 0.47x of that card's SDPA); AFFECTKIT_ATTENTION_WGMMA=0 (read once) turns it
-// off, and the long kernel (cross_attention_tc_long.cu) runs these shapes, as it does on other
-// GPUs.
+// B = 4, H = 16, 0.49x of SDPA; pipelined with loads two tiles ahead, H200, 2026-11-28: 1403 us,
+// 0.58x of SDPA, against 1699 us for the first pipelined order and 1816 us serial on an H100);
+// AFFECTKIT_ATTENTION_WGMMA=0 (read once) turns it off, and the long kernel
+// (cross_attention_tc_long.cu) runs these shapes, as it does on other GPUs.
 //
 // Why. At L = 4096, D = 128 the long kernel (mma.sync, ldmatrix fragments) reached 285 TFLOP/s
 // on the H200, 0.43x of SDPA's flash path (669), against a target of 0.5x; FlashAttention-2
@@ -15,7 +15,7 @@
 // Design (FlashAttention-3's structure without its producer warps and TMA):
 //   * a block: 2 warpgroups x 64 query rows = 128 rows, 256 threads, one block an SM; key tiles
 //     of 128 loaded by cp.async from all threads, in a ring of 2 stages (serial, 160 KB of shared
-//     memory) or 3 (pipelined, 224 KB; see kMode below);
+//     memory) or separate K and V rings of 3 (pipelined, 224 KB; see kPipelined below);
 //   * shared memory in Hopper's 128-byte swizzle: each 128-row operand (Q, and per stage K and V)
 //     is two column blocks of 64 d, 128 bytes a row (core/wgmma.cuh);
 //   * S (64 x 128 keys) = Q K^T: 8 wgmma m64n128k16, both operands K-major from shared memory;
@@ -27,9 +27,10 @@
 //     were the one thing here that no kernel of ours had used before:
 //     scripts/probe/wgmma_attention_probe.cu checks both orders on a GPU (on an H100 the one
 //     used here passed, the reverse failed);
-//   * by default (kMode 1) each warpgroup overlaps tile t's softmax with tile t - 1's O += P V
-//     on the tensor cores; serially (kMode 0) it waits for each product before the next step,
-//     and only the two warpgroups of a block interleave.
+//   * by default (kPipelined) each warpgroup overlaps tile t's softmax with tile t - 1's O += P V
+//     on the tensor cores; serially (AFFECTKIT_ATTENTION_WG_PIPELINE=0, or where 224 KB of shared
+//     memory cannot be had) it waits for each product before the next step, and only the two
+//     warpgroups of a block interleave.
 // Semantics, limits and the epilogue (O / l in the input dtype; zeros and lse = +inf where no
 // key is visible) are the long kernel's. One difference: a row multiplies P = 0 by the V rows
 // of keys it cannot see but its block can (causal), so an infinite or NaN value there reaches
@@ -121,7 +122,7 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, 
                : "memory");
 }
 
-// stage_operand with the per-piece arithmetic taken out of the loop (kMode 2): thread tid always
+// stage_operand with the per-piece arithmetic taken out of the loop (pipelined): thread tid always
 // copies piece tid % 16 of rows tid / 16 + 16 it (it < 8), and in the swizzled layout those
 // land 2,048 bytes apart (16 rows; the swizzle depends on the row mod 8 only). Straight-line:
 // 8 zero-filling copies, an add and a compare each.
@@ -139,30 +140,27 @@ __device__ __forceinline__ void stage_operand_fast(uint32_t dst, const T* src, i
 }
 static_assert(kThreads == 256 && kD / 8 == 16, "stage_operand_fast: 256 threads, 16 pieces a row, 16 rows a step");
 
-// kMode (AFFECTKIT_ATTENTION_WG_PIPELINE): 0 serial; 1 and 2 pipelined, FlashAttention-3's
-// overlap inside a warpgroup.
-// Tile t's S = Q K_t^T and tile t - 1's O += P V_{t-1} are issued together, and the softmax of
-// S_t (exp2 on the MUFU pipe: about half the tensor time of a tile) runs while O += P V_{t-1}
-// is still on the tensor cores. V_{t-1} is then still read while tile t + 1 is loaded, so the
-// K/V ring has 3 stages (224 KB with Q), against 2 without the overlap. Every asynchronous
-// window opens and closes inside one iteration.
-// kMode 2 (not yet run on a GPU) differs in its loads. The ncu profile of mode 1 had the tensor
-// cores busy a third of the time, with all threads staging the next tile between the barrier
-// and the products, and each tile's loads given one tile of time. Mode 2 issues the products
-// first and stages after them, with the cheaper stage_operand_fast, and loads further ahead in
-// separate K and V rings of 3 (the same 224 KB): iteration t needs K_t and V_{t-1} and loads
-// K_{t+2} and V_{t+1}, one commit group, so each load has two iterations to land.
-template <typename T, int kMode>
+// kPipelined (the default; AFFECTKIT_ATTENTION_WG_PIPELINE=0 turns it off): FlashAttention-3's
+// overlap inside a warpgroup. Tile t's S = Q K_t^T and tile t - 1's O += P V_{t-1} are issued
+// together, and the softmax of S_t (exp2 on the MUFU pipe: about half the tensor time of a
+// tile) runs while O += P V_{t-1} is still on the tensor cores. Every asynchronous window opens
+// and closes inside one iteration.
+// Its loads: the products are issued first and the loads staged under them, with the cheaper
+// stage_operand_fast, in separate K and V rings of 3 (224 KB with Q): iteration t needs K_t and
+// V_{t-1} and loads K_{t+2} and V_{t+1}, one commit group, so each load has two iterations to
+// land. A first pipelined order (one K/V ring of 3, the next tile staged by all threads between
+// the barrier and the products) had the tensor cores busy a third of the time under ncu and took
+// 1699 us where this one takes 1403 (H200, L = 4096, D = 128); it is gone.
+template <typename T, bool kPipelined>
 __global__ void __launch_bounds__(kThreads, 1)
     wg_forward_kernel(Problem p, View q, View k, View v, MutView out, MutView lse, float scale_log2,
                       uint32_t v_leading, uint32_t v_stride) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr bool kPipelined = kMode > 0;
   constexpr int kStages = kPipelined ? 3 : 2;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   unsigned char* const sQ = smem;
-  // kMode < 2: stage s holds K at 2 s kOperand, V after it. kMode 2: K slots s < 3, V slots 3 + s.
+  // Serial: stage s holds K at 2 s kOperand, V after it. Pipelined: K slots s < 3, V slots 3 + s.
   unsigned char* const sKV = smem + kOperand;
 
   const int tid = static_cast<int>(threadIdx.x), wg = tid >> 7, warp = (tid >> 5) & 3;
@@ -200,12 +198,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     stage_operand<T>(dK + kOperand, vbase + static_cast<int64_t>(j0) * v.sr, v.sr, kend_blk - j0);
   };
   auto k_addr_of = [&](int t) {
-    return smem_addr(sKV) + static_cast<uint32_t>((t % kStages) * (kMode == 2 ? 1 : 2) * kOperand);
+    return smem_addr(sKV) + static_cast<uint32_t>((t % kStages) * (kPipelined ? 1 : 2) * kOperand);
   };
   auto v_addr_of = [&](int t) {
-    return kMode == 2 ? smem_addr(sKV) + static_cast<uint32_t>((3 + t % 3) * kOperand) : k_addr_of(t) + kOperand;
+    return kPipelined ? smem_addr(sKV) + static_cast<uint32_t>((3 + t % 3) * kOperand) : k_addr_of(t) + kOperand;
   };
-  // kMode 2: the loads of iteration t (K_{t+2}, V_{t+1}) as one commit group; past the last
+  // Pipelined: the loads of iteration t (K_{t+2}, V_{t+1}) as one commit group; past the last
   // tile the group is empty.
   auto stage_ahead = [&](int t) {
     if (t + 2 < n_tiles) {
@@ -219,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_commit();
   };
 
-  if constexpr (kMode == 2) {
+  if constexpr (kPipelined) {
     // Prologue: {Q, K_0}, then {K_1, V_0} (two commit groups).
     stage_operand_fast<T>(smem_addr(sQ), qbase, q.sr, n_tiles > 0 ? qvalid : 0);
     if (n_tiles > 0) stage_operand_fast<T>(k_addr_of(0), kbase, k.sr, kend_blk);
@@ -336,12 +334,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Tile t is waited for, and tile t + 1 loaded, at the top of iteration t; the barrier also
   // frees the stage refilled there (its last reader, tile t + 1 - kStages, finished in an
-  // earlier iteration). Pipelined, iteration n_wg only finishes O += P V of the last tile.
-  // kMode 2: the wait at the top of iteration t is for the group of iteration t - 2 (K_t and
-  // V_{t-1}), also in the last iteration, which only finishes O += P V.
+  // earlier iteration). Pipelined, the wait at the top of iteration t is for the group of
+  // iteration t - 2 (K_t and V_{t-1}), also in the last iteration, which only finishes O += P V
+  // of the last tile.
   const int n_iter = kPipelined ? n_tiles + 1 : n_tiles;
   for (int t = 0; t < n_iter; ++t) {
-    if constexpr (kMode == 2) {  // block-uniform
+    if constexpr (kPipelined) {  // block-uniform
       cp_async_wait_pending(1);
       fence_proxy_async();
       __syncthreads();  // every thread's copies landed; the slots refilled below are free
@@ -353,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_commit();
     }
     const int j0 = t * kKeys;
-    if constexpr (kMode == 2) {
+    if constexpr (kPipelined) {
       // Each case issues its products, stages the next loads under them (every thread takes
       // exactly one case, so all stage), then waits. Issuing in one branch and waiting in
       // another made ptxas serialise every wgmma (C7520, "WG.AR in divergent path").
@@ -386,32 +384,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         keep_p();
       } else if (t < n_tiles) {
         stage_ahead(t);
-      }
-    } else if constexpr (kPipelined) {
-      const bool do_s = t < n_wg, do_pv = t > 0 && t <= n_wg;  // warpgroup-uniform
-      if (do_s && do_pv) {  // S_t and O += P_{t-1} V_{t-1} together; softmax of S_t under the latter
-        clear_s();
-        fence_operands();
-        issue_s(k_addr_of(t));
-        issue_pv(k_addr_of(t - 1) + kOperand);
-        wgmma_wait_pending<1>();  // groups complete in order: S_t is done
-        wgmma_fence_operand(sc);  // ... so its registers are read only from here
-        softmax(j0);
-        wgmma_wait_all(o);
-        keep_p();
-        rescale_and_pack();
-      } else if (do_s) {  // the first tile
-        clear_s();
-        fence_operands();
-        issue_s(k_addr_of(t));
-        wgmma_wait_all(sc);
-        softmax(j0);
-        rescale_and_pack();
-      } else if (do_pv) {  // the last tile's O += P V
-        fence_operands();
-        issue_pv(k_addr_of(t - 1) + kOperand);
-        wgmma_wait_all(o);
-        keep_p();
       }
     } else {
       if (t >= n_wg) continue;  // warpgroup-uniform: nothing of this tile is visible to it
@@ -453,25 +425,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// AFFECTKIT_ATTENTION_WG_PIPELINE: the kernel's kMode. 1 (the default: pipelined, ran on an
-// H100), 0 (serial, the kernel's first version) or 2 (pipelined, loads issued after the
-// products and two iterations ahead; not yet run on a GPU). Read once; a bad value raises on
-// every call.
+// AFFECTKIT_ATTENTION_WG_PIPELINE: 1 (the default: pipelined) or 0 (serial, the kernel's first
+// version). Read once; a bad value raises on every call.
 int pipeline_mode() {
   static const int mode = [] {
     const char* env = std::getenv("AFFECTKIT_ATTENTION_WG_PIPELINE");
     if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return 1;
     if (std::strcmp(env, "0") == 0) return 0;
-    if (std::strcmp(env, "2") == 0) return 2;
-    throw ValueError(std::string("AFFECTKIT_ATTENTION_WG_PIPELINE: expected 0, 1 or 2, got '") + env + "'");
+    throw ValueError(std::string("AFFECTKIT_ATTENTION_WG_PIPELINE: expected 0 or 1, got '") + env + "'");
   }();
   return mode;
 }
 
-template <typename T, int kMode>
+template <typename T, bool kPipelined>
 void launch(const Problem& p, View q, View k, View v, MutView out, MutView lse, cudaStream_t stream) {
-  auto* kernel = wg_forward_kernel<T, kMode>;
-  constexpr size_t bytes = smem_bytes(kMode > 0);
+  auto* kernel = wg_forward_kernel<T, kPipelined>;
+  constexpr size_t bytes = smem_bytes(kPipelined);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "attention_forward (wgmma): shared memory");
   // V's descriptor offsets: leading = the column blocks' stride, stride = the 8-key groups'
@@ -495,9 +464,8 @@ bool forward_cuda_wgmma(DType dtype, const Problem& p, View q, View k, View v, M
   const cudaStream_t st = as_stream(stream);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    if (mode == 2) launch<T, 2>(p, q, k, v, out, lse, st);
-    else if (mode == 1) launch<T, 1>(p, q, k, v, out, lse, st);
-    else launch<T, 0>(p, q, k, v, out, lse, st);
+    if (mode == 1) launch<T, true>(p, q, k, v, out, lse, st);
+    else launch<T, false>(p, q, k, v, out, lse, st);
   };
   if (dtype == DType::Float16) run(__half{});
   else run(__nv_bfloat16{});

@@ -477,7 +477,6 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
     };
 #ifdef AFFECTKIT_WITH_SM90A
     if constexpr (std::is_same_v<T, float>) {
-      wg_phase2_in_registers();  // a bad AFFECTKIT_GRAPH_WG_PHASE2 raises whatever the shape
       const bool wg_wanted = path == Path::Wg || (path == Path::Auto && !warp_ok && wg_pays(N, F, Fo));
       if (wg_wanted && B == 1 && assignment == nullptr && w != nullptr &&
           graph_conv_forward_wg(static_cast<const float*>(x), static_cast<const float*>(adj),

@@ -27,10 +27,6 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
 bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, const float* bias,
                            float* out, int64_t S, int64_t N, int64_t F, int64_t Fo, Activation act,
                            uintptr_t stream);
-// AFFECTKIT_GRAPH_WG_PHASE2 ("smem", the default, or "regs"): how the wg kernel hands Z^T to
-// its second product. Throws ValueError on another value; the dispatcher reads it on every
-// float call, so a bad value raises whatever the shape.
-bool wg_phase2_in_registers();
 #endif
 
 }  // namespace affectkit::graph::detail

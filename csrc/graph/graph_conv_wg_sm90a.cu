@@ -15,18 +15,19 @@
 // v_L small_R + small_L v_R at once) then 8 TF32 steps of K = 8 (big x big): ~1e-6 relative,
 // like float32, at 2/3 of the tensor time of three TF32 products.
 //
-// Layout: every operand is 64 x 64 floats (zero padded), K-major in two 128-byte column blocks
-// with the 128-byte swizzle (core/wgmma.cuh); a bf16 pair sits where its float would. The
-// products, as D = L R^T with K = 64:
-//   phase 1: Z^T (Fo x N) = W^T (Fo x F) . x_s (N x F)^T        L = W^T, R = x_s
-//   phase 2: Y (N x Fo)   = A (N x N) . (Z^T (Fo x N))^T        L = A,   R = Z^T
-// so phase 1's accumulators are exactly phase 2's right operand, and phase 2's are rows of the
-// output (each thread stores pairs of adjacent outputs).
+// Layout: every operand in shared memory is 64 x 64 floats (zero padded), K-major in two
+// 128-byte column blocks with the 128-byte swizzle (core/wgmma.cuh); a bf16 pair sits where its
+// float would. The products, as D = L R^T with K = 64:
+//   phase 1: Z^T (Fo x N) = W^T (Fo x F) . x_s (N x F)^T     L = W^T, R = x_s (shared memory)
+//   phase 2: Y^T (Fo x N) = Z^T (Fo x N) . A (N x N)^T       L = Z^T (registers), R = A
+// Phase 1's accumulators, split, are phase 2's left operand as they are: the register fragment
+// of a k-step carries its 8 columns in permute_k's order, so A is staged with its columns in
+// that order too. Phase 2's accumulators are columns of the output.
 // Work: one block per SM, three warpgroups, each looping over its own samples. A warpgroup owns a
-// 32 KB buffer that holds x_s (phase 1's right operand, all 64 x 64 written, padding too) and
-// then Z_s^T (phase 2's); W^T, A and the bias are staged once per block. The next sample's x is loaded into registers while the
-// current one is multiplied. Per sample: 16 + 16 wgmma of 64 x 64 (1.6 M multiply-adds), ~32
-// 16-byte shared stores per thread, four warpgroup barriers.
+// 32 KB buffer that holds x_s; W^T, A and the bias are staged once per block. Each sample's x
+// is loaded into registers two samples ahead and stored, split, while the sample before it is in
+// phase 2. Per sample: 16 + 16 wgmma of 64 x 64 (1.6 M multiply-adds), 16 16-byte shared stores
+// per thread, two warpgroup barriers.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -183,18 +184,17 @@ __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pa
 #endif
 
 // grid: resident blocks (persistent); block: kThreads; dynamic shared memory kSmemBytes.
-// kRegsZ (AFFECTKIT_GRAPH_WG_PHASE2=regs; not yet run on a GPU): phase 2 as Y^T = Z^T A^T with
-// Z^T taken from phase 1's accumulators in registers (wgmma with A from registers) and A from
-// shared memory, instead of storing Z^T and reading it back. The ncu profile of the default
-// put shared memory at 80 % of its throughput: this drops the Z^T stores (64 KB a sample, with
-// a 2-way bank conflict) and phase 2's left-operand reads (32 KB), about 40 % of the traffic,
-// and the buffer is free once phase 1 is done, so the next sample's x is stored while phase 2
-// runs. The outputs come out transposed (rows fo), stored 4 bytes a lane, 32 bytes a row.
-template <int Act, bool kRegsZ>
+// Phase 2 takes Z^T from phase 1's accumulators in registers (wgmma with its left operand from
+// registers) and A from shared memory. The kernel's first version stored Z^T to shared memory
+// and read it back as phase 2's right operand; ncu put shared memory at 80 % of its throughput
+// there, and this drops the Z^T stores (64 KB a sample, with a 2-way bank conflict) and their
+// reads, about 40 % of the traffic. The buffer is free once phase 1 is done, so the next
+// sample's x is stored while phase 2 runs (H200, 8,192 x 62 x 64 -> 64: 100.9 us against
+// 113.8 us). The outputs come out transposed (rows fo), stored 4 bytes a lane, 32 bytes a row.
+template <int Act>
 __global__ void __launch_bounds__(kThreads, 1)
 wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const float* __restrict__ w,
-               const float* __restrict__ bias, float* __restrict__ out, int64_t S, int N, int F, int Fo,
-               bool pair_stores) {
+               const float* __restrict__ bias, float* __restrict__ out, int64_t S, int N, int F, int Fo) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // sm_90a only; graph_conv_forward_wg launches it on compute capability 9.0
 #else
@@ -207,8 +207,7 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
 
   // Once per block: W^T (row fo, float f = W[f][fo]), A (row n, float m = A[n][m]), the bias.
   stage_operand<true, true>(smem, kWtBig, kWtPair, w, Fo, F, Fo);
-  if constexpr (kRegsZ) stage_operand<false, false, true>(smem, kAdjBig, kAdjPair, adj, N, N, N);  // right
-  else stage_operand<true, false>(smem, kAdjBig, kAdjPair, adj, N, N, N);
+  stage_operand<false, false, true>(smem, kAdjBig, kAdjPair, adj, N, N, N);  // the right operand
   for (int i = tid; i < kDim; i += kThreads) bias_s[i] = bias != nullptr && i < Fo ? bias[i] : 0.f;
   fence_proxy_async();
   __syncthreads();
@@ -249,138 +248,83 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
       *reinterpret_cast<uint4*>(smem + buf_pair + off) = make_uint4(pair[0], pair[1], pair[2], pair[3]);
     }
   };
-  if constexpr (kRegsZ) {
-    if (s >= S) return;  // warpgroup-uniform; only named barriers of this group follow
-    store_x();
-    fence_proxy_async();
-    group_barrier(group);
-    load_x(s + stride);
-    const float bias_r[2] = {bias_s[16 * warp + g], bias_s[16 * warp + 8 + g]};  // row fo of Y^T
-    float d2[8][4];
+  if (s >= S) return;  // warpgroup-uniform; only named barriers of this group follow
+  store_x();
+  fence_proxy_async();
+  group_barrier(group);
+  load_x(s + stride);
+  const float bias_r[2] = {bias_s[16 * warp + g], bias_s[16 * warp + 8 + g]};  // row fo of Y^T
+  float d2[8][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) d2[j][0] = d2[j][1] = d2[j][2] = d2[j][3] = 0.f;
-    for (; s < S; s += stride) {
-      product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
-      // Z^T as phase 2's left operand: k-step t holds columns 8 t .. 8 t + 7 in permute_k
-      // order, so thread c's k = c and k = c + 4 are its own columns 8 t + 2 c and + 1.
-      uint32_t zb[8][4], zp[8][4];
+  for (int j = 0; j < 8; ++j) d2[j][0] = d2[j][1] = d2[j][2] = d2[j][3] = 0.f;
+  for (; s < S; s += stride) {
+    product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
+    // Z^T as phase 2's left operand: k-step t holds columns 8 t .. 8 t + 7 in permute_k
+    // order, so thread c's k = c and k = c + 4 are its own columns 8 t + 2 c and + 1.
+    uint32_t zb[8][4], zp[8][4];
 #pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        split_pair<true>(acc[t][0], zb[t][0], zp[t][0]);  // row g,     k = c
-        split_pair<true>(acc[t][2], zb[t][1], zp[t][1]);  // row g + 8, k = c
-        split_pair<true>(acc[t][1], zb[t][2], zp[t][2]);  // row g,     k = c + 4
-        split_pair<true>(acc[t][3], zb[t][3], zp[t][3]);  // row g + 8, k = c + 4
-      }
-      group_barrier(group);  // every warp's phase 1 is done reading x: the buffer is free
-      wgmma_fence_operand(zb);
-      wgmma_fence_operand(zp);
-      wgmma_fence_operand(d2);
-      wgmma_fence();
-#pragma unroll
-      for (int t = 0; t < 8; ++t)
-        wgmma_bf16_m64n64k16_rs(d2, zp[t], sw128_desc(base + kAdjPair + step_offset(t)), t > 0);
-      wgmma_fence();  // k16 -> k8, as in product()
-#pragma unroll
-      for (int t = 0; t < 8; ++t) wgmma_tf32_m64n64k8_rs(d2, zb[t], sw128_desc(base + kAdjBig + step_offset(t)), 1);
-      wgmma_commit();
-      store_x();  // the next sample's x under phase 2 (past the last sample: stale, never read)
-      wgmma_wait_all(d2);
-      wgmma_fence_operand(zb);  // read asynchronously: intact until here
-      wgmma_fence_operand(zp);
-      fence_proxy_async();  // the x stores, for the next phase 1
-      load_x(s + 2 * stride);
-      // Y^T (row fo = 16 warp + 8 h + g, column n = 8 j + 2 c + e): bias, activation, store.
-      float* y = out + s * N * Fo;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int fo = 16 * warp + 8 * h + g;
-        if (fo >= Fo) continue;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int n = 8 * j + 2 * c + e;
-            if (n < N) __stcs(y + n * Fo + fo, activate<Act>(d2[j][2 * h + e] + bias_r[h]));
-          }
-      }
-      group_barrier(group);  // every warp's x stores are in before the next phase 1
+    for (int t = 0; t < 8; ++t) {
+      split_pair<true>(acc[t][0], zb[t][0], zp[t][0]);  // row g,     k = c
+      split_pair<true>(acc[t][2], zb[t][1], zp[t][1]);  // row g + 8, k = c
+      split_pair<true>(acc[t][1], zb[t][2], zp[t][2]);  // row g,     k = c + 4
+      split_pair<true>(acc[t][3], zb[t][3], zp[t][3]);  // row g + 8, k = c + 4
     }
-  } else {
-    for (; s < S; s += stride) {
-      group_barrier(group);  // this group's products of the previous sample are done with its buffer
-      store_x();
-      load_x(s + stride);  // in flight during the two products
-      fence_proxy_async();
-      group_barrier(group);
-      product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
-      group_barrier(group);  // every warp's product is done reading x before Z^T replaces it
-      // Z^T (row fo = 16 warp + 8 h + g, float n = 8 j + 2 c + e) as the right operand.
-  #pragma unroll
+    group_barrier(group);  // every warp's phase 1 is done reading x: the buffer is free
+    wgmma_fence_operand(zb);
+    wgmma_fence_operand(zp);
+    wgmma_fence_operand(d2);
+    wgmma_fence();
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+      wgmma_bf16_m64n64k16_rs(d2, zp[t], sw128_desc(base + kAdjPair + step_offset(t)), t > 0);
+    wgmma_fence();  // k16 -> k8, as in product()
+#pragma unroll
+    for (int t = 0; t < 8; ++t) wgmma_tf32_m64n64k8_rs(d2, zb[t], sw128_desc(base + kAdjBig + step_offset(t)), 1);
+    wgmma_commit();
+    store_x();  // the next sample's x under phase 2 (past the last sample: stale, never read)
+    wgmma_wait_all(d2);
+    wgmma_fence_operand(zb);  // read asynchronously: intact until here
+    wgmma_fence_operand(zp);
+    fence_proxy_async();  // the x stores, for the next phase 1
+    load_x(s + 2 * stride);
+    // Y^T (row fo = 16 warp + 8 h + g, column n = 8 j + 2 c + e): bias, activation, store.
+    float* y = out + s * N * Fo;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int fo = 16 * warp + 8 * h + g;
+      if (fo >= Fo) continue;
+#pragma unroll
       for (int j = 0; j < 8; ++j)
-  #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int fo = 16 * warp + 8 * h + g, n = 8 * j + 2 * c;
-          uint32_t b0, p0, b1, p1;
-          split_pair<false>(acc[j][2 * h], b0, p0);
-          split_pair<false>(acc[j][2 * h + 1], b1, p1);
-          *reinterpret_cast<uint2*>(smem + buf_big + elem_offset(fo, n)) = make_uint2(b0, b1);
-          *reinterpret_cast<uint2*>(smem + buf_pair + elem_offset(fo, n)) = make_uint2(p0, p1);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = 8 * j + 2 * c + e;
+          if (n < N) __stcs(y + n * Fo + fo, activate<Act>(d2[j][2 * h + e] + bias_r[h]));
         }
-      fence_proxy_async();
-      group_barrier(group);
-      product(acc, base + kAdjBig, base + kAdjPair, base + buf_big, base + buf_pair);  // Y
-      // Y (row n = 16 warp + 8 h + g, column fo = 8 j + 2 c + e): bias, activation, store.
-      float* y = out + s * N * Fo;
-  #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = 16 * warp + 8 * h + g;
-        if (n >= N) continue;
-  #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int fo = 8 * j + 2 * c;
-          const float v0 = activate<Act>(acc[j][2 * h] + bias_s[fo]);
-          const float v1 = activate<Act>(acc[j][2 * h + 1] + bias_s[fo + 1]);
-          if (pair_stores && fo + 1 < Fo) {
-            __stcs(reinterpret_cast<float2*>(y + n * Fo + fo), make_float2(v0, v1));
-          } else {
-            if (fo < Fo) __stcs(y + n * Fo + fo, v0);
-            if (fo + 1 < Fo) __stcs(y + n * Fo + fo + 1, v1);
-          }
-        }
-      }
     }
+    group_barrier(group);  // every warp's x stores are in before the next phase 1
   }
 #endif
 }
 
 using WgKernel = void (*)(const float*, const float*, const float*, const float*, float*, int64_t, int,
-                          int, int, bool);
+                          int, int);
 
-template <bool kRegsZ>
 WgKernel pick_kernel(Activation act) {
   switch (act) {
-    case Activation::ReLU: return wg_conv_kernel<1, kRegsZ>;
-    case Activation::ELU: return wg_conv_kernel<2, kRegsZ>;
-    case Activation::LeakyReLU: return wg_conv_kernel<3, kRegsZ>;
-    case Activation::Tanh: return wg_conv_kernel<4, kRegsZ>;
-    case Activation::Sigmoid: return wg_conv_kernel<5, kRegsZ>;
-    default: return wg_conv_kernel<0, kRegsZ>;
+    case Activation::ReLU: return wg_conv_kernel<1>;
+    case Activation::ELU: return wg_conv_kernel<2>;
+    case Activation::LeakyReLU: return wg_conv_kernel<3>;
+    case Activation::Tanh: return wg_conv_kernel<4>;
+    case Activation::Sigmoid: return wg_conv_kernel<5>;
+    default: return wg_conv_kernel<0>;
   }
 }
 
 }  // namespace
 
-bool wg_phase2_in_registers() {
-  const char* env = std::getenv("AFFECTKIT_GRAPH_WG_PHASE2");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "smem") == 0) return false;
-  if (std::strcmp(env, "regs") == 0) return true;
-  throw ValueError(std::string("AFFECTKIT_GRAPH_WG_PHASE2: expected smem or regs, got '") + env + "'");
-}
-
 bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, const float* bias,
                            float* out, int64_t S, int64_t N, int64_t F, int64_t Fo, Activation act,
                            uintptr_t stream) {
-  const bool regs_z = wg_phase2_in_registers();
   if (w == nullptr || N < 1 || F < 1 || Fo < 1 || N > kDim || F > kDim || Fo > kDim || F % 4 != 0 ||
       reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
@@ -388,14 +332,13 @@ bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, con
       current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
       current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
     return false;
-  const WgKernel kernel = regs_z ? pick_kernel<true>(act) : pick_kernel<false>(act);
+  const WgKernel kernel = pick_kernel(act);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
              "graph_conv_forward (shared memory)");
   const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, current_device_attr(cudaDevAttrMultiProcessorCount));
   if (blocks == 0) return true;
-  const bool pair_stores = Fo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0;
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, as_stream(stream)>>>(
-      x, adj, w, bias, out, S, static_cast<int>(N), static_cast<int>(F), static_cast<int>(Fo), pair_stores);
+      x, adj, w, bias, out, S, static_cast<int>(N), static_cast<int>(F), static_cast<int>(Fo));
   cuda_check(cudaGetLastError(), "graph_conv_forward (wgmma kernel launch)");
   return true;
 }

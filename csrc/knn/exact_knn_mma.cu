@@ -91,21 +91,6 @@ int wgmma_mode() {
 }
 
 namespace {
-// AFFECTKIT_KNN_STAGES: the most row stages the plan may use, 3 (the default) or 2. An
-// experiment setting: if fence.proxy.async (after each slab's cp.async wait) also waits for
-// the copies still in flight, 2 stages run as fast as 3 (benchmarks/RESULTS.md, twentieth
-// session). Read once; a bad value raises on every call.
-int max_stages() {
-  static const int stages = [] {
-    const char* e = std::getenv("AFFECTKIT_KNN_STAGES");
-    const std::string v = e ? e : "";
-    if (v.empty() || v == "3") return 3;
-    if (v == "2") return 2;
-    throw ValueError("AFFECTKIT_KNN_STAGES: expected 2 or 3, got '" + v + "'");
-  }();
-  return stages;
-}
-
 void* kernel_for(int wgmma, int metric) {
 #ifdef AFFECTKIT_WITH_SM90A
   if (wgmma) return wgmma_kernel_ptr(metric, wgmma == 2);
@@ -127,9 +112,10 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
   if (major < 9) return plan;  // the kernel is built for sm_90 and later only
   // wgmma code exists for compute capability 9.0 exactly (sm_90a), where the build made it.
   int wgmma = major == 9 && minor == 0 && kernel_for(1, 0) != nullptr ? wgmma_mode() : 0;
-  const int most = max_stages();
-  auto stages_for = [&](int wg) {  // 3, or 2 when k's lists leave no room for a third; 1: none
-    int s = most;
+  // 3 row stages, or 2 when k's lists leave no room for a third (2 at most ran 7 % slower at
+  // 100 % selectivity on an H200); 1: none.
+  auto stages_for = [&](int wg) {
+    int s = 3;
     while (s >= 2 && Layout(d, k, s, wg != 0).total > static_cast<size_t>(optin)) --s;
     return s;
   };

@@ -1,7 +1,7 @@
 # Numpy emulation of wg_conv_kernel (csrc/graph/graph_conv_wg_sm90a.cu): the split operands in
 # swizzled shared memory (elem_offset, step_offset), the products read through descriptors
 # (TF32 big words, bf16 pairs), the accumulator coordinates, the Z^T hand-over between the two
-# phases and the epilogue's output coordinates, against float64. Written before the kernel ran
+# phases in registers and the epilogue's output coordinates, against float64. Written before the kernel ran
 # on a GPU (tenth session); keep it in step with the kernel.
 #
 # Hardware model as in knn_wgmma_layout.py (K-major, 128-byte swizzle, 1024 bytes between
@@ -9,13 +9,11 @@
 # pairs as two bf16 values (the lower K slot in the low half), products summed in float64 here
 # (the tensor cores' float32 sums are within the tolerance below).
 #
-# --phase2 regs emulates kRegsZ (AFFECTKIT_GRAPH_WG_PHASE2=regs): phase 2 as Y^T = Z^T A^T, Z^T
-# split from phase 1's accumulators into register fragments (CuTe's ALayout_64x8 for tf32,
-# ALayout_64x16 for the bf16 pairs), A staged as a right operand with its columns in
-# permute_k order, the outputs stored from Y^T's accumulators.
+# Phase 2 is Y^T = Z^T A^T: Z^T split from phase 1's accumulators into register fragments (CuTe's
+# ALayout_64x8 for tf32, ALayout_64x16 for the bf16 pairs), A staged as a right operand with its
+# columns in permute_k order, the outputs stored from Y^T's accumulators.
 #
-# Usage: python3 graph_conv_wg_kernel.py [--phase2 smem|regs] [--bug NAME]; exits non-zero on a
-# failure.
+# Usage: python3 graph_conv_wg_kernel.py [--bug NAME]; exits non-zero on a failure.
 import argparse
 import sys
 
@@ -151,7 +149,7 @@ def stage(sm, big_off, pair_off, m, left):
     sm.put(pair_off + elem_offset(r, k), pair)
 
 
-def run(S, N, F, Fo, act, rng, regs=False):
+def run(S, N, F, Fo, act, rng):
     kOperand = 64 * 64 * 4
     wt_big, wt_pair, adj_big, adj_pair = 0, kOperand, 2 * kOperand, 3 * kOperand
     buf_big, buf_pair = 4 * kOperand, 5 * kOperand
@@ -161,13 +159,10 @@ def run(S, N, F, Fo, act, rng, regs=False):
     W = (rng.standard_normal((F, Fo)) / np.sqrt(F)).astype(f32)
     b = rng.standard_normal(Fo).astype(f32)
     stage(sm, wt_big, wt_pair, W.T, True)
-    if regs:  # a right operand, columns in permute_k order
-        Ap = np.zeros((N, 64), f32)
-        cols = np.array([permute_k(k) for k in range(64)])
-        Ap[:, cols < N] = A[:, cols[cols < N]]
-        stage(sm, adj_big, adj_pair, Ap, False)
-    else:
-        stage(sm, adj_big, adj_pair, A, True)
+    Ap = np.zeros((N, 64), f32)  # a right operand, columns in permute_k order
+    cols = np.array([permute_k(k) for k in range(64)])
+    Ap[:, cols < N] = A[:, cols[cols < N]]
+    stage(sm, adj_big, adj_pair, Ap, False)
     bias = np.zeros(64, f32)
     bias[:Fo] = b
     out = np.full((S, N, Fo), np.nan, f32)
@@ -187,46 +182,19 @@ def run(S, N, F, Fo, act, rng, regs=False):
                 sm.put(buf_big + off + 4 * np.arange(4), big)
                 sm.put(buf_pair + off + 4 * np.arange(4), pair)
         D1 = product(sm, wt_big, wt_pair, buf_big, buf_pair)
-        if regs:
-            D2 = phase2_regs(sm, D1, adj_big, adj_pair)
-            for warp in range(4):  # Y^T (row fo = 16 w + 8 h + g, column n = 8 j + 2 c + e)
-                for lane in range(32):
-                    g, c = lane >> 2, lane & 3
-                    for h in range(2):
-                        fo = 16 * warp + 8 * h + g
-                        if fo >= Fo:
-                            continue
-                        for j in range(8):
-                            for e in range(2):
-                                n = 8 * j + 2 * c + e
-                                if n < N:
-                                    out[s, n, fo] = ACT[act](D2[fo, n] + bias[fo])
-            continue
-        for warp in range(4):  # Z^T stores from the accumulators
-            for lane in range(32):
-                g, c = lane >> 2, lane & 3
-                for j in range(8):
-                    for h in range(2):
-                        fo, n = 16 * warp + 8 * h + g, 8 * j + 2 * c
-                        if BUG == "zt_transposed":  # planted: Z stored untransposed
-                            fo, n = n, fo
-                        big, pair = split_pair(D1[16 * warp + 8 * h + g, 8 * j + 2 * c: 8 * j + 2 * c + 2], False)
-                        off = elem_offset(fo, n)
-                        sm.put(buf_big + off + np.array([0, 4]), big)
-                        sm.put(buf_pair + off + np.array([0, 4]), pair)
-        D2 = product(sm, adj_big, adj_pair, buf_big, buf_pair)
-        for warp in range(4):
+        D2 = phase2_regs(sm, D1, adj_big, adj_pair)
+        for warp in range(4):  # Y^T (row fo = 16 w + 8 h + g, column n = 8 j + 2 c + e)
             for lane in range(32):
                 g, c = lane >> 2, lane & 3
                 for h in range(2):
-                    n = 16 * warp + 8 * h + g
-                    if n >= N:
+                    fo = 16 * warp + 8 * h + g
+                    if fo >= Fo:
                         continue
                     for j in range(8):
                         for e in range(2):
-                            fo = 8 * j + 2 * c + e
-                            if fo < Fo:
-                                out[s, n, fo] = ACT[act](D2[n, fo] + bias[fo])
+                            n = 8 * j + 2 * c + e
+                            if n < N:
+                                out[s, n, fo] = ACT[act](D2[fo, n] + bias[fo])
     want = ACT[act](np.einsum("nm,smf,fo->sno", A.astype(np.float64), x.astype(np.float64), W.astype(np.float64)) + b)
     # The size of the terms each output sums (activations have slopes <= 1): the split products'
     # error is relative to it, not to outputs that cancel (x spans 1e-4 .. 1e4 here).
@@ -241,16 +209,15 @@ ACT = {0: lambda v: v, 1: lambda v: np.maximum(v, 0), 4: np.tanh}
 def main():
     global BUG
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bug", default=None, help="planted bug: column_block | pair_order | k_step | zt_transposed | "
+    ap.add_argument("--bug", default=None, help="planted bug: column_block | pair_order | k_step | "
                     "padding_skipped | rs_order | no_permute")
-    ap.add_argument("--phase2", default="smem", choices=["smem", "regs"])
     args = ap.parse_args()
     BUG = args.bug
     rng = np.random.default_rng()
     failures = 0
     cases = [(2, 62, 64, 64, 0), (1, 64, 64, 1, 1), (2, 13, 32, 33, 4), (1, 1, 4, 7, 0), (1, 31, 8, 64, 1)]
     for S, N, F, Fo, act in cases:
-        out, want, scale = run(S, N, F, Fo, act, rng, regs=args.phase2 == "regs")
+        out, want, scale = run(S, N, F, Fo, act, rng)
         err = np.linalg.norm(out - want) / np.linalg.norm(scale)
         ok = not np.isnan(out).any() and err <= 1e-5
         failures += not ok
