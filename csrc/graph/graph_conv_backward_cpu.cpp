@@ -93,36 +93,68 @@ __attribute__((target("avx512f"))) void small_grad_xa_avx512(const float* gp, in
   }
 }
 
-// small_grad_xa_avx512 for AVX2+FMA: 8 nodes per vector (two blocks of 8 at once for few
-// features, see combine_rows_avx2), 8 x 8 register transposes, and features in blocks of 8
-// where they cross the lanes (gx's rows, x's columns). Same operands, with Np = N rounded up
-// to 8 and gp's rows zero-padded to a multiple of 8 (read whole); scratch:
-// (round_up(Fo, 8) + 16) * Np floats.
-template <int kF>
-__attribute__((target("avx2,fma"))) void small_grad_xa_avx2(const float* gp, int64_t ldg, int64_t Fo,
-                                                           const float* w, const float* arows, int64_t N,
-                                                           const float* x, float* gx, float* ga_acc,
-                                                           float* scratch) {
-  const int64_t Np = (N + 7) / 8 * 8;
-  float* gpT = scratch;                            // (Fo, Np)
-  float* ht_rows = scratch + (Fo + 7) / 8 * 8 * Np;  // (kF, Np)
-  constexpr int NB = combine_blocks_avx2<kF>();
-  for (int64_t n0 = 0; n0 < Np; n0 += 8 * NB) {
-    const int nb = n0 + 8 * NB <= Np ? NB : 1;  // a last single block
-    for (int64_t o0 = 0; o0 < Fo; o0 += 8)
-      for (int64_t m0 = n0; m0 < n0 + 8 * nb; m0 += 8) {
-        __m256 r[8];
-        for (int i = 0; i < 8; ++i)
-          r[i] = m0 + i < N ? _mm256_loadu_ps(gp + (m0 + i) * ldg + o0) : _mm256_setzero_ps();
-        transpose8x8_avx2(r);
-        for (int64_t c = 0; c < std::min<int64_t>(8, Fo - o0); ++c) _mm256_storeu_ps(gpT + (o0 + c) * Np + m0, r[c]);
-      }
-    __m256 ht[NB * kF];
-    if (nb == NB) combine_rows_avx2<kF, NB>(Fo, gpT + n0, Np, w, 1, Fo, ht);
-    else combine_rows_avx2<kF>(Fo, gpT + n0, Np, w, 1, Fo, ht);
-    for (int b = 0; b < nb; ++b)
-      for (int f = 0; f < kF; ++f) _mm256_storeu_ps(ht_rows + f * Np + n0 + 8 * b, ht[b * kF + f]);
+// Lane r of the result: the sum of the 8 lanes of v[r].
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 row_sums8_avx2(const __m256 v[8]) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // s0123: the low-half sums of v0..v3, then their high-half sums; s4567 the same for v4..v7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// acc[f] = the 8-lane partial sums of the dot product of gp's row and W's row f (f < kN); with
+// kSums, the row is also added into col_sums (Fop).
+template <int kN, bool kSums>
+__attribute__((target("avx2,fma"), always_inline)) inline void row_dots_avx2(const float* row, const float* wpad,
+                                                                           int64_t Fop, __m256 acc[kN],
+                                                                           float* col_sums) {
+  for (int f = 0; f < kN; ++f) acc[f] = _mm256_setzero_ps();
+  for (int64_t o = 0; o < Fop; o += 8) {
+    const __m256 v = _mm256_loadu_ps(row + o);
+    for (int f = 0; f < kN; ++f) acc[f] = _mm256_fmadd_ps(v, _mm256_loadu_ps(wpad + f * Fop + o), acc[f]);
+    if constexpr (kSums) _mm256_storeu_ps(col_sums + o, _mm256_add_ps(_mm256_loadu_ps(col_sums + o), v));
   }
+}
+
+// small_grad_xa_avx512 for AVX2+FMA: 8 nodes per vector, features in blocks of 8 where they
+// cross the lanes (gx's rows, x's columns). HT = W gp^T row by row, without transposing gp:
+// each row's kF dot products as 8-lane partial sums (FMAs against W's padded rows), eight
+// rows' partial sums then reduced into one vector of 8 nodes (row_sums8_avx2). Against
+// transposing gp 8 x 8 and combining its columns, with the bias gradient's column sums in a
+// pass of their own, the backward at 14 x 5 -> 32 runs 18 % fewer instructions (callgrind) and
+// 10-15 % less time; here, with gb_acc (Fop), the column sums come from the dots' own loads.
+// Same operands, with
+// Np = N rounded up to 8, gp's rows (N, ldg) zero-padded to Fop, a multiple of 8, and wpad
+// (kF, Fop) zero-padded; scratch: 16 * Np floats.
+template <int kF>
+__attribute__((target("avx2,fma"))) void small_grad_xa_avx2(const float* gp, int64_t ldg, int64_t Fop,
+                                                           const float* wpad, const float* arows, int64_t N,
+                                                           const float* x, float* gx, float* ga_acc,
+                                                           float* gb_acc, float* scratch) {
+  const int64_t Np = (N + 7) / 8 * 8;
+  float* ht_rows = scratch;  // (kF, Np)
+  constexpr int kA = kF <= 8 ? kF : kF / 2;  // dot products a pass: at most 8 accumulators
+  for (int64_t n0 = 0; n0 < Np; n0 += 8) {
+    __m256 part[kF][8];  // part[f][r]: row n0 + r's partial sums of dot product f
+    for (int r = 0; r < 8; ++r) {
+      const int64_t n = n0 + r;
+      if (n >= N) {
+        for (int f = 0; f < kF; ++f) part[f][r] = _mm256_setzero_ps();
+        continue;
+      }
+      const float* row = gp + n * ldg;
+      __m256 acc[kA];
+      if (gb_acc) row_dots_avx2<kA, true>(row, wpad, Fop, acc, gb_acc);
+      else row_dots_avx2<kA, false>(row, wpad, Fop, acc, nullptr);
+      for (int f = 0; f < kA; ++f) part[f][r] = acc[f];
+      if constexpr (kF > kA) {
+        __m256 rest[kF - kA];
+        row_dots_avx2<kF - kA, false>(row, wpad + kA * Fop, Fop, rest, nullptr);
+        for (int f = kA; f < kF; ++f) part[f][r] = rest[f - kA];
+      }
+    }
+    for (int f = 0; f < kF; ++f) _mm256_storeu_ps(ht_rows + f * Np + n0, row_sums8_avx2(part[f]));
+  }
+  constexpr int NB = combine_blocks_avx2<kF>();
   constexpr int kB = (kF + 7) / 8;  // blocks of 8 features
   __m256 t[8 * kB];
   if (gx)
@@ -166,15 +198,18 @@ __attribute__((target("avx2,fma"))) void small_grad_xa_avx2(const float* gp, int
     }
 }
 
-// The tile grad_x / grad_A for VB = 64 (AVX-512) or VB = 32 (AVX2), by the number of input features.
+// The tile grad_x / grad_A for VB = 64 (AVX-512: w (F, Fo)) or VB = 32 (AVX2: w (F, ldg)
+// zero-padded, and the bias gradient's column sums into gb_acc when it is not null), by the
+// number of input features.
 template <int VB, int kF = 1>
 void small_grad_xa(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const float* w,
-                   const float* arows, int64_t N, const float* x, float* gx, float* ga_acc, float* scratch) {
+                   const float* arows, int64_t N, const float* x, float* gx, float* ga_acc, float* gb_acc,
+                   float* scratch) {
   if constexpr (kF < 16) {
-    if (F != kF) return small_grad_xa<VB, kF + 1>(F, gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+    if (F != kF) return small_grad_xa<VB, kF + 1>(F, gp, ldg, Fo, w, arows, N, x, gx, ga_acc, gb_acc, scratch);
   }
   if constexpr (VB == 64) small_grad_xa_avx512<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
-  else small_grad_xa_avx2<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+  else small_grad_xa_avx2<kF>(gp, ldg, ldg, w, arows, N, x, gx, ga_acc, gb_acc, scratch);
 }
 
 // grad_W of one sample for the same shapes: gw_acc (kF, Fop) += Z^T gp with Z = A x, Z's
@@ -280,6 +315,10 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   const int64_t Npt = round_up(N, VB == 64 ? 16 : 8);  // N rounded up to the tiles' vector lanes
   const bool m_route = !small && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
   const bool small_gw = small && a.gW;
+  // The AVX2 tiles take the bias gradient's column sums with grad_x, from W padded to Fop.
+  const bool tile_gb = VB == 32 && small_gx && a.gb;
+  std::vector<T> wpad(VB == 32 && small_gx ? F * Fop : 0, T(0));
+  if (!wpad.empty()) copy_padded(a.w, F, Fo, Fo, wpad.data(), Fop);
   std::vector<T> arows(small_gx ? N * Npt : 0, T(0)), scratch(small_gx ? (Fop + 16) * Npt : 0);
   std::vector<T> at_rows(small_gw ? N * Npt : 0), scratch_w(small_gw ? 16 * Npt : 0);
   std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
@@ -329,7 +368,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
         for (int64_t f = Fo; f < Fop; ++f) d[f] = T(0);
       }
     }
-    if (a.gb) add_column_sums<T, VB>(gp.data(), g * N, Fop, gbacc.data());
+    if (a.gb && !tile_gb) add_column_sums<T, VB>(gp.data(), g * N, Fop, gbacc.data());
     if (m_route) {  // M = A^T gp, grad_x = M W^T, grad_W += x^T M: three products, not four
       for (int64_t k = 0; k < g; ++k) {
         const T* xk = a.x + (s + k) * N * F;
@@ -351,9 +390,9 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
       if (small)
         for (int64_t k = 0; k < g; ++k) {
           if (small_gx)
-            small_grad_xa<VB>(F, gp.data() + k * N * Fop, Fop, Fo, a.w, arows.data(), N, a.x + (s + k) * N * F,
-                          a.gx ? a.gx + (s + k) * N * F : nullptr, a.gA ? gAacc.data() : nullptr,
-                          scratch.data());
+            small_grad_xa<VB>(F, gp.data() + k * N * Fop, Fop, Fo, VB == 32 ? wpad.data() : a.w, arows.data(), N,
+                              a.x + (s + k) * N * F, a.gx ? a.gx + (s + k) * N * F : nullptr,
+                              a.gA ? gAacc.data() : nullptr, tile_gb ? gbacc.data() : nullptr, scratch.data());
           if (small_gw)
             small_grad_w<VB>(F, a.x + (s + k) * N * F, at_rows.data(), gp.data() + k * N * Fop, Fop, N,
                          gWacc.data(), scratch_w.data());
