@@ -2,7 +2,8 @@
 // attn_mask, the key limits of the long kernel (kv lengths, causal). The default for these
 // shapes on compute capability 9.0 since it first ran (H100, 2026-11-27: 1688 us at L = 4096,
 // B = 4, H = 16, 0.49x of SDPA; pipelined with loads two tiles ahead, H200, 2026-11-28: 1403 us,
-// 0.58x of SDPA, against 1699 us for the first pipelined order and 1816 us serial on an H100);
+// 0.58x of SDPA, against 1699 us for the first pipelined order in the same run, which took
+// 1702 us on an H100 beside the serial order's 1816);
 // AFFECTKIT_ATTENTION_WGMMA=0 (read once) turns it off, and the long kernel
 // (cross_attention_tc_long.cu) runs these shapes, as it does on other GPUs.
 //
