@@ -12,7 +12,7 @@
 #                           variants:AFFECTKIT_ATTENTION_LONG_KERNEL:default,0:attention-long
 #   bench:EXPR              the pytest benchmarks matching -k "EXPR and cuda" (no spaces in
 #                           EXPR), e.g. bench:m2fnet for #7's training step and latency
-#   ncu:REGEX:PART[:MATCH]  Nsight Compute (speed of light, occupancy, warp stalls) over the
+#   ncu:REGEX:PART[:MATCH]  Nsight Compute (speed of light, occupancy, stall reasons) over the
 #                           kernels matching REGEX in one run of a gpu_targets.py part, only
 #                           its cases whose name contains MATCH (no spaces; "_" stands for a
 #                           space), e.g. ncu:tc_conv_kernel:graph:N=62
@@ -96,7 +96,16 @@ for step in $STEPS; do
         --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters "${details[@]}" \
         python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > "$OUT/ncu_$part.txt" 2>&1
       echo "ncu exit $?"; grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Pipe|Stall|Issued Warp|No Eligible" \
-        "$OUT/ncu_$part.txt" | head -40 ;;
+        "$OUT/ncu_$part.txt" | head -40
+      # The stall reasons as raw metrics (warps stalled per issuing cycle, by reason): the
+      # sections above printed none in the twentieth and twenty-first sessions' runs. A second
+      # run, so that a metric this ncu rejects costs only this part; appended to the same file
+      # (at most 8 files come back). Not yet run on a GPU.
+      echo "=== stall reasons" >> "$OUT/ncu_$part.txt"
+      timeout 120 ncu --clock-control none --kernel-name "regex:$regex" --launch-count 1 \
+        --metrics "regex:^smsp__average_warps_issue_stalled_[a-z_]+_per_issue_active\.ratio$" \
+        python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" >> "$OUT/ncu_$part.txt" 2>&1
+      echo "ncu stalls exit $?"; grep -E "issue_stalled" "$OUT/ncu_$part.txt" | sort -k3 -g -r | head -12 ;;
     bench:*)
       timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/benchmarks" --benchmark-only \
         -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \
