@@ -131,14 +131,16 @@ CHILD = textwrap.dedent(
 
 SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "0"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
             "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"},
-            "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"}}
+            "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"},
+            "wgmma3": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "3"}}
 
 
 @pytest.fixture(scope="module")
 def reports():
     """{setting: (report, names of the top-k kernels one call ran)}, one child process each:
     "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation,
-    "wgmma2" the same keeping one slab's products in flight."""
+    "wgmma2" the same keeping one slab's products in flight, "wgmma3" that one warp-specialised
+    (a producer warpgroup, mbarriers)."""
     out = {}
     for setting, env_vars in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
@@ -150,7 +152,8 @@ def reports():
     return out
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS), ids=["mma", "wmma", "wgmma", "wgmma_in_flight"])
+@pytest.mark.parametrize("setting", list(SETTINGS),
+                         ids=["mma", "wmma", "wgmma", "wgmma_in_flight", "wgmma_warp_specialised"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_matches_float64_reference(reports, setting, metric):
     rows = [r for r in reports[setting][0] if r["metric"] == metric]
@@ -159,10 +162,12 @@ def test_matches_float64_reference(reports, setting, metric):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("setting, expected", [("1", ", false, false>"), ("0", "tc_topk_kernel<"),
-                                               ("wgmma", ", true, false>"), ("wgmma2", ", true, true>")])
+@pytest.mark.parametrize("setting, expected", [("1", ", false, false, false>"), ("0", "tc_topk_kernel<"),
+                                               ("wgmma", ", true, false, false>"),
+                                               ("wgmma2", ", true, true, false>"),
+                                               ("wgmma3", ", true, true, true>")])
 def test_the_setting_reaches_its_kernel(reports, setting, expected):
-    # mma_topk_kernel<METRIC, kWG, kInFlight>: a wgmma run must not fall back to mma.sync
+    # mma_topk_kernel<METRIC, kWG, kInFlight, kWS>: a wgmma run must not fall back to mma.sync
     # unnoticed (an H100/H200 is compute capability 9.0, and the build includes sm_90 by default).
     names = reports[setting][1]
     assert names and all(expected in n for n in names), names
@@ -187,7 +192,7 @@ def test_the_default_is_wgmma_in_flight_where_it_can_run():
     lines = proc.stdout.strip().splitlines()
     report, names = json.loads(lines[-1]), json.loads(lines[-2])
     assert not [r["problems"] for r in report if r["problems"]]
-    expected = ", true, true>" if _wgmma_possible() else ", false, false>"
+    expected = ", true, true, false>" if _wgmma_possible() else ", false, false, false>"
     assert names and all(expected in n for n in names), names
 
 
@@ -200,7 +205,7 @@ def test_cases_exercise_padding(reports):
         assert padded[(3, 70001, 384, 10, "few")] == 3 * 7
 
 
-@pytest.mark.parametrize("var, value", [("AFFECTKIT_KNN_WGMMA", "3")])
+@pytest.mark.parametrize("var, value", [("AFFECTKIT_KNN_WGMMA", "4")])
 def test_bad_setting_raises_value_error(var, value):
     import affectkit._C as C
     import torch

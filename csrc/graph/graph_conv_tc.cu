@@ -334,16 +334,6 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // are 2 (one copy in flight while a tile is computed): 3 and 4 were no faster on an H100, and
 // 3 failed its float64 sweep once on an H200, so that setting was removed (the kernel keeps
 // the count as a field: kXBuffers).
-int env_knob(const char* name, int fallback, int lo, int hi) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  if (*end != '\0' || v < lo || v > hi)
-    throw ValueError(std::string(name) + ": expected an integer from " + std::to_string(lo) + " to " +
-                     std::to_string(hi) + ", got '" + env + "'");
-  return static_cast<int>(v);
-}
 
 int64_t tile_bytes() {
   static const int kb = env_knob("AFFECTKIT_GRAPH_TC_TILE_KB", kTileBytes >> 10, 1, 64);
@@ -372,6 +362,17 @@ TcKernel pick_kernel(Activation act) {
 }
 
 }  // namespace
+
+int env_knob(const char* name, int fallback, int lo, int hi) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (*end != '\0' || v < lo || v > hi)
+    throw ValueError(std::string(name) + ": expected an integer from " + std::to_string(lo) + " to " +
+                     std::to_string(hi) + ", got '" + env + "'");
+  return static_cast<int>(v);
+}
 
 bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, const float* w,
                            const float* bias, float* out, int64_t S, int64_t N, int64_t F,

@@ -20,6 +20,10 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
                            const float* bias, float* out, int64_t S, int64_t N, int64_t F,
                            int64_t Fo, Activation act, uintptr_t stream);
 
+// An integer timing knob from the environment: fallback when unset or empty, ValueError naming
+// the variable unless an integer in [lo, hi].
+int env_knob(const char* name, int fallback, int lo, int hi);
+
 #ifdef AFFECTKIT_WITH_SM90A
 // The same op with wgmma (graph_conv_wg_sm90a.cu; the automatic choice where it pays, see
 // graph_conv_cuda.cu): compute capability 9.0, N, F, Fo <= 64, F % 4 == 0 and x 16-byte

@@ -85,7 +85,8 @@ int wgmma_mode() {
     if (v == "0") return 0;
     if (v == "1") return 1;
     if (v == "2") return 2;
-    throw ValueError("AFFECTKIT_KNN_WGMMA: expected 0, 1 or 2, got '" + v + "'");
+    if (v == "3") return 3;
+    throw ValueError("AFFECTKIT_KNN_WGMMA: expected 0, 1, 2 or 3, got '" + v + "'");
   }();
   return mode;
 }
@@ -93,7 +94,7 @@ int wgmma_mode() {
 namespace {
 void* kernel_for(int wgmma, int metric) {
 #ifdef AFFECTKIT_WITH_SM90A
-  if (wgmma) return wgmma_kernel_ptr(metric, wgmma == 2);
+  if (wgmma) return wgmma_kernel_ptr(metric, wgmma);
 #endif
   return wgmma ? nullptr : kernel_ptr<false, false>(metric);
 }
@@ -116,7 +117,7 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
   // 100 % selectivity on an H200); 1: none.
   auto stages_for = [&](int wg) {
     int s = 3;
-    while (s >= 2 && Layout(d, k, s, wg != 0).total > static_cast<size_t>(optin)) --s;
+    while (s >= 2 && Layout(d, k, s, wg != 0, wg == 3).total > static_cast<size_t>(optin)) --s;
     return s;
   };
   int stages = stages_for(wgmma);
@@ -125,7 +126,7 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
     stages = stages_for(0);
   }
   if (stages < 2) return plan;
-  const size_t smem = Layout(d, k, stages, wgmma != 0).total;
+  const size_t smem = Layout(d, k, stages, wgmma != 0, wgmma == 3).total;
   int per_sm = 0;
   for (int metric = 0; metric < 3; ++metric) {
     if (cudaFuncSetAttribute(kernel_for(wgmma, metric), cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -134,7 +135,7 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
       return plan;
     }
   }
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(wgmma, 0), kThreads, smem) !=
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(wgmma, 0), threads_for(wgmma), smem) !=
           cudaSuccess ||
       per_sm < 1) {
     cudaGetLastError();
@@ -175,7 +176,7 @@ void launch_exact_mma(const MmaPlan& plan, const __half* queries, int64_t nq, co
     int64_t chunk_rows = plan.chunk_rows;
     void* args[] = {&queries, &db,     &qmask,      &rows,   &count,  &nq,     &n,     &d,
                     &k,       &stages, &chunk_rows, &gbound, &part_d, &part_i, &part_n};
-    err = cudaLaunchKernel(kernel_for(plan.wgmma, metric), grid, dim3(kThreads), args, plan.smem,
+    err = cudaLaunchKernel(kernel_for(plan.wgmma, metric), grid, dim3(threads_for(plan.wgmma)), args, plan.smem,
                            stream);
   }
   cudaFreeAsync(gbound, stream);  // stream-ordered: after the kernel

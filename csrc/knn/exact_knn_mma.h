@@ -14,8 +14,9 @@ namespace affectkit::knn::detail {
 // How the mma kernel runs one call (ok == false: it cannot, use the WMMA kernel).
 struct MmaPlan {
   bool ok = false;
-  int wgmma = 0;           // 0: mma.sync; 1, 2: the wgmma instantiation (exact_knn_mma_sm90a.cu),
-                           // 2 keeping one slab's products in flight (see wgmma_mode)
+  int wgmma = 0;           // 0: mma.sync; 1-3: the wgmma instantiations (exact_knn_mma_sm90a.cu),
+                           // 2 keeping one slab's products in flight, 3 also warp-specialised
+                           // (see wgmma_mode)
   int stages = 0;          // cp.async pipeline depth over 64-column row slabs (2 or 3)
   int64_t nchunks = 0;     // row chunks (grid.y)
   int64_t chunk_rows = 0;  // rows per chunk (a multiple of the 256-row tile)
@@ -31,11 +32,13 @@ bool mma_enabled();
 // compiles exact_knn_mma_sm90a.cu for sm_90a and defines AFFECTKIT_WITH_SM90A). 1: each
 // warpgroup waits for a slab's products before the next slab's barrier; 2 (unset: the default):
 // it keeps them in flight until the next slab's are issued (a second barrier per slab frees the
-// stage); 0: mma.sync. On an H100, 1000 x 1M x 384, k = 10: 2.0 / 3.6 ms at 50 / 100 % of rows
-// allowed with 1 or 2, against 2.3 / 4.0 ms with mma.sync. Another value: ValueError.
+// stage); 3: as 2, warp-specialised (a producer warpgroup issues the copies, mbarriers in place
+// of the per-slab block barriers; not yet run on a GPU); 0: mma.sync. On an H100, 1000 x 1M x
+// 384, k = 10: 2.0 / 3.6 ms at 50 / 100 % of rows allowed with 1 or 2, against 2.3 / 4.0 ms
+// with mma.sync. Another value: ValueError.
 int wgmma_mode();
 #ifdef AFFECTKIT_WITH_SM90A
-void* wgmma_kernel_ptr(int metric, bool in_flight);  // exact_knn_mma_sm90a.cu
+void* wgmma_kernel_ptr(int metric, int mode);  // exact_knn_mma_sm90a.cu, mode 1-3
 #endif
 
 // The caller has checked the tensor-core preconditions (float16, d % 16 == 0, 16-byte

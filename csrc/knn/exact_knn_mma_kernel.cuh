@@ -7,6 +7,16 @@
 //                kInFlight = true keeps a slab's products running until the next slab's are
 //                issued (wait_group 1, then a barrier frees the stage it read), so the tensor
 //                cores are not idle across the per-slab barrier.
+//                kWS = true (with kInFlight): warp-specialised. A third warpgroup (the
+//                producer, 24 registers a thread after setmaxnreg) issues every row copy, and
+//                each stage has two mbarriers: "full" (the producer's copies landed:
+//                cp.async.mbarrier.arrive.noinc) and "empty" (the 8 consumer warps' products
+//                that read it are done). The two consumer warpgroups (240 registers) never
+//                meet at a block barrier inside a tile and issue no copies; loads start as
+//                soon as a stage frees, also across a tile's epilogue.
+//                Why: with loads issued by the multiplying warps behind a per-slab barrier,
+//                a slab took ~3,450 cycles against ~1,024 of products (H200, ncu,
+//                twenty-first session: issue 23 %, tensor 25 %, L2 19 %).
 // Included by those two files only; everything but the loader's shared-memory layout, the
 // multiply and the accumulators' coordinates is shared, so both keep one epilogue.
 //
@@ -47,6 +57,9 @@ constexpr int kBN = 256;        // rows per tile
 constexpr int kBK = 64;         // columns per pipeline stage
 constexpr int kXLD = kBK + 8;   // mma.sync: halves per staged row (144 bytes: conflict-free ldmatrix)
 constexpr int kBucket = 8;      // survivor slots per query and epilogue round
+constexpr int kProducerThreads = 128;  // kWS: the copy-issuing warpgroup, after the consumers
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // setmaxnreg: 128 x 24 + 256 x 240
+                                                        // = 384 x 168 (__launch_bounds__(384, 1))
 
 static_assert(kBN == kThreads, "the l2 row norms give each thread one tile row");
 static_assert(kBucket >= 4, "a chunk's first tile keeps 4 bounds per query in the buckets");
@@ -57,8 +70,8 @@ __host__ __device__ constexpr size_t align1024(size_t x) { return (x + 1023) & ~
 // Shared-memory carve-up, identical on host and device. kWG: offsets from a 1024-byte aligned
 // base, which the kernel finds inside the 1 KB of slack counted in total.
 struct Layout {
-  size_t qs, xs, ld, lr, cnt, thr, qn, xn, bd, br, bn, total;
-  __host__ __device__ Layout(int64_t d, int k, int stages, bool wg) {
+  size_t qs, xs, ld, lr, cnt, thr, qn, xn, bd, br, bn, mb, total;
+  __host__ __device__ Layout(int64_t d, int k, int stages, bool wg, bool ws = false) {
     size_t off = 0;
     if (wg) {
       const size_t dpad = static_cast<size_t>((d + kBK - 1) / kBK * kBK);
@@ -77,6 +90,7 @@ struct Layout {
     bd = off; off += align128(size_t(kBQ) * kBucket * 4);
     br = off; off += align128(size_t(kBQ) * kBucket * 4);
     bn = off; off += align128(size_t(kBQ) * 4);
+    mb = off; off += ws ? align128(size_t(2) * stages * 8) : 0;  // kWS: full[stages], empty[stages]
     total = off + (wg ? 1024 : 0);
   }
 };
@@ -187,6 +201,68 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[32][4], uint64_t des
 #endif
 }
 
+
+// kWS synchronisation (sm_90a; in other code they compile to nothing and the kernel traps).
+// mbarriers of one stage: phases complete in turn, and a wait names the parity of the phase it
+// waits for; waiting for parity 1 on a fresh barrier returns at once (its "previous" phase).
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+#endif
+}
+// One arrival on bar once all of this thread's earlier cp.async have landed (noinc: the
+// arrival counts towards the barrier's expected count).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+// Barrier 1 over the 256 consumer threads (the producer warpgroup takes no part), and its OR.
+__device__ __forceinline__ void consumer_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+}
+__device__ __forceinline__ bool consumer_sync_or(bool v) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 q, %1, 0;\nbar.red.or.pred p, 1, %2, q;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(r)
+      : "r"(static_cast<uint32_t>(v)), "n"(kThreads)
+      : "memory");
+  return r != 0;
+}
+
 #endif
 
 // grid: (ceil(nq / 128), nchunks); block: 256 threads; dynamic shared memory:
@@ -194,8 +270,8 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[32][4], uint64_t des
 // or, with rows != nullptr (a compacted shared filter; mask is then null), [0, *count) split
 // into gridDim.y chunks of round_up(ceil(*count / gridDim.y), 256) rows, position j standing
 // for database row rows[j]. mask (or null) is a per-query (nq, n) mask.
-template <int METRIC, bool kWG, bool kInFlight>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int METRIC, bool kWG, bool kInFlight, bool kWS>
+__global__ void __launch_bounds__(kWS ? kThreads + kProducerThreads : kThreads, 1)
 mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db,
                 const uint8_t* __restrict__ mask, const int* __restrict__ rows,
                 const int* __restrict__ count, int64_t nq, int64_t n, int64_t d, int k,
@@ -213,13 +289,14 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
 #endif
   }
   static_assert(kWG || !kInFlight, "only wgmma products are asynchronous");
+  static_assert(!kWS || kInFlight, "the warp-specialised loop keeps a slab in flight");
   constexpr bool kL2 = METRIC == 1;
   // Scores per thread: kQPT queries x kRPT tile rows; kRowWarps warps share a query's rows.
   constexpr int kQPT = kWG ? 2 : 8, kRPT = kWG ? 64 : 16, kRowWarps = kWG ? 1 : 4;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw;
   if constexpr (kWG) smem += (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u;
-  const Layout lay(d, k, stages, kWG);
+  const Layout lay(d, k, stages, kWG, kWS);
   __half* qs = reinterpret_cast<__half*>(smem + lay.qs);
   __half* xs = reinterpret_cast<__half*>(smem + lay.xs);
   float* list_d = reinterpret_cast<float*>(smem + lay.ld);
@@ -266,8 +343,10 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
       return qs[i * QLD + col];
   };
 
-  // Resident queries (rows past nq are zero; kWG: columns past d too), list and bucket state.
-  if (has_rows) {
+  // Resident queries (rows past nq are zero; kWG: columns past d too), list and bucket state,
+  // by the 256 consumer threads (kWS: the producer warpgroup only meets the barriers).
+  const bool consumer = tid < kThreads;
+  if (has_rows && consumer) {
     if constexpr (kWG) {
       const int p8 = ksteps * (kBK / 8);  // 16-byte pieces per query row, padded to 64 columns
       for (int i = tid; i < kBQ * p8; i += kThreads) {
@@ -285,7 +364,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
     }
   }
   cp_async_commit();
-  for (int i = tid; i < kBQ; i += kThreads) {
+  for (int i = tid; i < kBQ && consumer; i += kThreads) {
     list_n[i] = 0;
     thr[i] = INFINITY;
     bucket_n[i] = 0;
@@ -293,7 +372,14 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
   cp_async_wait<0>();
   if constexpr (kWG) fence_proxy_async();
   __syncthreads();
-  if (kL2 && has_rows) {
+  if constexpr (kWS) {  // full[s] (128 producer arrivals), empty[s] (8 consumer warps)
+    const uint32_t mb0 = smem_addr(smem + lay.mb);
+    for (int s = tid; s < stages; s += kThreads) {
+      mbar_init(mb0 + 8u * s, kProducerThreads);
+      mbar_init(mb0 + 8u * (stages + s), kThreads / 32);
+    }
+  }
+  if (kL2 && has_rows && consumer) {
     for (int i = warp; i < kBQ; i += kThreads / 32) {
       float s = 0.f;
       for (int col = lane; col < d; col += 32) {
@@ -320,7 +406,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
   auto db_row = [&](int64_t j) -> int {
     return j < r_end ? (rows != nullptr ? rows[j] : static_cast<int>(j)) : -1;
   };
-  int ld_row = -1, nx_row = has_rows ? db_row(r_begin + my_r) : -1;
+  int ld_row = -1, nx_row = !kWS && has_rows ? db_row(r_begin + my_r) : -1;
   int64_t ld_r0 = r_begin - kBN;  // load cursor: tile and slab of the last issued stage
   int ld_ks = ksteps - 1, ld_stage = 0;
   auto issue_load = [&]() {  // the next (tile, slab) in order; an empty group past r_end
@@ -349,7 +435,65 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
     ld_stage = ld_stage + 1 == stages ? 0 : ld_stage + 1;
     cp_async_commit();
   };
-  for (int s = 0; s < stages - 1; ++s) issue_load();
+  // kWS: stage s's barriers (full at mb + 8 s, empty at mb + 8 (stages + s)).
+  const uint32_t full_bar = kWS ? smem_addr(smem + lay.mb) : 0u;
+  const uint32_t empty_bar = full_bar + 8u * static_cast<uint32_t>(stages);
+  if constexpr (kWS) {
+    if (!consumer) {
+      // The producer: warp pw copies tile rows 64 pw .. 64 pw + 63 of every slab, lane l the
+      // 16-byte piece l % 8 of rows 4 it + l / 8 (it < 16). Lane l holds the database rows of
+      // the warp's rows l and 32 + l (-1: past r_end), fetched one tile ahead; each copy takes
+      // its row by a shuffle, as the all-threads loader does.
+      setmaxnreg_dec<kProducerRegs>();
+      const int pw = warp - kThreads / 32;
+      int na = has_rows ? db_row(r_begin + 64 * pw + lane) : -1;
+      int nb = has_rows ? db_row(r_begin + 64 * pw + 32 + lane) : -1;
+      // Copy it lands at byte 512 it + (lane_even or lane_odd) of the stage: row 4 it + l / 8 of
+      // the warp's 64 has row % 8 = (4 (it % 2) + l / 8) % 8, so two swizzles cover all 16.
+      const uint32_t lane_even = sw128_offset(64 * pw + (lane >> 3), lane & 7);
+      const uint32_t lane_odd = sw128_offset(64 * pw + 4 + (lane >> 3), lane & 7) - 512u;
+      int st = 0;
+      uint32_t ph = 0;
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += kBN) {
+        const int ra = na, rb = nb;
+        na = db_row(r0 + kBN + 64 * pw + lane);
+        nb = db_row(r0 + kBN + 64 * pw + 32 + lane);
+        for (int ks = 0; ks < ksteps; ++ks) {
+          mbar_wait(empty_bar + 8u * st, ph ^ 1u);  // the consumers are done with this stage
+          const int col = ks * kBK + (lane & 7) * 8;
+          const bool col_ok = col < d;
+          const __half* src_col = db + (col_ok ? col : 0);
+          const uint32_t dst = xs_base + static_cast<uint32_t>(st * (kBN * kBK * 2));
+#pragma unroll
+          for (int it = 0; it < 16; ++it) {
+            const int j = 4 * it + (lane >> 3);
+            const int row = __shfl_sync(full, it < 8 ? ra : rb, j & 31);
+            const size_t offset = static_cast<size_t>(static_cast<unsigned>(max(row, 0))) *
+                                  static_cast<unsigned>(d32);
+            cp_async16(dst + ((it & 1) ? lane_odd : lane_even) + 512u * it, src_col + offset,
+                       row >= 0 && col_ok);
+          }
+          cp_async_mbar_arrive(full_bar + 8u * st);  // once this thread's copies have landed
+          if (++st == stages) {
+            st = 0;
+            ph ^= 1u;
+          }
+        }
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      return;
+    }
+    setmaxnreg_inc<kConsumerRegs>();
+  } else {
+    for (int s = 0; s < stages - 1; ++s) issue_load();
+  }
+  uint32_t phase = 0;  // kWS: parity of the full barrier's phase the consumers wait for
+  // kWS: the 8 consumer warps release a stage once their products that read it are done.
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_bar + 8u * static_cast<uint32_t>(s));
+  };
 
   // mma.sync ldmatrix lane addresses (bytes): A rows wq*64 + lane % 16, columns + 8 (lane / 16);
   // B rows wn*64 + lane % 8 + 8 (lane / 16), columns + 8 ((lane / 8) % 2).
@@ -381,10 +525,15 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
     float xacc = 0.f;  // l2: |x|^2 of tile row tid
 
     for (int ks = 0; ks < ksteps; ++ks) {
-      if (stages == 3) cp_async_wait<1>();
-      else cp_async_wait<0>();
-      if constexpr (kWG) fence_proxy_async();
-      __syncthreads();  // this stage landed for all (and, but kInFlight, the next refill's is free)
+      if constexpr (kWS) {
+        mbar_wait(full_bar + 8u * stage, phase);  // the producer's copies into it landed
+        fence_proxy_async();  // ... written through the generic proxy, read by wgmma
+      } else {
+        if (stages == 3) cp_async_wait<1>();
+        else cp_async_wait<0>();
+        if constexpr (kWG) fence_proxy_async();
+        __syncthreads();  // this stage landed for all (and, but kInFlight, the next refill's is free)
+      }
       if constexpr (kWG) {  // four asynchronous 64 x 256 x 16 steps; the copies issue meanwhile
         const uint32_t a_addr = a_wg + static_cast<uint32_t>(ks * (kBQ * kBK * 2));
         const uint32_t b_addr = xs_base + static_cast<uint32_t>(stage * (kBN * kBK * 2));
@@ -400,9 +549,13 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
         // past the barrier both warpgroups' are, so its stage (the one refilled next) is free.
         // At a tile's first slab the epilogue's wait and barrier have done this already.
         wgmma_wait_pending<1>();
-        if (ks > 0) __syncthreads();
+        if constexpr (kWS) {
+          if (ks > 0) release(stage == 0 ? stages - 1 : stage - 1);
+        } else if (ks > 0) {
+          __syncthreads();
+        }
       }
-      issue_load();
+      if constexpr (!kWS) issue_load();
       // The bound from other chunks: read at a tile's first slab, folded into the threshold at
       // its last (a stale value is a valid bound too, so the unsynchronised write is benign).
       if (ks == 0 && lane < 16 && q0 + my_q < nq) g_key = __ldcg(gbound + q0 + my_q);
@@ -451,12 +604,25 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
         }
       }
       if constexpr (kWG && !kInFlight) wgmma_wait_all(acc);  // before the barrier that frees this stage
-      stage = stage + 1 == stages ? 0 : stage + 1;
+      if (++stage == stages) {
+        stage = 0;
+        phase ^= 1u;
+      }
     }
     if constexpr (kInFlight) wgmma_wait_all(acc);  // the tile's last slab, before the epilogue
+    if constexpr (kWS) release(stage == 0 ? stages - 1 : stage - 1);
+    // The block's barriers from here on: kWS, the consumers' barrier 1.
+    auto block_sync = [&]() {
+      if constexpr (kWS) consumer_sync();
+      else __syncthreads();
+    };
+    auto block_sync_or = [&](bool v) -> bool {
+      if constexpr (kWS) return consumer_sync_or(v);
+      else return __syncthreads_or(v) != 0;
+    };
     if constexpr (kL2) {
-      xn[tid] = xacc;  // the previous tile's epilogue read xn before this tile's barriers
-      __syncthreads();
+      xn[tid] = xacc;  // the previous tile's epilogue read xn before its last barrier
+      block_sync();
     }
 
     // Epilogue. at(ih, je) is query qloc(ih), tile row rloc(je). Rounds: push survivors,
@@ -510,7 +676,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
         prev = fmaxf(prev, __shfl_xor_sync(full, prev, 2));
         if (c == 0) bound[qi * kBucket + wr] = prev;
       }
-      __syncthreads();
+      block_sync();
 #pragma unroll
       for (int ih = 0; ih < kQPT; ++ih) {
         const int qi = qloc(ih);
@@ -525,7 +691,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
           if (to_dist<METRIC>(s, qnv, xv(je)) > b) s = NAN;
         }
       }
-      __syncthreads();  // the pushes below write bucket_d
+      block_sync();  // the pushes below write bucket_d
     }
     for (;;) {
       float t[kQPT], qv[kQPT];
@@ -587,7 +753,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
           }
         }
       }
-      if (!__syncthreads_or(pushed)) break;  // a full bucket implies a push
+      if (!block_sync_or(pushed)) break;  // a full bucket implies a push
       // Warp w inserts the buckets of queries w + 8 b (b < 16) that received survivors.
       const unsigned busy = __ballot_sync(full, lane < 16 && bucket_n[my_q] > 0);
       for (unsigned rest = busy; rest != 0; rest &= rest - 1) {
@@ -605,7 +771,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
       }
       __syncwarp();
       if (lane < 16 && ((busy >> lane) & 1u)) bucket_n[my_q] = 0;
-      if (!__syncthreads_or(overflow)) break;
+      if (!block_sync_or(overflow)) break;
     }
   }
   cp_async_wait<0>();
@@ -627,12 +793,15 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
 }
 
 // The kernel of one metric and multiply, for exact_knn_mma.cu's attribute and launch calls.
-template <bool kWG, bool kInFlight>
+template <bool kWG, bool kInFlight, bool kWS = false>
 void* kernel_ptr(int metric) {
-  if (metric == 0) return reinterpret_cast<void*>(&mma_topk_kernel<0, kWG, kInFlight>);
-  if (metric == 1) return reinterpret_cast<void*>(&mma_topk_kernel<1, kWG, kInFlight>);
-  return reinterpret_cast<void*>(&mma_topk_kernel<2, kWG, kInFlight>);
+  if (metric == 0) return reinterpret_cast<void*>(&mma_topk_kernel<0, kWG, kInFlight, kWS>);
+  if (metric == 1) return reinterpret_cast<void*>(&mma_topk_kernel<1, kWG, kInFlight, kWS>);
+  return reinterpret_cast<void*>(&mma_topk_kernel<2, kWG, kInFlight, kWS>);
 }
+
+// Threads a block of the kernel that wgmma mode (0-3, see wgmma_mode) launches.
+constexpr int threads_for(int wgmma) { return wgmma == 3 ? kThreads + kProducerThreads : kThreads; }
 
 }  // namespace
 }  // namespace affectkit::knn::detail

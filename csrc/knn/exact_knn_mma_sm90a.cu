@@ -6,8 +6,9 @@
 
 namespace affectkit::knn::detail {
 
-void* wgmma_kernel_ptr(int metric, bool in_flight) {
-  return in_flight ? kernel_ptr<true, true>(metric) : kernel_ptr<true, false>(metric);
+void* wgmma_kernel_ptr(int metric, int mode) {
+  if (mode == 3) return kernel_ptr<true, true, true>(metric);
+  return mode == 2 ? kernel_ptr<true, true>(metric) : kernel_ptr<true, false>(metric);
 }
 
 }  // namespace affectkit::knn::detail
