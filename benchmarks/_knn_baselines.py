@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-EF_SWEEP = (16, 32, 64, 128, 256, 512, 1024)  # graph beam widths tried, cheapest first
+# Graph beam widths tried, cheapest first: steps of 1.25-1.5x, so that a baseline's "cheapest
+# setting reaching the target recall" is not up to 2x too generous (16, 32, 64, ... gave FAISS
+# efSearch 64, recall 0.986, at 50 % selectivity, where 40 reaches 0.95).
+EF_SWEEP = (16, 24, 32, 40, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 TARGET_RECALL = 0.95
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 import torch
 
-from _knn_baselines import build_hnswlib, hnswlib_or_none, hnswlib_search, skip_without, sweep_ef
+from _knn_baselines import EF_SWEEP, build_hnswlib, hnswlib_or_none, hnswlib_search, skip_without, sweep_ef
 from affectkit.index import EmbeddingIndex
 
 FULL = os.environ.get("AFFECTKIT_KNN_FULL") == "1"
@@ -173,7 +173,7 @@ def bench_faiss_hnsw(bench, benchmark, data, sel):
     bits = np.packbits(mask, bitorder="little")
     sel_obj = faiss.IDSelectorBitmap(N, faiss.swig_ptr(bits))
     best = None
-    for ef in (16, 32, 64, 128, 256, 512, 1024):  # the cheapest setting that reaches 0.95
+    for ef in EF_SWEEP:  # the cheapest setting that reaches 0.95
         params = faiss.SearchParametersHNSW(sel=sel_obj, efSearch=ef)
         rec = recall(hnsw.search(q, K, params=params)[1], exact[sel])
         best = (ef, params, rec)

@@ -459,7 +459,7 @@ def test_planner_switches_with_selectivity(graph_index, monkeypatch):
     assert abs(low["estimated_selectivity"] - 0.02) < 0.01 and abs(high["estimated_selectivity"] - 0.9) < 0.02
     assert "exact_max_rows" in low["reason"] and "graph cost" in high["reason"]
     assert low["ef"] == 0 and high["ef"] == index.settings.ef_for(high["matching_rows"] / high["live_rows"]) > 0
-    assert index.settings.ef_for(0.05) < index.settings.ef_for(0.5) == index.settings.ef
+    assert index.settings.ef_for(0.05) < index.settings.ef_for(0.5) < index.settings.ef_for(1.0) == index.settings.ef
     exact = index.search(q, 10, where={"u": (0, 0.9)}, mode="exact")[1]
     assert recall(index.search(q, 10, where={"u": (0, 0.9)})[1], exact) >= 0.95
     assert np.array_equal(index.search(q, 10, where={"u": (0, 0.02)})[1],

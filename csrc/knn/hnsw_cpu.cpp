@@ -308,26 +308,40 @@ struct HnswGraph::Impl {
     cand.push({d0, entry});
     vis.test_and_set(entry);
     if (!allow || allow[entry]) res.push({d0, entry});
-    std::vector<int32_t> nb;
-    std::vector<float> dnb;
+    std::vector<int32_t> locked_links, nb(g.cap(level));
+    std::vector<float> dnb(g.cap(level));
+    const int64_t bytes = row_bytes(g);
     while (!cand.empty()) {
       const Cand c = cand.top();
       if (static_cast<int64_t>(res.size()) >= ef && c.first > res.top().first) break;
       cand.pop();
-      read_links(g, c.second, level, locked, nb);
+      // The links: copied under the node's lock while the graph is being built, else read in
+      // place (a copy per expansion was 5-7 % of a filtered search, in memmove).
+      const int32_t* links;
+      int32_t count;
+      if (locked) {
+        read_links(g, c.second, level, true, locked_links);
+        links = locked_links.data();
+        count = static_cast<int32_t>(locked_links.size());
+      } else {
+        const int32_t* s = g.slot(c.second, level);
+        links = s + 1;
+        count = s[0];
+      }
       // The likely next candidate's links, while this one's neighbours are scored.
       if (!cand.empty()) __builtin_prefetch(g.slot(cand.top().second, level));
-      // Drop visited nodes and start loading the others' rows before computing distances.
+      // Drop visited nodes and start loading the others' whole rows before computing
+      // distances (the first 256 bytes alone: 13 % slower at 50 % selectivity, one thread;
+      // expanding two candidates at once for twice the loads in flight gained nothing).
       size_t fresh = 0;
-      for (int32_t v : nb)
+      for (int32_t i = 0; i < count; ++i) {
+        const int32_t v = links[i];
         if (!vis.test_and_set(v)) {
           nb[fresh++] = v;
-          const int64_t bytes = row_bytes(g);
           const char* row = static_cast<const char*>(rows) + static_cast<int64_t>(v) * bytes;
-          for (int64_t off = 0; off < 256 && off < bytes; off += 64) __builtin_prefetch(row + off);
+          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
         }
-      nb.resize(fresh);
-      dnb.resize(fresh);
+      }
       dists(g, q, rows, nb.data(), fresh, dnb.data());
       for (size_t i = 0; i < fresh; ++i) {
         const int32_t v = nb[i];
