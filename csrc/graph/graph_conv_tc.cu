@@ -363,17 +363,6 @@ TcKernel pick_kernel(Activation act) {
 
 }  // namespace
 
-int env_knob(const char* name, int fallback, int lo, int hi) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  if (*end != '\0' || v < lo || v > hi)
-    throw ValueError(std::string(name) + ": expected an integer from " + std::to_string(lo) + " to " +
-                     std::to_string(hi) + ", got '" + env + "'");
-  return static_cast<int>(v);
-}
-
 bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, const float* w,
                            const float* bias, float* out, int64_t S, int64_t N, int64_t F,
                            int64_t Fo, Activation act, uintptr_t stream) {

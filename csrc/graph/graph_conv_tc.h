@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
+#include "../core/core.h"
 #include "graph.h"
 
 namespace affectkit::graph::detail {
@@ -21,8 +24,18 @@ bool graph_conv_forward_tc(TcSplit split, const float* x, const float* adj, cons
                            int64_t Fo, Activation act, uintptr_t stream);
 
 // An integer timing knob from the environment: fallback when unset or empty, ValueError naming
-// the variable unless an integer in [lo, hi].
-int env_knob(const char* name, int fallback, int lo, int hi);
+// the variable unless an integer in [lo, hi]. Inline: scripts/probe/wgmma_graph_probe.cu
+// compiles graph_conv_wg_sm90a.cu alone.
+inline int env_knob(const char* name, int fallback, int lo, int hi) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (*end != '\0' || v < lo || v > hi)
+    throw ValueError(std::string(name) + ": expected an integer from " + std::to_string(lo) + " to " +
+                     std::to_string(hi) + ", got '" + env + "'");
+  return static_cast<int>(v);
+}
 
 #ifdef AFFECTKIT_WITH_SM90A
 // The same op with wgmma (graph_conv_wg_sm90a.cu; the automatic choice where it pays, see
