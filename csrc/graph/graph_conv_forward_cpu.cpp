@@ -50,8 +50,14 @@ __attribute__((target("avx512f"), always_inline)) inline void finish_row(const F
                                                                           float* y, int64_t Fop, int64_t row,
                                                                           int64_t o0, __m512 v) {
   if (!fused) return _mm512_storeu_ps(y + row * Fop + o0, v);
-  const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-  v = _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(fused->negative_slope));
+  if (fused->negative_slope == 0.f) {
+    // ReLU as max(0, v), as finish_row_avx2: v * 0 for v = -inf is NaN, where ReLU gives 0.
+    // maxps returns its second operand when either is NaN, so NaN still propagates.
+    v = _mm512_max_ps(_mm512_setzero_ps(), v);
+  } else {
+    const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    v = _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(fused->negative_slope));
+  }
   _mm512_mask_storeu_ps(fused->out + row * fused->Fo + o0, omask, v);
 }
 
