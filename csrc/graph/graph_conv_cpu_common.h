@@ -46,8 +46,8 @@ AK_INLINE T activate(T v, Activation a) {
 // product shape of the tile kernels below (kF accumulators, one vector load per t).
 // With few features, kF chains of dependent FMAs (4 cycles each on Zen) leave the two FMA
 // pipes half idle: even and odd t then go to separate accumulators (2 kF chains; 32
-// registers hold them), added at the end. At 14 x 5 -> 32 that took the one-thread backward
-// kernel from about 350 to 250 us (its products were latency-bound: 32-deep chains).
+// registers hold them), added at the end. At 14 x 5 -> 32 that took about 7 % off the
+// one-thread backward kernel (321 -> 300 us; HT's chains were 32 deep).
 template <int kF>
 __attribute__((target("avx512f"), always_inline)) inline void combine_rows_avx512(
     int64_t T, const float* src, int64_t ld, const float* coef, int64_t ct, int64_t cf, __m512 acc[kF]) {
