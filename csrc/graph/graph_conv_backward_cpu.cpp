@@ -39,46 +39,90 @@ AK_INLINE void slope_times(const G& g, const T* __restrict y, T* __restrict d, i
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC's false positive in the intrinsics
 #pragma GCC diagnostic ignored "-Wuninitialized"  // the same, for the unpack intrinsics' undefined operand
+// Where gx's rows come from when a block of 16 nodes' kF feature vectors (t[f] = gx[j0:j0+16, f],
+// nodes in the lanes) is interleaved back into 16 rows of kF: the block's output, kF vectors
+// long, has lane l of vector v = t[k % kF][k / kF] with k = 16 v + l. One permute per feature
+// and output vector (kF^2 in all: 25 at kF = 5) replaces a 16 x 16 transpose (64 shuffles)
+// and 16 single-row stores, for kF <= 8.
+template <int kF>
+struct InterleaveRows {
+  alignas(64) int idx[kF][16];  // k / kF
+  uint16_t mask[kF][kF];        // mask[v][f]: the lanes l with k % kF == f
+  constexpr InterleaveRows() : idx{}, mask{} {
+    for (int v = 0; v < kF; ++v)
+      for (int l = 0; l < 16; ++l) {
+        idx[v][l] = (16 * v + l) / kF;
+        mask[v][(16 * v + l) % kF] = static_cast<uint16_t>(mask[v][(16 * v + l) % kF] | (1u << l));
+      }
+  }
+};
+template <int kF>
+inline constexpr InterleaveRows<kF> kInterleaveRows{};
+
 // grad_x and grad_A of one sample for small graphs and few input features (N <= 64, F <= 16;
 // float, AVX-512), on transposed tiles. The general route computes H = gp W^T with a row's F
 // outputs in the vector lanes (5 of 16 lanes busy at F = 5, each FMA behind a scalar
-// broadcast); here the lanes hold 16 nodes: gpT = gp^T (register transposes) and
-// HT[f] = sum_o W[f, o] gpT[o]. Then, when asked for:
-//   grad_x = A^T H:  gxT[f] = sum_i HT[f][i] A[i, :], transposed back into gx's rows;
+// broadcast); here the lanes hold 16 nodes: each 16 x 16 tile of gp is transposed in
+// registers and its columns combined straight into HT[f] = sum_o W[f, o] gpT[o] (no store
+// and reload of gpT). Then, when asked for:
+//   grad_x = A^T H:  gxT[f] = sum_i HT[f][i] A[i, :], interleaved back into gx's rows;
 //   grad_A += H x^T: row i of ga_acc += sum_f HT[f][i] x[:, f] (x's columns by transposes).
-// gp: (N, ldg); w: (F, Fo); arows: (N, Np), Np = N rounded up to 16, A's rows zero past
-// column N; x: (N, kF); gx: (N, kF) or null; ga_acc: (N, Np) or null; scratch:
-// (round_up(Fo, 16) + 16) * Np floats.
+// With gb_acc (Fop), the bias gradient's column sums come from the same loads of gp.
+// gp: (N, Fop), zero past Fo; wpad: (kF, Fop) zero-padded, Fop a multiple of 16; arows:
+// (N, Np), Np = N rounded up to 16, A's rows zero past column N; x: (N, kF); gx: (N, kF) or
+// null; ga_acc: (N, Np) or null; scratch: 16 * Np floats.
 template <int kF>
-__attribute__((target("avx512f"))) void small_grad_xa_avx512(const float* gp, int64_t ldg, int64_t Fo,
-                                                             const float* w, const float* arows,
-                                                             int64_t N, const float* x, float* gx,
-                                                             float* ga_acc, float* scratch) {
+__attribute__((target("avx512f"))) void small_grad_xa_avx512(const float* gp, int64_t Fop, const float* wpad,
+                                                             const float* arows, int64_t N, const float* x,
+                                                             float* gx, float* ga_acc, float* gb_acc,
+                                                             float* scratch) {
   const int64_t Np = (N + 15) / 16 * 16;
-  float* gpT = scratch;                             // (Fo, Np)
-  float* ht_rows = scratch + (Fo + 15) / 16 * 16 * Np;  // (kF, Np)
+  float* ht_rows = scratch;  // (kF, Np)
   for (int64_t n0 = 0; n0 < Np; n0 += 16) {
-    for (int64_t o0 = 0; o0 < Fo; o0 += 16) {
-      const int64_t ow = std::min<int64_t>(16, Fo - o0);
-      const __mmask16 omask = static_cast<__mmask16>((1u << ow) - 1u);
+    __m512 ht[kF], odd[kF];  // even and odd columns apart: 2 kF FMA chains (see combine_rows_avx512)
+    for (int f = 0; f < kF; ++f) ht[f] = odd[f] = _mm512_setzero_ps();
+    for (int64_t o0 = 0; o0 < Fop; o0 += 16) {
       __m512 r[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = n0 + i < N ? _mm512_maskz_loadu_ps(omask, gp + (n0 + i) * ldg + o0) : _mm512_setzero_ps();
-      transpose16x16_avx512(r);
-      for (int64_t c = 0; c < ow; ++c) _mm512_storeu_ps(gpT + (o0 + c) * Np + n0, r[c]);
+        r[i] = n0 + i < N ? _mm512_loadu_ps(gp + (n0 + i) * Fop + o0) : _mm512_setzero_ps();
+      if (gb_acc) {  // rows past N are zero
+        __m512 s[8];
+        for (int i = 0; i < 8; ++i) s[i] = _mm512_add_ps(r[i], r[i + 8]);
+        for (int i = 0; i < 4; ++i) s[i] = _mm512_add_ps(s[i], s[i + 4]);
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+        _mm512_storeu_ps(gb_acc + o0, _mm512_add_ps(_mm512_loadu_ps(gb_acc + o0), sum));
+      }
+      transpose16x16_avx512(r);  // r[c] = gp[n0:n0+16, o0 + c]
+      for (int c = 0; c < 16; c += 2)
+        for (int f = 0; f < kF; ++f) {
+          ht[f] = _mm512_fmadd_ps(_mm512_set1_ps(wpad[f * Fop + o0 + c]), r[c], ht[f]);
+          odd[f] = _mm512_fmadd_ps(_mm512_set1_ps(wpad[f * Fop + o0 + c + 1]), r[c + 1], odd[f]);
+        }
     }
-    __m512 ht[kF];
-    combine_rows_avx512<kF>(Fo, gpT + n0, Np, w, 1, Fo, ht);
-    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(ht_rows + f * Np + n0, ht[f]);
+    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(ht_rows + f * Np + n0, _mm512_add_ps(ht[f], odd[f]));
   }
   constexpr __mmask16 fmask = static_cast<__mmask16>((1u << kF) - 1u);
   for (int64_t j0 = 0; j0 < Np; j0 += 16) {
     __m512 t[16];
     if (gx) {
-      for (int f = kF; f < 16; ++f) t[f] = _mm512_setzero_ps();
-      combine_rows_avx512<kF>(N, arows + j0, Np, ht_rows, 1, Np, t);
-      transpose16x16_avx512(t);
-      for (int64_t j = 0; j < 16 && j0 + j < N; ++j) _mm512_mask_storeu_ps(gx + (j0 + j) * kF, fmask, t[j]);
+      combine_rows_avx512<kF>(N, arows + j0, Np, ht_rows, 1, Np, t);  // t[f] = gx[j0:j0+16, f]
+      const int64_t rows = std::min<int64_t>(16, N - j0);
+      if constexpr (kF <= 8) {
+        const InterleaveRows<kF>& il = kInterleaveRows<kF>;
+        const int64_t n = rows * kF;  // this block's floats of gx, from gx + j0 * kF
+        for (int v = 0; v < kF && 16 * v < n; ++v) {
+          const __m512i idx = _mm512_load_si512(il.idx[v]);
+          __m512 o = _mm512_permutexvar_ps(idx, t[0]);
+          for (int f = 1; f < kF; ++f) o = _mm512_mask_permutexvar_ps(o, il.mask[v][f], idx, t[f]);
+          float* dst = gx + j0 * kF + 16 * v;
+          if (16 * v + 16 <= n) _mm512_storeu_ps(dst, o);
+          else _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << (n - 16 * v)) - 1u), o);
+        }
+      } else {
+        for (int f = kF; f < 16; ++f) t[f] = _mm512_setzero_ps();
+        transpose16x16_avx512(t);
+        for (int64_t j = 0; j < rows; ++j) _mm512_mask_storeu_ps(gx + (j0 + j) * kF, fmask, t[j]);
+      }
     }
     if (ga_acc) {
       for (int j = 0; j < 16; ++j)
@@ -198,17 +242,16 @@ __attribute__((target("avx2,fma"))) void small_grad_xa_avx2(const float* gp, int
     }
 }
 
-// The tile grad_x / grad_A for VB = 64 (AVX-512: w (F, Fo)) or VB = 32 (AVX2: w (F, ldg)
-// zero-padded, and the bias gradient's column sums into gb_acc when it is not null), by the
-// number of input features.
+// The tile grad_x / grad_A for VB = 64 (AVX-512) or VB = 32 (AVX2), w (F, ldg) zero-padded,
+// and the bias gradient's column sums into gb_acc when it is not null, by the number of input
+// features.
 template <int VB, int kF = 1>
-void small_grad_xa(int64_t F, const float* gp, int64_t ldg, int64_t Fo, const float* w,
-                   const float* arows, int64_t N, const float* x, float* gx, float* ga_acc, float* gb_acc,
-                   float* scratch) {
+void small_grad_xa(int64_t F, const float* gp, int64_t ldg, const float* w, const float* arows, int64_t N,
+                   const float* x, float* gx, float* ga_acc, float* gb_acc, float* scratch) {
   if constexpr (kF < 16) {
-    if (F != kF) return small_grad_xa<VB, kF + 1>(F, gp, ldg, Fo, w, arows, N, x, gx, ga_acc, gb_acc, scratch);
+    if (F != kF) return small_grad_xa<VB, kF + 1>(F, gp, ldg, w, arows, N, x, gx, ga_acc, gb_acc, scratch);
   }
-  if constexpr (VB == 64) small_grad_xa_avx512<kF>(gp, ldg, Fo, w, arows, N, x, gx, ga_acc, scratch);
+  if constexpr (VB == 64) small_grad_xa_avx512<kF>(gp, ldg, w, arows, N, x, gx, ga_acc, gb_acc, scratch);
   else small_grad_xa_avx2<kF>(gp, ldg, ldg, w, arows, N, x, gx, ga_acc, gb_acc, scratch);
 }
 
@@ -315,11 +358,11 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   const int64_t Npt = round_up(N, VB == 64 ? 16 : 8);  // N rounded up to the tiles' vector lanes
   const bool m_route = !small && has_w && a.gx && a.gW && !a.gA && Fop * G < 2 * Fp;
   const bool small_gw = small && a.gW;
-  // The AVX2 tiles take the bias gradient's column sums with grad_x, from W padded to Fop.
-  const bool tile_gb = VB == 32 && small_gx && a.gb;
-  std::vector<T> wpad(VB == 32 && small_gx ? F * Fop : 0, T(0));
+  // The tiles take the bias gradient's column sums with grad_x, from W padded to Fop.
+  const bool tile_gb = small_gx && a.gb;
+  std::vector<T> wpad(small_gx ? F * Fop : 0, T(0));
   if (!wpad.empty()) copy_padded(a.w, F, Fo, Fo, wpad.data(), Fop);
-  std::vector<T> arows(small_gx ? N * Npt : 0, T(0)), scratch(small_gx ? (Fop + 16) * Npt : 0);
+  std::vector<T> arows(small_gx ? N * Npt : 0, T(0)), scratch(small_gx ? 16 * Npt : 0);
   std::vector<T> at_rows(small_gw ? N * Npt : 0), scratch_w(small_gw ? 16 * Npt : 0);
   std::vector<T> wT(has_w ? Fo * Fp : 0), gp(G * N * Fop), Ht(G * N * Fp), Hcat(N * Fp, T(0));
   std::vector<T> gxcat(N * Fp), xcat(N * Fp), Zcat(N * Fp), xT(a.gA ? F * Np : 0), M(N * Fop);
@@ -390,7 +433,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
       if (small)
         for (int64_t k = 0; k < g; ++k) {
           if (small_gx)
-            small_grad_xa<VB>(F, gp.data() + k * N * Fop, Fop, Fo, VB == 32 ? wpad.data() : a.w, arows.data(), N,
+            small_grad_xa<VB>(F, gp.data() + k * N * Fop, Fop, wpad.data(), arows.data(), N,
                               a.x + (s + k) * N * F, a.gx ? a.gx + (s + k) * N * F : nullptr,
                               a.gA ? gAacc.data() : nullptr, tile_gb ? gbacc.data() : nullptr, scratch.data());
           if (small_gw)

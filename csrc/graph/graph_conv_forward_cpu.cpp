@@ -46,76 +46,95 @@ struct Fused {
   float negative_slope;
 };
 
-__attribute__((target("avx512f"), always_inline)) inline void finish_row(const Fused* fused, __mmask16 omask,
-                                                                          float* y, int64_t Fop, int64_t row,
-                                                                          int64_t o0, __m512 v) {
-  if (!fused) return _mm512_storeu_ps(y + row * Fop + o0, v);
-  if (fused->negative_slope == 0.f) {
-    // ReLU as max(0, v), as finish_row_avx2: v * 0 for v = -inf is NaN, where ReLU gives 0.
-    // maxps returns its second operand when either is NaN, so NaN still propagates.
-    v = _mm512_max_ps(_mm512_setzero_ps(), v);
-  } else {
-    const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-    v = _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(fused->negative_slope));
-  }
-  _mm512_mask_storeu_ps(fused->out + row * fused->Fo + o0, omask, v);
-}
-
-// The forward for the same small shapes (N <= 64, F <= 16, with W; float, AVX-512), one sample:
-// y = (A x) W with 16 nodes per vector for A x (ZT[f] = sum_j x[j, f] A[:, j]), then each
-// output row from broadcasts of Z[i, f] against W's rows. No packing of samples side by side
-// and no half-empty lanes. x: (N, kF); at_rows: (N, Np), row j = A[:, j], zero past N;
-// wp: (kF, Fop) zero-padded; y: (N, Fop); scratch: 16 * Np floats.
-template <int kF>
-__attribute__((target("avx512f"))) void small_forward_avx512(const float* x, const float* at_rows,
-                                                             const float* wp, int64_t Fop, int64_t N,
-                                                             float* y, float* scratch, const Fused* fused) {
-  const int64_t Np = (N + 15) / 16 * 16;
-  for (int64_t n0 = 0; n0 < Np; n0 += 16) {
-    __m512 zt[kF];
-    combine_rows_avx512<kF>(N, at_rows + n0, Np, x, kF, 1, zt);
-    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(scratch + f * Np + n0, zt[f]);
-  }
-  // Four rows at a time: four independent FMA chains, each W vector loaded once for them.
-  // Fused: start from the bias, apply the activation and store into the output row (Fo wide);
-  // otherwise store the product into y (Fop wide) for the general epilogue.
-  for (int64_t o0 = 0; o0 < Fop; o0 += 16) {
-    const __m512 init = fused ? _mm512_loadu_ps(fused->bias + o0) : _mm512_setzero_ps();
-    const __mmask16 omask =
-        fused ? static_cast<__mmask16>((1u << std::min<int64_t>(16, fused->Fo - o0)) - 1u) : 0;
-    int64_t i = 0;
-    for (; i + 4 <= N; i += 4) {
-      __m512 acc[4] = {init, init, init, init};
-      for (int f = 0; f < kF; ++f) {
-        const __m512 w = _mm512_loadu_ps(wp + f * Fop + o0);
-        for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scratch[f * Np + i + r]), w, acc[r]);
-      }
-      for (int r = 0; r < 4; ++r) finish_row(fused, omask, y, Fop, i + r, o0, acc[r]);
-    }
-    for (; i < N; ++i) {
-      __m512 acc = init;
-      for (int f = 0; f < kF; ++f)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(scratch[f * Np + i]), _mm512_loadu_ps(wp + f * Fop + o0), acc);
-      finish_row(fused, omask, y, Fop, i, o0, acc);
-    }
-  }
-}
-
-// The AVX2 forward's view of Fused, passed by value so that it stays in registers: read
-// through the pointer, the compiler reloaded it after every output store (they may alias).
-struct EpilogueAvx2 {
+// Fused's fields as the tile kernels' epilogues take them: by value, so that they stay in
+// registers. Read through the pointer, the compiler reloaded them after every output store
+// (they may alias); passing them by value took about a third off the AVX2 forward at N = 14.
+struct RowEpilogue {
   float* out;  // null: store the product into y instead
   int64_t Fo;
   float slope;  // 0 (ReLU), leaky ReLU's slope, or 1 (none): max(v, slope * v) for slope <= 1
 };
 
-AK_INLINE EpilogueAvx2 epilogue_avx2(const Fused* fused) {
-  return fused ? EpilogueAvx2{fused->out, fused->Fo, fused->negative_slope} : EpilogueAvx2{nullptr, 0, 0.f};
+AK_INLINE RowEpilogue row_epilogue(const Fused* fused) {
+  return fused ? RowEpilogue{fused->out, fused->Fo, fused->negative_slope} : RowEpilogue{nullptr, 0, 0.f};
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void finish_row(RowEpilogue ep, float* y, int64_t Fop,
+                                                                          int64_t row, int64_t o0, __m512 v) {
+  if (!ep.out) return _mm512_storeu_ps(y + row * Fop + o0, v);
+  // As finish_row_avx2: maxps returns its second operand when either is NaN, so v comes
+  // second and NaN propagates; ReLU as max(0, v), since v * 0 is NaN for v = -inf.
+  v = ep.slope == 0.f ? _mm512_max_ps(_mm512_setzero_ps(), v)
+                      : _mm512_max_ps(v, _mm512_mul_ps(v, _mm512_set1_ps(ep.slope)));
+  float* dst = ep.out + row * ep.Fo + o0;
+  if (o0 + 16 <= ep.Fo) _mm512_storeu_ps(dst, v);
+  else _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << (ep.Fo - o0)) - 1u), v);
+}
+
+// Rows i..i+R-1, columns o0..o0+16*NV-1 of the AVX-512 forward's output: R * NV independent
+// FMA chains from broadcasts of Z (zt: (kF, Np), Z transposed), each broadcast used for the
+// NV column vectors and each W vector loaded once for the R rows.
+template <int kF, int R, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void forward_rows_avx512(
+    const float* zt, int64_t Np, const float* wp, int64_t Fop, int64_t i, int64_t o0, const __m512 init[NV],
+    float* y, RowEpilogue ep) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = init[v];
+  for (int f = 0; f < kF; ++f) {
+    __m512 w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_ps(wp + f * Fop + o0 + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 z = _mm512_set1_ps(zt[f * Np + i + r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(z, w[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) finish_row(ep, y, Fop, i + r, o0 + 16 * v, acc[r][v]);
+}
+
+// The forward for the same small shapes (N <= 64, F <= 16, with W; float, AVX-512), one sample:
+// y = (A x) W with 16 nodes per vector for A x (ZT[f] = sum_j x[j, f] A[:, j]), then the
+// output in blocks of 4 rows x 32 columns from broadcasts of Z[i, f] against W's rows (a
+// 16-column block for an odd tail, 2 rows then 1 for the last rows). No packing of samples
+// side by side and no half-empty lanes. Fused: start from the bias, apply the activation and
+// store into the output row (Fo wide); otherwise store the product into y (Fop wide) for the
+// general epilogue. x: (N, kF); at_rows: (N, Np), row j = A[:, j], zero past N; wp: (kF, Fop)
+// zero-padded; y: (N, Fop); scratch: 16 * Np floats.
+template <int kF>
+__attribute__((target("avx512f"))) void small_forward_avx512(const float* x, const float* at_rows,
+                                                             const float* wp, int64_t Fop, int64_t N,
+                                                             float* y, float* scratch, const Fused* fused) {
+  const int64_t Np = (N + 15) / 16 * 16;
+  const RowEpilogue ep = row_epilogue(fused);
+  for (int64_t n0 = 0; n0 < Np; n0 += 16) {
+    __m512 zt[kF];
+    combine_rows_avx512<kF>(N, at_rows + n0, Np, x, kF, 1, zt);
+    for (int f = 0; f < kF; ++f) _mm512_storeu_ps(scratch + f * Np + n0, zt[f]);
+  }
+  int64_t o0 = 0;
+  for (; o0 + 32 <= Fop; o0 += 32) {
+    const __m512 init[2] = {fused ? _mm512_loadu_ps(fused->bias + o0) : _mm512_setzero_ps(),
+                            fused ? _mm512_loadu_ps(fused->bias + o0 + 16) : _mm512_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 4 <= N; i += 4) forward_rows_avx512<kF, 4, 2>(scratch, Np, wp, Fop, i, o0, init, y, ep);
+    if (i + 2 <= N) forward_rows_avx512<kF, 2, 2>(scratch, Np, wp, Fop, i, o0, init, y, ep), i += 2;
+    for (; i < N; ++i) forward_rows_avx512<kF, 1, 2>(scratch, Np, wp, Fop, i, o0, init, y, ep);
+  }
+  if (o0 < Fop) {
+    const __m512 init[1] = {fused ? _mm512_loadu_ps(fused->bias + o0) : _mm512_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 4 <= N; i += 4) forward_rows_avx512<kF, 4, 1>(scratch, Np, wp, Fop, i, o0, init, y, ep);
+    if (i + 2 <= N) forward_rows_avx512<kF, 2, 1>(scratch, Np, wp, Fop, i, o0, init, y, ep), i += 2;
+    for (; i < N; ++i) forward_rows_avx512<kF, 1, 1>(scratch, Np, wp, Fop, i, o0, init, y, ep);
+  }
 }
 
 // The AVX2 counterpart of finish_row (8 lanes); a row's last, partial vector is stored lane
 // group by lane group (store_lanes_avx2: vmaskmovps is slow on AMD).
-__attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(EpilogueAvx2 ep, float* y,
+__attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(RowEpilogue ep, float* y,
                                                                                int64_t Fop, int64_t row, int64_t o0,
                                                                                __m256 v) {
   if (!ep.out) return _mm256_storeu_ps(y + row * Fop + o0, v);
@@ -130,7 +149,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void finish_row_avx2(E
 template <int kF, int R, int NV>
 __attribute__((target("avx2,fma"), always_inline)) inline void forward_rows_avx2(
     const float* zt, int64_t Np, const float* wp, int64_t Fop, int64_t i, int64_t o0, const __m256 init[NV],
-    float* y, EpilogueAvx2 ep) {
+    float* y, RowEpilogue ep) {
   __m256 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = init[v];
@@ -158,7 +177,7 @@ __attribute__((target("avx2,fma"))) void small_forward_avx2(const float* x, cons
                                                            const float* wp, int64_t Fop, int64_t N,
                                                            float* y, float* scratch, const Fused* fused) {
   const int64_t Np = (N + 7) / 8 * 8;
-  const EpilogueAvx2 ep = epilogue_avx2(fused);
+  const RowEpilogue ep = row_epilogue(fused);
   constexpr int NB = combine_blocks_avx2<kF>();
   for (int64_t n0 = 0; n0 < Np; n0 += 8 * NB) {
     __m256 zt[NB * kF];
