@@ -101,7 +101,8 @@ def data():
         index.add(x, {"emotions": emotions})
         t = time.perf_counter()
         index.build_graph()
-        print(f"[{TAG}] affectkit {dtype} graph build (M=16, efC=100) {time.perf_counter() - t:.1f} s")
+        print(f"[{TAG}] affectkit {dtype} graph build (M={index.graph_params['M']}, efC=100) "
+              f"{time.perf_counter() - t:.1f} s")
         indexes[dtype] = index
     exact = {sel: indexes["float32"].search(q, K, where=_where(sel), mode="exact")[1] for sel in SELECTIVITY_LABEL}
 

@@ -35,27 +35,29 @@ class PlannerSettings:
     exact_max_rows: int = 2_000      # always exact at or below this many passing rows
     graph_min_rows: int = 20_000     # below this many live rows a graph is never worth it
     exact_speedup: float = 16.0      # blocked scan vs graph step, cost per distance (measured 13-29)
-    ef: int = 64
-    M: int = 16
+    ef: int = 32
+    M: int = 32
 
     def ef_for(self, selectivity: float) -> int:
         """Beam width for a filter passing `selectivity` of the rows.
 
         The beam counts only passing rows, so the walk already visits about ef / selectivity
         nodes: a selective filter needs a smaller ef for the same recall. Measured on 200,000
-        clustered 384-d rows (k = 10; recall@10 against the exact answer):
+        clustered 384-d rows (k = 10; recall@10 against the exact answer; M = 32):
 
         ============  ====================================================
         selectivity   ef: recall
         ============  ====================================================
-        100 %         32: 0.875, 48: 0.935, 64: 0.962
-        50 %          32: 0.954, 40: 0.972, 48: 0.982, 64: 0.989
-        24 %          16: 0.954, 20: 0.972, 24: 0.981, 31: 0.988
-        10 %          16: 0.988, 24: 0.995
+        100 %         16: 0.896, 24: 0.949, 32: 0.971, 48: 0.985
+        50 %          16: 0.961, 18: 0.968, 20: 0.973, 24: 0.981
+        24 %          10: 0.972, 12: 0.981, 16: 0.991
+        10 %          10: 0.994, 12: 0.996
         ============  ====================================================
 
-        So ef * 1.25 * selectivity (at least 0.375 ef, at most ef) keeps about 0.97 from 50 %
-        down, where the previous rule (2 * selectivity) spent 1.2x the time at 50 % for 0.989.
+        So ef * 1.25 * selectivity (at least 0.375 ef, at most ef) keeps about 0.97 or more at
+        every selectivity with the default ef = 32. (With M = 16 the same recall took ef 64
+        unfiltered and 40 at 50 %, and the previous rule, 2 * selectivity, spent ef 64 at 50 %
+        for 0.989.)
         """
         return max(1, int(round(self.ef * min(1.0, max(0.375, 1.25 * selectivity)))))
 
