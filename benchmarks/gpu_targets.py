@@ -185,6 +185,17 @@ def bench_graph():
 
 
 # --------------------------------------------------------------------------- knn
+def _time_knn(q, x, mask, k):
+    """(ours, stock) seconds for a filtered inner-product k-NN; stock: matmul, masked top-k."""
+    def stock():
+        s = (q @ x.T).float()
+        s.masked_fill_(~mask, float("-inf"))
+        return s.topk(k, dim=1)
+
+    ours = gpu_time(lambda: ops.filtered_knn(q, x, mask, k, "ip"), reps=2, trials=3)
+    return ours, gpu_time(stock, reps=2, trials=3)
+
+
 def bench_knn():
     n, d, nq, k = 1_000_000, 384, 1000, 10
     x = torch.randn(n, d, device="cuda", dtype=torch.float16)
@@ -194,15 +205,25 @@ def bench_knn():
         if not wanted(case):
             continue
         mask = torch.rand(n, device="cuda") < sel
-
-        def stock():
-            s = (q @ x.T).float()
-            s.masked_fill_(~mask, float("-inf"))
-            return s.topk(k, dim=1)
-
-        ours = gpu_time(lambda: ops.filtered_knn(q, x, mask, k, "ip"), reps=2, trials=3)
-        base = gpu_time(stock, reps=2, trials=3)
+        ours, base = _time_knn(q, x, mask, k)
         record(case, ours, base, "matmul+masked topk", "< 2 ms")
+
+
+def bench_knn_scaling():
+    """Every row allowed, with k and d varied: what the k-NN kernel's time follows. The
+    products and row loads scale with d; the epilogue (threshold tests, bucket pushes, list
+    inserts) with k and not with d. No targets: a diagnostic for issue #5's 100 % case."""
+    n, nq = 1_000_000, 1000
+    for d, k in ((384, 1), (384, 10), (384, 20), (128, 10), (64, 10)):  # k <= 23 keeps 3 stages at d = 384
+        case = f"filtered_knn scaling fp16 ip, 1000 x 1M x {d}, k={k}, selectivity 100%"
+        if not wanted(case):
+            continue
+        x = torch.randn(n, d, device="cuda", dtype=torch.float16)
+        q = torch.randn(nq, d, device="cuda", dtype=torch.float16)
+        mask = torch.ones(n, device="cuda", dtype=torch.bool)
+        ours, base = _time_knn(q, x, mask, k)
+        record(case, ours, base, "matmul+masked topk", "")
+        del x, q
 
 
 def verdict(row) -> str:
@@ -244,7 +265,7 @@ def main():
     parser.add_argument("--out", default=None, help="markdown file the table rows are appended to")
     parser.add_argument("--only", default="attention,fusion,graph,knn",
                         help="comma-separated parts: attention, attention-small (no L=4096), attention-long "
-                             "(only L=4096), fusion, graph, knn")
+                             "(only L=4096), fusion, graph, knn, knn-scaling (k and d varied, every row allowed)")
     parser.add_argument("--match", default="", help="only the cases whose name contains this text")
     args = parser.parse_args()
     global MATCH
@@ -254,7 +275,7 @@ def main():
         try:
             {"attention": bench_attention, "attention-small": lambda: bench_attention(False),
              "attention-long": lambda: bench_attention(True, False), "fusion": bench_fusion,
-             "graph": bench_graph, "knn": bench_knn}[part]()
+             "graph": bench_graph, "knn": bench_knn, "knn-scaling": bench_knn_scaling}[part]()
         except Exception:  # one broken family must not hide the others' numbers
             traceback.print_exc()
         torch.cuda.synchronize()

@@ -16,6 +16,9 @@
 #                           kernels matching REGEX in one run of a gpu_targets.py part, only
 #                           its cases whose name contains MATCH (no spaces; "_" stands for a
 #                           space), e.g. ncu:tc_conv_kernel:graph:N=62
+#   ncusrc:REGEX:PART[:MATCH]  the same kernels' warp-stall samples per SASS instruction (ncu's
+#                           source page as CSV, ncu_source.csv) and its hottest 40 instructions
+#                           with their stall reasons (scripts/ncu_hot_lines.py)
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 #   probe                   scripts/probe/wgmma_probe.cu: the k-NN kernel's wgmma helpers alone
 #                           (descriptors, swizzle, accumulator layout) against a float64 product;
@@ -106,6 +109,16 @@ for step in $STEPS; do
         --metrics "regex:^smsp__average_warps_issue_stalled_[a-z_]+_per_issue_active\.ratio$" \
         python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" >> "$OUT/ncu_$part.txt" 2>&1
       echo "ncu stalls exit $?"; grep -E "issue_stalled" "$OUT/ncu_$part.txt" | sort -k3 -g -r | head -12 ;;
+    ncusrc:*)
+      IFS=: read -r _ regex part match <<< "$step"
+      timeout 240 ncu --clock-control none --kernel-name "regex:$regex" --launch-count 1 \
+        --section SourceCounters --section WarpStateStats -f -o /tmp/ncu_src \
+        python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > /tmp/ncu_src.log 2>&1
+      echo "ncu source exit $?"; tail -3 /tmp/ncu_src.log
+      # The report itself stays there (one file less to bring back); its source page comes as CSV.
+      ncu --import /tmp/ncu_src.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source.csv" 2>&1 \
+        || ncu --import /tmp/ncu_src.ncu-rep --page source --csv > "$OUT/ncu_source.csv" 2>&1
+      python3 "$REPO/scripts/ncu_hot_lines.py" "$OUT/ncu_source.csv" 40 2>&1 | tee "$OUT/ncu_hot.txt" ;;
     bench:*)
       timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/benchmarks" --benchmark-only \
         -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \

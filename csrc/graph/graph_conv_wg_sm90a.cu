@@ -191,10 +191,7 @@ __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pa
 // reads, about 40 % of the traffic. The buffer is free once phase 1 is done, so the next
 // sample's x is stored while phase 2 runs (H200, 8,192 x 62 x 64 -> 64: 100.9 us against
 // 113.8 us). The outputs come out transposed (rows fo), stored 4 bytes a lane, 32 bytes a row.
-// kEarly (AFFECTKIT_GRAPH_WG_ORDER=1, not yet run on a GPU): the next sample's phase 1 is
-// issued as soon as its x is stored, before this sample's bias, activation and output stores,
-// which then run under it (the default issues it after them).
-template <int Act, bool kEarly>
+template <int Act>
 __global__ void __launch_bounds__(kThreads, 1)
 wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const float* __restrict__ w,
                const float* __restrict__ bias, float* __restrict__ out, int64_t S, int N, int F, int Fo) {
@@ -260,28 +257,8 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
   float d2[8][4];
 #pragma unroll
   for (int j = 0; j < 8; ++j) d2[j][0] = d2[j][1] = d2[j][2] = d2[j][3] = 0.f;
-  // kEarly: phase 1 (Z^T = W^T x^T into acc) issued here, waited for at the top of the loop.
-  // Issued unconditionally (past the last sample it reads a stale buffer, and the result is
-  // dropped): issuing in one branch and waiting in another would make ptxas serialise every
-  // wgmma of the kernel (C7520).
-  auto issue_phase1 = [&]() {
-    wgmma_fence_operand(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-      wgmma_bf16_m64n64k16(acc, sw128_desc(base + kWtPair + step_offset(t)),
-                           sw128_desc(base + buf_pair + step_offset(t)), t > 0);
-    wgmma_fence();
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-      wgmma_tf32_m64n64k8(acc, sw128_desc(base + kWtBig + step_offset(t)),
-                          sw128_desc(base + buf_big + step_offset(t)), 1);
-    wgmma_commit();
-  };
-  if constexpr (kEarly) issue_phase1();
   for (; s < S; s += stride) {
-    if constexpr (kEarly) wgmma_wait_all(acc);
-    else product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
+    product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
     // Z^T as phase 2's left operand: k-step t holds columns 8 t .. 8 t + 7 in permute_k
     // order, so thread c's k = c and k = c + 4 are its own columns 8 t + 2 c and + 1.
     uint32_t zb[8][4], zp[8][4];
@@ -309,12 +286,7 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
     wgmma_fence_operand(zb);  // read asynchronously: intact until here
     wgmma_fence_operand(zp);
     fence_proxy_async();  // the x stores, for the next phase 1
-    if constexpr (kEarly) {
-      group_barrier(group);  // every warp's x stores are in
-      issue_phase1();
-    } else {
-      load_x(s + 2 * stride);
-    }
+    load_x(s + 2 * stride);
     // Y^T (row fo = 16 warp + 8 h + g, column n = 8 j + 2 c + e): bias, activation, store.
     float* y = out + s * N * Fo;
 #pragma unroll
@@ -329,25 +301,22 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
           if (n < N) __stcs(y + n * Fo + fo, activate<Act>(d2[j][2 * h + e] + bias_r[h]));
         }
     }
-    if constexpr (kEarly) load_x(s + 2 * stride);  // after the stores: d2 and xr are never live together
-    else group_barrier(group);  // every warp's x stores are in before the next phase 1
+    group_barrier(group);  // every warp's x stores are in before the next phase 1
   }
-  if constexpr (kEarly) wgmma_wait_all(acc);  // the dropped phase 1 past the last sample
 #endif
 }
 
 using WgKernel = void (*)(const float*, const float*, const float*, const float*, float*, int64_t, int,
                           int, int);
 
-template <bool kEarly>
 WgKernel pick_kernel(Activation act) {
   switch (act) {
-    case Activation::ReLU: return wg_conv_kernel<1, kEarly>;
-    case Activation::ELU: return wg_conv_kernel<2, kEarly>;
-    case Activation::LeakyReLU: return wg_conv_kernel<3, kEarly>;
-    case Activation::Tanh: return wg_conv_kernel<4, kEarly>;
-    case Activation::Sigmoid: return wg_conv_kernel<5, kEarly>;
-    default: return wg_conv_kernel<0, kEarly>;
+    case Activation::ReLU: return wg_conv_kernel<1>;
+    case Activation::ELU: return wg_conv_kernel<2>;
+    case Activation::LeakyReLU: return wg_conv_kernel<3>;
+    case Activation::Tanh: return wg_conv_kernel<4>;
+    case Activation::Sigmoid: return wg_conv_kernel<5>;
+    default: return wg_conv_kernel<0>;
   }
 }
 
@@ -363,10 +332,7 @@ bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, con
       current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
       current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
     return false;
-  // AFFECTKIT_GRAPH_WG_ORDER (read on every call, so that a bad value raises wherever it is set):
-  // 0 (default) or 1, kEarly above.
-  const WgKernel kernel = env_knob("AFFECTKIT_GRAPH_WG_ORDER", 0, 0, 1) == 1 ? pick_kernel<true>(act)
-                                                                            : pick_kernel<false>(act);
+  const WgKernel kernel = pick_kernel(act);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
              "graph_conv_forward (shared memory)");
   const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, current_device_attr(cudaDevAttrMultiProcessorCount));

@@ -16,7 +16,11 @@
 //                soon as a stage frees, also across a tile's epilogue.
 //                Why: with loads issued by the multiplying warps behind a per-slab barrier,
 //                a slab took ~3,450 cycles against ~1,024 of products (H200, ncu,
-//                twenty-first session: issue 23 %, tensor 25 %, L2 19 %).
+//                twenty-first session: issue 23 %, tensor 25 %, L2 19 %). On an H200
+//                (twenty-third session) it was as fast as kInFlight alone (3.40 against
+//                3.41 ms at 100 %): the loads were not what the consumers waited for. Its
+//                producer warps sat in their mbarrier waits; the consumers' epilogue, with
+//                the tensor cores idle, is the bottleneck, hence kGroupedPush below.
 // Included by those two files only; everything but the loader's shared-memory layout, the
 // multiply and the accumulators' coordinates is shared, so both keep one epilogue.
 //
@@ -61,6 +65,7 @@ constexpr int kProducerThreads = 128;  // kWS: the copy-issuing warpgroup, after
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;  // setmaxnreg: 128 x 24 + 256 x 240
                                                         // = 384 x 168 (__launch_bounds__(384, 1))
 
+constexpr int kGroup = 8;       // kGroupedPush: elements a thread tests together before one by one
 static_assert(kBN == kThreads, "the l2 row norms give each thread one tile row");
 static_assert(kBucket >= 4, "a chunk's first tile keeps 4 bounds per query in the buckets");
 
@@ -115,6 +120,14 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The largest of v[0 .. N) as a balanced tree (a depth of log2 N dependent FMNMX, not N):
+// fmaxf skips NaN, and gives NaN only when all are NaN, in any order.
+template <int N>
+__device__ __forceinline__ float tree_max(const float* v) {
+  if constexpr (N == 1) return v[0];
+  else return fmaxf(tree_max<N / 2>(v), tree_max<N - N / 2>(v + N / 2));
 }
 
 // METRIC: 0 ip, 1 l2, 2 cosine (the caller normalised cosine inputs; zero vectors give 1).
@@ -291,6 +304,11 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
   static_assert(kWG || !kInFlight, "only wgmma products are asynchronous");
   static_assert(!kWS || kInFlight, "the warp-specialised loop keeps a slab in flight");
   constexpr bool kL2 = METRIC == 1;
+  // The epilogue's push pass tests each group of kGroup elements by its largest score before
+  // testing them one by one, and the cheap test takes its maxima as trees. With kWS only until
+  // it runs on a GPU (twenty-third session): the H200's ncu had the consumers' epilogue as the
+  // bottleneck, where a hot query walked all kRPT elements, ~9 instructions each.
+  constexpr bool kGroupedPush = kWS;
   // Scores per thread: kQPT queries x kRPT tile rows; kRowWarps warps share a query's rows.
   constexpr int kQPT = kWG ? 2 : 8, kRPT = kWG ? 64 : 16, kRowWarps = kWG ? 1 : 4;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -705,12 +723,33 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
       // l2: |q|^2 + min |x|^2 - 2 max s bounds every distance from below; the fp32 rounding of
       // the exact distances (a few ulps of |q|^2 + |x|^2 >= 2 |s|) is covered by the margin.
       // fmaxf skips NaN (spent elements); all NaN gives NaN, never hot.
+      // kGroupedPush: the cheap test's bound for a group whose largest score is mx.
+      auto lower = [&](float mx, int ih) -> float {
+        if constexpr (kL2) {
+          const float scale = qv[ih] + x_max;
+          return (qv[ih] + x_min) - 2.f * mx - 4e-6f * scale;
+        } else {
+          return to_dist<METRIC>(mx, 0.f, 0.f);
+        }
+      };
       float m[kQPT];  // the largest score of each query among the thread's rows
+      float gm[kQPT][kRPT / kGroup];  // kGroupedPush: ... among each kGroup of them
 #pragma unroll
       for (int ih = 0; ih < kQPT; ++ih) {
-        m[ih] = NAN;
+        if constexpr (kGroupedPush) {
 #pragma unroll
-        for (int je = 0; je < kRPT; ++je) m[ih] = fmaxf(m[ih], at(ih, je));
+          for (int grp = 0; grp < kRPT / kGroup; ++grp) {
+            float e[kGroup];
+#pragma unroll
+            for (int i = 0; i < kGroup; ++i) e[i] = at(ih, grp * kGroup + i);
+            gm[ih][grp] = tree_max<kGroup>(e);
+          }
+          m[ih] = tree_max<kRPT / kGroup>(gm[ih]);
+        } else {
+          m[ih] = NAN;
+#pragma unroll
+          for (int je = 0; je < kRPT; ++je) m[ih] = fmaxf(m[ih], at(ih, je));
+        }
       }
       unsigned hot = 0;
 #pragma unroll
@@ -723,33 +762,45 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
         hot |= lo <= t[ih] ? 1u << ih : 0u;
       }
       bool pushed = false, overflow = false;
+      // Element je of query ih (block-local qi): into the query's bucket if within the threshold.
+      auto push = [&](int ih, int qi, int je) {
+        float& s = at(ih, je);
+        const float v = to_dist<METRIC>(s, qv[ih], xv(je));
+        if (v <= t[ih]) {  // false for NaN, and for spent elements (NaN)
+          const int64_t pos = r0 + rloc(je);
+          bool ok = q0 + qi < nq && pos < r_end;
+          if (ok && mask != nullptr) ok = mask[(q0 + qi) * n + pos] != 0;
+          bool spent = true;
+          if (ok) {
+            const int slot = atomicAdd(bucket_n + qi, 1);
+            if (slot < kBucket) {
+              bucket_d[qi * kBucket + slot] = v;
+              bucket_r[qi * kBucket + slot] = static_cast<int>(pos);
+              pushed = true;
+            } else {
+              overflow = true;  // bucket full: pending, retried next round
+              spent = false;
+            }
+          }
+          if (spent) s = NAN;
+        }
+      };
       if (hot != 0) {
 #pragma unroll
         for (int ih = 0; ih < kQPT; ++ih) {
           if (!((hot >> ih) & 1u)) continue;
           const int qi = qloc(ih);
+          if constexpr (kGroupedPush) {
 #pragma unroll
-          for (int je = 0; je < kRPT; ++je) {
-            float& s = at(ih, je);
-            const float v = to_dist<METRIC>(s, qv[ih], xv(je));
-            if (v <= t[ih]) {  // false for NaN, and for spent elements (NaN)
-              const int64_t pos = r0 + rloc(je);
-              bool ok = q0 + qi < nq && pos < r_end;
-              if (ok && mask != nullptr) ok = mask[(q0 + qi) * n + pos] != 0;
-              bool spent = true;
-              if (ok) {
-                const int slot = atomicAdd(bucket_n + qi, 1);
-                if (slot < kBucket) {
-                  bucket_d[qi * kBucket + slot] = v;
-                  bucket_r[qi * kBucket + slot] = static_cast<int>(pos);
-                  pushed = true;
-                } else {
-                  overflow = true;  // bucket full: pending, retried next round
-                  spent = false;
-                }
-              }
-              if (spent) s = NAN;
+            for (int grp = 0; grp < kRPT / kGroup; ++grp) {
+              // A group whose largest score fails the bound has no element to push.
+              if (!(lower(gm[ih][grp], ih) <= t[ih])) continue;
+#pragma unroll
+              for (int je = grp * kGroup; je < (grp + 1) * kGroup; ++je) push(ih, qi, je);
             }
+          } else {
+#pragma unroll
+            for (int je = 0; je < kRPT; ++je) push(ih, qi, je);
           }
         }
       }
