@@ -140,7 +140,8 @@ def reports():
     """{setting: (report, names of the top-k kernels one call ran)}, one child process each:
     "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation,
     "wgmma2" the same keeping one slab's products in flight, "wgmma3" that one warp-specialised
-    (a producer warpgroup, mbarriers) and with the epilogue's grouped push."""
+    (a producer warpgroup, mbarriers) with the epilogue's grouped push, each warp's epilogue
+    its own."""
     out = {}
     for setting, env_vars in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}

@@ -34,7 +34,8 @@ bool mma_enabled();
 // it keeps them in flight until the next slab's are issued (a second barrier per slab frees the
 // stage); 3: as 2, warp-specialised (a producer warpgroup issues the copies, mbarriers in place
 // of the per-slab block barriers; on an H200, 2026-11-28: every test passed, 3.40 ms against
-// 3.41 at 100 %), with the epilogue's grouped push (kGroupedPush, not yet run on a GPU);
+// 3.41 at 100 %), with the epilogue's grouped push and each warp's own epilogue
+// (kGroupedPush, kWarpLocal: not yet run on a GPU);
 // 0: mma.sync. On an H100, 1000 x 1M x
 // 384, k = 10: 2.0 / 3.6 ms at 50 / 100 % of rows allowed with 1 or 2, against 2.3 / 4.0 ms
 // with mma.sync. Another value: ValueError.

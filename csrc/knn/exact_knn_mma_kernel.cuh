@@ -20,7 +20,8 @@
 //                (twenty-third session) it was as fast as kInFlight alone (3.40 against
 //                3.41 ms at 100 %): the loads were not what the consumers waited for. Its
 //                producer warps sat in their mbarrier waits; the consumers' epilogue, with
-//                the tensor cores idle, is the bottleneck, hence kGroupedPush below.
+//                the tensor cores idle, is the bottleneck, hence kGroupedPush and
+//                kWarpLocal below (both with kWS only until they run on a GPU).
 // Included by those two files only; everything but the loader's shared-memory layout, the
 // multiply and the accumulators' coordinates is shared, so both keep one epilogue.
 //
@@ -91,7 +92,7 @@ struct Layout {
     cnt = off; off += align128(size_t(kBQ) * 4);
     thr = off; off += align128(size_t(kBQ) * 4);
     qn = off; off += align128(size_t(kBQ) * 4);
-    xn = off; off += align128(size_t(kBN) * 4);
+    xn = off; off += align128(size_t(kBN) * 4 * (ws ? 2 : 1));  // kWS: one a tile parity
     bd = off; off += align128(size_t(kBQ) * kBucket * 4);
     br = off; off += align128(size_t(kBQ) * kBucket * 4);
     bn = off; off += align128(size_t(kBQ) * 4);
@@ -309,6 +310,13 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
   // it runs on a GPU (twenty-third session): the H200's ncu had the consumers' epilogue as the
   // bottleneck, where a hot query walked all kRPT elements, ~9 instructions each.
   constexpr bool kGroupedPush = kWS;
+  // The epilogue is each warp's own (kWS only until it runs on a GPU): a warp holds the scores
+  // of 16 queries (qloc) over all the tile's rows, so it can also refresh, insert and write out
+  // those 16 itself, and its epilogue needs no barrier but its own (__syncwarp). The block
+  // barriers of the shared epilogue made all 8 warps wait for the slowest insert each round,
+  // with the tensor cores idle; now one warpgroup's epilogue can run under the other's
+  // products. l2 keeps one consumers' barrier a tile for the row norms (xn, a buffer a parity).
+  constexpr bool kWarpLocal = kWS;
   // Scores per thread: kQPT queries x kRPT tile rows; kRowWarps warps share a query's rows.
   constexpr int kQPT = kWG ? 2 : 8, kRPT = kWG ? 64 : 16, kRowWarps = kWG ? 1 : 4;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -523,10 +531,12 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
   // wgmma: this warpgroup's 64 queries in each 64-column block of the resident queries.
   const uint32_t a_wg = smem_addr(qs) + static_cast<uint32_t>(wq * 64 * 128);
   int stage = 0;
-  // Query bookkeeping: warp w, lane l < 16 handles query w + 8 l of the block (bound refresh,
-  // bucket insertion). gbound[q] is the smallest k-th distance any chunk's full list has
-  // reached (order_key): a row farther than it is beaten by k rows of that chunk.
-  const int my_q = warp + 8 * (lane & 15);
+  // Query bookkeeping: warp w, lane l < 16 handles query w + 8 l of the block (kWarpLocal:
+  // 16 w + l, its own) (bound refresh, bucket insertion, write-out). gbound[q] is the smallest
+  // k-th distance any chunk's full list has reached (order_key): a row farther than it is
+  // beaten by k rows of that chunk.
+  auto book_q = [&](int b) { return kWarpLocal ? 16 * warp + b : warp + 8 * b; };
+  const int my_q = book_q(lane & 15);
   unsigned g_key = 0xffffffffu;
 
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kBN) {
@@ -638,8 +648,24 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
       if constexpr (kWS) return consumer_sync_or(v);
       else return __syncthreads_or(v) != 0;
     };
+    // The epilogue's barriers: kWarpLocal, the warp's own; else the block's.
+    auto epi_sync = [&]() {
+      if constexpr (kWarpLocal) __syncwarp();
+      else block_sync();
+    };
+    auto epi_sync_or = [&](bool v) -> bool {
+      if constexpr (kWarpLocal) {
+        __syncwarp();
+        return __any_sync(full, v) != 0;
+      } else {
+        return block_sync_or(v);
+      }
+    };
+    if constexpr (kWarpLocal) __syncwarp();  // this warp's threshold refresh (lanes < 16) is in
+    // kWarpLocal: a buffer a tile parity, since a warp may be a tile ahead of another's reads.
+    float* xn_t = xn + (kWarpLocal ? kBN * static_cast<int>(((r0 - r_begin) / kBN) & 1) : 0);
     if constexpr (kL2) {
-      xn[tid] = xacc;  // the previous tile's epilogue read xn before its last barrier
+      xn_t[tid] = xacc;  // the previous tile's (same parity: two tiles back) epilogue is done
       block_sync();
     }
 
@@ -648,8 +674,8 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
     // loose, i.e. in a chunk's first tiles).
     // l2: |x|^2 of this thread's tile rows, and their range for the cheap test
     // (kWG: 64 rows a thread; re-read rather than held in registers, which would spill)
-    const volatile float* xnv = xn;
-    auto xv = [&](int je) { return kL2 ? (kWG ? xnv[rloc(je)] : xn[rloc(je)]) : 0.f; };
+    const volatile float* xnv = xn_t;
+    auto xv = [&](int je) { return kL2 ? (kWG ? xnv[rloc(je)] : xn_t[rloc(je)]) : 0.f; };
     float x_min = INFINITY, x_max = 0.f;
     if constexpr (kL2) {
 #pragma unroll
@@ -694,7 +720,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
         prev = fmaxf(prev, __shfl_xor_sync(full, prev, 2));
         if (c == 0) bound[qi * kBucket + wr] = prev;
       }
-      block_sync();
+      epi_sync();
 #pragma unroll
       for (int ih = 0; ih < kQPT; ++ih) {
         const int qi = qloc(ih);
@@ -709,7 +735,7 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
           if (to_dist<METRIC>(s, qnv, xv(je)) > b) s = NAN;
         }
       }
-      block_sync();  // the pushes below write bucket_d
+      epi_sync();  // the pushes below write bucket_d
     }
     for (;;) {
       float t[kQPT], qv[kQPT];
@@ -804,11 +830,11 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
           }
         }
       }
-      if (!block_sync_or(pushed)) break;  // a full bucket implies a push
-      // Warp w inserts the buckets of queries w + 8 b (b < 16) that received survivors.
+      if (!epi_sync_or(pushed)) break;  // a full bucket implies a push
+      // Warp w inserts the buckets of its queries book_q(b) (b < 16) that received survivors.
       const unsigned busy = __ballot_sync(full, lane < 16 && bucket_n[my_q] > 0);
       for (unsigned rest = busy; rest != 0; rest &= rest - 1) {
-        const int qi = warp + 8 * (__ffs(rest) - 1);
+        const int qi = book_q(__ffs(rest) - 1);
         const int mcount = min(bucket_n[qi], kBucket);
         if (k <= 32) {
           insert_bucket32(list_d + qi * k, list_r + qi * k, list_n + qi, thr + qi, k,
@@ -822,13 +848,14 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
       }
       __syncwarp();
       if (lane < 16 && ((busy >> lane) & 1u)) bucket_n[my_q] = 0;
-      if (!block_sync_or(overflow)) break;
+      if (!epi_sync_or(overflow)) break;
     }
   }
   cp_async_wait<0>();
 
-  // Lists of query qi were last changed by warp qi % 8, the one writing them out.
-  for (int qi = warp; qi < kBQ; qi += kThreads / 32) {
+  // Each list was last changed by the warp that book_q gives it, the one writing it out.
+  for (int b = 0; b < kBQ / (kThreads / 32); ++b) {
+    const int qi = book_q(b);
     const int64_t q = q0 + qi;
     if (q >= nq) break;
     const int cnt = list_n[qi];
