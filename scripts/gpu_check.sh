@@ -17,8 +17,8 @@
 #                           its cases whose name contains MATCH (no spaces; "_" stands for a
 #                           space), e.g. ncu:tc_conv_kernel:graph:N=62
 #   ncusrc:REGEX:PART[:MATCH]  the same kernels' warp-stall samples per SASS instruction (ncu's
-#                           source page as CSV, ncu_source.csv) and its hottest 40 instructions
-#                           with their stall reasons (scripts/ncu_hot_lines.py)
+#                           source page as CSV, ncu_source_PART.csv) and its hottest 40
+#                           instructions with their stall reasons (scripts/ncu_hot_lines.py)
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 #   probe                   scripts/probe/wgmma_probe.cu: the k-NN kernel's wgmma helpers alone
 #                           (descriptors, swizzle, accumulator layout) against a float64 product;
@@ -116,9 +116,10 @@ for step in $STEPS; do
         python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > /tmp/ncu_src.log 2>&1
       echo "ncu source exit $?"; tail -3 /tmp/ncu_src.log
       # The report itself stays there (one file less to bring back); its source page comes as CSV.
-      ncu --import /tmp/ncu_src.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source.csv" 2>&1 \
-        || ncu --import /tmp/ncu_src.ncu-rep --page source --csv > "$OUT/ncu_source.csv" 2>&1
-      python3 "$REPO/scripts/ncu_hot_lines.py" "$OUT/ncu_source.csv" 40 2>&1 | tee "$OUT/ncu_hot.txt" ;;
+      csv="$OUT/ncu_source_$part.csv"
+      ncu --import /tmp/ncu_src.ncu-rep --page source --csv --print-source sass > "$csv" 2>&1 \
+        || ncu --import /tmp/ncu_src.ncu-rep --page source --csv > "$csv" 2>&1
+      python3 "$REPO/scripts/ncu_hot_lines.py" "$csv" 40 2>&1 | tee -a "$LOG" ;;
     bench:*)
       timeout 150 python3 -m pytest -q -p no:cacheprovider "$REPO/benchmarks" --benchmark-only \
         -k "${step#bench:} and cuda" --benchmark-columns=min,median,rounds 2>&1 | tee -a "$OUT/bench.log" \
