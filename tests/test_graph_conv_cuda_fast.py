@@ -204,6 +204,24 @@ def test_bad_knob_raises_value_error(knob, value):
     assert "ValueError:" in proc.stdout and knob in proc.stdout, proc.stdout
 
 
+# The wg kernel's W^T-in-registers setting (graph_conv_wg_sm90a.cu, kWRegs: 2 warpgroups, phase 1
+# with its left operand from registers). Same float64 sweep as the forced paths above.
+def test_wg_w_in_registers_matches_float64(gen):
+    if not _wgmma_possible():
+        pytest.skip("the wg kernel runs on compute capability 9.0 with an sm_90a build only")
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    proc = _run("wg", SCRIPT, str(seed), str(TOL), AFFECTKIT_GRAPH_WG_WREGS="1")
+    assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+
+
+def test_bad_wg_wregs_raises_value_error():
+    if not _wgmma_possible():
+        pytest.skip("the setting is read where the wg kernel runs (compute capability 9.0, sm_90a build)")
+    proc = _run("wg", CALL_PRINTING_VALUE_ERROR, AFFECTKIT_GRAPH_WG_WREGS="2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ValueError:" in proc.stdout and "AFFECTKIT_GRAPH_WG_WREGS" in proc.stdout, proc.stdout
+
+
 def test_unknown_path_raises_value_error():
     proc = _run("bogus", CALL_PRINTING_VALUE_ERROR)
     assert proc.returncode == 0, proc.stderr[-3000:]

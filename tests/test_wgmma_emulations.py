@@ -35,15 +35,24 @@ def test_planted_bugs_are_caught(bug):
     assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_emulated_graph_conv_wg_matches_float64():
-    proc = _run(GRAPH)
+@pytest.mark.parametrize("mode", [[], ["--wregs"]], ids=["w_shared", "w_registers"])
+def test_emulated_graph_conv_wg_matches_float64(mode):
+    proc = _run(GRAPH, *mode)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "5 of 5 cases pass" in proc.stdout
 
 
-@pytest.mark.parametrize("bug", ["column_block", "pair_order", "k_step", "padding_skipped", "rs_order", "no_permute"])
+@pytest.mark.parametrize("bug", ["column_block", "pair_order", "k_step", "padding_skipped", "rs_order", "no_permute",
+                                 "wregs_rows"])
 def test_graph_conv_wg_planted_bugs_are_caught(bug):
-    proc = _run(GRAPH, "--bug", bug)
+    # wregs_rows is a bug of the register path only; pair_order and column_block hit it too.
+    proc = _run(GRAPH, *(["--wregs"] if bug == "wregs_rows" else []), "--bug", bug)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("bug", ["pair_order", "column_block"])
+def test_graph_conv_wg_register_path_catches_staging_bugs(bug):
+    proc = _run(GRAPH, "--wregs", "--bug", bug)
     assert proc.returncode == 1 and "FAIL" in proc.stdout, proc.stdout + proc.stderr
 
 

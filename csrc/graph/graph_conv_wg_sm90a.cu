@@ -27,7 +27,8 @@
 // 32 KB buffer that holds x_s; W^T, A and the bias are staged once per block. Each sample's x
 // is loaded into registers two samples ahead and stored, split, while the sample before it is in
 // phase 2. Per sample: 16 + 16 wgmma of 64 x 64 (1.6 M multiply-adds), 16 16-byte shared stores
-// per thread, two warpgroup barriers.
+// per thread, two warpgroup barriers. AFFECTKIT_GRAPH_WG_WREGS=1 (kWRegs, not yet run on a GPU):
+// two warpgroups holding W^T in registers, so that phase 1 reads only x from shared memory.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -43,7 +44,10 @@ namespace affectkit::graph::detail {
 namespace {
 
 constexpr int kGroups = 3;                    // warpgroups per block (4 would cap registers at 128)
-constexpr int kThreads = 128 * kGroups;
+// kWRegs (AFFECTKIT_GRAPH_WG_WREGS=1, not yet run on a GPU): 2 warpgroups, each holding W^T's
+// split fragments in registers (64 a thread, room the 3-warpgroup cap of 168 does not leave), so
+// phase 1 reads only x from shared memory: 96 KB a sample instead of 128.
+__host__ __device__ constexpr int groups_for(bool w_regs) { return w_regs ? 2 : kGroups; }
 constexpr int kDim = 64;                      // N, F and Fo padded to 64
 constexpr uint32_t kOperand = kDim * kDim * 4;  // bytes of one 64 x 64 float operand
 // Shared memory, from a 1024-byte aligned base: W^T big and pair, A big and pair, then per
@@ -157,6 +161,19 @@ __device__ __forceinline__ void product(float (&d)[8][4], uint32_t l_big, uint32
   wgmma_wait_all(d);
 }
 
+// D = L R^T over K = 64 with L from register fragments (lp: the bf16 pairs, lb: the big words,
+// k step t in [t]) and R (big, pair) in shared memory: issued and committed, not waited for.
+__device__ __forceinline__ void issue_product_rs(float (&d)[8][4], const uint32_t (&lp)[8][4],
+                                                 const uint32_t (&lb)[8][4], uint32_t r_big, uint32_t r_pair) {
+  wgmma_fence();
+#pragma unroll
+  for (int t = 0; t < 8; ++t) wgmma_bf16_m64n64k16_rs(d, lp[t], sw128_desc(r_pair + step_offset(t)), t > 0);
+  wgmma_fence();  // k16 -> k8, as in product()
+#pragma unroll
+  for (int t = 0; t < 8; ++t) wgmma_tf32_m64n64k8_rs(d, lb[t], sw128_desc(r_big + step_offset(t)), 1);
+  wgmma_commit();
+}
+
 __device__ __forceinline__ void group_barrier(int group) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(group + 1) : "memory");
 }
@@ -183,7 +200,8 @@ __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pa
 }
 #endif
 
-// grid: resident blocks (persistent); block: kThreads; dynamic shared memory kSmemBytes.
+// grid: resident blocks (persistent); block: 128 groups_for(kWRegs); dynamic shared memory
+// kSmemBytes (buffers for kGroups warpgroups, whichever count runs).
 // Phase 2 takes Z^T from phase 1's accumulators in registers (wgmma with its left operand from
 // registers) and A from shared memory. The kernel's first version stored Z^T to shared memory
 // and read it back as phase 2's right operand; ncu put shared memory at 80 % of its throughput
@@ -191,8 +209,8 @@ __device__ void stage_operand(unsigned char* smem, uint32_t big_off, uint32_t pa
 // reads, about 40 % of the traffic. The buffer is free once phase 1 is done, so the next
 // sample's x is stored while phase 2 runs (H200, 8,192 x 62 x 64 -> 64: 100.9 us against
 // 113.8 us). The outputs come out transposed (rows fo), stored 4 bytes a lane, 32 bytes a row.
-template <int Act>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int Act, bool kWRegs>
+__global__ void __launch_bounds__(128 * groups_for(kWRegs), 1)
 wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const float* __restrict__ w,
                const float* __restrict__ bias, float* __restrict__ out, int64_t S, int N, int F, int Fo) {
 #if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -208,7 +226,7 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
   // Once per block: W^T (row fo, float f = W[f][fo]), A (row n, float m = A[n][m]), the bias.
   stage_operand<true, true>(smem, kWtBig, kWtPair, w, Fo, F, Fo);
   stage_operand<false, false, true>(smem, kAdjBig, kAdjPair, adj, N, N, N);  // the right operand
-  for (int i = tid; i < kDim; i += kThreads) bias_s[i] = bias != nullptr && i < Fo ? bias[i] : 0.f;
+  for (int i = tid; i < kDim; i += 128 * groups_for(kWRegs)) bias_s[i] = bias != nullptr && i < Fo ? bias[i] : 0.f;
   fence_proxy_async();
   __syncthreads();
 
@@ -231,10 +249,38 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
                           : make_float4(0.f, 0.f, 0.f, 0.f);
     }
   };
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kGroups;
-  int64_t s = static_cast<int64_t>(blockIdx.x) * kGroups + group;
+  constexpr int groups = groups_for(kWRegs);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * groups;
+  int64_t s = static_cast<int64_t>(blockIdx.x) * groups + group;
   load_x(s);
   float acc[8][4];
+  // kWRegs: W^T as phase 1's left operand in registers, read back from its staged words (so the
+  // split is the one the shared-memory path multiplies): k step t, a[i] = W^T(16 warp + g +
+  // 8 (i & 1), 8 t + c + 4 (i >> 1)), the layout of phase 2's Z^T fragments in plain K order.
+  uint32_t wb[8][4], wp[8][4];
+  if constexpr (kWRegs) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t off = elem_offset(16 * warp + g + 8 * (i & 1), 8 * t + c + 4 * (i >> 1));
+        wb[t][i] = *reinterpret_cast<const uint32_t*>(smem + kWtBig + off);
+        wp[t][i] = *reinterpret_cast<const uint32_t*>(smem + kWtPair + off);
+      }
+  }
+  // Phase 1, Z^T = W^T x^T, into acc.
+  auto phase1 = [&]() {
+    if constexpr (kWRegs) {
+      wgmma_fence_operand(wb);
+      wgmma_fence_operand(wp);
+      issue_product_rs(acc, wp, wb, base + buf_big, base + buf_pair);
+      wgmma_wait_all(acc);
+      wgmma_fence_operand(wb);  // read asynchronously: intact until here
+      wgmma_fence_operand(wp);
+    } else {
+      product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);
+    }
+  };
   auto store_x = [&]() {  // xr, split, into the buffer (every piece, padding included)
 #pragma unroll
     for (int r = 0; r < 8; ++r) {
@@ -258,7 +304,7 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
 #pragma unroll
   for (int j = 0; j < 8; ++j) d2[j][0] = d2[j][1] = d2[j][2] = d2[j][3] = 0.f;
   for (; s < S; s += stride) {
-    product(acc, base + kWtBig, base + kWtPair, base + buf_big, base + buf_pair);  // Z^T
+    phase1();  // Z^T
     // Z^T as phase 2's left operand: k-step t holds columns 8 t .. 8 t + 7 in permute_k
     // order, so thread c's k = c and k = c + 4 are its own columns 8 t + 2 c and + 1.
     uint32_t zb[8][4], zp[8][4];
@@ -273,14 +319,7 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
     wgmma_fence_operand(zb);
     wgmma_fence_operand(zp);
     wgmma_fence_operand(d2);
-    wgmma_fence();
-#pragma unroll
-    for (int t = 0; t < 8; ++t)
-      wgmma_bf16_m64n64k16_rs(d2, zp[t], sw128_desc(base + kAdjPair + step_offset(t)), t > 0);
-    wgmma_fence();  // k16 -> k8, as in product()
-#pragma unroll
-    for (int t = 0; t < 8; ++t) wgmma_tf32_m64n64k8_rs(d2, zb[t], sw128_desc(base + kAdjBig + step_offset(t)), 1);
-    wgmma_commit();
+    issue_product_rs(d2, zp, zb, base + kAdjBig, base + kAdjPair);
     store_x();  // the next sample's x under phase 2 (past the last sample: stale, never read)
     wgmma_wait_all(d2);
     wgmma_fence_operand(zb);  // read asynchronously: intact until here
@@ -309,14 +348,15 @@ wg_conv_kernel(const float* __restrict__ x, const float* __restrict__ adj, const
 using WgKernel = void (*)(const float*, const float*, const float*, const float*, float*, int64_t, int,
                           int, int);
 
+template <bool kWRegs>
 WgKernel pick_kernel(Activation act) {
   switch (act) {
-    case Activation::ReLU: return wg_conv_kernel<1>;
-    case Activation::ELU: return wg_conv_kernel<2>;
-    case Activation::LeakyReLU: return wg_conv_kernel<3>;
-    case Activation::Tanh: return wg_conv_kernel<4>;
-    case Activation::Sigmoid: return wg_conv_kernel<5>;
-    default: return wg_conv_kernel<0>;
+    case Activation::ReLU: return wg_conv_kernel<1, kWRegs>;
+    case Activation::ELU: return wg_conv_kernel<2, kWRegs>;
+    case Activation::LeakyReLU: return wg_conv_kernel<3, kWRegs>;
+    case Activation::Tanh: return wg_conv_kernel<4, kWRegs>;
+    case Activation::Sigmoid: return wg_conv_kernel<5, kWRegs>;
+    default: return wg_conv_kernel<0, kWRegs>;
   }
 }
 
@@ -332,12 +372,16 @@ bool graph_conv_forward_wg(const float* x, const float* adj, const float* w, con
       current_device_attr(cudaDevAttrComputeCapabilityMinor) != 0 ||
       current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) < static_cast<int>(kSmemBytes))
     return false;
-  const WgKernel kernel = pick_kernel(act);
+  // AFFECTKIT_GRAPH_WG_WREGS (read on every call, so that a bad value raises wherever it is set):
+  // 0 (default) or 1, kWRegs above.
+  const bool w_regs = env_knob("AFFECTKIT_GRAPH_WG_WREGS", 0, 0, 1) == 1;
+  const WgKernel kernel = w_regs ? pick_kernel<true>(act) : pick_kernel<false>(act);
+  const int groups = groups_for(w_regs);
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)),
              "graph_conv_forward (shared memory)");
-  const int64_t blocks = std::min<int64_t>((S + kGroups - 1) / kGroups, current_device_attr(cudaDevAttrMultiProcessorCount));
+  const int64_t blocks = std::min<int64_t>((S + groups - 1) / groups, current_device_attr(cudaDevAttrMultiProcessorCount));
   if (blocks == 0) return true;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, as_stream(stream)>>>(
+  kernel<<<static_cast<unsigned>(blocks), 128 * groups, kSmemBytes, as_stream(stream)>>>(
       x, adj, w, bias, out, S, static_cast<int>(N), static_cast<int>(F), static_cast<int>(Fo));
   cuda_check(cudaGetLastError(), "graph_conv_forward (wgmma kernel launch)");
   return true;

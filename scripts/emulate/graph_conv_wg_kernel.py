@@ -13,7 +13,10 @@
 # ALayout_64x8 for tf32, ALayout_64x16 for the bf16 pairs), A staged as a right operand with its
 # columns in permute_k order, the outputs stored from Y^T's accumulators.
 #
-# Usage: python3 graph_conv_wg_kernel.py [--bug NAME]; exits non-zero on a failure.
+# --wregs: kWRegs's phase 1 (AFFECTKIT_GRAPH_WG_WREGS=1), W^T as register fragments read back
+# from its staged words, x from shared memory.
+#
+# Usage: python3 graph_conv_wg_kernel.py [--wregs] [--bug NAME]; exits non-zero on a failure.
 import argparse
 import sys
 
@@ -22,6 +25,7 @@ import numpy as np
 f32 = np.float32
 K64 = 64
 BUG = None
+WREGS = False
 
 
 def sw128_offset(r, p):
@@ -121,23 +125,43 @@ def fragment_matrix(regs, bf16):
     return L
 
 
-def phase2_regs(sm, D1, adj_big, adj_pair):
-    """kRegsZ's phase 2: D2 (rows fo, columns n) = Z^T A^T from register fragments of D1."""
-    D2 = np.zeros((64, 64))
+def product_rs(sm, words, r_big, r_pair):
+    """D = L R^T over K = 64 with L from register fragments and R (big, pair) from shared
+    memory. words(t, w, g, c) gives thread (w, 4 g + c)'s (big, pair) words of k step t."""
+    D = np.zeros((64, 64))
     for t in range(8):
-        zb = [[None] * 32 for _ in range(4)]
-        zp = [[None] * 32 for _ in range(4)]
+        big = [[None] * 32 for _ in range(4)]
+        pair = [[None] * 32 for _ in range(4)]
         for w in range(4):
             for lane in range(32):
-                g, c = lane >> 2, lane & 3
-                acc = [D1[16 * w + g, 8 * t + 2 * c], D1[16 * w + g, 8 * t + 2 * c + 1],
-                       D1[16 * w + 8 + g, 8 * t + 2 * c], D1[16 * w + 8 + g, 8 * t + 2 * c + 1]]  # acc[t][0..3]
-                order = [0, 2, 1, 3] if BUG != "rs_order" else [0, 1, 2, 3]  # planted: accumulator order
-                big, pair = split_pair(np.array([acc[o] for o in order], f32), True)
-                zb[w][lane], zp[w][lane] = big, pair
-        D2 += fragment_matrix(zp, True) @ read_operand(sm, adj_pair + step_offset(t), True).T
-        D2 += fragment_matrix(zb, False) @ read_operand(sm, adj_big + step_offset(t), False).T
-    return D2.astype(f32)
+                big[w][lane], pair[w][lane] = words(t, w, lane >> 2, lane & 3)
+        D += fragment_matrix(pair, True) @ read_operand(sm, r_pair + step_offset(t), True).T
+        D += fragment_matrix(big, False) @ read_operand(sm, r_big + step_offset(t), False).T
+    return D.astype(f32)
+
+
+def phase2_regs(sm, D1, adj_big, adj_pair):
+    """kRegsZ's phase 2: D2 (rows fo, columns n) = Z^T A^T from register fragments of D1."""
+    def words(t, w, g, c):
+        acc = [D1[16 * w + g, 8 * t + 2 * c], D1[16 * w + g, 8 * t + 2 * c + 1],
+               D1[16 * w + 8 + g, 8 * t + 2 * c], D1[16 * w + 8 + g, 8 * t + 2 * c + 1]]  # acc[t][0..3]
+        order = [0, 2, 1, 3] if BUG != "rs_order" else [0, 1, 2, 3]  # planted: accumulator order
+        return split_pair(np.array([acc[o] for o in order], f32), True)
+
+    return product_rs(sm, words, adj_big, adj_pair)
+
+
+def phase1_wregs(sm, wt_big, wt_pair, buf_big, buf_pair):
+    """kWRegs's phase 1: D1 (rows fo, columns n) = W^T x^T, W^T's fragments read from its staged
+    words: k step t, a[i] = W^T(16 w + g + 8 (i & 1), 8 t + c + 4 (i >> 1))."""
+    def words(t, w, g, c):
+        if BUG == "wregs_rows":  # planted: i's bits swapped (rows from bit 1, k from bit 0)
+            offs = [elem_offset(16 * w + g + 8 * (i >> 1), 8 * t + c + 4 * (i & 1)) for i in range(4)]
+        else:
+            offs = [elem_offset(16 * w + g + 8 * (i & 1), 8 * t + c + 4 * (i >> 1)) for i in range(4)]
+        return [sm.word(wt_big + o) for o in offs], [sm.word(wt_pair + o) for o in offs]
+
+    return product_rs(sm, words, buf_big, buf_pair)
 
 
 def stage(sm, big_off, pair_off, m, left):
@@ -181,7 +205,10 @@ def run(S, N, F, Fo, act, rng):
                 off = elem_offset(row, col)
                 sm.put(buf_big + off + 4 * np.arange(4), big)
                 sm.put(buf_pair + off + 4 * np.arange(4), pair)
-        D1 = product(sm, wt_big, wt_pair, buf_big, buf_pair)
+        if WREGS:
+            D1 = phase1_wregs(sm, wt_big, wt_pair, buf_big, buf_pair)
+        else:
+            D1 = product(sm, wt_big, wt_pair, buf_big, buf_pair)
         D2 = phase2_regs(sm, D1, adj_big, adj_pair)
         for warp in range(4):  # Y^T (row fo = 16 w + 8 h + g, column n = 8 j + 2 c + e)
             for lane in range(32):
@@ -207,12 +234,13 @@ ACT = {0: lambda v: v, 1: lambda v: np.maximum(v, 0), 4: np.tanh}
 
 
 def main():
-    global BUG
+    global BUG, WREGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--bug", default=None, help="planted bug: column_block | pair_order | k_step | "
-                    "padding_skipped | rs_order | no_permute")
+                    "padding_skipped | rs_order | no_permute | wregs_rows (with --wregs)")
+    ap.add_argument("--wregs", action="store_true", help="phase 1 with W^T's fragments in registers")
     args = ap.parse_args()
-    BUG = args.bug
+    BUG, WREGS = args.bug, args.wregs
     rng = np.random.default_rng()
     failures = 0
     cases = [(2, 62, 64, 64, 0), (1, 64, 64, 1, 1), (2, 13, 32, 33, 4), (1, 1, 4, 7, 0), (1, 31, 8, 64, 1)]
