@@ -16,8 +16,9 @@
 #                           kernels matching REGEX in one run of a gpu_targets.py part, only
 #                           its cases whose name contains MATCH (no spaces; "_" stands for a
 #                           space), e.g. ncu:tc_conv_kernel:graph:N=62
-#   ncusrc:REGEX:PART[:MATCH]  the same kernels' warp-stall samples per SASS instruction (ncu's
-#                           source page as CSV, ncu_source_PART.csv) and its hottest 40
+#   ncusrc:REGEX:PART[:MATCH]  one run of the first matching kernel: speed of light, occupancy
+#                           and memory lines into log.txt, its warp-stall samples per SASS
+#                           instruction as CSV (ncu_source_PART_KERNEL.csv) and the hottest 40
 #                           instructions with their stall reasons (scripts/ncu_hot_lines.py)
 #   sanitizer               compute-sanitizer memcheck over the CUDA tests matching -k "$SANITIZE_K"
 #   probe                   scripts/probe/wgmma_probe.cu: the k-NN kernel's wgmma helpers alone
@@ -112,11 +113,15 @@ for step in $STEPS; do
     ncusrc:*)
       IFS=: read -r _ regex part match <<< "$step"
       timeout 240 ncu --clock-control none --kernel-name "regex:$regex" --launch-count 1 \
-        --section SourceCounters --section WarpStateStats -f -o /tmp/ncu_src \
+        --section SourceCounters --section WarpStateStats --section SpeedOfLight --section Occupancy \
+        --section MemoryWorkloadAnalysis --section SchedulerStats -f -o /tmp/ncu_src \
         python3 "$REPO/benchmarks/gpu_targets.py" --only "$part" --match "${match//_/ }" > /tmp/ncu_src.log 2>&1
       echo "ncu source exit $?"; tail -3 /tmp/ncu_src.log
-      # The report itself stays there (one file less to bring back); its source page comes as CSV.
-      csv="$OUT/ncu_source_$part.csv"
+      ncu --import /tmp/ncu_src.ncu-rep --page details 2>&1 | grep -E "Duration|Throughput|Hit Rate|Occupancy|Issued Warp|No Eligible|Registers" \
+        | tee -a "$LOG"
+      # The report itself stays there (one file less to bring back); its source page comes as CSV,
+      # one a part and kernel (the name's leading letters: wg, warp, mma).
+      csv="$OUT/ncu_source_${part}_${regex%%[^A-Za-z0-9]*}.csv"
       ncu --import /tmp/ncu_src.ncu-rep --page source --csv --print-source sass > "$csv" 2>&1 \
         || ncu --import /tmp/ncu_src.ncu-rep --page source --csv > "$csv" 2>&1
       python3 "$REPO/scripts/ncu_hot_lines.py" "$csv" 40 2>&1 | tee -a "$LOG" ;;

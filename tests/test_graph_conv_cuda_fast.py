@@ -204,6 +204,26 @@ def test_bad_knob_raises_value_error(knob, value):
     assert "ValueError:" in proc.stdout and knob in proc.stdout, proc.stdout
 
 
+# The warp kernel's prefetching variant (graph_conv_cuda.cu, kPrefetch): 1 keeps about one
+# sample a warp, 3 gives each warp several (the sweep's S = 8195), so the next sample's x is
+# loaded while a sample is multiplied. Same float64 sweep, forced onto the warp kernel.
+@pytest.mark.parametrize("spw", ["1", "3"])
+def test_warp_prefetch_matches_float64(gen, spw):
+    seed = int(torch.randint(2**31, (1,), generator=gen))
+    proc = _run("warp", SCRIPT, str(seed), str(TOL), AFFECTKIT_GRAPH_WARP_SPW=spw)
+    assert proc.returncode == 0, f"seed {seed}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("value", ["17", "one"])
+def test_bad_warp_spw_raises_value_error(value):
+    # 14 x 5 -> 32 is a warp kernel call (the other call's 14 x 32 -> 32 is too large for it).
+    call = CALL_PRINTING_VALUE_ERROR.replace("(4, 14, 32,", "(4, 14, 5,").replace("torch.ones(32, 32,", "torch.ones(5, 32,")
+    assert "(4, 14, 5," in call and "torch.ones(5, 32," in call
+    proc = _run("warp", call, AFFECTKIT_GRAPH_WARP_SPW=value)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ValueError:" in proc.stdout and "AFFECTKIT_GRAPH_WARP_SPW" in proc.stdout, proc.stdout
+
+
 # The wg kernel's W^T-in-registers setting (graph_conv_wg_sm90a.cu, kWRegs: 2 warpgroups, phase 1
 # with its left operand from registers). Same float64 sweep as the forced paths above.
 def test_wg_w_in_registers_matches_float64(gen):

@@ -357,8 +357,15 @@ struct WarpStoreOut {  // + bias, activation -> the sample's output (N, Fo) in g
 // warp [x N*F][mid N*M (with a weight)]; M = F for (A x) W, Fo for A (x W). Without a weight
 // the single product A x goes straight to the output. The activation is a template argument:
 // with a run-time switch the union of every activation's temporaries did not fit 32 registers.
-template <typename T, int Act>
-__global__ void __launch_bounds__(kThreads, WarpMinBlocks<T>::value)
+// kPrefetch (AFFECTKIT_GRAPH_WARP_SPW > 0, not yet run on a GPU): each warp loads the first
+// 128 elements of its first sample's x before the block stages A, W and the bias, and those of
+// its next sample before this one's products, so that load latency overlaps other work. With
+// one sample a warp (the default grid), every warp's load, products and stores follow one
+// another: 8,192 x 14 x 5 -> 32 took 14.7-15.0 us on H100/H200s for 17 MB (~4 us at DRAM rate).
+// kPrefetch's held loads do not fit the 32 registers of 8 blocks an SM (68 bytes of spills; at
+// 6 blocks still 4-12): it aims for half the blocks.
+template <typename T, int Act, bool kPrefetch>
+__global__ void __launch_bounds__(kThreads, kPrefetch ? WarpMinBlocks<T>::value / 2 : WarpMinBlocks<T>::value)
     warp_conv_kernel(const T* __restrict__ x, const T* __restrict__ adj, const T* __restrict__ w,
                      const T* __restrict__ bias, T* __restrict__ out, int64_t S, int N, int F,
                      int Fo, bool a_first) {
@@ -372,6 +379,17 @@ __global__ void __launch_bounds__(kThreads, WarpMinBlocks<T>::value)
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   A* xs = bs + Fo + warp * (NF + N * M);
   A* mid = xs + NF;
+  // kPrefetch: elements lane + 32 u (u < 4) of a sample's x, loaded ahead (zeros past NF).
+  A ahead[4];
+  auto load_ahead = [&](int64_t s) {
+    const T* xg = x + s * NF;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) ahead[u] = lane + 32 * u < NF ? A(to_float(xg[lane + 32 * u])) : A(0);
+  };
+  if constexpr (kPrefetch) {
+    const int64_t s_first = static_cast<int64_t>(blockIdx.x) * kWarpSamplesPerBlock + warp;
+    if (s_first < S) load_ahead(s_first);
+  }
 
   for (int i = threadIdx.x; i < N * N; i += blockDim.x) As[i] = to_float(adj[i]);
   if (w)
@@ -382,8 +400,13 @@ __global__ void __launch_bounds__(kThreads, WarpMinBlocks<T>::value)
   for (int64_t s = static_cast<int64_t>(blockIdx.x) * kWarpSamplesPerBlock + warp; s < S;
        s += static_cast<int64_t>(gridDim.x) * kWarpSamplesPerBlock) {
     const T* xg = x + s * NF;
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (lane + 32 * u < NF) xs[lane + 32 * u] = ahead[u];
+    }
     // Four loads in flight per lane before any is stored (one memory latency, not NF / 32).
-    for (int i0 = lane; i0 < NF; i0 += 128) {
+    for (int i0 = lane + (kPrefetch ? 128 : 0); i0 < NF; i0 += 128) {
       A v[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) v[u] = i0 + 32 * u < NF ? A(to_float(xg[i0 + 32 * u])) : A(0);
@@ -392,6 +415,10 @@ __global__ void __launch_bounds__(kThreads, WarpMinBlocks<T>::value)
         if (i0 + 32 * u < NF) xs[i0 + 32 * u] = v[u];
     }
     __syncwarp();
+    if constexpr (kPrefetch) {  // lands during these products
+      const int64_t next = s + static_cast<int64_t>(gridDim.x) * kWarpSamplesPerBlock;
+      if (next < S) load_ahead(next);
+    }
     const WarpStoreOut<T, A, Act> store_out{out + s * N * Fo, bs, Fo};
     if (!w) {  // Fo == F
       warp_product<A>(As, N, xs, F, N, N, F, lane, store_out);
@@ -490,16 +517,23 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
     // A forced wg that declined the call (F % 4 != 0, another GPU) takes the automatic choice.
     if ((path == Path::Auto || path == Path::Wg) && !warp_ok && try_tc(TcSplit::Tf32Bf16)) return;
     if (path != Path::Tiled && warp_ok) {
-      void (*kernel)(const T*, const T*, const T*, const T*, T*, int64_t, int, int, int, bool) =
-          nullptr;
-      switch (act) {
-        case Activation::ReLU: kernel = warp_conv_kernel<T, 1>; break;
-        case Activation::ELU: kernel = warp_conv_kernel<T, 2>; break;
-        case Activation::LeakyReLU: kernel = warp_conv_kernel<T, 3>; break;
-        case Activation::Tanh: kernel = warp_conv_kernel<T, 4>; break;
-        case Activation::Sigmoid: kernel = warp_conv_kernel<T, 5>; break;
-        default: kernel = warp_conv_kernel<T, 0>; break;
-      }
+      // AFFECTKIT_GRAPH_WARP_SPW (read on every call, so that a bad value raises wherever it is
+      // set): 0 (default) the kernel without kPrefetch, one sample a warp where the grid allows;
+      // n >= 1 the kPrefetch kernel with about n samples a warp (a grid n times smaller).
+      const int spw = env_knob("AFFECTKIT_GRAPH_WARP_SPW", 0, 0, 16);
+      using WarpKernel = void (*)(const T*, const T*, const T*, const T*, T*, int64_t, int, int, int, bool);
+      auto pick = [&](auto prefetch) -> WarpKernel {
+        constexpr bool kP = decltype(prefetch)::value;
+        switch (act) {
+          case Activation::ReLU: return warp_conv_kernel<T, 1, kP>;
+          case Activation::ELU: return warp_conv_kernel<T, 2, kP>;
+          case Activation::LeakyReLU: return warp_conv_kernel<T, 3, kP>;
+          case Activation::Tanh: return warp_conv_kernel<T, 4, kP>;
+          case Activation::Sigmoid: return warp_conv_kernel<T, 5, kP>;
+          default: return warp_conv_kernel<T, 0, kP>;
+        }
+      };
+      const WarpKernel kernel = spw > 0 ? pick(std::true_type{}) : pick(std::false_type{});
       if (warp_bytes > 48 * 1024)
         cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(warp_bytes)),
@@ -509,7 +543,8 @@ void graph_conv_forward_cuda(DType dtype, const void* x, const void* adj, const 
                                                                static_cast<size_t>(warp_bytes)),
                  "graph_conv_forward (occupancy)");
       const int64_t resident = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
-      const int64_t wanted = (S + kWarpSamplesPerBlock - 1) / kWarpSamplesPerBlock;
+      const int64_t per_block = int64_t{kWarpSamplesPerBlock} * std::max(spw, 1);
+      const int64_t wanted = (S + per_block - 1) / per_block;
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>({wanted, resident, 1 << 20}));
       // Sizes fit in int: A, W and bias fit in shared memory and N * F, N * M are capped.
       kernel<<<blocks, kThreads, warp_bytes, as_stream(stream)>>>(
