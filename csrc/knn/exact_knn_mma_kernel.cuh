@@ -19,9 +19,10 @@
 //                twenty-first session: issue 23 %, tensor 25 %, L2 19 %). On an H200
 //                (twenty-third session) it was as fast as kInFlight alone (3.40 against
 //                3.41 ms at 100 %): the loads were not what the consumers waited for. Its
-//                producer warps sat in their mbarrier waits; the consumers' epilogue, with
-//                the tensor cores idle, is the bottleneck, hence kGroupedPush and
-//                kWarpLocal below (both with kWS only until they run on a GPU).
+//                producer warps sat in their mbarrier waits; what the consumers do between
+//                products (the epilogue, with the tensor cores idle) is the likely bound,
+//                hence kGroupedPush and kWarpLocal below (both with kWS only until they run
+//                on a GPU, whose per-instruction profile will say).
 // Included by those two files only; everything but the loader's shared-memory layout, the
 // multiply and the accumulators' coordinates is shared, so both keep one epilogue.
 //
@@ -307,8 +308,10 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
   constexpr bool kL2 = METRIC == 1;
   // The epilogue's push pass tests each group of kGroup elements by its largest score before
   // testing them one by one, and the cheap test takes its maxima as trees. With kWS only until
-  // it runs on a GPU (twenty-third session): the H200's ncu had the consumers' epilogue as the
-  // bottleneck, where a hot query walked all kRPT elements, ~9 instructions each.
+  // it runs on a GPU (twenty-third session): on the H200 the consumers, not the loads, bounded
+  // the kernel, and between products they run the epilogue, where a hot query walked all kRPT
+  // elements, ~9 instructions each (an emulation on random data: about half the warps have a
+  // hot query each tile).
   constexpr bool kGroupedPush = kWS;
   // The epilogue is each warp's own (kWS only until it runs on a GPU): a warp holds the scores
   // of 16 queries (qloc) over all the tile's rows, so it can also refresh, insert and write out
