@@ -21,3 +21,7 @@ def gen(request):
     return torch.Generator().manual_seed(_SEED + zlib.crc32(request.node.nodeid.encode()) % 100_003)
 
 
+@pytest.fixture(scope="module")
+def module_gen(request):
+    """`gen` for module-scoped fixtures: seeded from the run's seed and the module's name."""
+    return torch.Generator().manual_seed(_SEED + zlib.crc32(request.node.nodeid.encode()) % 100_003)

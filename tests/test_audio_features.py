@@ -84,8 +84,15 @@ def test_sine_tone_pitch_zcr_centroid_rms(gen, tmp_path):
     sf.write(tmp_path / "tone.wav", amp * np.sin(2 * np.pi * f * t + rng.uniform(0, 6)), sr, subtype="FLOAT")
     X = ex([tmp_path / "tone.wav"])
     d = dict(zip(ex.names, X[0]))
-    assert d["f0_mean_hz"] == pytest.approx(f, rel=0.01)
-    assert d["f0_p10_hz"] == pytest.approx(f, rel=0.015) and d["f0_p90_hz"] == pytest.approx(f, rel=0.015)
+    # pYIN reports f0 on a grid of 10-cent bins (0.58 % apart), and on a steady tone its Viterbi
+    # track can sit two bins above the tone. Worst case found: tones at 100-100.5 Hz read at the
+    # 22050 Hz rate (any file rate), where for 8 % of start phases the track sat at 101.50 Hz,
+    # up to +1.32 % in the mean (p10 = p90 = +1.29 %); the mean's old 1 % bound failed on about
+    # 1 run in 20,000. Elsewhere (100-130 Hz every 0.1 Hz at 22050 Hz, 100-104 Hz at 16000 Hz,
+    # 100-100.5 Hz at 8000 Hz, over 8-24 phases; 200 random draws over the whole range) at most
+    # +0.92 %. So all three get the 1.5 % the percentiles already had.
+    for name in ("f0_mean_hz", "f0_p10_hz", "f0_p90_hz"):
+        assert d[name] == pytest.approx(f, rel=0.015), name
     assert d["voiced_fraction"] > 0.9
     assert d["zcr_mean"] == pytest.approx(2 * f / rate, rel=0.05)  # two crossings per period
     # Hann leakage and the clipped first and last frames pull the centroid up by some Hz.
@@ -96,10 +103,15 @@ def test_sine_tone_pitch_zcr_centroid_rms(gen, tmp_path):
 
 
 def test_white_noise_is_flat_unvoiced_and_bright(gen, tmp_path, ex):
-    sf.write(tmp_path / "noise.wav", 0.2 * rng_from(gen).standard_normal(16000), 16000)
+    # 4 s, not 1 s: pYIN now and then finds "pitch" near fmin (60 Hz) in noise, and its HMM keeps
+    # such a false voicing for a run of frames, so over 1 s (101 frames) the voiced fraction had a
+    # long tail: over 3,000 noise draws p99 0.26, p99.9 0.37, max 0.44, a failure at 1 in 3,000.
+    # Over 4 s (401 frames), 1,600 draws (the same seeds, so the first second is the same noise):
+    # p99 0.12, p99.9 0.17, max 0.18 (the draw that failed: 0.11).
+    sf.write(tmp_path / "noise.wav", 0.2 * rng_from(gen).standard_normal(4 * 16000), 16000)
     d = dict(zip(ex.names, ex([tmp_path / "noise.wav"])[0]))
     assert d["spectral_flatness_mean"] > 0.3
-    assert d["voiced_fraction"] < 0.4  # pYIN now and then finds "pitch" near fmin in a few noise frames
+    assert d["voiced_fraction"] < 0.4
     assert d["spectral_centroid_hz_mean"] > 3000  # white noise to 8 kHz: centroid near 4 kHz
     assert d["zcr_mean"] > 0.4  # about one crossing every other sample
 

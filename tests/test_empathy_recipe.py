@@ -3,6 +3,7 @@ features and the shipped model's ties to the text-emotion weights."""
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import pearsonr
 
 import affectkit
@@ -13,6 +14,11 @@ from affectkit.models.regression import RegressionModel
 from affectkit.text.sentences import mean_by_owner, split_sentences
 
 
+def _rng(gen) -> np.random.Generator:
+    """Fresh every run, replayed by AFFECTKIT_TEST_SEED (the run's seed, see conftest.py)."""
+    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
 def test_split_sentences_keeps_order_and_owners():
     texts = ["It hurt. I cried!  Why? ok", "no boundary here", "?!", "A. B. Three words here."]
     sentences, owner = split_sentences(texts)
@@ -20,8 +26,8 @@ def test_split_sentences_keeps_order_and_owners():
     assert owner.tolist() == [0, 0, 0, 1, 2, 3]  # "ok", "A." and "B." are too short to stand alone
 
 
-def test_mean_by_owner_matches_a_loop():
-    rng = np.random.default_rng()
+def test_mean_by_owner_matches_a_loop(gen):
+    rng = _rng(gen)
     owner = np.sort(np.concatenate([np.arange(5), rng.integers(0, 5, 17)]))
     rows = rng.standard_normal((len(owner), 3))
     expected = np.stack([rows[owner == i].mean(0) for i in range(5)])
@@ -35,11 +41,11 @@ def _planted(rng, n=400, d=37):
     return x.astype(np.float32), y
 
 
-def test_ridge_head_predicts_what_sklearn_predicts():
+def test_ridge_head_predicts_what_sklearn_predicts(gen):
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
-    rng = np.random.default_rng()
+    rng = _rng(gen)
     x, y = _planted(rng)
     head, alphas = ridge_head(x, y)
     scaler = StandardScaler().fit(x.astype(np.float64))
@@ -50,8 +56,8 @@ def test_ridge_head_predicts_what_sklearn_predicts():
     assert all(pearsonr(got[:, j], y[:, j])[0] > 0.99 for j in range(2))
 
 
-def test_out_of_fold_predictions_never_see_their_own_targets():
-    rng = np.random.default_rng()
+def test_out_of_fold_predictions_never_see_their_own_targets(gen):
+    rng = _rng(gen)
     x, y = _planted(rng, n=120)
     folds = [(np.arange(40, 120), np.arange(40)), (np.arange(40), np.arange(40, 120))]
     pred = out_of_fold(x, y, folds)
@@ -82,8 +88,6 @@ def test_shipped_empathy_model_uses_the_shipped_emotion_weights():
 
 
 def test_unknown_feature_kind_is_refused():
-    import torch
-
     config = {"kind": "empathy", "targets": ["empathy", "distress"], "scale": [1, 7], "encoder": "x",
               "in_dim": 3, "out_dim": 2, "hidden": 0, "features": "mystery"}
     tensors = {"head.mean": torch.zeros(3), "head.std": torch.ones(3), "head.net.1.weight": torch.zeros(2, 3),
@@ -92,14 +96,14 @@ def test_unknown_feature_kind_is_refused():
         RegressionModel(tensors, config)
 
 
-def test_training_writes_a_blended_model_that_loads(tmp_path):
+def test_training_writes_a_blended_model_that_loads(tmp_path, gen):
     """The whole recipe on a small copy (20 writers x 2 essays): folds by writer, the n-gram view
     in config, tensors and metrics, and the saved folder loads and predicts like the model."""
     import pandas as pd
 
     from affectkit.models.training import train
 
-    rng = np.random.default_rng()
+    rng = _rng(gen)
     sad = ["It broke my heart to read about the flood.", "I feel so sad for those families.",
            "I cried when I saw the pictures of the children."]
     flat = ["The article lists the new rules.", "The report covers the budget numbers.", "It was a short update on traffic."]

@@ -77,10 +77,17 @@ def _write_meld(path: Path, n_dialogues: int, rng: random.Random) -> None:
                 sr += 1
 
 
-def test_training_on_meld_files_learns_and_round_trips(tmp_path):
+def _random(gen) -> random.Random:
+    """Fresh every run, replayed by AFFECTKIT_TEST_SEED (the run's seed, see conftest.py)."""
+    return random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def test_training_on_meld_files_learns_and_round_trips(tmp_path, gen):
     from affectkit.models.erc_training import train
 
-    rng = random.Random(int(np.random.SeedSequence().entropy % 2**32))
+    # Over 60 corpora (seeds 0-59) dev weighted F1 was 1.0 every time, reached by epoch 3-4 of 12
+    # (24-43 dev utterances); nothing near the 0.8 bar.
+    rng = _random(gen)
     _write_meld(tmp_path / "train_sent_emo.csv", 40, rng)
     _write_meld(tmp_path / "dev_sent_emo.csv", 12, rng)
     out = tmp_path / "model"
@@ -245,10 +252,10 @@ def test_cli_bad_transcripts(tmp_path, name, content, message):
     assert proc.returncode == 2 and message in proc.stderr and proc.stdout == "", proc.stderr
 
 
-def test_cli_train_and_evaluate_erc(tmp_path):
+def test_cli_train_and_evaluate_erc(tmp_path, gen):
     import json
 
-    rng = random.Random(int(np.random.SeedSequence().entropy % 2**32))
+    rng = _random(gen)
     _write_meld(tmp_path / "test_sent_emo.csv", 6, rng)
     proc = _cli("evaluate", "erc-meld", "--data", str(tmp_path / "test_sent_emo.csv"), "--json",
                 "--plots", str(tmp_path / "plots"))
