@@ -1,5 +1,6 @@
 """Helpers shared by the test modules."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +42,9 @@ def cuda_synchronisations(fn) -> list[str]:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+
+
+def numpy_rng(gen) -> np.random.Generator:
+    """A numpy generator drawn from a test's `gen`: fresh every run, replayed by
+    AFFECTKIT_TEST_SEED (the run's seed, see conftest.py)."""
+    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))

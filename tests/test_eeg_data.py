@@ -6,7 +6,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from sklearn.linear_model import LogisticRegression
 
 from affectkit.data import deap, dreamer, seed
@@ -16,19 +15,15 @@ from affectkit.evaluation import finetune_protocol, kfold_by_trial, leave_one_su
 from affectkit.metrics import accuracy, per_subject, seq2hr, weighted_f1
 
 from eeg_files import write_deap, write_dreamer, write_seed
+from _support import numpy_rng
 
 # Bands that separate the planted rhythms (6, 11, 16, 21, 26 Hz).
 TEST_BANDS = {f"b{f}": (f - 2.5, f + 2.5) for f in (6, 11, 16, 21, 26)}
 
 
-def _rng(gen) -> np.random.Generator:
-    """Fresh every run, replayed by AFFECTKIT_TEST_SEED (the run's seed, see conftest.py)."""
-    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-
-
 @pytest.fixture(scope="module")
 def dreamer_file(tmp_path_factory, module_gen):
-    rng = _rng(module_gen)
+    rng = numpy_rng(module_gen)
     path = tmp_path_factory.mktemp("dreamer") / "DREAMER.mat"
     scores = write_dreamer(path, rng)
     return path, scores
@@ -102,7 +97,7 @@ def test_splits_never_leak_trials(dreamer_file):
 
 
 def test_deap_reader_and_safe_unpickling(tmp_path, gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     write_deap(tmp_path, rng)
     ds = deap.read(tmp_path)
     assert len(ds.trials) == 8 and ds.channels == deap.CHANNELS
@@ -121,7 +116,7 @@ def test_deap_reader_and_safe_unpickling(tmp_path, gen):
 
 
 def test_seed_reader(tmp_path, gen):
-    write_seed(tmp_path, _rng(gen))
+    write_seed(tmp_path, numpy_rng(gen))
     ds = seed.read(tmp_path)
     assert ds.sfreq == 200.0 and len(ds.channels) == 62
     assert len(ds.trials) == 2 * 2 * 5
@@ -147,7 +142,7 @@ def test_bad_files_name_the_file_and_problem(tmp_path):
 
 
 def test_signal_checks(gen):
-    sig = _rng(gen).standard_normal((2, 3, 256))
+    sig = numpy_rng(gen).standard_normal((2, 3, 256))
     ds = from_arrays(sig, 128, ["Fz", "Cz", "Pz"], targets=[{"y": 0}, {"y": 1}])
     with pytest.raises(ValueError, match=r"missing channel\(s\) \['O1'\]"):
         ds.select_channels(["Fz", "O1"])
@@ -170,7 +165,7 @@ def test_from_mne(gen):
     import mne
 
     info = mne.create_info(["Fz", "Cz", "Pz", "EOG"], 128.0, ["eeg", "eeg", "eeg", "eog"])
-    raw = mne.io.RawArray(_rng(gen).standard_normal((4, 512)) * 1e-5, info, verbose=False)
+    raw = mne.io.RawArray(numpy_rng(gen).standard_normal((4, 512)) * 1e-5, info, verbose=False)
     ds = from_mne(raw, targets=[{"valence": 3.0}])
     assert ds.channels == ("Fz", "Cz", "Pz") and ds.trials[0].signal.shape == (3, 512)
 

@@ -12,11 +12,7 @@ from affectkit.models.empathy_training import out_of_fold, ridge_head
 from affectkit.models.base import run_head
 from affectkit.models.regression import RegressionModel
 from affectkit.text.sentences import mean_by_owner, split_sentences
-
-
-def _rng(gen) -> np.random.Generator:
-    """Fresh every run, replayed by AFFECTKIT_TEST_SEED (the run's seed, see conftest.py)."""
-    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+from _support import numpy_rng
 
 
 def test_split_sentences_keeps_order_and_owners():
@@ -27,7 +23,7 @@ def test_split_sentences_keeps_order_and_owners():
 
 
 def test_mean_by_owner_matches_a_loop(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     owner = np.sort(np.concatenate([np.arange(5), rng.integers(0, 5, 17)]))
     rows = rng.standard_normal((len(owner), 3))
     expected = np.stack([rows[owner == i].mean(0) for i in range(5)])
@@ -45,7 +41,7 @@ def test_ridge_head_predicts_what_sklearn_predicts(gen):
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     x, y = _planted(rng)
     head, alphas = ridge_head(x, y)
     scaler = StandardScaler().fit(x.astype(np.float64))
@@ -57,7 +53,7 @@ def test_ridge_head_predicts_what_sklearn_predicts(gen):
 
 
 def test_out_of_fold_predictions_never_see_their_own_targets(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     x, y = _planted(rng, n=120)
     folds = [(np.arange(40, 120), np.arange(40)), (np.arange(40), np.arange(40, 120))]
     pred = out_of_fold(x, y, folds)
@@ -103,7 +99,7 @@ def test_training_writes_a_blended_model_that_loads(tmp_path, gen):
 
     from affectkit.models.training import train
 
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     sad = ["It broke my heart to read about the flood.", "I feel so sad for those families.",
            "I cried when I saw the pictures of the children."]
     flat = ["The article lists the new rules.", "The report covers the budget numbers.", "It was a short update on traffic."]

@@ -3,14 +3,10 @@ construction (duplicated rows, whole groups)."""
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import f1_score
 
 from affectkit.metrics import group_bootstrap, weighted_f1, weighted_f1_at_class_mix
-
-
-def _rng(gen):
-    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+from _support import numpy_rng
 
 
 def _labels(rng, n, classes):
@@ -20,7 +16,7 @@ def _labels(rng, n, classes):
 
 
 def test_at_its_own_mix_it_is_plain_weighted_f1(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     y, pred = _labels(rng, 211, 5)
     own = np.bincount(y, minlength=5)
     assert weighted_f1_at_class_mix(y, pred, own * 3) == pytest.approx(weighted_f1(y, pred), abs=1e-12)
@@ -30,7 +26,7 @@ def test_at_its_own_mix_it_is_plain_weighted_f1(gen):
 def test_reweighting_equals_duplicating_the_rows_of_a_class(gen, classes):
     # Target counts that are integer multiples of each class's own count are the same set with
     # those rows repeated: precision, recall and the averaging weights all move.
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     y, pred = _labels(rng, 97, classes)
     own = np.bincount(y, minlength=classes)
     copies = rng.integers(1, 5, classes)
@@ -41,7 +37,7 @@ def test_reweighting_equals_duplicating_the_rows_of_a_class(gen, classes):
 
 
 def test_a_class_left_out_of_the_mix_drops_out_of_the_score(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     y, pred = _labels(rng, 120, 3)
     counts = np.bincount(y, minlength=3).astype(float)
     counts[2] = 0
@@ -65,7 +61,7 @@ def test_bad_class_mix_input(counts, targets, match):
 
 
 def test_group_bootstrap_draws_whole_groups(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     sizes = rng.integers(1, 6, 13)
     groups = np.repeat(rng.permutation(1000)[:13], sizes)  # group names in any order, not 0..G-1
     rng.shuffle(groups)  # members need not be adjacent
@@ -83,7 +79,7 @@ def test_group_bootstrap_draws_whole_groups(gen):
 
 
 def test_group_bootstrap_of_one_group_repeats_the_score_and_replays_by_seed(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     y, pred = _labels(rng, 50, 3)
     one = group_bootstrap(weighted_f1, np.zeros(50), y, pred, resamples=5)
     np.testing.assert_allclose(one, weighted_f1(y, pred))

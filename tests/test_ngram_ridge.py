@@ -9,11 +9,7 @@ from scipy.stats import pearsonr
 from affectkit.models.ngram_ridge import CharNgramRidge
 from affectkit.models.regression import RegressionModel
 from affectkit.text.ngrams import hashed_char_ngrams
-
-
-def _rng(gen) -> np.random.Generator:
-    """Fresh every run, replayed by AFFECTKIT_TEST_SEED (the run's seed, see conftest.py)."""
-    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+from _support import numpy_rng
 
 
 WORDS = ["river", "calm", "table", "storm", "quiet", "lamp", "green", "paper", "stone", "cloud", "bright", "soft"]
@@ -51,7 +47,7 @@ def _closed_form(train, y, test, alpha, n_features):
 
 @pytest.mark.parametrize("n_features", [2**10, 2**16])
 def test_fit_predict_matches_the_closed_form(n_features, gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     train, c = _texts(rng, int(rng.integers(40, 90)))
     test, _ = _texts(rng, 13)
     y = np.stack([c + rng.normal(0, 0.3, len(c)), -2 * c + rng.normal(0, 0.3, len(c))], 1)
@@ -61,7 +57,7 @@ def test_fit_predict_matches_the_closed_form(n_features, gen):
 
 
 def test_learns_a_planted_signal_per_target(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     train, c = _texts(rng, 300)
     test, c_test = _texts(rng, 200)
     model = CharNgramRidge.fit(train, np.stack([c, 10 - 3 * c], 1), alpha=1.0, n_features=2**14)
@@ -72,7 +68,7 @@ def test_learns_a_planted_signal_per_target(gen):
 
 
 def test_saved_tensors_predict_the_same(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     train, c = _texts(rng, 60)
     test, _ = _texts(rng, 9)
     model = CharNgramRidge.fit(train, c[:, None], alpha=2.0, n_features=2**12)
@@ -119,7 +115,7 @@ def _blended_model(rng, weight):
 
 
 def test_regression_model_blends_the_two_views(tmp_path, gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     weight = float(rng.uniform(0.2, 0.4))  # away from 0.5, where w and 1 - w agree
     model, ngrams = _blended_model(rng, weight)
     texts, _ = _texts(rng, 7)

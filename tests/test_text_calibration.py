@@ -8,15 +8,12 @@ import torch
 from affectkit.metrics import expected_calibration_error
 from affectkit.models.calibration import choose_thresholds, decide, fit_temperature
 from affectkit.models.training import fit_head, holdout_mask
-
-
-def _rng(gen):
-    return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+from _support import numpy_rng
 
 
 @pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
 def test_fit_temperature_recovers_the_true_temperature(gen, true_t):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     logits = rng.normal(0, 3, size=(20_000, 4))
     y = rng.random(logits.shape) < 1 / (1 + np.exp(-logits / true_t))
     assert fit_temperature(logits, y) == pytest.approx(true_t, rel=0.1)
@@ -28,7 +25,7 @@ def test_fit_temperature_shape_mismatch():
 
 
 def test_ece_known_values(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     assert expected_calibration_error(np.ones(10), np.r_[np.ones(5), np.zeros(5)]) == pytest.approx(0.5)
     assert expected_calibration_error(np.zeros(4), np.zeros(4)) == 0.0
     p = rng.random(200_000)
@@ -38,7 +35,7 @@ def test_ece_known_values(gen):
 
 
 def test_choose_thresholds_finds_separating_cut(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     cuts = np.array([0.2, 0.5, 0.7])
     probs = rng.random((500, 3))
     y = probs > cuts  # each label is exactly "probability above its cut"
@@ -63,7 +60,7 @@ def test_holdout_mask_is_fixed_and_about_a_fifth():
 
 
 def test_fit_head_learns_a_linear_target(gen):
-    rng = _rng(gen)
+    rng = numpy_rng(gen)
     w = rng.normal(size=(6, 2))
     x = rng.normal(size=(1200, 6)).astype(np.float32)
     y = x @ w + 0.05 * rng.normal(size=(1200, 2))
