@@ -267,8 +267,8 @@ def test_learns_a_cross_modal_interaction_that_no_single_modality_carries(gen):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is far faster than two on a shared machine
     try:
-        # The loss sits near log 2 for a while, then falls within some 50 steps. Over 77 seeds
-        # (twenty-third session) it was learned after 236-1,021 steps, median 368; 3 took over
+        # The loss sits near log 2 for a while, then falls within some 50 steps. Over 130 seeds
+        # (twenty-third session) it was learned after 218-1,166 steps, median 356; 3 took over
         # 700, the old budget (CI failed on one). The budget is only spent when learning stalls.
         model, steps = _train_interaction(gen, 2500, stop_when_learned=True)
         full = _accuracy(model, gen)
