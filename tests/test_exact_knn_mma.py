@@ -132,7 +132,11 @@ CHILD = textwrap.dedent(
 SETTINGS = {"1": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "0"}, "0": {"AFFECTKIT_KNN_MMA": "0"},
             "wgmma": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "1"},
             "wgmma2": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2"},
-            "wgmma3": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "3"}}
+            "wgmma3": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "3"},
+            "wgmma2_grouped": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "2",
+                               "AFFECTKIT_KNN_EPILOGUE": "grouped"},
+            "wgmma3_grouped": {"AFFECTKIT_KNN_MMA": "1", "AFFECTKIT_KNN_WGMMA": "3",
+                               "AFFECTKIT_KNN_EPILOGUE": "grouped"}}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +145,8 @@ def reports():
     "1" the mma.sync kernel, "0" the WMMA kernel, "wgmma" the mma kernel's wgmma instantiation,
     "wgmma2" the same keeping one slab's products in flight, "wgmma3" that one warp-specialised
     (a producer warpgroup, mbarriers) with the epilogue's grouped push, each warp's epilogue
-    its own."""
+    its own; "wgmma2_grouped" and "wgmma3_grouped" those two with the grouped push in the
+    epilogue all 8 warps share."""
     out = {}
     for setting, env_vars in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
@@ -154,7 +159,8 @@ def reports():
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS),
-                         ids=["mma", "wmma", "wgmma", "wgmma_in_flight", "wgmma_warp_specialised"])
+                         ids=["mma", "wmma", "wgmma", "wgmma_in_flight", "wgmma_warp_specialised",
+                              "wgmma_in_flight_grouped", "wgmma_warp_specialised_grouped"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_matches_float64_reference(reports, setting, metric):
     rows = [r for r in reports[setting][0] if r["metric"] == metric]
@@ -163,13 +169,16 @@ def test_matches_float64_reference(reports, setting, metric):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("setting, expected", [("1", ", false, false, false>"), ("0", "tc_topk_kernel<"),
-                                               ("wgmma", ", true, false, false>"),
-                                               ("wgmma2", ", true, true, false>"),
-                                               ("wgmma3", ", true, true, true>")])
+@pytest.mark.parametrize("setting, expected", [("1", ", false, false, false, 0>"), ("0", "tc_topk_kernel<"),
+                                               ("wgmma", ", true, false, false, 0>"),
+                                               ("wgmma2", ", true, true, false, 0>"),
+                                               ("wgmma3", ", true, true, true, 2>"),
+                                               ("wgmma2_grouped", ", true, true, false, 1>"),
+                                               ("wgmma3_grouped", ", true, true, true, 1>")])
 def test_the_setting_reaches_its_kernel(reports, setting, expected):
-    # mma_topk_kernel<METRIC, kWG, kInFlight, kWS>: a wgmma run must not fall back to mma.sync
-    # unnoticed (an H100/H200 is compute capability 9.0, and the build includes sm_90 by default).
+    # mma_topk_kernel<METRIC, kWG, kInFlight, kWS, kEpi>: a wgmma run must not fall back to
+    # mma.sync unnoticed (an H100/H200 is compute capability 9.0, and the build includes sm_90
+    # by default); kEpi 0 plain, 1 grouped, 2 each warp's own.
     names = reports[setting][1]
     assert names and all(expected in n for n in names), names
 
@@ -193,7 +202,7 @@ def test_the_default_is_wgmma_in_flight_where_it_can_run():
     lines = proc.stdout.strip().splitlines()
     report, names = json.loads(lines[-1]), json.loads(lines[-2])
     assert not [r["problems"] for r in report if r["problems"]]
-    expected = ", true, true, false>" if _wgmma_possible() else ", false, false, false>"
+    expected = ", true, true, false, 0>" if _wgmma_possible() else ", false, false, false, 0>"
     assert names and all(expected in n for n in names), names
 
 
@@ -206,8 +215,14 @@ def test_cases_exercise_padding(reports):
         assert padded[(3, 70001, 384, 10, "few")] == 3 * 7
 
 
-@pytest.mark.parametrize("var, value", [("AFFECTKIT_KNN_WGMMA", "4")])
-def test_bad_setting_raises_value_error(var, value):
+@pytest.mark.parametrize("var, value, others", [
+    ("AFFECTKIT_KNN_WGMMA", "4", {}),
+    ("AFFECTKIT_KNN_EPILOGUE", "fast", {}),
+    # a valid name with no kernel for the mode: warp needs mode 3, plain has none in mode 3
+    ("AFFECTKIT_KNN_EPILOGUE", "warp", {"AFFECTKIT_KNN_WGMMA": "2"}),
+    ("AFFECTKIT_KNN_EPILOGUE", "plain", {"AFFECTKIT_KNN_WGMMA": "3"}),
+])
+def test_bad_setting_raises_value_error(var, value, others):
     import affectkit._C as C
     import torch
 
@@ -221,7 +236,7 @@ def test_bad_setting_raises_value_error(var, value):
             "except ValueError as e:\n"
             "    print('ValueError:', e)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFFECTKIT_KNN_")}
-    proc = subprocess.run([sys.executable, "-c", code], env={**env, var: value},
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, **others, var: value},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ValueError:" in proc.stdout and var in proc.stdout, proc.stdout

@@ -91,11 +91,31 @@ int wgmma_mode() {
   return mode;
 }
 
+int epilogue_mode(int mode) {
+  static const std::string v = [] {
+    const char* e = std::getenv("AFFECTKIT_KNN_EPILOGUE");
+    return std::string(e ? e : "");
+  }();
+  if (v.empty()) return mode == 3 ? kWarp : kPlain;  // mode 3 was prepared with kWarp
+  const int epi = v == "plain" ? kPlain : v == "grouped" ? kGrouped : v == "warp" ? kWarp : -1;
+  if (epi < 0)
+    throw ValueError("AFFECTKIT_KNN_EPILOGUE: expected plain, grouped or warp, got '" + v + "'");
+  // The kernels built: plain for modes 1-2, grouped for 2-3, warp for 3.
+  const bool built = epi == kPlain ? (mode == 1 || mode == 2)
+                     : epi == kGrouped ? (mode == 2 || mode == 3)
+                                       : mode == 3;
+  if (!built)
+    throw ValueError("AFFECTKIT_KNN_EPILOGUE: '" + v + "' has no kernel for AFFECTKIT_KNN_WGMMA=" +
+                     std::to_string(mode) + " (plain: modes 1-2, grouped: 2-3, warp: 3)");
+  return epi;
+}
+
 namespace {
-void* kernel_for(int wgmma, int metric) {
+void* kernel_for(int wgmma, int epilogue, int metric) {
 #ifdef AFFECTKIT_WITH_SM90A
-  if (wgmma) return wgmma_kernel_ptr(metric, wgmma);
+  if (wgmma) return wgmma_kernel_ptr(metric, wgmma, epilogue);
 #endif
+  (void)epilogue;
   return wgmma ? nullptr : kernel_ptr<false, false>(metric);
 }
 }  // namespace
@@ -112,7 +132,8 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
   }
   if (major < 9) return plan;  // the kernel is built for sm_90 and later only
   // wgmma code exists for compute capability 9.0 exactly (sm_90a), where the build made it.
-  int wgmma = major == 9 && minor == 0 && kernel_for(1, 0) != nullptr ? wgmma_mode() : 0;
+  int wgmma = major == 9 && minor == 0 && kernel_for(1, kPlain, 0) != nullptr ? wgmma_mode() : 0;
+  int epilogue = wgmma ? epilogue_mode(wgmma) : kPlain;  // read (and checked) with the mode
   // 3 row stages, or 2 when k's lists leave no room for a third (2 at most ran 7 % slower at
   // 100 % selectivity on an H200); 1: none.
   auto stages_for = [&](int wg) {
@@ -123,19 +144,22 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
   int stages = stages_for(wgmma);
   if (stages < 2 && wgmma) {  // at d % 64 != 0 the wgmma layout is the larger: try mma.sync
     wgmma = 0;
+    epilogue = kPlain;
     stages = stages_for(0);
   }
   if (stages < 2) return plan;
   const size_t smem = Layout(d, k, stages, wgmma != 0, wgmma == 3).total;
   int per_sm = 0;
   for (int metric = 0; metric < 3; ++metric) {
-    if (cudaFuncSetAttribute(kernel_for(wgmma, metric), cudaFuncAttributeMaxDynamicSharedMemorySize,
+    if (cudaFuncSetAttribute(kernel_for(wgmma, epilogue, metric),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)) != cudaSuccess) {
       cudaGetLastError();
       return plan;
     }
   }
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(wgmma, 0), threads_for(wgmma), smem) !=
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(wgmma, epilogue, 0),
+                                                    threads_for(wgmma), smem) !=
           cudaSuccess ||
       per_sm < 1) {
     cudaGetLastError();
@@ -152,6 +176,7 @@ MmaPlan plan_exact_mma(int64_t nq, int64_t n, int64_t d, int k, int device, int 
   chunk_rows = (chunk_rows + kBN - 1) / kBN * kBN;
   plan.ok = true;
   plan.wgmma = wgmma;
+  plan.epilogue = epilogue;
   plan.stages = stages;
   plan.nchunks = (n + chunk_rows - 1) / chunk_rows;
   plan.chunk_rows = chunk_rows;
@@ -176,8 +201,8 @@ void launch_exact_mma(const MmaPlan& plan, const __half* queries, int64_t nq, co
     int64_t chunk_rows = plan.chunk_rows;
     void* args[] = {&queries, &db,     &qmask,      &rows,   &count,  &nq,     &n,     &d,
                     &k,       &stages, &chunk_rows, &gbound, &part_d, &part_i, &part_n};
-    err = cudaLaunchKernel(kernel_for(plan.wgmma, metric), grid, dim3(threads_for(plan.wgmma)), args, plan.smem,
-                           stream);
+    err = cudaLaunchKernel(kernel_for(plan.wgmma, plan.epilogue, metric), grid,
+                           dim3(threads_for(plan.wgmma)), args, plan.smem, stream);
   }
   cudaFreeAsync(gbound, stream);  // stream-ordered: after the kernel
   cuda_check(err, "exact_knn mma kernel launch");

@@ -11,12 +11,20 @@
 
 namespace affectkit::knn::detail {
 
+// The kernel's epilogue (its kEpi; see exact_knn_mma_kernel.cuh and epilogue_mode).
+enum Epilogue : int {
+  kPlain = 0,    // a hot query's elements one by one; the 8 warps meet at block barriers
+  kGrouped = 1,  // by groups of 8 first (tree maxima); wgmma modes only
+  kWarp = 2,     // grouped, and each warp's epilogue its own (no block barrier); mode 3 only
+};
+
 // How the mma kernel runs one call (ok == false: it cannot, use the WMMA kernel).
 struct MmaPlan {
   bool ok = false;
   int wgmma = 0;           // 0: mma.sync; 1-3: the wgmma instantiations (exact_knn_mma_sm90a.cu),
                            // 2 keeping one slab's products in flight, 3 also warp-specialised
                            // (see wgmma_mode)
+  int epilogue = kPlain;   // an Epilogue (epilogue_mode)
   int stages = 0;          // cp.async pipeline depth over 64-column row slabs (2 or 3)
   int64_t nchunks = 0;     // row chunks (grid.y)
   int64_t chunk_rows = 0;  // rows per chunk (a multiple of the 256-row tile)
@@ -34,14 +42,22 @@ bool mma_enabled();
 // it keeps them in flight until the next slab's are issued (a second barrier per slab frees the
 // stage); 3: as 2, warp-specialised (a producer warpgroup issues the copies, mbarriers in place
 // of the per-slab block barriers; on an H200, 2026-11-28: every test passed, 3.40 ms against
-// 3.41 at 100 %), with the epilogue's grouped push and each warp's own epilogue
-// (kGroupedPush, kWarpLocal: not yet run on a GPU);
-// 0: mma.sync. On an H100, 1000 x 1M x
+// 3.41 at 100 %), by default with the epilogue's grouped push and each warp's own epilogue
+// (kWarp, not yet run on a GPU; see epilogue_mode); 0: mma.sync. On an H100, 1000 x 1M x
 // 384, k = 10: 2.0 / 3.6 ms at 50 / 100 % of rows allowed with 1 or 2, against 2.3 / 4.0 ms
 // with mma.sync. Another value: ValueError.
 int wgmma_mode();
+// AFFECTKIT_KNN_EPILOGUE (read once, with the wgmma mode, where that is read) picks the
+// epilogue of wgmma mode `mode`: unset, mode 3 takes kWarp and the others kPlain; "plain"
+// (modes 1-2), "grouped" (modes 2-3) or "warp" (mode 3) pick one. Another value, or one the
+// mode has no kernel for: ValueError.
+int epilogue_mode(int mode);
 #ifdef AFFECTKIT_WITH_SM90A
-void* wgmma_kernel_ptr(int metric, int mode);  // exact_knn_mma_sm90a.cu, mode 1-3
+// exact_knn_mma_sm90a.cu: mode 1-3 with an epilogue epilogue_mode allows for that mode.
+void* wgmma_kernel_ptr(int metric, int mode, int epilogue);
+// exact_knn_mma_grouped_sm90a.cu (a translation unit of its own, to keep each one's build
+// short): modes 2 and 3 with kGrouped.
+void* wgmma_grouped_kernel_ptr(int metric, int mode);
 #endif
 
 // The caller has checked the tensor-core preconditions (float16, d % 16 == 0, 16-byte

@@ -21,10 +21,16 @@
 //                3.41 ms at 100 %): the loads were not what the consumers waited for. Its
 //                producer warps sat in their mbarrier waits; what the consumers do between
 //                products (the epilogue, with the tensor cores idle) is the likely bound,
-//                hence kGroupedPush and kWarpLocal below (both with kWS only until they run
-//                on a GPU, whose per-instruction profile will say).
-// Included by those two files only; everything but the loader's shared-memory layout, the
-// multiply and the accumulators' coordinates is shared, so both keep one epilogue.
+//                hence the epilogues below.
+//   kEpi (an Epilogue, exact_knn_mma.h; kGrouped and kWarp not yet run on a GPU):
+//                kPlain tests a hot query's elements one by one, and all 8 warps meet at
+//                block barriers in the epilogue; kGrouped tests them by groups first (wgmma
+//                only); kWarp (kWS only) also makes each warp's epilogue its own. Mode 3 takes
+//                kWarp unless AFFECTKIT_KNN_EPILOGUE says otherwise (see wgmma_mode): the next
+//                GPU run measures each part's share.
+// Included by exact_knn_mma.cu and the *_sm90a.cu files only; everything but the loader's
+// shared-memory layout, the multiply and the accumulators' coordinates is shared, so all
+// keep one epilogue.
 //
 // Why wgmma: the mma.sync kernel keeps the tensor pipe ~36 % busy (H200, 1000 x 1M x 384,
 // every row allowed: 3.67 ms against a 1.1 ms floor): its 8 warps issue the ldmatrix, mma and
@@ -285,7 +291,7 @@ __device__ __forceinline__ bool consumer_sync_or(bool v) {
 // or, with rows != nullptr (a compacted shared filter; mask is then null), [0, *count) split
 // into gridDim.y chunks of round_up(ceil(*count / gridDim.y), 256) rows, position j standing
 // for database row rows[j]. mask (or null) is a per-query (nq, n) mask.
-template <int METRIC, bool kWG, bool kInFlight, bool kWS>
+template <int METRIC, bool kWG, bool kInFlight, bool kWS, int kEpi>
 __global__ void __launch_bounds__(kWS ? kThreads + kProducerThreads : kThreads, 1)
 mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ db,
                 const uint8_t* __restrict__ mask, const int* __restrict__ rows,
@@ -305,21 +311,23 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
   }
   static_assert(kWG || !kInFlight, "only wgmma products are asynchronous");
   static_assert(!kWS || kInFlight, "the warp-specialised loop keeps a slab in flight");
+  static_assert(kEpi != kWarp || kWS, "a warp's own epilogue needs the warp-specialised loop");
+  static_assert(kEpi == kPlain || kWG, "the grouped push is built for the wgmma layout only");
   constexpr bool kL2 = METRIC == 1;
-  // The epilogue's push pass tests each group of kGroup elements by its largest score before
-  // testing them one by one, and the cheap test takes its maxima as trees. With kWS only until
-  // it runs on a GPU (twenty-third session): on the H200 the consumers, not the loads, bounded
-  // the kernel, and between products they run the epilogue, where a hot query walked all kRPT
-  // elements, ~9 instructions each (an emulation on random data: about half the warps have a
-  // hot query each tile).
-  constexpr bool kGroupedPush = kWS;
-  // The epilogue is each warp's own (kWS only until it runs on a GPU): a warp holds the scores
-  // of 16 queries (qloc) over all the tile's rows, so it can also refresh, insert and write out
+  // kGrouped, kWarp (not yet run on a GPU): the epilogue's push pass tests each group of
+  // kGroup elements by its largest score before testing them one by one, and the cheap test
+  // takes its maxima as trees. On the H200 (twenty-third session) the consumers, not the
+  // loads, bounded the kernel, and between products they run the epilogue, where a hot query
+  // walked all kRPT elements, ~9 instructions each (an emulation on random data: about half
+  // the warps have a hot query each tile).
+  constexpr bool kGroupedPush = kEpi != kPlain;
+  // kWarp (not yet run on a GPU): the epilogue is each warp's own: a warp holds the scores of
+  // 16 queries (qloc) over all the tile's rows, so it can also refresh, insert and write out
   // those 16 itself, and its epilogue needs no barrier but its own (__syncwarp). The block
   // barriers of the shared epilogue made all 8 warps wait for the slowest insert each round,
   // with the tensor cores idle; now one warpgroup's epilogue can run under the other's
   // products. l2 keeps one consumers' barrier a tile for the row norms (xn, a buffer a parity).
-  constexpr bool kWarpLocal = kWS;
+  constexpr bool kWarpLocal = kEpi == kWarp;
   // Scores per thread: kQPT queries x kRPT tile rows; kRowWarps warps share a query's rows.
   constexpr int kQPT = kWG ? 2 : 8, kRPT = kWG ? 64 : 16, kRowWarps = kWG ? 1 : 4;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -873,12 +881,13 @@ mma_topk_kernel(const __half* __restrict__ queries, const __half* __restrict__ d
 #endif
 }
 
-// The kernel of one metric and multiply, for exact_knn_mma.cu's attribute and launch calls.
-template <bool kWG, bool kInFlight, bool kWS = false>
+// The kernel of one metric, multiply and epilogue, for exact_knn_mma.cu's attribute and
+// launch calls.
+template <bool kWG, bool kInFlight, bool kWS = false, int kEpi = kPlain>
 void* kernel_ptr(int metric) {
-  if (metric == 0) return reinterpret_cast<void*>(&mma_topk_kernel<0, kWG, kInFlight, kWS>);
-  if (metric == 1) return reinterpret_cast<void*>(&mma_topk_kernel<1, kWG, kInFlight, kWS>);
-  return reinterpret_cast<void*>(&mma_topk_kernel<2, kWG, kInFlight, kWS>);
+  if (metric == 0) return reinterpret_cast<void*>(&mma_topk_kernel<0, kWG, kInFlight, kWS, kEpi>);
+  if (metric == 1) return reinterpret_cast<void*>(&mma_topk_kernel<1, kWG, kInFlight, kWS, kEpi>);
+  return reinterpret_cast<void*>(&mma_topk_kernel<2, kWG, kInFlight, kWS, kEpi>);
 }
 
 // Threads a block of the kernel that wgmma mode (0-3, see wgmma_mode) launches.

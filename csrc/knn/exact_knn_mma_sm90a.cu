@@ -6,8 +6,9 @@
 
 namespace affectkit::knn::detail {
 
-void* wgmma_kernel_ptr(int metric, int mode) {
-  if (mode == 3) return kernel_ptr<true, true, true>(metric);
+void* wgmma_kernel_ptr(int metric, int mode, int epilogue) {
+  if (epilogue == kGrouped) return wgmma_grouped_kernel_ptr(metric, mode);
+  if (mode == 3) return kernel_ptr<true, true, true, kWarp>(metric);
   return mode == 2 ? kernel_ptr<true, true>(metric) : kernel_ptr<true, false>(metric);
 }
 
