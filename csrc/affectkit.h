@@ -7,3 +7,4 @@
 #include "graph/graph.h"
 #include "knn/f16.h"
 #include "knn/knn.h"
+#include "knn/walk_codes.h"

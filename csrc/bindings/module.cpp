@@ -343,13 +343,16 @@ PYBIND11_MODULE(_C, m) {
                              "HNSW-style graph over float32 or float16 rows owned by the caller; filtered "
                              "search walks through every node and collects only allowed ones.")
       .def(py::init([](int64_t dim, int metric, int64_t M, int64_t ef_construction,
-                       uint64_t seed, int row_dtype) {
+                       uint64_t seed, int row_dtype, bool walk_codes) {
              return std::make_unique<knn::HnswGraph>(
                  dim, knn::metric_from_code(metric, "metric"), M, ef_construction, seed,
-                 dtype_from_code(row_dtype, "row_dtype"));
+                 dtype_from_code(row_dtype, "row_dtype"), walk_codes);
            }),
            py::arg("dim"), py::arg("metric"), py::arg("M") = 16,
-           py::arg("ef_construction") = 100, py::arg("seed") = 0, py::arg("row_dtype") = 0)
+           py::arg("ef_construction") = 100, py::arg("seed") = 0, py::arg("row_dtype") = 0,
+           py::arg("walk_codes") = true,
+           "walk_codes: keep 8-bit codes of the rows for searches to walk on (their beam is "
+           "scored again on the rows).")
       .def(
           "add",
           [](knn::HnswGraph& g, uintptr_t rows, int64_t count) {
@@ -382,6 +385,39 @@ PYBIND11_MODULE(_C, m) {
                              flat.size() * sizeof(int32_t));
           },
           "The graph as bytes of int32 words (header, levels, links) for saving.")
+      .def("has_walk_codes", [](const knn::HnswGraph& g) { return g.walk_codes() != nullptr; })
+      .def(
+          "walk_codes_state",
+          [](const knn::HnswGraph& g) -> py::object {
+            const knn::WalkCodes* c = g.walk_codes();
+            if (c == nullptr) return py::none();
+            auto bytes = [](const void* p, size_t n) { return py::bytes(static_cast<const char*>(p), n); };
+            return py::make_tuple(bytes(c->data(), static_cast<size_t>(c->rows() * c->stride())),
+                                  c->rows(), c->stride(), bytes(c->lo(), c->dim() * sizeof(float)),
+                                  bytes(c->step(), c->dim() * sizeof(float)));
+          },
+          "None, or (codes bytes, rows, stride, lo bytes, step bytes): the walk codes for saving "
+          "(a row of codes is stride bytes; value ~ lo[j] + step[j] * code).")
+      .def(
+          "set_walk_codes",
+          [](knn::HnswGraph& g, uintptr_t codes, int64_t count, uintptr_t lo, uintptr_t step) {
+            g.set_walk_codes(cptr<uint8_t>(codes), count, cptr<float>(lo), cptr<float>(step));
+          },
+          py::arg("codes"), py::arg("count"), py::arg("lo"), py::arg("step"),
+          "Install saved walk codes: count (= size()) rows of stride bytes, dim floats of lo and step.")
+      .def(
+          "code_walk", [](knn::HnswGraph& g, uintptr_t rows) { g.code_walk(cptr<void>(rows)); },
+          py::arg("rows"), py::call_guard<py::gil_scoped_release>(),
+          "Code every node's row for the walk (from the rows at `rows`, row_dtype).")
+      .def("drop_walk_codes", &knn::HnswGraph::drop_walk_codes,
+           "Free the walk codes: searches then walk on the rows.")
+      .def(
+          "code_distances",
+          [](const knn::HnswGraph& g, uintptr_t query, uintptr_t nodes, int64_t n, uintptr_t out) {
+            g.code_distances(cptr<float>(query), cptr<int32_t>(nodes), n, mptr<float>(out));
+          },
+          py::arg("query"), py::arg("nodes"), py::arg("n"), py::arg("out"),
+          "The walk's code distances of one float32 query to n int32 nodes (for checking the codes).")
       .def_static(
           "from_flat",
           [](uintptr_t data, int64_t count) {

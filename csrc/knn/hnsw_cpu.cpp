@@ -14,6 +14,7 @@
 #include "../core/dispatch.h"
 #include "f16.h"
 #include "knn.h"
+#include "walk_codes.h"
 
 namespace affectkit::knn {
 namespace {
@@ -297,20 +298,28 @@ struct HnswGraph::Impl {
   }
 
   // Beam search on one level; results ascending. `allow` (or null) decides which nodes may
-  // be collected; every node is walked through regardless.
+  // be collected; every node is walked through regardless. With `wq` (a query prepared for
+  // the graph's walk codes) nodes are ranked by code distances, and so is the result.
   static std::vector<Cand> beam(const HnswGraph& g, const void* rows, const float* q,
                                 int32_t entry, int level, int64_t ef, const uint8_t* allow,
-                                bool locked, Visited& vis) {
+                                bool locked, Visited& vis, const WalkCodes::Query* wq = nullptr) {
     vis.reset(g.level_.size());
     MinQueue cand;
     MaxQueue res;
-    const float d0 = dist(g, q, rows, entry);
+    const WalkCodes* codes = wq ? g.codes_.get() : nullptr;
+    float d0;
+    if (codes)
+      codes->score(*wq, g.metric_, &entry, 1, &d0);
+    else
+      d0 = dist(g, q, rows, entry);
     cand.push({d0, entry});
     vis.test_and_set(entry);
     if (!allow || allow[entry]) res.push({d0, entry});
     std::vector<int32_t> locked_links, nb(g.cap(level));
     std::vector<float> dnb(g.cap(level));
-    const int64_t bytes = row_bytes(g);
+    // What a scored node's distance reads: its code row, or its row.
+    const char* scored = codes ? reinterpret_cast<const char*>(codes->data()) : static_cast<const char*>(rows);
+    const int64_t bytes = codes ? codes->stride() : row_bytes(g);
     while (!cand.empty()) {
       const Cand c = cand.top();
       if (static_cast<int64_t>(res.size()) >= ef && c.first > res.top().first) break;
@@ -338,11 +347,14 @@ struct HnswGraph::Impl {
         const int32_t v = links[i];
         if (!vis.test_and_set(v)) {
           nb[fresh++] = v;
-          const char* row = static_cast<const char*>(rows) + static_cast<int64_t>(v) * bytes;
+          const char* row = scored + static_cast<int64_t>(v) * bytes;
           for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
         }
       }
-      dists(g, q, rows, nb.data(), fresh, dnb.data());
+      if (codes)
+        codes->score(*wq, g.metric_, nb.data(), fresh, dnb.data());
+      else
+        dists(g, q, rows, nb.data(), fresh, dnb.data());
       for (size_t i = 0; i < fresh; ++i) {
         const int32_t v = nb[i];
         const float dv = dnb[i];
@@ -361,6 +373,21 @@ struct HnswGraph::Impl {
       res.pop();
     }
     return out;
+  }
+
+  // A beam ranked by code distances, scored again on the rows and sorted (loads first).
+  static void rescore(const HnswGraph& g, const void* rows, const float* q, std::vector<Cand>& beam) {
+    std::vector<int32_t> nodes(beam.size());
+    std::vector<float> d(beam.size());
+    const int64_t bytes = row_bytes(g);
+    for (size_t i = 0; i < beam.size(); ++i) {
+      nodes[i] = beam[i].second;
+      const char* row = static_cast<const char*>(rows) + static_cast<int64_t>(nodes[i]) * bytes;
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+    }
+    dists(g, q, rows, nodes.data(), nodes.size(), d.data());
+    for (size_t i = 0; i < beam.size(); ++i) beam[i].first = d[i];
+    std::sort(beam.begin(), beam.end());
   }
 
   // The HNSW heuristic: keep a candidate only if it is closer to the base than to every kept
@@ -449,7 +476,7 @@ struct HnswGraph::Impl {
 };
 
 HnswGraph::HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction,
-                     uint64_t seed, DType row_dtype)
+                     uint64_t seed, DType row_dtype, bool walk_codes)
     : dim_(dim),
       M_(M),
       ef_construction_(ef_construction),
@@ -464,9 +491,44 @@ HnswGraph::HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construct
     throw ValueError("ef_construction: expected a positive integer, got " +
                      std::to_string(ef_construction));
   metric_from_code(static_cast<int32_t>(metric), "metric");
+  if (walk_codes) codes_ = std::make_unique<WalkCodes>(dim);
 }
 
 HnswGraph::~HnswGraph() = default;
+
+void HnswGraph::set_walk_codes(const uint8_t* codes, int64_t count, const float* lo,
+                               const float* step) {
+  if (count != size())
+    throw ValueError("codes: expected one code row per graph node (" + std::to_string(size()) +
+                     "), got " + std::to_string(count));
+  auto c = std::make_unique<WalkCodes>(dim_);
+  c->assign(codes, count, lo, step);
+  codes_ = std::move(c);
+}
+
+void HnswGraph::code_walk(const void* rows) {
+  check_pointer("rows", rows, size() * dim_);
+  auto c = std::make_unique<WalkCodes>(dim_);
+  c->update(rows, row_dtype_, 0, size());
+  codes_ = std::move(c);
+}
+
+void HnswGraph::drop_walk_codes() { codes_.reset(); }
+
+void HnswGraph::code_distances(const float* query, const int32_t* nodes, int64_t n, float* out) const {
+  if (!codes_ || codes_->rows() != size()) throw ValueError("code_distances: the graph has no walk codes");
+  check_dims_nonnegative("n", n);
+  check_pointer("query", query, dim_);
+  check_pointer("nodes", nodes, n);
+  check_pointer("out", out, n);
+  for (int64_t i = 0; i < n; ++i)
+    if (nodes[i] < 0 || nodes[i] >= size())
+      throw ValueError("nodes: expected values in [0, " + std::to_string(size()) + "), got nodes[" +
+                       std::to_string(i) + "] = " + std::to_string(nodes[i]));
+  WalkCodes::Query wq;
+  codes_->prepare(query, metric_, wq);
+  codes_->score(wq, metric_, nodes, static_cast<size_t>(n), out);
+}
 
 int HnswGraph::draw_level() {
   // splitmix64 -> uniform in (0, 1] -> geometric level with ratio 1/M
@@ -507,6 +569,7 @@ void HnswGraph::add(const void* rows, int64_t count) {
 #pragma omp for schedule(dynamic, 8)
     for (int64_t i = first; i < total; ++i) Impl::insert(*this, rows, static_cast<int32_t>(i), vis);
   }
+  if (codes_) codes_->update(rows, row_dtype_, start, total);
 }
 
 void HnswGraph::search(const void* rows, const float* queries, int64_t nq, int64_t k,
@@ -524,6 +587,7 @@ void HnswGraph::search(const void* rows, const float* queries, int64_t nq, int64
 #pragma omp parallel
   {
     Visited vis;
+    WalkCodes::Query wq;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t qi = 0; qi < nq; ++qi) {
       const float* q = queries + qi * dim_;
@@ -532,7 +596,13 @@ void HnswGraph::search(const void* rows, const float* queries, int64_t nq, int64
       if (entry_ >= 0) {
         int32_t cur = entry_;
         for (int l = max_level_; l > 0; --l) cur = Impl::greedy(*this, rows, q, cur, l, false);
-        found = Impl::beam(*this, rows, q, cur, 0, ef_eff, a, false, vis);
+        if (codes_ && codes_->rows() == n) {  // (always, but for a graph mid-add)
+          codes_->prepare(q, metric_, wq);
+          found = Impl::beam(*this, rows, q, cur, 0, ef_eff, a, false, vis, &wq);
+          Impl::rescore(*this, rows, q, found);
+        } else {
+          found = Impl::beam(*this, rows, q, cur, 0, ef_eff, a, false, vis);
+        }
       }
       for (int64_t j = 0; j < k; ++j) {
         const bool hit = j < static_cast<int64_t>(found.size());
@@ -590,7 +660,7 @@ std::unique_ptr<HnswGraph> HnswGraph::from_flat(const int32_t* data, int64_t cou
   }
   const uint64_t seed = static_cast<uint32_t>(data[9]) | (static_cast<uint64_t>(static_cast<uint32_t>(data[10])) << 32);
   auto g = std::make_unique<HnswGraph>(data[2], metric_from_code(data[3], "graph metric"), data[4],
-                                       data[5], seed, row_dtype);
+                                       data[5], seed, row_dtype, /*walk_codes=*/false);
   const int64_t n = data[8];
   if (n < 0 || count < kHeader + n) throw bad("row count " + std::to_string(n) + " out of range");
   g->entry_ = data[6];

@@ -61,14 +61,20 @@ void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
 // float32 (F16C / AVX-512 conversion at run time, scalar otherwise). Filtered search walks
 // through every node but collects only allowed ones ("walk through, collect passing"), so
 // the graph stays navigable however few rows pass; the beam stops once `ef` allowed rows
-// are closer than every unexplored candidate.
+// are closer than every unexplored candidate. By default the walk scores 8-bit codes of the
+// rows (walk_codes.h: a quarter of float32's bytes, which is what a walk waits for) and the
+// beam it ends with is scored again on the rows.
 // Construction inserts rows in parallel (OpenMP, one lock per node, as in hnswlib); levels
 // are drawn from a seeded generator, so the structure depends only on the seed and on the
 // interleaving of the threads.
+class WalkCodes;  // walk_codes.h
+
 class HnswGraph {
  public:
+  // walk_codes: keep 8-bit codes of the rows (walk_codes.h; dim rounded up to 64 bytes a row)
+  // in step with add(), for search to walk on.
   HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construction, uint64_t seed,
-            DType row_dtype = DType::Float32);
+            DType row_dtype = DType::Float32, bool walk_codes = true);
   ~HnswGraph();
 
   // Inserts rows [size(), size() + count) of `rows` (the whole table, row-major, row_dtype).
@@ -76,9 +82,22 @@ class HnswGraph {
 
   // For each query: up to k allowed rows < size() (row indices, ascending distance; -1/+inf
   // padding). `allow`: null (all rows), (size(),) bytes shared, or (nq, size()) per query.
+  // With walk codes the walk ranks nodes by code distances and its beam (ef rows) is scored
+  // again on `rows`: the distances returned are always those of the rows.
   void search(const void* rows, const float* queries, int64_t nq, int64_t k, int64_t ef,
               const uint8_t* allow, bool allow_per_query, float* out_dist,
               int64_t* out_rows) const;
+
+  // Walk codes. A graph rebuilt by from_flat has none: set_walk_codes installs saved ones
+  // (count must be size()), code_walk codes every row from the rows; drop_walk_codes frees
+  // them (searches then walk on the rows). Null when there are none.
+  const WalkCodes* walk_codes() const { return codes_.get(); }
+  void set_walk_codes(const uint8_t* codes, int64_t count, const float* lo, const float* step);
+  void code_walk(const void* rows);
+  void drop_walk_codes();
+  // The walk's (code) distances of one query to nodes[0..n) (each in [0, size())), for checking
+  // the codes and their kernels. ValueError without codes.
+  void code_distances(const float* query, const int32_t* nodes, int64_t n, float* out) const;
 
   int64_t size() const { return static_cast<int64_t>(level_.size()); }
   int64_t dim() const { return dim_; }
@@ -109,6 +128,7 @@ class HnswGraph {
   std::vector<std::vector<int32_t>> upper_;  // per node: levels 1..top, (M + 1) each
   std::vector<std::unique_ptr<std::mutex>> locks_;  // one per node, guards its links
   std::mutex global_;                                // guards entry_ and max_level_
+  std::unique_ptr<WalkCodes> codes_;                 // null: searches walk on the rows
   int64_t cap(int level) const { return level == 0 ? 2 * M_ : M_; }
   // Where a level's block starts in a node's saved links (level 0 first, then 1..top).
   int64_t offset(int level) const { return level == 0 ? 0 : (2 * M_ + 1) + (level - 1) * (M_ + 1); }

@@ -1,0 +1,209 @@
+"""The graph walk's 8-bit row codes (csrc/knn/walk_codes.h): coding, their distance kernels
+against a float64 reference, following rows added later, persistence, and what searches
+return with them (recall kept, distances exact)."""
+
+import numpy as np
+import pytest
+
+import affectkit._C as C
+from _support import numpy_rng
+from affectkit.index import EmbeddingIndex, IndexFormatError
+from affectkit.index import storage
+
+METRIC_CODES = {"ip": 0, "l2": 1, "cosine": 2}
+
+
+@pytest.fixture
+def rng(gen):
+    return numpy_rng(gen)
+
+
+def clustered(rng, n, d, nq, clusters=30, scale=1.0, shift=0.0):
+    centers = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, d)).astype(np.float32)
+    q = centers[rng.integers(0, clusters, nq)] + 0.4 * rng.standard_normal((nq, d)).astype(np.float32)
+    return (x * scale + shift).astype(np.float32), (q * scale + shift).astype(np.float32)
+
+
+def codes_of(graph):
+    data, rows, stride, lo, step = graph.walk_codes_state()
+    codes = np.frombuffer(data, np.uint8).reshape(rows, stride)
+    return codes, np.frombuffer(lo, np.float32), np.frombuffer(step, np.float32)
+
+
+def graph_over(x, metric="l2", dtype="float32", M=8):
+    rows = np.ascontiguousarray(x.astype(dtype))
+    g = C.HnswGraph(x.shape[1], METRIC_CODES[metric], M, 40, 0, row_dtype=C.DTYPE_CODES[dtype])
+    g.add(rows.ctypes.data, len(rows))
+    return g, rows
+
+
+def assert_codes_decode(codes, lo, step, x):
+    """Every stored value within half a step of its code's value; padding zero."""
+    d = x.shape[1]
+    assert codes.shape[1] == (d + 63) // 64 * 64 and not codes[:, d:].any()
+    decoded = lo.astype(np.float64) + step.astype(np.float64) * codes[:, :d]
+    err = np.abs(decoded - x.astype(np.float64))
+    assert (err <= step / 2 * (1 + 1e-4) + 1e-6 * (np.abs(x) + 1)).all(), err.max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("d", [1, 5, 64, 70])
+def test_codes_decode_within_half_a_step(d, dtype, rng):
+    x, _ = clustered(rng, 257, d, 1, scale=3.0, shift=-1.0)
+    g, rows = graph_over(x, dtype=dtype)
+    codes, lo, step = codes_of(g)
+    assert codes.shape[0] == 257
+    stored = rows.astype(np.float32)
+    # the first rows' ranges are their exact ones: the extremes code to 0 and 255
+    np.testing.assert_array_equal(lo, stored.min(0))
+    np.testing.assert_allclose(lo + 255 * step, stored.max(0), rtol=1e-5, atol=1e-6)
+    assert (codes[:, :d].min(0) == 0).all() and (codes[:, :d].max(0)[step > 0] == 255).all()
+    assert_codes_decode(codes, lo, step, stored)
+
+
+def test_codes_follow_rows_outside_the_first_ranges(rng):
+    d = 24
+    first, _ = clustered(rng, 300, d, 1)
+    inside = first[rng.integers(0, 300, 50)] * 0.5   # within the first rows' ranges
+    outside, _ = clustered(rng, 80, d, 1, scale=4.0, shift=3.0)
+    table = np.ascontiguousarray(np.concatenate([first, inside, outside]))
+    g = C.HnswGraph(d, 1, 8, 40, 0)
+    g.add(table.ctypes.data, 300)
+    before, lo0, step0 = codes_of(g)
+    before = before.copy()
+    g.add(table.ctypes.data, 50)
+    codes, lo, step = codes_of(g)
+    # rows within the ranges are coded on their own: the ranges and older codes stay
+    np.testing.assert_array_equal(lo, lo0)
+    np.testing.assert_array_equal(step, step0)
+    np.testing.assert_array_equal(codes[:300], before)
+    assert_codes_decode(codes, lo, step, table[:350])
+    g.add(table.ctypes.data, 80)
+    codes, lo, step = codes_of(g)
+    # the ranges grew past every row (with a margin) and every row was coded again
+    assert (lo < table.min(0)).any() and (lo + 255 * step >= table.max(0) - 1e-5).all()
+    assert (lo <= table.min(0)).all()
+    assert codes.shape[0] == 430
+    assert_codes_decode(codes, lo, step, table)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
+@pytest.mark.parametrize("d", [3, 64, 100])
+def test_code_distances_match_the_decoded_rows_in_float64(metric, d, rng):
+    """The walk's kernels (the widest the CPU runs; test_simd_levels.py reruns this file at
+    the lower levels) against the float64 distance to the rows the codes stand for."""
+    x, q = clustered(rng, 200, d, 7, scale=2.0)
+    if metric == "cosine":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    g, _ = graph_over(x, metric)
+    codes, lo, step = codes_of(g)
+    decoded = lo.astype(np.float64) + step.astype(np.float64) * codes[:, :d]
+    nodes = np.concatenate([rng.permutation(200)[:61], [0, 199]]).astype(np.int32)
+    out = np.full(len(nodes), np.nan, np.float32)
+    for qi in np.ascontiguousarray(q):
+        g.code_distances(qi.ctypes.data, nodes.ctypes.data, len(nodes), out.ctypes.data)
+        rowsd, q64 = decoded[nodes], qi.astype(np.float64)
+        want = {"ip": -(rowsd @ q64), "cosine": 1 - rowsd @ q64, "l2": ((rowsd - q64) ** 2).sum(1)}[metric]
+        np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5 * (np.abs(want).max() + 1))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_walking_on_codes_keeps_recall_and_returns_exact_distances(metric, rng):
+    x, q = clustered(rng, 3000, 48, 60)
+    labels = rng.choice(["a", "b", "c"], 3000, p=[0.5, 0.3, 0.2])
+    results = {}
+    for codes in (True, False):
+        index = EmbeddingIndex(48, metric, M=10, ef_construction=60, walk_codes=codes)
+        index.add(x, {"label": labels})
+        index.build_graph()
+        assert index._graph.has_walk_codes() is codes
+        results[codes] = index
+    for where in (None, {"label": "a"}, {"label": ["b", "c"]}):
+        exact = results[True].search(q, 10, where=where, mode="exact")
+        got = {c: ix.search(q, 10, where=where, mode="approx", ef=24) for c, ix in results.items()}
+        r = {c: np.mean([len(set(a) & set(e)) / 10 for a, e in zip(got[c][1], exact[1])]) for c in got}
+        assert r[True] >= 0.9 and r[True] >= r[False] - 0.03, r
+        # distances are the rows' own (the beam is scored again), as the exact search gives
+        # them up to float32 rounding (l2 there is |q|^2 + |x|^2 - 2 q.x); code distances are
+        # off by ~1e-3 of the range
+        same = got[True][1] == exact[1]
+        np.testing.assert_allclose(got[True][0][same], exact[0][same], rtol=2e-5,
+                                   atol=2e-5 * np.abs(exact[0][same]).max())
+        assert (np.diff(got[True][0], axis=1) >= 0).all()
+
+
+def test_save_load_keeps_the_codes_and_old_files_get_them(tmp_path, rng):
+    x, q = clustered(rng, 2500, 20, 30)
+    index = EmbeddingIndex(20, "l2", M=8, ef_construction=40)
+    index.add(x, {"t": rng.random(2500)})
+    index.build_graph()
+    where = {"t": (0.0, 0.6)}
+    before = index.search(q, 10, where=where, mode="approx")
+    path = tmp_path / "codes.afk"
+    index.save(path)
+    meta, arrays = storage.load(path, mmap=False)
+    assert arrays["graph_codes"].shape == (2500, 64) and meta["graph_params"]["walk_codes"] is True
+    for mmap in (True, False):
+        loaded = EmbeddingIndex.load(path, mmap=mmap)
+        for a, b in zip(codes_of(loaded._graph), codes_of(index._graph)):
+            np.testing.assert_array_equal(a, b)
+        after = loaded.search(q, 10, where=where, mode="approx")
+        np.testing.assert_array_equal(after[1], before[1])
+        np.testing.assert_array_equal(after[0], before[0])
+    # a file from before walk codes (no code arrays, no walk_codes parameter) gets them at load
+    old = tmp_path / "old.afk"
+    del meta["graph_params"]["walk_codes"]
+    storage.save(old, meta, {k: v for k, v in arrays.items() if not k.startswith("graph_code")})
+    loaded = EmbeddingIndex.load(old)
+    assert loaded._graph.has_walk_codes()
+    for a, b in zip(codes_of(loaded._graph), codes_of(index._graph)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded.search(q, 10, where=where, mode="approx")[1], before[1])
+
+
+def test_without_codes_nothing_is_coded_or_saved(tmp_path, rng):
+    x, q = clustered(rng, 1200, 16, 10)
+    index = EmbeddingIndex(16, "cosine", M=8, ef_construction=40, walk_codes=False)
+    index.add(x)
+    index.build_graph()
+    assert not index._graph.has_walk_codes() and index._graph.walk_codes_state() is None
+    path = tmp_path / "plain.afk"
+    index.save(path)
+    assert not any(k.startswith("graph_code") for k in storage.load(path, mmap=False)[1])
+    loaded = EmbeddingIndex.load(path)
+    assert not loaded._graph.has_walk_codes() and loaded.graph_params["walk_codes"] is False
+    np.testing.assert_array_equal(loaded.search(q, 5, mode="approx")[1], index.search(q, 5, mode="approx")[1])
+
+
+def test_bad_codes_and_settings_raise_clear_errors(tmp_path, rng):
+    with pytest.raises(TypeError, match="walk_codes: expected a bool"):
+        EmbeddingIndex(8, walk_codes="yes")
+    x, _ = clustered(rng, 300, 8, 1)
+    g, rows = graph_over(x)
+    codes, lo, step = (np.array(a) for a in codes_of(g))
+    with pytest.raises(ValueError, match="one code row per graph node"):
+        g.set_walk_codes(codes.ctypes.data, 299, lo.ctypes.data, step.ctypes.data)
+    bad_step = step.copy()
+    bad_step[3] = np.nan
+    with pytest.raises(ValueError, match="finite lo and step"):
+        g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, bad_step.ctypes.data)
+    g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, step.ctypes.data)  # the same: accepted
+    nodes, out, q = np.array([0, 300], np.int32), np.empty(2, np.float32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match=r"nodes: expected values in \[0, 300\), got nodes\[1\] = 300"):
+        g.code_distances(q.ctypes.data, nodes.ctypes.data, 2, out.ctypes.data)
+    g.drop_walk_codes()
+    with pytest.raises(ValueError, match="no walk codes"):
+        g.code_distances(q.ctypes.data, nodes.ctypes.data, 1, out.ctypes.data)
+    # a file whose code arrays do not fit its graph is refused, not searched
+    index = EmbeddingIndex(8, "l2", M=8, ef_construction=40)
+    index.add(x)
+    index.build_graph()
+    path = tmp_path / "i.afk"
+    index.save(path)
+    meta, arrays = storage.load(path, mmap=False)
+    arrays["graph_codes"] = arrays["graph_codes"][:-1]
+    storage.save(path, meta, arrays)
+    with pytest.raises(IndexFormatError, match="walk codes of shape"):
+        EmbeddingIndex.load(path)
