@@ -26,9 +26,10 @@ def clustered(rng, n, d, nq, clusters=30, scale=1.0, shift=0.0):
 
 
 def codes_of(graph):
-    data, rows, stride, lo, step = graph.walk_codes_state()
+    """(codes, lo, step, outside flags) as arrays."""
+    data, rows, stride, lo, step, outside = graph.walk_codes_state()
     codes = np.frombuffer(data, np.uint8).reshape(rows, stride)
-    return codes, np.frombuffer(lo, np.float32), np.frombuffer(step, np.float32)
+    return codes, np.frombuffer(lo, np.float32), np.frombuffer(step, np.float32), np.frombuffer(outside, np.uint8)
 
 
 def graph_over(x, metric="l2", dtype="float32", M=8):
@@ -52,58 +53,102 @@ def assert_codes_decode(codes, lo, step, x):
 def test_codes_decode_within_half_a_step(d, dtype, rng):
     x, _ = clustered(rng, 257, d, 1, scale=3.0, shift=-1.0)
     g, rows = graph_over(x, dtype=dtype)
-    codes, lo, step = codes_of(g)
-    assert codes.shape[0] == 257
+    codes, lo, step, outside = codes_of(g)
+    assert codes.shape[0] == 257 and not outside.any()
     stored = rows.astype(np.float32)
-    # the first rows' ranges are their exact ones: the extremes code to 0 and 255
+    # few rows: the 0.1 / 99.9 % quantiles are the extremes, so the ranges are the exact ones
     np.testing.assert_array_equal(lo, stored.min(0))
     np.testing.assert_allclose(lo + 255 * step, stored.max(0), rtol=1e-5, atol=1e-6)
     assert (codes[:, :d].min(0) == 0).all() and (codes[:, :d].max(0)[step > 0] == 255).all()
     assert_codes_decode(codes, lo, step, stored)
 
 
-def test_codes_follow_rows_outside_the_first_ranges(rng):
+def test_far_rows_are_marked_not_stretched_over(rng):
+    """A few far rows do not widen the ranges (that cost the other rows their precision): they
+    are marked for the walk to score on their rows."""
+    d = 16
+    x, _ = clustered(rng, 5000, d, 1)
+    far = rng.choice(5000, 3, replace=False)
+    x[far] *= 1000.0
+    g, rows = graph_over(x)
+    codes, lo, step, outside = codes_of(g)
+    assert set(np.flatnonzero(outside)) == set(far)
+    normal = np.setdiff1d(np.arange(5000), far)
+    assert (lo + 255 * step < np.abs(x[far]).max(0)).all()  # the far values lie past the ranges
+    # the ranges: about the normal rows' 1-99 % spread, widened by itself on each side (the
+    # far rows shift the sample's quantiles by a rank or two), nothing like the far rows' span
+    q_lo, q_hi = np.quantile(x[normal], [0.01, 0.99], axis=0)
+    assert (255 * step <= 3.3 * (q_hi - q_lo)).all()
+    inside = ~outside.astype(bool)
+    assert_codes_decode(codes[inside], lo, step, x[inside])
+    # the walk scores the far rows on their rows, the others on their codes
+    q = np.ascontiguousarray(x[far[0]] * 0.9)
+    nodes = np.concatenate([far, normal[:20]]).astype(np.int32)
+    out = np.empty(len(nodes), np.float32)
+    g.walk_distances(rows.ctypes.data, q.ctypes.data, nodes.ctypes.data, len(nodes), out.ctypes.data)
+    exact = ((x[nodes].astype(np.float64) - q) ** 2).sum(1)
+    np.testing.assert_allclose(out[:3], exact[:3], rtol=1e-5)
+    decoded = lo.astype(np.float64) + step.astype(np.float64) * codes[normal[:20], :d]
+    np.testing.assert_allclose(out[3:], ((decoded - q) ** 2).sum(1), rtol=1e-4)
+
+
+def test_many_far_rows_are_no_outliers(rng):
+    """3 % of the rows far out: more than the 1 % the walk would score on their rows, so the
+    ranges become the rows' min and max and nothing is outside."""
+    x, _ = clustered(rng, 6000, 16, 1)
+    x[rng.choice(6000, 180, replace=False)] *= 1000.0
+    g, rows = graph_over(x)
+    codes, lo, step, outside = codes_of(g)
+    assert not outside.any()
+    np.testing.assert_array_equal(lo, x.min(0))
+    assert_codes_decode(codes, lo, step, x)
+
+
+def test_ranges_follow_rows_added_later(rng):
     d = 24
-    first, _ = clustered(rng, 300, d, 1)
-    inside = first[rng.integers(0, 300, 50)] * 0.5   # within the first rows' ranges
-    outside, _ = clustered(rng, 80, d, 1, scale=4.0, shift=3.0)
-    table = np.ascontiguousarray(np.concatenate([first, inside, outside]))
+    first, _ = clustered(rng, 3000, d, 1)
+    inside = first[rng.integers(0, 3000, 50)] * 0.5  # within the first rows' ranges
+    far = first[:5] * 200.0                           # a few far rows
+    drift, _ = clustered(rng, 300, d, 1, scale=4.0, shift=3.0)  # 9 % of the rows, elsewhere
+    table = np.ascontiguousarray(np.concatenate([first, inside, far, drift]))
     g = C.HnswGraph(d, 1, 8, 40, 0)
-    g.add(table.ctypes.data, 300)
-    before, lo0, step0 = codes_of(g)
-    before = before.copy()
-    g.add(table.ctypes.data, 50)
-    codes, lo, step = codes_of(g)
-    # rows within the ranges are coded on their own: the ranges and older codes stay
+    g.add(table.ctypes.data, 3000)
+    before, lo0, step0, _ = (np.array(a) for a in codes_of(g))
+    g.add(table.ctypes.data, 55)
+    codes, lo, step, outside = codes_of(g)
+    # rows within the ranges, and the five far ones (under 1 %), are coded on their own: the
+    # ranges and older codes stay, the far rows are marked
     np.testing.assert_array_equal(lo, lo0)
     np.testing.assert_array_equal(step, step0)
-    np.testing.assert_array_equal(codes[:300], before)
-    assert_codes_decode(codes, lo, step, table[:350])
-    g.add(table.ctypes.data, 80)
-    codes, lo, step = codes_of(g)
-    # the ranges grew past every row (with a margin) and every row was coded again
-    assert (lo < table.min(0)).any() and (lo + 255 * step >= table.max(0) - 1e-5).all()
-    assert (lo <= table.min(0)).all()
-    assert codes.shape[0] == 430
-    assert_codes_decode(codes, lo, step, table)
+    np.testing.assert_array_equal(codes[:3000], before)
+    assert list(np.flatnonzero(outside)) == list(range(3050, 3055))
+    assert_codes_decode(codes[:3050], lo, step, table[:3050])
+    g.add(table.ctypes.data, 300)
+    codes, lo, step, outside = codes_of(g)
+    # past 1 % outside: the ranges are derived again from every row, and all coded again
+    assert codes.shape[0] == 3355 and outside[3050:3055].all() and outside.sum() <= 33  # 1 %
+    assert (lo + 255 * step > table[:3000].max(0) + 1.0).any()
+    inside = ~outside.astype(bool)
+    assert_codes_decode(codes[inside], lo, step, table[inside])
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2", "cosine"])
 @pytest.mark.parametrize("d", [3, 64, 100])
-def test_code_distances_match_the_decoded_rows_in_float64(metric, d, rng):
+def test_walk_distances_match_the_decoded_rows_in_float64(metric, d, rng):
     """The walk's kernels (the widest the CPU runs; test_simd_levels.py reruns this file at
     the lower levels) against the float64 distance to the rows the codes stand for."""
     x, q = clustered(rng, 200, d, 7, scale=2.0)
     if metric == "cosine":
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-    g, _ = graph_over(x, metric)
-    codes, lo, step = codes_of(g)
+    g, rows = graph_over(x, metric)
+    codes, lo, step, outside = codes_of(g)
+    assert not outside.any()
     decoded = lo.astype(np.float64) + step.astype(np.float64) * codes[:, :d]
     nodes = np.concatenate([rng.permutation(200)[:61], [0, 199]]).astype(np.int32)
     out = np.full(len(nodes), np.nan, np.float32)
     for qi in np.ascontiguousarray(q):
-        g.code_distances(qi.ctypes.data, nodes.ctypes.data, len(nodes), out.ctypes.data)
+        g.walk_distances(rows.ctypes.data, qi.ctypes.data, nodes.ctypes.data, len(nodes), out.ctypes.data)
         rowsd, q64 = decoded[nodes], qi.astype(np.float64)
         want = {"ip": -(rowsd @ q64), "cosine": 1 - rowsd @ q64, "l2": ((rowsd - q64) ** 2).sum(1)}[metric]
         np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5 * (np.abs(want).max() + 1))
@@ -134,8 +179,47 @@ def test_walking_on_codes_keeps_recall_and_returns_exact_distances(metric, rng):
         assert (np.diff(got[True][0], axis=1) >= 0).all()
 
 
+@pytest.mark.parametrize("scale", [100.0, 1e4])
+def test_a_far_row_keeps_the_walk_s_recall(scale, rng):
+    """One row far out in every dimension: with min-max ranges it took the other rows'
+    precision, and recall@10 from 0.985 to 0.889 (x100) and 0.118 (x10^4)."""
+    x, q = clustered(rng, 6000, 32, 80)
+    x[17] *= scale
+    got = {}
+    for codes in (True, False):
+        index = EmbeddingIndex(32, "l2", M=12, ef_construction=60, walk_codes=codes)
+        index.add(x)
+        index.build_graph()
+        exact = index.search(q, 10, mode="exact")[1]
+        approx = index.search(q, 10, mode="approx", ef=32)[1]
+        got[codes] = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert got[True] >= got[False] - 0.02 and got[True] >= 0.9, got
+
+
+def test_queries_near_far_rows_find_them(rng):
+    """Far rows are scored on their rows during the walk: their clamped codes would put them
+    at the range's edge, among thousands of ordinary rows. (Isolated far rows are hard for the
+    graph itself: at ef 32 it found 35-90 % of them with or without codes, hence ef 128.)"""
+    x, _ = clustered(rng, 6000, 32, 1)
+    far = rng.choice(6000, 20, replace=False)  # 0.3 % of the rows: they stay outside
+    x[far] = x[far] * 50.0 + 200.0
+    # each query's nearest row is its far row, by far (the next ones are far in every sense)
+    q = x[far] + 0.5 * rng.standard_normal((20, 32)).astype(np.float32)
+    found = {}
+    for codes in (True, False):
+        index = EmbeddingIndex(32, "l2", M=12, ef_construction=60, walk_codes=codes)
+        index.add(x)
+        index.build_graph()
+        assert (index.search(q, 1, mode="exact")[1][:, 0] == index.stored_ids[far]).all()
+        found[codes] = (index.search(q, 1, mode="approx", ef=128)[1][:, 0] == index.stored_ids[far]).mean()
+        if codes:
+            assert set(np.flatnonzero(codes_of(index._graph)[3])) == set(far)
+    assert found[True] >= 0.5 and found[True] >= found[False] - 0.05, found
+
+
 def test_save_load_keeps_the_codes_and_old_files_get_them(tmp_path, rng):
     x, q = clustered(rng, 2500, 20, 30)
+    x[:3] *= 1000.0  # three rows outside the codes' ranges: their marks are saved too
     index = EmbeddingIndex(20, "l2", M=8, ef_construction=40)
     index.add(x, {"t": rng.random(2500)})
     index.build_graph()
@@ -144,7 +228,8 @@ def test_save_load_keeps_the_codes_and_old_files_get_them(tmp_path, rng):
     path = tmp_path / "codes.afk"
     index.save(path)
     meta, arrays = storage.load(path, mmap=False)
-    assert arrays["graph_codes"].shape == (2500, 64) and meta["graph_params"]["walk_codes"] is True
+    assert arrays["graph_codes"].shape == (2500, 64) and list(np.flatnonzero(arrays["graph_code_outside"])) == [0, 1, 2]
+    assert meta["graph_params"]["walk_codes"] is True
     for mmap in (True, False):
         loaded = EmbeddingIndex.load(path, mmap=mmap)
         for a, b in zip(codes_of(loaded._graph), codes_of(index._graph)):
@@ -182,20 +267,23 @@ def test_bad_codes_and_settings_raise_clear_errors(tmp_path, rng):
         EmbeddingIndex(8, walk_codes="yes")
     x, _ = clustered(rng, 300, 8, 1)
     g, rows = graph_over(x)
-    codes, lo, step = (np.array(a) for a in codes_of(g))
+    codes, lo, step, outside = (np.array(a) for a in codes_of(g))
     with pytest.raises(ValueError, match="one code row per graph node"):
-        g.set_walk_codes(codes.ctypes.data, 299, lo.ctypes.data, step.ctypes.data)
+        g.set_walk_codes(codes.ctypes.data, 299, lo.ctypes.data, step.ctypes.data, outside.ctypes.data)
     bad_step = step.copy()
     bad_step[3] = np.nan
     with pytest.raises(ValueError, match="finite lo and step"):
-        g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, bad_step.ctypes.data)
-    g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, step.ctypes.data)  # the same: accepted
+        g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, bad_step.ctypes.data, outside.ctypes.data)
+    with pytest.raises(ValueError, match="outside"):
+        g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, step.ctypes.data, 0)
+    # the same codes: accepted
+    g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, step.ctypes.data, outside.ctypes.data)
     nodes, out, q = np.array([0, 300], np.int32), np.empty(2, np.float32), np.zeros(8, np.float32)
     with pytest.raises(ValueError, match=r"nodes: expected values in \[0, 300\), got nodes\[1\] = 300"):
-        g.code_distances(q.ctypes.data, nodes.ctypes.data, 2, out.ctypes.data)
+        g.walk_distances(rows.ctypes.data, q.ctypes.data, nodes.ctypes.data, 2, out.ctypes.data)
     g.drop_walk_codes()
     with pytest.raises(ValueError, match="no walk codes"):
-        g.code_distances(q.ctypes.data, nodes.ctypes.data, 1, out.ctypes.data)
+        g.walk_distances(rows.ctypes.data, q.ctypes.data, nodes.ctypes.data, 1, out.ctypes.data)
     # a file whose code arrays do not fit its graph is refused, not searched
     index = EmbeddingIndex(8, "l2", M=8, ef_construction=40)
     index.add(x)

@@ -394,17 +394,22 @@ PYBIND11_MODULE(_C, m) {
             auto bytes = [](const void* p, size_t n) { return py::bytes(static_cast<const char*>(p), n); };
             return py::make_tuple(bytes(c->data(), static_cast<size_t>(c->rows() * c->stride())),
                                   c->rows(), c->stride(), bytes(c->lo(), c->dim() * sizeof(float)),
-                                  bytes(c->step(), c->dim() * sizeof(float)));
+                                  bytes(c->step(), c->dim() * sizeof(float)),
+                                  bytes(c->outside_flags(), static_cast<size_t>(c->rows())));
           },
-          "None, or (codes bytes, rows, stride, lo bytes, step bytes): the walk codes for saving "
-          "(a row of codes is stride bytes; value ~ lo[j] + step[j] * code).")
+          "None, or (codes bytes, rows, stride, lo bytes, step bytes, outside bytes): the walk codes "
+          "for saving (a row of codes is stride bytes; value ~ lo[j] + step[j] * code; outside: a "
+          "byte a row, 1 where a value lies past the ranges and the walk scores the row itself).")
       .def(
           "set_walk_codes",
-          [](knn::HnswGraph& g, uintptr_t codes, int64_t count, uintptr_t lo, uintptr_t step) {
-            g.set_walk_codes(cptr<uint8_t>(codes), count, cptr<float>(lo), cptr<float>(step));
+          [](knn::HnswGraph& g, uintptr_t codes, int64_t count, uintptr_t lo, uintptr_t step,
+             uintptr_t outside) {
+            g.set_walk_codes(cptr<uint8_t>(codes), count, cptr<float>(lo), cptr<float>(step),
+                             cptr<uint8_t>(outside));
           },
-          py::arg("codes"), py::arg("count"), py::arg("lo"), py::arg("step"),
-          "Install saved walk codes: count (= size()) rows of stride bytes, dim floats of lo and step.")
+          py::arg("codes"), py::arg("count"), py::arg("lo"), py::arg("step"), py::arg("outside"),
+          "Install saved walk codes: count (= size()) rows of stride bytes, dim floats of lo and "
+          "step, count outside flags.")
       .def(
           "code_walk", [](knn::HnswGraph& g, uintptr_t rows) { g.code_walk(cptr<void>(rows)); },
           py::arg("rows"), py::call_guard<py::gil_scoped_release>(),
@@ -412,12 +417,15 @@ PYBIND11_MODULE(_C, m) {
       .def("drop_walk_codes", &knn::HnswGraph::drop_walk_codes,
            "Free the walk codes: searches then walk on the rows.")
       .def(
-          "code_distances",
-          [](const knn::HnswGraph& g, uintptr_t query, uintptr_t nodes, int64_t n, uintptr_t out) {
-            g.code_distances(cptr<float>(query), cptr<int32_t>(nodes), n, mptr<float>(out));
+          "walk_distances",
+          [](const knn::HnswGraph& g, uintptr_t rows, uintptr_t query, uintptr_t nodes, int64_t n,
+             uintptr_t out) {
+            g.walk_distances(cptr<void>(rows), cptr<float>(query), cptr<int32_t>(nodes), n,
+                             mptr<float>(out));
           },
-          py::arg("query"), py::arg("nodes"), py::arg("n"), py::arg("out"),
-          "The walk's code distances of one float32 query to n int32 nodes (for checking the codes).")
+          py::arg("rows"), py::arg("query"), py::arg("nodes"), py::arg("n"), py::arg("out"),
+          "The distances a search's walk ranks n int32 nodes by, for one float32 query: code "
+          "distances, or the rows' own for rows outside the codes' ranges (for checking the codes).")
       .def_static(
           "from_flat",
           [](uintptr_t data, int64_t count) {

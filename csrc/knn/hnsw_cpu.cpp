@@ -307,9 +307,10 @@ struct HnswGraph::Impl {
     MinQueue cand;
     MaxQueue res;
     const WalkCodes* codes = wq ? g.codes_.get() : nullptr;
+    const bool any_outside = codes && codes->outside_count() > 0;
     float d0;
     if (codes)
-      codes->score(*wq, g.metric_, &entry, 1, &d0);
+      walk_dists(g, rows, q, *wq, &entry, 1, &d0);
     else
       d0 = dist(g, q, rows, entry);
     cand.push({d0, entry});
@@ -349,10 +350,14 @@ struct HnswGraph::Impl {
           nb[fresh++] = v;
           const char* row = scored + static_cast<int64_t>(v) * bytes;
           for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+          if (any_outside && codes->outside(v)) {  // scored on its row below
+            const char* full = static_cast<const char*>(rows) + static_cast<int64_t>(v) * row_bytes(g);
+            for (int64_t off = 0; off < row_bytes(g); off += 64) __builtin_prefetch(full + off);
+          }
         }
       }
       if (codes)
-        codes->score(*wq, g.metric_, nb.data(), fresh, dnb.data());
+        walk_dists(g, rows, q, *wq, nb.data(), fresh, dnb.data());
       else
         dists(g, q, rows, nb.data(), fresh, dnb.data());
       for (size_t i = 0; i < fresh; ++i) {
@@ -373,6 +378,17 @@ struct HnswGraph::Impl {
       res.pop();
     }
     return out;
+  }
+
+  // The distances a walk on codes ranks nodes v[0..n) by: code distances, but the rows' own
+  // for rows outside the codes' ranges (their clamped codes say little).
+  static void walk_dists(const HnswGraph& g, const void* rows, const float* q,
+                         const WalkCodes::Query& wq, const int32_t* v, size_t n, float* out) {
+    const WalkCodes& codes = *g.codes_;
+    codes.score(wq, g.metric_, v, n, out);
+    if (codes.outside_count() > 0)
+      for (size_t i = 0; i < n; ++i)
+        if (codes.outside(v[i])) out[i] = dist(g, q, rows, v[i]);
   }
 
   // A beam ranked by code distances, scored again on the rows and sorted (loads first).
@@ -497,12 +513,12 @@ HnswGraph::HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construct
 HnswGraph::~HnswGraph() = default;
 
 void HnswGraph::set_walk_codes(const uint8_t* codes, int64_t count, const float* lo,
-                               const float* step) {
+                               const float* step, const uint8_t* outside) {
   if (count != size())
     throw ValueError("codes: expected one code row per graph node (" + std::to_string(size()) +
                      "), got " + std::to_string(count));
   auto c = std::make_unique<WalkCodes>(dim_);
-  c->assign(codes, count, lo, step);
+  c->assign(codes, count, lo, step, outside);
   codes_ = std::move(c);
 }
 
@@ -515,9 +531,11 @@ void HnswGraph::code_walk(const void* rows) {
 
 void HnswGraph::drop_walk_codes() { codes_.reset(); }
 
-void HnswGraph::code_distances(const float* query, const int32_t* nodes, int64_t n, float* out) const {
-  if (!codes_ || codes_->rows() != size()) throw ValueError("code_distances: the graph has no walk codes");
+void HnswGraph::walk_distances(const void* rows, const float* query, const int32_t* nodes,
+                               int64_t n, float* out) const {
+  if (!codes_ || codes_->rows() != size()) throw ValueError("walk_distances: the graph has no walk codes");
   check_dims_nonnegative("n", n);
+  check_pointer("rows", rows, size() * dim_);
   check_pointer("query", query, dim_);
   check_pointer("nodes", nodes, n);
   check_pointer("out", out, n);
@@ -527,7 +545,7 @@ void HnswGraph::code_distances(const float* query, const int32_t* nodes, int64_t
                        std::to_string(i) + "] = " + std::to_string(nodes[i]));
   WalkCodes::Query wq;
   codes_->prepare(query, metric_, wq);
-  codes_->score(wq, metric_, nodes, static_cast<size_t>(n), out);
+  Impl::walk_dists(*this, rows, query, wq, nodes, static_cast<size_t>(n), out);
 }
 
 int HnswGraph::draw_level() {

@@ -92,12 +92,15 @@ class HnswGraph {
   // (count must be size()), code_walk codes every row from the rows; drop_walk_codes frees
   // them (searches then walk on the rows). Null when there are none.
   const WalkCodes* walk_codes() const { return codes_.get(); }
-  void set_walk_codes(const uint8_t* codes, int64_t count, const float* lo, const float* step);
+  void set_walk_codes(const uint8_t* codes, int64_t count, const float* lo, const float* step,
+                      const uint8_t* outside);
   void code_walk(const void* rows);
   void drop_walk_codes();
-  // The walk's (code) distances of one query to nodes[0..n) (each in [0, size())), for checking
-  // the codes and their kernels. ValueError without codes.
-  void code_distances(const float* query, const int32_t* nodes, int64_t n, float* out) const;
+  // The distances a search's walk ranks nodes[0..n) (each in [0, size())) by for one query:
+  // code distances, or the rows' own for rows outside the codes' ranges. For checking the
+  // codes and their kernels; ValueError without codes.
+  void walk_distances(const void* rows, const float* query, const int32_t* nodes, int64_t n,
+                      float* out) const;
 
   int64_t size() const { return static_cast<int64_t>(level_.size()); }
   int64_t dim() const { return dim_; }

@@ -39,15 +39,17 @@ class WalkCodes {
   explicit WalkCodes(int64_t dim);
 
   // Codes for rows [0, end) of `rows` (row-major, row_dtype float32 or float16), rows
-  // [0, begin) being coded already. Rows within the current ranges are coded as they are;
-  // a row outside them widens the ranges (by a sixteenth of the new width on the side that
-  // grew, so that a slowly drifting stream does not re-code at every batch) and every row
-  // is coded again.
+  // [0, begin) being coded already. The first rows set the ranges (derive_and_code: min-max
+  // but for a few far rows); a later row with a value past them is coded clamped and marked
+  // outside(), for the walk to score it on its row. Once more than 1 % of the rows (and 16)
+  // are outside, the ranges are derived again from every row and all are coded again.
   void update(const void* rows, DType row_dtype, int64_t begin, int64_t end);
 
-  // Saved codes: `count` rows of stride() bytes, and dim() floats of lo and step (finite,
-  // step >= 0). Throws ValueError naming the argument otherwise.
-  void assign(const uint8_t* codes, int64_t count, const float* lo, const float* step);
+  // Saved codes: `count` rows of stride() bytes, dim() floats of lo and step (finite,
+  // step >= 0) and count bytes of outside flags. Throws ValueError naming the argument
+  // otherwise.
+  void assign(const uint8_t* codes, int64_t count, const float* lo, const float* step,
+              const uint8_t* outside);
 
   int64_t dim() const { return dim_; }
   int64_t stride() const { return stride_; }  // bytes a row: dim rounded up to 64
@@ -56,6 +58,10 @@ class WalkCodes {
   const float* lo() const { return lo_.data(); }
   const float* step() const { return step_.data(); }
   const uint8_t* row(int32_t v) const { return codes_.data() + static_cast<int64_t>(v) * stride_; }
+  // Row v has a value past the ranges: its code distance is not to be trusted.
+  bool outside(int32_t v) const { return outside_[static_cast<size_t>(v)] != 0; }
+  const uint8_t* outside_flags() const { return outside_.data(); }
+  int64_t outside_count() const { return n_outside_; }
 
   // A query prepared for one metric: ip and cosine score c0 + sum a[j] code[j] with
   // a = q * step and c0 = <q, lo>; l2 scores sum (a[j] - step[j] code[j])^2 with a = q - lo.
@@ -71,10 +77,12 @@ class WalkCodes {
   void score(const Query& q, Metric metric, const int32_t* v, size_t n, float* out) const;
 
  private:
+  void derive_and_code(const void* rows, DType row_dtype, int64_t end);
   void code_rows(const void* rows, DType row_dtype, int64_t begin, int64_t end);
 
   int64_t dim_, stride_;
-  int64_t rows_ = 0;
+  int64_t rows_ = 0, n_outside_ = 0;
+  std::vector<uint8_t> outside_;  // a byte a row
   std::vector<float> lo_, step_;
   std::vector<uint8_t, CacheAligned<uint8_t>> codes_;
 };

@@ -114,7 +114,9 @@ class EmbeddingIndex:
             again on the stored rows, so returned distances are exact either way. The walk
             reads a row per node it scores, and one core gathers random rows at ~12 GB/s, so
             codes made it ~1.7x faster at the same recall@10 (200,000 x 384, 24-74 %
-            selectivity, benchmarks/RESULTS.md, twenty-fourth session). False saves the memory.
+            selectivity, benchmarks/RESULTS.md, twenty-fourth session). Each dimension's
+            range is its min and max, but for a few far rows (under 1 %), which the walk scores
+            on their rows instead. False saves the memory.
         exact_max_rows, graph_min_rows: planner thresholds (see ``planner.PlannerSettings``).
         seed: seed of the graph's level draws (graph builds are deterministic).
         device: "cpu" (default) or "cuda" / "cuda:N": a CUDA index also keeps its stored rows
@@ -441,10 +443,11 @@ class EmbeddingIndex:
                 arrays["graph"] = np.frombuffer(self._graph.to_flat(), dtype=np.int32)
                 codes = self._graph.walk_codes_state()
                 if codes is not None:  # extra arrays: affectkit releases without codes ignore them
-                    data, rows, stride, lo, step = codes
+                    data, rows, stride, lo, step, outside = codes
                     arrays["graph_codes"] = np.frombuffer(data, dtype=np.uint8).reshape(rows, stride)
                     arrays["graph_code_lo"] = np.frombuffer(lo, dtype=np.float32)
                     arrays["graph_code_step"] = np.frombuffer(step, dtype=np.float32)
+                    arrays["graph_code_outside"] = np.frombuffer(outside, dtype=np.uint8)
             # float32 files keep format version 1 (older affectkit reads them); float16 ones are
             # version 2, which older readers refuse instead of misreading the vectors.
             storage.save(path, meta, arrays, version=1 if self.dtype == np.float32 else 2)
@@ -487,20 +490,20 @@ class EmbeddingIndex:
 
     def _load_walk_codes(self, path, arrays) -> None:
         """The saved walk codes, checked; a file saved before codes existed has them made here."""
-        if "graph_codes" not in arrays:
+        names = ("graph_codes", "graph_code_lo", "graph_code_step", "graph_code_outside")
+        if not all(name in arrays for name in names):
             self._graph.code_walk(self._vectors.ctypes.data)
             return
-        codes, lo, step = (np.ascontiguousarray(arrays[name]) for name in
-                           ("graph_codes", "graph_code_lo", "graph_code_step"))
-        stride = (self.dim + 63) // 64 * 64
-        if (codes.dtype != np.uint8 or codes.shape != (self._graph.size(), stride)
-                or lo.dtype != np.float32 or step.dtype != np.float32 or lo.shape != (self.dim,)
-                or step.shape != (self.dim,)):
+        codes, lo, step, outside = (np.ascontiguousarray(arrays[name]) for name in names)
+        n, stride = self._graph.size(), (self.dim + 63) // 64 * 64
+        if (codes.dtype != np.uint8 or codes.shape != (n, stride) or outside.dtype != np.uint8
+                or outside.shape != (n,) or lo.dtype != np.float32 or step.dtype != np.float32
+                or lo.shape != (self.dim,) or step.shape != (self.dim,)):
             raise storage.IndexFormatError(
-                f"{path}: walk codes of shape {codes.shape} ({codes.dtype}), lo {lo.shape} and step {step.shape} "
-                f"do not fit a graph of {self._graph.size()} rows of dim {self.dim} (expected ({self._graph.size()}, "
-                f"{stride}) uint8 and ({self.dim},) float32)")
-        self._graph.set_walk_codes(_addr(codes), codes.shape[0], lo.ctypes.data, step.ctypes.data)
+                f"{path}: walk codes of shape {codes.shape} ({codes.dtype}), outside {outside.shape}, lo {lo.shape} "
+                f"and step {step.shape} do not fit a graph of {n} rows of dim {self.dim} (expected ({n}, {stride}) "
+                f"and ({n},) uint8, ({self.dim},) float32)")
+        self._graph.set_walk_codes(_addr(codes), n, lo.ctypes.data, step.ctypes.data, _addr(outside))
 
 
 def _addr(a: np.ndarray) -> int:
