@@ -232,11 +232,25 @@ def test_save_load_keeps_the_codes_and_old_files_get_them(tmp_path, rng):
     assert meta["graph_params"]["walk_codes"] is True
     for mmap in (True, False):
         loaded = EmbeddingIndex.load(path, mmap=mmap)
+        # a mapped file's codes are read where they lie (saved arrays are 64-byte aligned)
+        if mmap:
+            assert loaded._graph.walk_codes_in_place()
         for a, b in zip(codes_of(loaded._graph), codes_of(index._graph)):
             np.testing.assert_array_equal(a, b)
         after = loaded.search(q, 10, where=where, mode="approx")
         np.testing.assert_array_equal(after[1], before[1])
         np.testing.assert_array_equal(after[0], before[0])
+    # rows added to a mapped index: the codes are copied before they grow, and stay right
+    loaded = EmbeddingIndex.load(path, mmap=True)
+    more, _ = clustered(rng, 300, 20, 1)
+    loaded.add(more, {"t": rng.random(300)})
+    loaded.build_graph()
+    assert not loaded._graph.walk_codes_in_place()
+    codes, lo, step, outside = codes_of(loaded._graph)
+    np.testing.assert_array_equal(codes[:2500], codes_of(index._graph)[0])
+    stored = loaded._vectors[: loaded._n]
+    inside = ~outside.astype(bool)
+    assert_codes_decode(codes[inside], lo, step, stored[inside])
     # a file from before walk codes (no code arrays, no walk_codes parameter) gets them at load
     old = tmp_path / "old.afk"
     del meta["graph_params"]["walk_codes"]
@@ -276,8 +290,17 @@ def test_bad_codes_and_settings_raise_clear_errors(tmp_path, rng):
         g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, bad_step.ctypes.data, outside.ctypes.data)
     with pytest.raises(ValueError, match="outside"):
         g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, step.ctypes.data, 0)
-    # the same codes: accepted
+    # the same codes: accepted; in place only where 64-byte aligned (the kernels' loads)
     g.set_walk_codes(codes.ctypes.data, 300, lo.ctypes.data, step.ctypes.data, outside.ctypes.data)
+    assert not g.walk_codes_in_place()
+    raw = np.zeros(codes.size + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    for offset, in_place in ((start, True), (start + 16, False)):
+        buf = raw[offset:offset + codes.size]
+        buf[:] = codes.ravel()
+        g.set_walk_codes(buf.ctypes.data, 300, lo.ctypes.data, step.ctypes.data, outside.ctypes.data, view=True)
+        assert g.walk_codes_in_place() is in_place
+        np.testing.assert_array_equal(codes_of(g)[0], codes)
     nodes, out, q = np.array([0, 300], np.int32), np.empty(2, np.float32), np.zeros(8, np.float32)
     with pytest.raises(ValueError, match=r"nodes: expected values in \[0, 300\), got nodes\[1\] = 300"):
         g.walk_distances(rows.ctypes.data, q.ctypes.data, nodes.ctypes.data, 2, out.ctypes.data)

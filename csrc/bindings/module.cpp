@@ -403,13 +403,18 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "set_walk_codes",
           [](knn::HnswGraph& g, uintptr_t codes, int64_t count, uintptr_t lo, uintptr_t step,
-             uintptr_t outside) {
+             uintptr_t outside, bool view) {
             g.set_walk_codes(cptr<uint8_t>(codes), count, cptr<float>(lo), cptr<float>(step),
-                             cptr<uint8_t>(outside));
+                             cptr<uint8_t>(outside), view);
           },
           py::arg("codes"), py::arg("count"), py::arg("lo"), py::arg("step"), py::arg("outside"),
+          py::arg("view") = false,
           "Install saved walk codes: count (= size()) rows of stride bytes, dim floats of lo and "
-          "step, count outside flags.")
+          "step, count outside flags. view: use 64-byte aligned codes in place (the caller keeps "
+          "them alive and unchanged; the next add copies them); other codes are copied.")
+      .def("walk_codes_in_place",
+           [](const knn::HnswGraph& g) { return g.walk_codes() != nullptr && g.walk_codes()->is_view(); },
+           "The walk codes are read where set_walk_codes(view=True) found them.")
       .def(
           "code_walk", [](knn::HnswGraph& g, uintptr_t rows) { g.code_walk(cptr<void>(rows)); },
           py::arg("rows"), py::call_guard<py::gil_scoped_release>(),

@@ -513,12 +513,12 @@ HnswGraph::HnswGraph(int64_t dim, Metric metric, int64_t M, int64_t ef_construct
 HnswGraph::~HnswGraph() = default;
 
 void HnswGraph::set_walk_codes(const uint8_t* codes, int64_t count, const float* lo,
-                               const float* step, const uint8_t* outside) {
+                               const float* step, const uint8_t* outside, bool view) {
   if (count != size())
     throw ValueError("codes: expected one code row per graph node (" + std::to_string(size()) +
                      "), got " + std::to_string(count));
   auto c = std::make_unique<WalkCodes>(dim_);
-  c->assign(codes, count, lo, step, outside);
+  c->assign(codes, count, lo, step, outside, view);
   codes_ = std::move(c);
 }
 

@@ -89,11 +89,12 @@ class HnswGraph {
               int64_t* out_rows) const;
 
   // Walk codes. A graph rebuilt by from_flat has none: set_walk_codes installs saved ones
-  // (count must be size()), code_walk codes every row from the rows; drop_walk_codes frees
-  // them (searches then walk on the rows). Null when there are none.
+  // (count must be size(); with view, aligned codes are used in place, see WalkCodes::assign),
+  // code_walk codes every row from the rows; drop_walk_codes frees them (searches then walk
+  // on the rows). Null when there are none.
   const WalkCodes* walk_codes() const { return codes_.get(); }
   void set_walk_codes(const uint8_t* codes, int64_t count, const float* lo, const float* step,
-                      const uint8_t* outside);
+                      const uint8_t* outside, bool view = false);
   void code_walk(const void* rows);
   void drop_walk_codes();
   // The distances a search's walk ranks nodes[0..n) (each in [0, size())) by for one query:

@@ -47,17 +47,20 @@ class WalkCodes {
 
   // Saved codes: `count` rows of stride() bytes, dim() floats of lo and step (finite,
   // step >= 0) and count bytes of outside flags. Throws ValueError naming the argument
-  // otherwise.
+  // otherwise. With `view`, 64-byte aligned codes are used where they lie (a memory-mapped
+  // file, paged in as walks read it; the caller keeps them alive and unchanged) until the
+  // next update copies them; other codes are copied.
   void assign(const uint8_t* codes, int64_t count, const float* lo, const float* step,
-              const uint8_t* outside);
+              const uint8_t* outside, bool view = false);
 
   int64_t dim() const { return dim_; }
   int64_t stride() const { return stride_; }  // bytes a row: dim rounded up to 64
   int64_t rows() const { return rows_; }
-  const uint8_t* data() const { return codes_.data(); }
+  const uint8_t* data() const { return view_ ? view_ : codes_.data(); }
+  bool is_view() const { return view_ != nullptr; }
   const float* lo() const { return lo_.data(); }
   const float* step() const { return step_.data(); }
-  const uint8_t* row(int32_t v) const { return codes_.data() + static_cast<int64_t>(v) * stride_; }
+  const uint8_t* row(int32_t v) const { return data() + static_cast<int64_t>(v) * stride_; }
   // Row v has a value past the ranges: its code distance is not to be trusted.
   bool outside(int32_t v) const { return outside_[static_cast<size_t>(v)] != 0; }
   const uint8_t* outside_flags() const { return outside_.data(); }
@@ -85,6 +88,7 @@ class WalkCodes {
   std::vector<uint8_t> outside_;  // a byte a row
   std::vector<float> lo_, step_;
   std::vector<uint8_t, CacheAligned<uint8_t>> codes_;
+  const uint8_t* view_ = nullptr;  // codes used in place (assign with view), or null
 };
 
 }  // namespace affectkit::knn

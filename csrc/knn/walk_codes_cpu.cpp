@@ -157,6 +157,10 @@ void WalkCodes::update(const void* rows, DType row_dtype, int64_t begin, int64_t
   if (begin != rows_)
     throw ValueError("walk codes: expected rows from " + std::to_string(rows_) + ", got " + std::to_string(begin));
   if (end <= begin) return;
+  if (view_) {  // codes in place (a mapped file) are read-only: own them before growing
+    codes_.assign(view_, view_ + rows_ * stride_);
+    view_ = nullptr;
+  }
   codes_.resize(static_cast<size_t>(end * stride_));
   outside_.resize(static_cast<size_t>(end), 0);
   if (rows_ == 0) {
@@ -238,7 +242,7 @@ void WalkCodes::code_rows(const void* rows, DType row_dtype, int64_t begin, int6
 }
 
 void WalkCodes::assign(const uint8_t* codes, int64_t count, const float* lo, const float* step,
-                       const uint8_t* outside) {
+                       const uint8_t* outside, bool view) {
   check_dims_nonnegative("codes rows", count);
   check_pointer("codes", codes, count * stride_);
   check_pointer("lo", lo, dim_);
@@ -251,7 +255,15 @@ void WalkCodes::assign(const uint8_t* codes, int64_t count, const float* lo, con
   }
   lo_.assign(lo, lo + dim_);
   step_.assign(step, step + dim_);
-  codes_.assign(codes, codes + count * stride_);
+  // The kernels load code rows with aligned loads: codes elsewhere are copied.
+  if (view && reinterpret_cast<uintptr_t>(codes) % 64 == 0) {
+    view_ = codes;
+    codes_.clear();
+    codes_.shrink_to_fit();
+  } else {
+    view_ = nullptr;
+    codes_.assign(codes, codes + count * stride_);
+  }
   outside_.resize(static_cast<size_t>(count));
   n_outside_ = 0;
   for (int64_t i = 0; i < count; ++i) {

@@ -161,6 +161,7 @@ class EmbeddingIndex:
         self._table = AttributeTable()
         self._next_id = 0
         self._graph = None
+        self._walk_codes_source = None  # saved codes the graph reads in place (load)
         self._lookup = None  # (sorted live ids, their rows), rebuilt after add/remove
         self.device = parse_device(device)
         self._mirror = DeviceMirror(self.device, self.dim, self.dtype) if self.device != "cpu" else None
@@ -503,7 +504,10 @@ class EmbeddingIndex:
                 f"{path}: walk codes of shape {codes.shape} ({codes.dtype}), outside {outside.shape}, lo {lo.shape} "
                 f"and step {step.shape} do not fit a graph of {n} rows of dim {self.dim} (expected ({n}, {stride}) "
                 f"and ({n},) uint8, ({self.dim},) float32)")
-        self._graph.set_walk_codes(_addr(codes), n, lo.ctypes.data, step.ctypes.data, _addr(outside))
+        # In place (a memory-mapped file stays mapped; the 64-byte aligned layout of saved
+        # arrays allows it): kept alive here, copied by the graph's next add.
+        self._graph.set_walk_codes(_addr(codes), n, lo.ctypes.data, step.ctypes.data, _addr(outside), view=True)
+        self._walk_codes_source = codes
 
 
 def _addr(a: np.ndarray) -> int:
