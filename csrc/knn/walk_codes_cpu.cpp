@@ -150,8 +150,10 @@ const Kernels& kernels() {
 
 WalkCodes::WalkCodes(int64_t dim) : dim_(dim), stride_(round_up_64(dim)), lo_(dim, 0.f), step_(dim, 0.f) {}
 
+namespace {
 // Rows outside the ranges a graph of n rows tolerates: each costs the walk an exact score.
 int64_t outside_limit(int64_t n) { return std::max<int64_t>(16, n / 100); }
+}  // namespace
 
 void WalkCodes::update(const void* rows, DType row_dtype, int64_t begin, int64_t end) {
   if (begin != rows_)
@@ -187,7 +189,8 @@ void WalkCodes::derive_and_code(const void* rows, DType row_dtype, int64_t end) 
   std::vector<float> cols(static_cast<size_t>(sample * dim_)), buf;  // column-major sample
   for (int64_t s = 0; s < sample; ++s) {
     const float* x = row_f32(rows, row_dtype, dim_, s * end / sample, buf);
-    for (int64_t j = 0; j < dim_; ++j) cols[j * sample + s] = x[j];
+    // (NaN, which the index refuses but the raw graph takes, would break nth_element's order)
+    for (int64_t j = 0; j < dim_; ++j) cols[j * sample + s] = std::isnan(x[j]) ? 0.f : x[j];
   }
   const int64_t r_lo = sample / 100, r_hi = sample - 1 - sample / 100;
   for (int64_t j = 0; j < dim_; ++j) {
