@@ -318,3 +318,21 @@ def test_bad_codes_and_settings_raise_clear_errors(tmp_path, rng):
     storage.save(path, meta, arrays)
     with pytest.raises(IndexFormatError, match="walk codes of shape"):
         EmbeddingIndex.load(path)
+
+
+def test_the_raw_graph_takes_non_finite_rows(rng):
+    """The index refuses NaN and inf; the raw graph does not check, and must neither crash
+    nor let them spoil the codes of the other rows."""
+    x, _ = clustered(rng, 3000, 8, 1)
+    x[5] = np.nan
+    x[9, 3], x[11, 2] = np.inf, -np.inf
+    g, rows = graph_over(x)
+    codes, lo, step, outside = codes_of(g)
+    assert np.isfinite(lo).all() and np.isfinite(step).all()
+    assert {9, 11} <= set(np.flatnonzero(outside))
+    ok = np.isfinite(x).all(1)
+    assert_codes_decode(codes[ok & ~outside.astype(bool)], lo, step, x[ok & ~outside.astype(bool)])
+    q = np.ascontiguousarray(x[20:25])
+    d, r = np.empty((5, 3), np.float32), np.empty((5, 3), np.int64)
+    g.search(rows.ctypes.data, q.ctypes.data, 5, 3, 16, out_dist=d.ctypes.data, out_rows=r.ctypes.data)
+    assert list(r[:, 0]) == list(range(20, 25)) and (d[:, 0] == 0).all()
