@@ -295,6 +295,52 @@ def test_bad_input_raises_clear_errors(rng):
     assert len(index) == 20  # nothing was half-added by the failed calls
 
 
+def test_vectors_are_checked_and_normalised_in_one_pass(rng):
+    import affectkit._C as C
+    from affectkit.index.embedding_index import _as_matrix
+
+    x = rng.standard_normal((37, 13)) * rng.uniform(1e-3, 1e3, (37, 1))  # float64 in
+    x[5] = 0
+    x[9] = 1e20  # float32 squares overflow here; the float64 sum does not
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    got = _as_matrix("queries", x, 13, normalise=True)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == (37, 13)
+    assert np.allclose(got, x / np.where(norms == 0, 1, norms), rtol=1e-6, atol=1e-7)
+    assert (got[5] == 0).all() and np.allclose(got[9], 13**-0.5)
+    assert np.array_equal(_as_matrix("queries", x, 13), x.astype(np.float32))  # no scaling asked
+    for bad in (np.nan, np.inf, -np.inf, 1e300):  # 1e300: finite in float64, inf in float32
+        y = x.copy()
+        y[[23, 30], 4] = bad
+        with pytest.raises(ValueError, match="queries: expected finite values, got NaN or inf in row 23"):
+            _as_matrix("queries", y, 13, normalise=True)
+    with pytest.raises(ValueError, match="src"):
+        C.prepare_rows(0, 0, 2, 3)
+    with pytest.raises(ValueError, match="n"):
+        C.prepare_rows(got.ctypes.data, 0, -1, 13)
+
+
+def test_label_set_filters_past_one_word_and_fresh_statistics(rng):
+    # 70 labels need two 64-bit words a row; estimates follow rows added after a search.
+    labels = [f"l{i}" for i in range(70)]
+    sets = [set(rng.choice(labels, rng.integers(0, 5), replace=False).tolist()) for _ in range(300)]
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    index = EmbeddingIndex(6, "l2")
+    ids = index.add(x, {"tags": sets})
+    q = rng.standard_normal((4, 6)).astype(np.float32)
+    code = index._table.columns["tags"]._code_of  # codes go by first appearance
+    low, high = min(code, key=code.get), max(code, key=code.get)
+    assert code[high] >= 64
+    for wanted in ([low], [high], [low, high, "l40"], [high, "unknown"]):
+        allowed = np.array([bool(t & set(wanted)) for t in sets])
+        d, i = index.search(q, 7, where=any_of("tags", wanted), mode="exact")
+        assert np.array_equal(i, brute(x, ids, allowed, q, 7, "l2")[1])
+    before = index.explain(any_of("tags", ["l3"]))["estimated_selectivity"]
+    assert abs(before - np.mean(["l3" in t for t in sets])) < 1e-12
+    index.add(rng.standard_normal((100, 6)).astype(np.float32), {"tags": [{"l3"}] * 100})
+    after = index.explain(any_of("tags", ["l3"]))["estimated_selectivity"]
+    assert abs(after - (sum("l3" in t for t in sets) + 100) / 400) < 1e-12
+
+
 def test_explain_estimates_from_statistics(rng):
     index, x, attrs, ids = filled_index(rng, n=3000, d=4)
     for where, allowed in masks(attrs).values():

@@ -197,6 +197,49 @@ def test_candidate_lists_and_row_ids(gen):
     assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
 
 
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 64])
+def test_list_lengths_on_both_sides_of_the_vector_network(k, gen):
+    # Lists of up to 32 hits live in vector lanes (one lane per query), longer ones in heaps;
+    # 37 queries leave a partly filled lane group at every vector width.
+    q, x = int_vectors(37, 19, gen), int_vectors(389, 19, gen)
+    shared = torch.rand(389, generator=gen) < 0.6
+    per_query = torch.rand(37, 389, generator=gen) < 0.5
+    for metric in ("l2", "ip"):
+        for mask in (None, shared, per_query):
+            d, i = ops.filtered_knn(q, x, mask, k, metric)
+            want_d, want_i = reference(q, x, mask, k, metric)
+            assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_ties_go_to_the_smaller_user_id_whatever_the_row_order(k, gen):
+    # Rows repeat 6 base vectors, so every distance ties 8 ways. Ids that rise with the row
+    # (gaps allowed) break ties in vector form; shuffled ids take the per-lane path.
+    base = int_vectors(6, 9, gen)
+    x = base.repeat(8, 1)
+    q = int_vectors(21, 9, gen)
+    mask = (torch.rand(48, generator=gen) < 0.8).to(torch.uint8)
+    rising = torch.arange(48) * 7 + 3
+    shuffled = torch.randperm(48, generator=gen) * 1_000_003
+    for row_ids in (rising, shuffled):
+        for kw, m in (({}, None), ({"mask": ptr(mask)}, mask)):
+            d, i = _raw(q, x, k, "l2", row_ids=ptr(row_ids), **kw)
+            want_d, want_i = reference(q, x, m, k, "l2", row_ids=row_ids)
+            assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
+
+
+def test_rows_at_infinite_distance_come_before_padding(gen):
+    # A row so far away that its squared distance overflows to +inf is still a match: it is
+    # returned (with +inf) ahead of the -1 padding, for lists in lanes and in heaps alike.
+    x = int_vectors(20, 4, gen)
+    x[13] = 1e30
+    q = int_vectors(5, 4, gen)
+    for k in (25, 40):
+        d, i = _raw(q, x, k, "l2")
+        assert (i[:, 19] == 13).all() and torch.isinf(d[:, 19]).all()
+        assert (i[:, 20:] == -1).all() and torch.isfinite(d[:, :19]).all()
+
+
 def test_cpp_boundary_validation(gen):
     q, x = torch.randn(2, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="k: expected a positive"):

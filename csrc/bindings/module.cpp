@@ -309,6 +309,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("knn_f16_kernel", [] { return std::string(knn::f16_kernel_name()); },
         "Which float16 row code this CPU runs: 'avx512', 'f16c' or 'scalar'.");
   m.def(
+      "prepare_rows",
+      [](uintptr_t src, uintptr_t dst, int64_t n, int64_t d) {
+        return knn::prepare_rows(cptr<float>(src), mptr<float>(dst), n, d);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("d"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Checks float32 rows (n, d) for NaN / inf and, when dst != 0, writes them scaled to unit "
+      "norm (zero rows stay zero): the first row holding NaN or inf, or -1.");
+  m.def(
       "exact_knn",
       [](int device, int dtype, uintptr_t queries, int64_t nq, uintptr_t database, int64_t n,
          int64_t d, int metric, int64_t k, uintptr_t mask, bool mask_per_query,

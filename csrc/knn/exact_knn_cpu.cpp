@@ -42,6 +42,13 @@ namespace {
 constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stays in L2)
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
+constexpr int64_t kMaxChunkRows = int64_t(1) << 30;
+// Lists of at most this many hits use the lanes' insertion network (query_lanes.inc); longer
+// ones keep a heap per query.
+constexpr int64_t kNetworkMaxK = 32;
+// Rows per micro-kernel strip: that many accumulators of W queries each.
+constexpr int kStripRows = 12;
+static_assert(kRowTile % kStripRows == 0, "tiles hold whole strips");
 
 // Storage type of float16 database rows (IEEE binary16 bits). Such rows are converted to
 // float32 wherever rows are copied anyway (packing tiles), so the scoring kernels
@@ -197,37 +204,82 @@ inline T to_distance(T ip, Metric metric, T qn, T xn) {
   }
 }
 
-// dist[r] = to_distance(s[r], metric, qn, xn[r]) for r < nr, in loops the compiler
-// vectorises (the metric fixed per loop); returns whether any of them may enter `heap`. With
-// 1,000 queries against 20,000 rows, folding every score into the heap one by one was a
-// quarter of an exact search's time on one AVX2 core; after the first tiles almost none
-// can enter.
-template <typename T>
-bool tile_distances_may_enter(const T* s, int64_t nr, Metric metric, T qn, const T* xn,
-                              const TopK<T>& heap, T* dist) {
-  switch (metric) {
-    case Metric::InnerProduct:
-      for (int64_t r = 0; r < nr; ++r) dist[r] = to_distance(s[r], Metric::InnerProduct, qn, T(0));
-      break;
-    case Metric::Cosine:
-      for (int64_t r = 0; r < nr; ++r) dist[r] = to_distance(s[r], Metric::Cosine, qn, T(0));
-      break;
-    default:
-      for (int64_t r = 0; r < nr; ++r) dist[r] = to_distance(s[r], Metric::L2, qn, xn[r]);
+// ---------------------------------------------------------------------------------------
+// Shared row list (all rows, or the rows a shared mask lets through): the queries sit in
+// vector lanes (query_lanes.h). Work items are (block of kQueryBlock queries, chunk of rows);
+// an item packs its queries transposed once, then for each tile of kRowTile rows packs the
+// rows transposed in strips and meets them with every group of W queries. `qmask` (a
+// per-query mask, or null) is checked for the rows that might enter.
+// ---------------------------------------------------------------------------------------
+template <typename T, typename S>
+struct RowListJob {
+  const T* queries;
+  int64_t nq;
+  const S* db;
+  int64_t n, d;
+  Metric metric;
+  int64_t keff;
+  const int64_t* rows;  // null: rows 0..m-1
+  int64_t m;
+  const uint8_t* qmask;
+  const int64_t* row_ids;
+  const T* xnorm;
+  const T* qnorm;
+  bool ids_follow_positions;  // ids increase along the row list: ties go to the earlier row
+  int64_t chunk_rows;
+  Hit<T>* partial;            // [chunk][query][keff]
+  int64_t* partial_size;      // [chunk][query]
+
+  int64_t row_at(int64_t i) const { return rows ? rows[i] : i; }
+  int64_t id_at(int64_t i) const {
+    const int64_t row = row_at(i);
+    return row_ids ? row_ids[row] : row;
   }
-  if (heap.may_enter(std::numeric_limits<T>::infinity())) return true;  // not full (or +inf kept)
-  // Exactly may_enter's test, summed as integers (a reduction the compiler vectorises; NaN
-  // compares false, as in may_enter).
-  const T worst = heap.worst();
-  int any = 0;
-  for (int64_t r = 0; r < nr; ++r) any |= dist[r] <= worst;
-  return any != 0;
+};
+
+template <typename T>
+struct RowListWork {  // per thread
+  std::vector<T> qt, xt, row, xn, kd;
+  std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>> kp;
+};
+
+// The item body, compiled once per instruction set: GCC lowers vector comparisons lane by
+// lane in code compiled for a target without that vector width, even when it is inlined
+// into a function with the right target (the insertion network then ran 6x slower), so the
+// body's definitions sit inside the target region instead of being inlined into it. The
+// target strings are those of core/simd.h.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+constexpr int kBytes = 64;
+#include "query_lanes.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+constexpr int kBytes = 32;
+#include "query_lanes.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#define AFFECTKIT_KNN_LANE_LEVELS 1
+#endif
+namespace baseline {
+constexpr int kBytes = 16;
+#include "query_lanes.inc"
+}  // namespace baseline
+
+template <typename T, typename S>
+void row_list_item(int level, const RowListJob<T, S>& job, int64_t qb, int64_t c, RowListWork<T>& ws) {
+#ifdef AFFECTKIT_KNN_LANE_LEVELS
+  if (level == 2) return avx512::row_list_item(job, qb, c, ws);
+  if (level == 1) return avx2::row_list_item(job, qb, c, ws);
+#endif
+  (void)level;
+  baseline::row_list_item(job, qb, c, ws);
 }
 
-// ---------------------------------------------------------------------------------------
-// Shared row list (all rows, or the rows a shared mask lets through): blocked kernel.
-// `qmask` (per-query mask, or null) is checked while folding scores into the top-k.
-// ---------------------------------------------------------------------------------------
 template <typename T, typename S>
 void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64_t d,
                      Metric metric, int64_t k, const int64_t* rows /* null: 0..m-1 */,
@@ -248,64 +300,40 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
     nchunks = std::max<int64_t>(1, (2 * threads + nqb - 1) / nqb);
     nchunks = std::min<int64_t>(nchunks, std::max<int64_t>(1, m / kMinChunkRows));
   }
+  // Row positions within a chunk are 32-bit lanes next to float32 distances.
+  nchunks = std::max<int64_t>(nchunks, (m + kMaxChunkRows - 1) / kMaxChunkRows);
   // Chunks start on tile boundaries.
   const int64_t chunk_rows = ((m + nchunks - 1) / nchunks + kRowTile - 1) / kRowTile * kRowTile;
   nchunks = (m + chunk_rows - 1) / chunk_rows;
   // partial[c][q][0..keff) with their sizes.
   std::vector<Hit<T>> partial(static_cast<size_t>(nchunks * nq * keff));
   std::vector<int64_t> partial_size(static_cast<size_t>(nchunks * nq), 0);
-  const bool packed = rows != nullptr;
+
+  bool ids_follow_positions = true;  // the row list ascends; do the ids?
+  if (row_ids)
+    for (int64_t i = 1; i < m && ids_follow_positions; ++i)
+      ids_follow_positions = row_ids[rows ? rows[i] : i] > row_ids[rows ? rows[i - 1] : i - 1];
+  const RowListJob<T, S> job{queries, nq, db, n, d, metric, keff, rows, m, qmask, row_ids, xnorm,
+                             qnorm, ids_follow_positions, chunk_rows, partial.data(),
+                             partial_size.data()};
+  const int level = kernel_level();
+  constexpr int64_t kMaxLanes = 64 / sizeof(T);
 
 #pragma omp parallel
   {
-    std::vector<T> scores(kQueryBlock * kRowTile);
-    constexpr bool convert = !std::is_same_v<S, T>;  // float16 rows: always via `pack`
-    std::vector<T> pack(packed || convert ? kRowTile * d : 0);
-    std::vector<T> work(static_cast<size_t>(max_subtile_rows<T>() * std::max<int64_t>(d, 1)));
-    std::vector<T> dist(kRowTile), xn_tile(kRowTile, T(0));
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t qb = 0; qb < nqb; ++qb) {
-      for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t q0 = qb * kQueryBlock, q1 = std::min(nq, q0 + kQueryBlock);
-        const int64_t r_begin = c * chunk_rows, r_end = std::min(m, r_begin + chunk_rows);
-        std::vector<TopK<T>> heaps;
-        heaps.reserve(q1 - q0);
-        for (int64_t qi = q0; qi < q1; ++qi)
-          heaps.emplace_back(&partial[(c * nq + qi) * keff], keff);
-        for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowTile) {
-          const int64_t nr = std::min(kRowTile, r_end - r0);
-          const T* tile;
-          if (packed) {
-            for (int64_t r = 0; r < nr; ++r) load_values(db + rows[r0 + r] * d, d, &pack[r * d]);
-            tile = pack.data();
-          } else if constexpr (convert) {
-            load_values(db + r0 * d, nr * d, pack.data());
-            tile = pack.data();
-          } else {
-            tile = db + r0 * d;
-          }
-          score_tile(queries + q0 * d, q1 - q0, tile, nr, d, scores.data(), work.data());
-          if (xnorm)
-            for (int64_t r = 0; r < nr; ++r) xn_tile[r] = xnorm[packed ? rows[r0 + r] : r0 + r];
-          for (int64_t qi = q0; qi < q1; ++qi) {
-            TopK<T>& heap = heaps[qi - q0];
-            const T* s = &scores[(qi - q0) * nr];
-            const uint8_t* qm = qmask ? qmask + qi * n : nullptr;
-            const T qn = qnorm ? qnorm[qi] : T(0);
-            // Once the heap is full, a tile rarely holds a row that can enter it: test the whole
-            // tile with vector compares first, and only then fold its rows in one by one.
-            if (!tile_distances_may_enter(s, nr, metric, qn, xn_tile.data(), heap, dist.data())) continue;
-            for (int64_t r = 0; r < nr; ++r) {
-              const int64_t row = packed ? rows[r0 + r] : r0 + r;
-              if (qm && !qm[row]) continue;
-              if (!heap.may_enter(dist[r])) continue;
-              heap.push(dist[r], row_ids ? row_ids[row] : row);
-            }
-          }
-        }
-        for (int64_t qi = q0; qi < q1; ++qi) partial_size[c * nq + qi] = heaps[qi - q0].size();
-      }
+    RowListWork<T> ws;
+    const int64_t groups = (kQueryBlock + kMaxLanes - 1) / kMaxLanes;
+    ws.qt.resize(static_cast<size_t>(groups * kMaxLanes * std::max<int64_t>(d, 1)));
+    ws.xt.resize(static_cast<size_t>(kRowTile * std::max<int64_t>(d, 1)));
+    ws.row.resize(static_cast<size_t>(std::max<int64_t>(d, 1)));
+    ws.xn.resize(kRowTile);
+    if (keff <= kNetworkMaxK) {
+      ws.kd.resize(static_cast<size_t>(groups * kMaxLanes * keff));
+      ws.kp.resize(static_cast<size_t>(groups * kMaxLanes * keff));
     }
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t qb = 0; qb < nqb; ++qb)
+      for (int64_t c = 0; c < nchunks; ++c) row_list_item(level, job, qb, c, ws);
   }
 
   // Merge the chunks of each query in chunk order.

@@ -206,6 +206,7 @@ class LabelSetColumn:
         self.bits = np.zeros((0, 1), dtype=np.uint64)
         self.vocab: list = []
         self._code_of: dict = {}
+        self._counts = None  # rows carrying each label, counted when first needed
 
     @property
     def n(self) -> int:
@@ -233,6 +234,7 @@ class LabelSetColumn:
         new = np.zeros((len(rows), self.bits.shape[1]), dtype=np.uint64)
         np.bitwise_or.at(new, (row_of, codes // 64), np.left_shift(np.uint64(1), (codes % 64).astype(np.uint64)))
         self.bits = np.concatenate([self.bits, new]) if self.n else new
+        self._counts = None
 
     def append_missing(self, count: int) -> None:
         self.bits = np.concatenate([self.bits, np.zeros((count, self.bits.shape[1]), dtype=np.uint64)])
@@ -250,6 +252,10 @@ class LabelSetColumn:
 
     def any_of(self, labels) -> np.ndarray:
         q, _ = self._query_bits(labels)
+        words = np.flatnonzero(q)
+        if len(words) == 1:  # labels in one word (always, up to 64 labels): one pass, no temporary
+            w = int(words[0])
+            return (self.bits[:, w] & q[w]) != 0
         return (self.bits & q).any(axis=1)
 
     def all_of(self, labels) -> np.ndarray:
@@ -259,14 +265,16 @@ class LabelSetColumn:
         return ((self.bits & q) == q).all(axis=1)
 
     def _label_freq(self, labels):
+        # Counting a label's rows took ~20 us of every plan on 43,410 GoEmotions rows: count
+        # every label once, again only after rows are added.
+        if self._counts is None or len(self._counts) != len(self.vocab):
+            codes = np.arange(len(self.vocab))
+            self._counts = np.array([int(np.count_nonzero(self.bits[:, c // 64] & (np.uint64(1) << np.uint64(c % 64))))
+                                     for c in codes], dtype=np.int64)
         freqs = []
         for lab in labels:
             code = self._code_of.get(_hashable(f"where[{self.name!r}]", lab))
-            if code is None:
-                freqs.append(0.0)
-            else:
-                bit = (self.bits[:, code // 64] >> np.uint64(code % 64)) & np.uint64(1)
-                freqs.append(float(bit.sum()) / max(self.n, 1))
+            freqs.append(0.0 if code is None else float(self._counts[code]) / max(self.n, 1))
         return freqs
 
     def estimate_any_of(self, labels) -> float:

@@ -59,8 +59,11 @@ class _ReadWriteLock:
                 self._cond.notify_all()
 
 
-def _as_matrix(name: str, x, dim: int) -> np.ndarray:
-    """numpy / torch / anything with __dlpack__ -> C-contiguous float32 (m, dim), finite."""
+def _as_matrix(name: str, x, dim: int, normalise: bool = False) -> np.ndarray:
+    """numpy / torch / anything with __dlpack__ -> C-contiguous float32 (m, dim), finite; with
+    `normalise`, a new array of the rows scaled to unit norm (zero rows stay zero). The check
+    and the scaling are one C++ pass: numpy's isfinite, einsum and divide took 0.15 ms for
+    1,000 x 384 queries, a fifth of a search at 0.18 % selectivity on GoEmotions."""
     if not isinstance(x, np.ndarray):
         if hasattr(x, "__dlpack__") or type(x).__module__.startswith("torch"):
             import torch
@@ -75,21 +78,13 @@ def _as_matrix(name: str, x, dim: int) -> np.ndarray:
         raise TypeError(f"{name}: expected a floating (or integer) array, got dtype {x.dtype}")
     if x.ndim != 2 or x.shape[1] != dim:
         raise ValueError(f"{name}: expected shape (m, {dim}), got {x.shape}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size and not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+    with np.errstate(over="ignore"):  # float64 values past float32's range become inf: refused below
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x32) if normalise else None
+    bad = _C.prepare_rows(x32.ctypes.data, 0 if out is None else out.ctypes.data, x32.shape[0], dim)
+    if bad >= 0:
         raise ValueError(f"{name}: expected finite values, got NaN or inf in row {bad}")
-    return x
-
-
-def _normalised(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm; zero rows stay zero. (A masked np.divide took 0.3 ms for
-    1,000 x 384 queries, a third of a search at 0.18 % selectivity on GoEmotions.)"""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = x / norms
-    out[norms[:, 0] == 0] = 0
-    return out
+    return x32 if out is None else out
 
 
 class EmbeddingIndex:
@@ -182,10 +177,8 @@ class EmbeddingIndex:
     # ---- mutation -----------------------------------------------------------------------------
     def add(self, vectors, attributes: dict | None = None, ids=None) -> np.ndarray:
         """Add rows; returns their int64 ids (the given ones, or fresh ones counting up)."""
-        x = _as_matrix("vectors", vectors, self.dim)
+        x = _as_matrix("vectors", vectors, self.dim, normalise=self.metric == "cosine")
         m = x.shape[0]
-        if self.metric == "cosine":
-            x = _normalised(x)
         if self.dtype != np.float32:  # norms of what is stored, so L2 distances stay consistent
             with np.errstate(over="ignore"):  # out-of-range values become inf: refused below
                 rounded = x.astype(self.dtype)
@@ -302,23 +295,28 @@ class EmbeddingIndex:
         if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef <= 0):
             raise ValueError(f"ef: expected a positive int, got {ef!r}")
         nq = q.shape[0]
-        out_d = np.full((nq, k), np.inf, dtype=np.float32)
-        out_i = np.full((nq, k), -1, dtype=np.int64)
         groups = self._groups(filters, nq)
         plans = self._plans(groups, mode)
         if any(p.mode == "approx" for *_, p in plans) and self.graph_size < self._n:
             self.build_graph()
+        if len(plans) > 1:
+            out_d = np.full((nq, k), np.inf, dtype=np.float32)
+            out_i = np.full((nq, k), -1, dtype=np.int64)
         with self._lock.read():
             for rows, n, mask, plan in plans:
                 mask = self._current_mask(n, mask)
+                qg = q if len(plans) == 1 else q[rows]  # one group holds every query, in order
                 if plan.mode == "approx":
-                    d, i = self._search_graph(q[rows], k, n, mask, int(ef) if ef is not None else plan.ef)
+                    d, i = self._search_graph(qg, k, n, mask, int(ef) if ef is not None else plan.ef)
                 elif self._mirror is not None and k <= MAX_CUDA_K and len(rows):
                     self._mirror.sync(self._vectors, self._ids, n)
-                    d, i = self._mirror.search(q[rows], k, n, mask, self.metric)
+                    d, i = self._mirror.search(qg, k, n, mask, self.metric)
                 else:
-                    d, i = self._search_exact(q[rows], k, n, mask)
-                out_d[rows], out_i[rows] = d, i
+                    d, i = self._search_exact(qg, k, n, mask)
+                if len(plans) == 1:
+                    out_d, out_i = np.asarray(d, dtype=np.float32), np.asarray(i, dtype=np.int64)
+                else:
+                    out_d[rows], out_i[rows] = d, i
         return out_d, out_i
 
     def explain(self, where=None, mode: str = "auto", nq: int = 1):
@@ -341,9 +339,7 @@ class EmbeddingIndex:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise ValueError(f"k: expected a positive int, got {k!r}")
-        q = _as_matrix("queries", queries, self.dim)
-        if self.metric == "cosine":
-            q = _normalised(q)
+        q = _as_matrix("queries", queries, self.dim, normalise=self.metric == "cosine")
         if isinstance(where, list):
             if len(where) != q.shape[0]:
                 raise ValueError(f"where: expected one filter per query ({q.shape[0]}), got a list of {len(where)}")
@@ -366,7 +362,7 @@ class EmbeddingIndex:
         """[(query rows, filter bitmask or None, Plan)] from the statistics and exact counts."""
         with self._lock.read():
             n, alive, ids = self._n, self._alive[: self._n], self._ids[: self._n]
-            live = int(alive.sum())
+            live = int(np.count_nonzero(alive))
             out = []
             for rows, f in groups:
                 if f is None:
@@ -375,7 +371,7 @@ class EmbeddingIndex:
                 else:
                     mask = np.asarray(f.mask(self._table, ids), dtype=bool) & alive
                     est = min(1.0, max(0.0, float(f.estimate(self._table, ids))))
-                    matching = int(mask.sum())
+                    matching = int(np.count_nonzero(mask))
                 plan = choose(mode, est, matching, live, self.settings)
                 if self._mirror is not None and mode == "auto":
                     plan = choose("exact", est, matching, live, self.settings)
