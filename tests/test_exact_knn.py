@@ -197,9 +197,9 @@ def test_candidate_lists_and_row_ids(gen):
     assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
 
 
-@pytest.mark.parametrize("k", [1, 31, 32, 33, 64])
-def test_list_lengths_on_both_sides_of_the_vector_network(k, gen):
-    # Lists of up to 32 hits live in vector lanes (one lane per query), longer ones in heaps;
+@pytest.mark.parametrize("k", [1, 10, 128, 129])
+def test_list_lengths_on_both_sides_of_the_vector_lanes(k, gen):
+    # Lists of up to 128 hits live in vector lanes (one lane per query), longer ones in heaps;
     # 37 queries leave a partly filled lane group at every vector width.
     q, x = int_vectors(37, 19, gen), int_vectors(389, 19, gen)
     shared = torch.rand(389, generator=gen) < 0.6
@@ -211,16 +211,17 @@ def test_list_lengths_on_both_sides_of_the_vector_network(k, gen):
             assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
 
 
-@pytest.mark.parametrize("k", [3, 40])
+@pytest.mark.parametrize("k", [3, 40, 150])
 def test_ties_go_to_the_smaller_user_id_whatever_the_row_order(k, gen):
-    # Rows repeat 6 base vectors, so every distance ties 8 ways. Ids that rise with the row
-    # (gaps allowed) break ties in vector form; shuffled ids take the per-lane path.
+    # Rows repeat 6 base vectors, so every distance ties 40 ways. Ids that rise with the row
+    # (gaps allowed) break ties in vector form; shuffled ids compare ids lane by lane; k = 150
+    # takes the heaps.
     base = int_vectors(6, 9, gen)
-    x = base.repeat(8, 1)
+    x = base.repeat(40, 1)
     q = int_vectors(21, 9, gen)
-    mask = (torch.rand(48, generator=gen) < 0.8).to(torch.uint8)
-    rising = torch.arange(48) * 7 + 3
-    shuffled = torch.randperm(48, generator=gen) * 1_000_003
+    mask = (torch.rand(240, generator=gen) < 0.8).to(torch.uint8)
+    rising = torch.arange(240) * 7 + 3
+    shuffled = torch.randperm(240, generator=gen) * 1_000_003
     for row_ids in (rising, shuffled):
         for kw, m in (({}, None), ({"mask": ptr(mask)}, mask)):
             d, i = _raw(q, x, k, "l2", row_ids=ptr(row_ids), **kw)
@@ -228,16 +229,30 @@ def test_ties_go_to_the_smaller_user_id_whatever_the_row_order(k, gen):
             assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
 
 
+@pytest.mark.parametrize("k", [100, 130])
+def test_a_lone_late_row_enters_wherever_it_sits_in_a_strip(k):
+    # Distances grow with the row, so once the lists are full no row can enter, but for one
+    # close row placed at every offset of a 12-row strip (lanes for k = 100, heaps for 130).
+    x = (1000 + torch.arange(264, dtype=torch.float32))[:, None]
+    q = torch.zeros(3, 1)
+    for close in range(240, 264):
+        xc = x.clone()
+        xc[close] = 0.5
+        d, i = _raw(q, xc, k, "l2")
+        assert (i[:, 0] == close).all() and torch.equal(i[:, 1:], torch.arange(k - 1).expand(3, k - 1))
+
+
 def test_rows_at_infinite_distance_come_before_padding(gen):
     # A row so far away that its squared distance overflows to +inf is still a match: it is
     # returned (with +inf) ahead of the -1 padding, for lists in lanes and in heaps alike.
-    x = int_vectors(20, 4, gen)
+    x = int_vectors(140, 4, gen)
     x[13] = 1e30
     q = int_vectors(5, 4, gen)
-    for k in (25, 40):
-        d, i = _raw(q, x, k, "l2")
-        assert (i[:, 19] == 13).all() and torch.isinf(d[:, 19]).all()
-        assert (i[:, 20:] == -1).all() and torch.isfinite(d[:, :19]).all()
+    for k in (145, 150):  # 140 rows: lanes for k <= 128, heaps past it
+        for rows in (20, 140):
+            d, i = _raw(q, x[:rows], k - 140 + rows, "l2")
+            assert (i[:, rows - 1] == 13).all() and torch.isinf(d[:, rows - 1]).all()
+            assert (i[:, rows:] == -1).all() and torch.isfinite(d[:, : rows - 1]).all()
 
 
 def test_cpp_boundary_validation(gen):

@@ -43,9 +43,15 @@ constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stays in L2)
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
 constexpr int64_t kMaxChunkRows = int64_t(1) << 30;
-// Lists of at most this many hits use the lanes' insertion network (query_lanes.inc); longer
-// ones keep a heap per query.
-constexpr int64_t kNetworkMaxK = 32;
+// Lists of at most this many hits live in the lanes (query_lanes.inc); longer ones keep a
+// heap per query. The lanes' first rows each pass the network over k levels, so their cost
+// grows as k^2; at k = 40 to 100 the lanes still beat the heaps (grief, 77 rows: 0.98 against
+// 1.39 ms at k = 40; anger, 1,567 rows: 7.4 against 8.2-8.7 ms).
+constexpr int64_t kNetworkMaxK = 128;
+// A row entering at most 3/8 of the lanes' lists goes into each alone (lane_insert), not
+// through the network: 6 of 16 lanes ran the grief and anger scans (77 and 1,567 rows) at
+// k = 10 to 100 as fast as 2 or 4 did, or faster (within this machine's noise).
+constexpr int kFewLanesOf8 = 3;
 // Rows per micro-kernel strip: that many accumulators of W queries each.
 constexpr int kStripRows = 12;
 static_assert(kRowTile % kStripRows == 0, "tiles hold whole strips");
