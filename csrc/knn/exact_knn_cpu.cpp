@@ -2,11 +2,13 @@
 //
 // Plan: the allowed rows are gathered into a row list first (so a selective filter costs
 // only its passing rows); then blocks of queries meet tiles of rows. A register-blocked
-// micro-kernel computes a small score tile, which is folded into each query's running
-// top-k at once: the (nq, n) score matrix never exists. Work items are (query block, row
-// chunk) pairs so that a handful of queries still spreads over every thread; each item
-// keeps its own top-k and the partial lists are merged in a fixed order (the (distance,
-// id) order is total, so the result does not depend on the thread count).
+// micro-kernel computes a strip of scores with the queries in vector lanes, and each row's
+// scores are folded into the running top-k of W queries at once (query_lanes.inc): the
+// (nq, n) score matrix never exists. Work items are (query block, row chunk) pairs so that a
+// handful of queries still spreads over every thread; each item keeps its own top-k and the
+// partial lists are merged in a fixed order (the (distance, id) order is total, so the
+// result does not depend on the thread count). Per-query candidate lists (a selective
+// per-query filter) score one query against its own rows, with the rows in the lanes.
 #include <omp.h>
 
 #include <algorithm>
@@ -35,8 +37,8 @@ Metric metric_from_code(int32_t code, const char* arg) {
 
 namespace {
 
-// Queries sharing one pass over a row tile (each sub-tile of 2W rows is packed once, into L1,
-// for all of them). 256 streams the rows from memory once per 256 queries. With 24, another
+// Queries sharing one pass over a row tile (the tile is packed once for all of them). 256
+// streams the rows from memory once per 256 queries. With 24, another
 // path pre-packed the whole table for the blocks to share; on an AVX2 core (100k x 384, every
 // row allowed) 200 queries took 444-582 ms that way, 266 ms now.
 constexpr int64_t kQueryBlock = 256;
@@ -47,7 +49,7 @@ constexpr int64_t kMaxChunkRows = int64_t(1) << 30;
 // heap per query. The lanes' first rows each pass the network over k levels, so their cost
 // grows as k^2; at k = 40 to 100 the lanes still beat the heaps (grief, 77 rows: 0.98 against
 // 1.39 ms at k = 40; anger, 1,567 rows: 7.4 against 8.2-8.7 ms).
-constexpr int64_t kNetworkMaxK = 128;
+constexpr int64_t kLaneMaxK = 128;
 // A row entering at most 3/8 of the lanes' lists goes into each alone (lane_insert), not
 // through the network: 6 of 16 lanes ran the grief and anger scans (77 and 1,567 rows) at
 // k = 10 to 100 as fast as 2 or 4 did, or faster (within this machine's noise).
@@ -333,7 +335,7 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
     ws.xt.resize(static_cast<size_t>(kRowTile * std::max<int64_t>(d, 1)));
     ws.row.resize(static_cast<size_t>(std::max<int64_t>(d, 1)));
     ws.xn.resize(kRowTile);
-    if (keff <= kNetworkMaxK) {
+    if (keff <= kLaneMaxK) {
       ws.kd.resize(static_cast<size_t>(groups * kMaxLanes * keff));
       ws.kp.resize(static_cast<size_t>(groups * kMaxLanes * keff));
     }
