@@ -20,6 +20,8 @@ Impls (recall@10 against the exact answer in extra_info["recall"], printed):
     faiss-flat         IndexFlatIP + IDSelectorBitmap (exact)              } when faiss-cpu
     faiss-hnsw         IndexHNSWFlat(M=32) + IDSelectorBitmap, cheapest efSearch reaching 0.95 }
     hnswlib            hnswlib M=16 with its filter callable, cheapest ef reaching 0.95 (when installed)
+Per-query masks (bench_op_per_query_masks): a different random mask per query at 0.5 %, 3 % and
+10 % of the rows, affectkit.ops.filtered_knn against torch's masked matrix product + topk.
 
 Floor (full run): an exact scan of label share s reads s * 43,410 * 384 * 4 B = s * 67 MB of
 rows per block of queries and does 2 * s * 43,410 * 384 = s * 33 MFLOP per query: for 1,000
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from _knn_baselines import (
     build_faiss,
@@ -163,6 +166,39 @@ def bench_torch_masked(bench, benchmark, data, sel):
     ids = bench(_group(sel), "torch", torch_masked, *torch_inputs(x, q, masks[sel]), K)
     ids = np.where(np.isin(ids.numpy(), np.flatnonzero(masks[sel])), ids.numpy(), -1)  # topk pads with masked rows
     _report(benchmark, "torch", sel, recall(ids, exact[sel]))
+
+
+PER_QUERY_DENSITY = ["0.5%", "3%", "10%"]
+
+
+@pytest.fixture(scope="module")
+def per_query_masks(data):
+    """A different random allow-mask per query (torch bool (nq, n)) at each density."""
+    x, q, *_ = data
+    g = torch.Generator().manual_seed(0)
+    return {dens: torch.rand(len(q), len(x), generator=g) < float(dens[:-1]) / 100 for dens in PER_QUERY_DENSITY}
+
+
+@pytest.mark.parametrize("impl", ["affectkit", "torch"])
+@pytest.mark.parametrize("dens", PER_QUERY_DENSITY)
+def bench_op_per_query_masks(bench, benchmark, data, per_query_masks, dens, impl):
+    """affectkit.ops.filtered_knn with a (nq, n) mask, against the stock masked matrix product
+    + topk. Below a few percent the op scores each query's own candidate rows; above, it
+    passes over every row, masking as it folds (the switch depends on the rows' bytes)."""
+    import affectkit.ops as ops
+
+    x, q, *_ = data
+    xt, qt = torch.from_numpy(x), torch.nn.functional.normalize(torch.from_numpy(q), dim=1)
+    mask = per_query_masks[dens]
+    group = f"knn_goemotions per-query masks {dens} N={N_TRAIN or 43410}"
+    if impl == "affectkit":
+        _, ids = bench(group, "affectkit", ops.filtered_knn, qt, xt, mask, K, "ip")
+    else:
+        ids = bench(group, "torch", lambda: (qt @ xt.T).masked_fill_(~mask, float("-inf")).topk(K, dim=1).indices)
+    want = ops.filtered_knn(qt.double(), xt.double(), mask, K, "ip")[1]
+    ids = torch.where(torch.gather(mask, 1, ids.clamp(min=0)) & (ids >= 0), ids, -1)  # topk pads with masked rows
+    benchmark.extra_info["recall"] = rec = recall(ids.numpy(), want.numpy())
+    print(f"[{TAG}] per-query masks {dens:>4} {impl:<10} recall@10 {rec:.3f}")
 
 
 @pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))
