@@ -56,7 +56,7 @@ constexpr int64_t kLaneMaxK = 128;
 constexpr int kFewLanesOf8 = 3;
 // Rows per micro-kernel strip: that many accumulators of W queries each.
 constexpr int kStripRows = 12;
-static_assert(kRowTile % kStripRows == 0, "tiles hold whole strips");
+static_assert(kRowTile % kStripRows == 0 && kStripRows % 2 == 0, "tiles hold whole strips, strips halves");
 
 // Storage type of float16 database rows (IEEE binary16 bits). Such rows are converted to
 // float32 wherever rows are copied anyway (packing tiles), so the scoring kernels
