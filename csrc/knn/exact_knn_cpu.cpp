@@ -45,8 +45,8 @@ constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stays in L2)
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
 constexpr int64_t kMaxChunkRows = int64_t(1) << 30;
-// Lists of at most this many hits live in the lanes (query_lanes.inc); longer ones keep a
-// heap per query. The lanes' first rows each pass the network over k levels, so their cost
+// Lists of at most this many hits (and at most 8 per lane of the vector width) live in the
+// lanes (query_lanes.inc); longer ones keep a heap per query. The lanes' first rows each pass the network over k levels, so their cost
 // grows as k^2; at k = 40 to 100 the lanes still beat the heaps (grief, 77 rows: 0.98 against
 // 1.39 ms at k = 40; anger, 1,567 rows: 7.4 against 8.2-8.7 ms).
 constexpr int64_t kLaneMaxK = 128;
