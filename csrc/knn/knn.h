@@ -30,8 +30,8 @@ struct Filter {
 };
 
 // Checks float32 rows (n, d) for NaN and inf and, when dst is not null, writes them scaled to
-// unit norm into dst (zero rows stay zero; dst may be src): the first row holding a NaN or an
-// inf, or -1 when there is none (dst is then complete).
+// unit norm into dst (zero rows stay zero; dst must not overlap src): the first row holding a
+// NaN or an inf, or -1 when there is none (dst is then complete).
 int64_t prepare_rows(const float* src, float* dst, int64_t n, int64_t d);
 
 // Exact filtered search. queries (nq, d) and database (n, d) are contiguous, of `dtype`
