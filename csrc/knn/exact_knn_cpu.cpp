@@ -8,7 +8,7 @@
 // handful of queries still spreads over every thread; each item keeps its own top-k and the
 // partial lists are merged in a fixed order (the (distance, id) order is total, so the
 // result does not depend on the thread count). Per-query candidate lists (a selective
-// per-query filter) score one query against its own rows, with the rows in the lanes.
+// per-query filter) score one query against four of its own rows at a time.
 #include <omp.h>
 
 #include <algorithm>
@@ -46,9 +46,10 @@ constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stay
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
 constexpr int64_t kMaxChunkRows = int64_t(1) << 30;
 // Lists of at most this many hits (and at most 8 per lane of the vector width) live in the
-// lanes (query_lanes.inc); longer ones keep a heap per query. The lanes' first rows each pass the network over k levels, so their cost
-// grows as k^2; at k = 40 to 100 the lanes still beat the heaps (grief, 77 rows: 0.98 against
-// 1.39 ms at k = 40; anger, 1,567 rows: 7.4 against 8.2-8.7 ms).
+// lanes (query_lanes.inc); longer ones keep a heap per query. The lanes' first rows each pass
+// the network over k levels, so their cost grows as k^2; at k = 40 to 100 the AVX-512 lanes
+// still beat the heaps (grief, 77 rows: 0.98 against 1.39 ms at k = 40; anger, 1,567 rows:
+// 7.4 against 8.2-8.7 ms).
 constexpr int64_t kLaneMaxK = 128;
 // A row entering at most 3/8 of the lanes' lists goes into each alone (lane_insert), not
 // through the network: 6 of 16 lanes ran the grief and anger scans (77 and 1,567 rows) at
@@ -136,7 +137,7 @@ inline T to_distance(T ip, Metric metric, T qn, T xn) {
 
 // ---------------------------------------------------------------------------------------
 // Shared row list (all rows, or the rows a shared mask lets through): the queries sit in
-// vector lanes (query_lanes.h). Work items are (block of kQueryBlock queries, chunk of rows);
+// vector lanes (query_lanes.inc). Work items are (block of kQueryBlock queries, chunk of rows);
 // an item packs its queries transposed once, then for each tile of kRowTile rows packs the
 // rows transposed in strips and meets them with every group of W queries. `qmask` (a
 // per-query mask, or null) is checked for the rows that might enter.
