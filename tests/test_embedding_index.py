@@ -478,6 +478,36 @@ def test_graph_respects_tombstones_and_covers_later_rows(graph_index, tmp_path):
     assert np.array_equal(i[:, 0], new)
 
 
+def _link_audit(index):
+    return index._graph.audit_links(index._vectors.ctypes.data)
+
+
+@pytest.mark.parametrize("metric,dtype", [("cosine", np.float32), ("l2", np.float32), ("ip", np.float16)])
+def test_graph_build_places_links_as_a_reselection_would(metric, dtype, rng, tmp_path):
+    """A full level-0 list takes a new link from its kept flags (a few distances), where the
+    build once re-selected the whole list: every placement equals that re-selection, the lists
+    stay sorted and flagged as the heuristic would flag them. The same after save, load and
+    more rows (a loaded graph flags its lists again at their first re-selection)."""
+    x, _ = clustered(rng, 5000, 24, 1, clusters=60)
+    index = EmbeddingIndex(24, metric, dtype=dtype, M=6, ef_construction=60, graph_min_rows=1)
+    index.add(x[:100])
+    index.build_graph()
+    for new_rows in (x[100:3000], x[3000:]):
+        index._graph.set_placement_check(True)
+        index.add(new_rows)
+        index.build_graph()
+        check = index._graph.placement_check()
+        assert check["pruned"] >= 500 and check["kept"] >= 500, check  # both branches ran
+        assert check["pruned_mismatch"] == 0 and check["kept_mismatch"] == 0, check
+        audit = _link_audit(index)
+        assert audit["lists"] == index.graph_size
+        assert audit["full"] >= 0.2 * audit["lists"] and audit["marked"] >= 0.5 * audit["full"], audit
+        assert audit["pruned"] >= audit["marked"], audit
+        assert audit["unsorted"] == audit["kept_violations"] == audit["pruned_unwitnessed"] == 0, audit
+        index = EmbeddingIndex.load(_saved(index, tmp_path), mmap=False)
+        assert _link_audit(index)["marked"] == 0
+
+
 def _saved(index, tmp_path):
     path = tmp_path / "g.afk"
     index.save(path)

@@ -440,6 +440,46 @@ PYBIND11_MODULE(_C, m) {
           py::arg("rows"), py::arg("query"), py::arg("nodes"), py::arg("n"), py::arg("out"),
           "The distances a search's walk ranks n int32 nodes by, for one float32 query: code "
           "distances, or the rows' own for rows outside the codes' ranges (for checking the codes).")
+      .def(
+          "audit_links",
+          [](const knn::HnswGraph& g, uintptr_t rows) {
+            knn::HnswGraph::LinkAudit a;
+            {
+              py::gil_scoped_release nogil;
+              a = g.audit_links(cptr<void>(rows));
+            }
+            py::dict d;
+            d["lists"] = a.lists;
+            d["full"] = a.full;
+            d["marked"] = a.marked;
+            d["unsorted"] = a.unsorted;
+            d["kept_violations"] = a.kept_violations;
+            d["pruned"] = a.pruned;
+            d["pruned_unwitnessed"] = a.pruned_unwitnessed;
+            return d;
+          },
+          py::arg("rows"),
+          "Check the level-0 lists against the rules add() keeps them by (for testing the build): "
+          "a dict of counts: lists, full, marked (kept flags known), unsorted (marked lists not "
+          "sorted by distance, id), kept_violations (kept links the heuristic would prune), pruned, "
+          "pruned_unwitnessed (pruned links no earlier kept link prunes).")
+      .def("set_placement_check", &knn::HnswGraph::set_placement_check, py::arg("on"),
+           "For testing the build: from now on, compare every link placed into a marked list "
+           "with a re-selection of the whole list (slow); resets the counts.")
+      .def(
+          "placement_check",
+          [](const knn::HnswGraph& g) {
+            const knn::HnswGraph::PlacementCheck c = g.placement_check();
+            py::dict d;
+            d["pruned"] = c.pruned;
+            d["pruned_mismatch"] = c.pruned_mismatch;
+            d["kept"] = c.kept;
+            d["kept_mismatch"] = c.kept_mismatch;
+            return d;
+          },
+          "Counts since set_placement_check, over lists whose kept flags match the heuristic: "
+          "placements of a link the heuristic prunes (pruned) and keeps (kept), and those "
+          "unlike the re-selection (pruned_mismatch, kept_mismatch).")
       .def_static(
           "from_flat",
           [](uintptr_t data, int64_t count) {

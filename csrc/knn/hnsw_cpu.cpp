@@ -408,10 +408,12 @@ struct HnswGraph::Impl {
 
   // The HNSW heuristic: keep a candidate only if it is closer to the base than to every kept
   // one (spreads links over directions); then fill free slots with the closest pruned ones,
-  // which keeps more paths open for filtered walks.
+  // which keeps more paths open for filtered walks. With `kept_flags`, also says which of the
+  // returned links the heuristic kept (1) and which fill free slots (0).
   static std::vector<Cand> select(const HnswGraph& g, const void* rows,
-                                  const std::vector<Cand>& sorted, int64_t m) {
-    if (static_cast<int64_t>(sorted.size()) <= m) return sorted;
+                                  const std::vector<Cand>& sorted, int64_t m,
+                                  std::vector<uint8_t>* kept_flags = nullptr) {
+    if (static_cast<int64_t>(sorted.size()) <= m && !kept_flags) return sorted;
     std::vector<Cand> kept, pruned;
     std::vector<float> buf;
     for (const Cand& c : sorted) {
@@ -425,10 +427,175 @@ struct HnswGraph::Impl {
         }
       (good ? kept : pruned).push_back(c);
     }
+    const size_t heuristic = kept.size();
     for (size_t i = 0; i < pruned.size() && static_cast<int64_t>(kept.size()) < m; ++i)
       kept.push_back(pruned[i]);
+    if (kept_flags) {
+      // Kept ones are those before `heuristic` in selection order; mark them before sorting.
+      std::vector<std::pair<Cand, uint8_t>> marked(kept.size());
+      for (size_t i = 0; i < kept.size(); ++i) marked[i] = {kept[i], i < heuristic ? 1 : 0};
+      std::sort(marked.begin(), marked.end());
+      kept_flags->resize(marked.size());
+      for (size_t i = 0; i < marked.size(); ++i) kept[i] = marked[i].first, (*kept_flags)[i] = marked[i].second;
+      return kept;
+    }
     std::sort(kept.begin(), kept.end());
     return kept;
+  }
+
+  static bool kept_bit(const HnswGraph& g, int32_t node, int64_t i) {
+    return (g.kept0_[node * g.kept_words() + i / 64] >> (i % 64)) & 1;
+  }
+
+  static void mark_list(HnswGraph& g, int32_t node, const std::vector<uint8_t>& flags) {
+    uint64_t* w = g.kept0_.data() + node * g.kept_words();
+    std::fill(w, w + g.kept_words(), 0);
+    for (size_t i = 0; i < flags.size(); ++i)
+      if (flags[i]) w[i / 64] |= uint64_t{1} << (i % 64);
+    g.marked0_[node] = 1;
+  }
+
+  // The heuristic's choices over link[first + 1..], given those before (kept flags in `kept`;
+  // link_dist(i): link i's distance to the list's node). A kept link needs testing only against
+  // the links revived here; a pruned one against every link kept before it.
+  template <typename LinkDist>
+  static void rerun_after(const HnswGraph& g, const void* rows, const std::vector<int32_t>& link,
+                          std::vector<uint8_t>& kept, int64_t first, LinkDist&& link_dist) {
+    std::vector<int32_t> kept_links, revived;
+    for (int64_t i = 0; i <= first; ++i)
+      if (kept[i]) kept_links.push_back(link[i]);
+    std::vector<float> buf;
+    for (size_t i = first + 1; i < link.size(); ++i) {
+      const float* row = row_f32(g, rows, link[i], buf);
+      const float di = link_dist(static_cast<int64_t>(i));
+      bool pruned = false;
+      for (int32_t r : kept[i] ? revived : kept_links)
+        if (dist(g, row, rows, r) < di) {
+          pruned = true;
+          break;
+        }
+      if (pruned) {
+        kept[i] = 0;
+        continue;
+      }
+      if (!kept[i]) revived.push_back(link[i]);
+      kept[i] = 1;
+      kept_links.push_back(link[i]);
+    }
+  }
+
+  // A new link (dx, x) into the marked full level-0 list s of node b (under b's lock): the
+  // list that re-selecting the old links and x gives, from a few distances. The list is sorted,
+  // so the heuristic's choices among the links closer than x stand, and x is tested only
+  // against the kept links before its place. A kept x prunes the later kept links closer to it
+  // than to b; only then can later choices change, and the heuristic runs again from there.
+  // One link goes: the farthest pruned one, else the last (select keeps every kept link and
+  // fills up with the closest pruned ones). A re-selection took b's cap distances and then
+  // the heuristic's (~250 at M = 32); this takes ~6 for the place and about one per kept link.
+  // The graph is the one re-selection builds (set_placement_check compares the two).
+  // Returns whether x is among the heuristic's kept links.
+  static bool place_link(HnswGraph& g, const void* rows, int32_t b, int32_t* s, int32_t x, float dx) {
+    const int64_t cap = g.cap(0);
+    std::vector<float> bbuf, xbuf;
+    const float* base = row_f32(g, rows, b, bbuf);
+    std::vector<float> d(cap, std::numeric_limits<float>::quiet_NaN());
+    auto link_dist = [&](int64_t i) {  // distance from b to link i, computed once
+      if (std::isnan(d[i])) d[i] = dist(g, base, rows, s[1 + i]);
+      return d[i];
+    };
+    // The place: the first link after (dx, x). The search's first probes, in cache together.
+    for (int64_t i : {cap / 2, cap / 4, 3 * cap / 4})
+      __builtin_prefetch(static_cast<const char*>(rows) + static_cast<int64_t>(s[1 + i]) * row_bytes(g));
+    int64_t lo = 0, hi = cap;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (Cand{link_dist(mid), s[1 + mid]} < Cand{dx, x})
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    const int64_t pos = lo;
+    std::vector<int32_t> kept_before, kept_after;
+    std::vector<int64_t> after_at;
+    for (int64_t i = 0; i < cap; ++i)
+      if (kept_bit(g, b, i)) {
+        (i < pos ? kept_before : kept_after).push_back(s[1 + i]);
+        if (i >= pos) after_at.push_back(i);
+      }
+    // The heuristic stops at cap kept links: x, after them all, is never looked at.
+    if (static_cast<int64_t>(kept_before.size()) >= cap) return false;
+    const float* xv = row_f32(g, rows, x, xbuf);
+    std::vector<float> dk(std::max(kept_before.size(), kept_after.size()));
+    bool x_kept = true;
+    for (size_t i = 0; i < kept_before.size() && x_kept; i += 4) {  // stops at the first pruner
+      const size_t n = std::min<size_t>(4, kept_before.size() - i);
+      dists(g, xv, rows, kept_before.data() + i, n, dk.data());
+      for (size_t j = 0; j < n; ++j) x_kept = x_kept && !(dk[j] < dx);
+    }
+    // The new sequence: the old links with x at pos, kept flags updated.
+    std::vector<int32_t> link(cap + 1);
+    std::vector<uint8_t> kept(cap + 1);
+    for (int64_t i = 0, j = 0; i <= cap; ++i) {
+      if (i == pos) {
+        link[i] = x, kept[i] = x_kept;
+      } else {
+        link[i] = s[1 + j], kept[i] = kept_bit(g, b, j);
+        ++j;
+      }
+    }
+    if (x_kept && !kept_after.empty()) {
+      // x prunes the later kept links closer to it than to b.
+      dists(g, xv, rows, kept_after.data(), kept_after.size(), dk.data());
+      int64_t first_flip = -1;
+      for (size_t i = 0; i < kept_after.size(); ++i)
+        if (dk[i] < link_dist(after_at[i])) {
+          kept[after_at[i] + 1] = 0;
+          if (first_flip < 0) first_flip = after_at[i] + 1;
+        }
+      // A pruned link whose pruners x has all pruned is kept again, and may then prune later
+      // links: from the first link x pruned on, the heuristic runs again (rarely needed).
+      if (first_flip >= 0) rerun_after(g, rows, link, kept, first_flip, [&](int64_t i) {
+          return i < pos ? link_dist(i) : i == pos ? dx : link_dist(i - 1);
+        });
+    }
+    int64_t drop = cap;  // the last, unless a pruned link can go
+    for (int64_t i = cap; i >= 0; --i)
+      if (!kept[i]) {
+        drop = i;
+        break;
+      }
+    uint64_t* w = g.kept0_.data() + b * g.kept_words();
+    std::fill(w, w + g.kept_words(), 0);
+    for (int64_t i = 0, j = 0; i <= cap; ++i) {
+      if (i == drop) continue;
+      s[1 + j] = link[i];
+      if (kept[i]) w[j / 64] |= uint64_t{1} << (j % 64);
+      ++j;
+    }
+    return x_kept;
+  }
+
+  // place_link, compared with the re-selection of the whole list (set_placement_check).
+  static void checked_place_link(HnswGraph& g, const void* rows, int32_t b, int32_t* s, int32_t x, float dx) {
+    const int64_t cap = g.cap(0);
+    std::vector<float> buf;
+    const float* base = row_f32(g, rows, b, buf);
+    std::vector<Cand> all(cap);
+    for (int64_t i = 0; i < cap; ++i) all[i] = {dist(g, base, rows, s[1 + i]), s[1 + i]};
+    std::vector<uint8_t> own, want_kept;
+    select(g, rows, all, cap, &own);
+    bool consistent = true;
+    for (int64_t i = 0; i < cap; ++i) consistent = consistent && own[i] == kept_bit(g, b, i);
+    all.push_back({dx, x});
+    std::sort(all.begin(), all.end());
+    const std::vector<Cand> want = select(g, rows, all, cap, &want_kept);
+    const bool x_kept = place_link(g, rows, b, s, x, dx);
+    if (!consistent) return;
+    bool same = static_cast<int64_t>(want.size()) == cap;
+    for (int64_t i = 0; same && i < cap; ++i)
+      same = s[1 + i] == want[i].second && kept_bit(g, b, i) == (want_kept[i] != 0);
+    g.placement_counts_[x_kept ? 2 : 0] += 1;
+    if (!same) g.placement_counts_[x_kept ? 3 : 1] += 1;
   }
 
   static void connect(HnswGraph& g, const void* rows, int32_t node, int level,
@@ -438,6 +605,7 @@ struct HnswGraph::Impl {
       int32_t* s = g.slot(node, level);
       s[0] = static_cast<int32_t>(nbrs.size());
       for (size_t i = 0; i < nbrs.size(); ++i) s[1 + i] = nbrs[i].second;
+      if (level == 0) g.marked0_[node] = 0;
     }
     const int64_t cap = g.cap(level);
     std::vector<float> buf;
@@ -451,6 +619,13 @@ struct HnswGraph::Impl {
         s[0] = cnt + 1;
         continue;
       }
+      if (level == 0 && g.marked0_[nb.second]) {
+        if (g.check_placement_)
+          checked_place_link(g, rows, nb.second, s, node, nb.first);
+        else
+          place_link(g, rows, nb.second, s, node, nb.first);
+        continue;
+      }
       // Full: re-select among the old links and the new node.
       const float* base = row_f32(g, rows, nb.second, buf);
       std::vector<Cand> all;
@@ -459,9 +634,11 @@ struct HnswGraph::Impl {
       for (int32_t i = 0; i < cnt; ++i)
         all.push_back({dist(g, base, rows, s[1 + i]), s[1 + i]});
       std::sort(all.begin(), all.end());
-      const std::vector<Cand> keep = select(g, rows, all, cap);
+      std::vector<uint8_t> flags;
+      const std::vector<Cand> keep = select(g, rows, all, cap, level == 0 ? &flags : nullptr);
       s[0] = static_cast<int32_t>(keep.size());
       for (size_t i = 0; i < keep.size(); ++i) s[1 + i] = keep[i].second;
+      if (level == 0) mark_list(g, nb.second, flags);
     }
   }
 
@@ -569,6 +746,8 @@ void HnswGraph::add(const void* rows, int64_t count) {
   level_.resize(total);
   links0_.resize(total * (2 * M_ + 1), 0);
   upper_.resize(total);
+  marked0_.resize(total, 0);
+  kept0_.resize(total * kept_words(), 0);
   locks_.reserve(total);
   for (int64_t i = start; i < total; ++i) {
     level_[i] = draw_level();
@@ -629,6 +808,46 @@ void HnswGraph::search(const void* rows, const float* queries, int64_t nq, int64
       }
     }
   }
+}
+
+HnswGraph::LinkAudit HnswGraph::audit_links(const void* rows) const {
+  check_pointer("rows", rows, size() * dim_);
+  LinkAudit a;
+  std::vector<float> buf, cbuf;
+  for (int32_t node = 0; node < size(); ++node) {
+    const int32_t* s = slot(node, 0);
+    ++a.lists;
+    a.full += s[0] == cap(0);
+    if (!marked0_[node]) continue;
+    ++a.marked;
+    const float* base = Impl::row_f32(*this, rows, node, buf);
+    std::vector<Cand> link(s[0]);
+    for (int32_t i = 0; i < s[0]; ++i) link[i] = {Impl::dist(*this, base, rows, s[1 + i]), s[1 + i]};
+    a.unsorted += !std::is_sorted(link.begin(), link.end());
+    std::vector<int32_t> kept;
+    for (int32_t i = 0; i < s[0]; ++i) {
+      const float* c = Impl::row_f32(*this, rows, link[i].second, cbuf);
+      bool pruned_by_earlier = false;
+      for (int32_t r : kept) pruned_by_earlier = pruned_by_earlier || Impl::dist(*this, c, rows, r) < link[i].first;
+      if (Impl::kept_bit(*this, node, i)) {
+        a.kept_violations += pruned_by_earlier;
+        kept.push_back(link[i].second);
+      } else {
+        ++a.pruned;
+        a.pruned_unwitnessed += !pruned_by_earlier;
+      }
+    }
+  }
+  return a;
+}
+
+void HnswGraph::set_placement_check(bool on) {
+  check_placement_ = on;
+  for (auto& c : placement_counts_) c = 0;
+}
+
+HnswGraph::PlacementCheck HnswGraph::placement_check() const {
+  return {placement_counts_[0], placement_counts_[1], placement_counts_[2], placement_counts_[3]};
 }
 
 std::vector<int32_t> HnswGraph::to_flat() const {
@@ -713,6 +932,8 @@ std::unique_ptr<HnswGraph> HnswGraph::from_flat(const int32_t* data, int64_t cou
           throw bad("link out of range at row " + std::to_string(i));
     }
   }
+  g->marked0_.assign(n, 0);
+  g->kept0_.assign(n * g->kept_words(), 0);
   g->locks_.reserve(n);
   for (int64_t i = 0; i < n; ++i) g->locks_.push_back(std::make_unique<std::mutex>());
   return g;

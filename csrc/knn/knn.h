@@ -2,6 +2,8 @@
 // running top-k) and graph (HNSW-style) search.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -108,6 +110,26 @@ class HnswGraph {
   void walk_distances(const void* rows, const float* query, const int32_t* nodes, int64_t n,
                       float* out) const;
 
+  // The level-0 lists against the rules add() keeps them by, for checking the build: lists
+  // (full: at 2M links; marked: placed by the kept flags), marked lists not sorted by
+  // (distance, id), kept links closer to an earlier kept link than to their node (the
+  // heuristic would have pruned them), and pruned links, with those no earlier kept link prunes.
+  struct LinkAudit {
+    int64_t lists = 0, full = 0, marked = 0, unsorted = 0, kept_violations = 0, pruned = 0,
+            pruned_unwitnessed = 0;
+  };
+  LinkAudit audit_links(const void* rows) const;
+  // With the check on, every placement of a link into a marked list during add() is also
+  // done by a re-selection of the whole list, and compared. Counted over lists whose kept
+  // flags are the heuristic's own partition of their links: placements of a link the
+  // heuristic prunes (the placement should equal the re-selection) and of one it keeps (the
+  // same unless a link it prunes was the only one pruning another), and the mismatches of each.
+  struct PlacementCheck {
+    int64_t pruned = 0, pruned_mismatch = 0, kept = 0, kept_mismatch = 0;
+  };
+  void set_placement_check(bool on);
+  PlacementCheck placement_check() const;
+
   int64_t size() const { return static_cast<int64_t>(level_.size()); }
   int64_t dim() const { return dim_; }
   int64_t M() const { return M_; }
@@ -136,6 +158,16 @@ class HnswGraph {
   std::vector<int32_t> links0_;              // (size, 2M + 1)
   std::vector<std::vector<int32_t>> upper_;  // per node: levels 1..top, (M + 1) each
   std::vector<std::unique_ptr<std::mutex>> locks_;  // one per node, guards its links
+  // Level-0 lists once a full list has been re-selected (marked0_[node] = 1): links sorted by
+  // (distance to the node, id), and bit i of the node's kept0_ words set where the heuristic
+  // kept link i (clear: a pruned candidate filling a free slot). With them a new link is
+  // placed by a few distances (Impl::connect), not a re-selection of the whole list. Built by
+  // add(), not saved: a loaded graph marks each list again at its first re-selection.
+  std::vector<uint8_t> marked0_;
+  std::vector<uint64_t> kept0_;  // (size, kept_words())
+  bool check_placement_ = false;
+  std::array<std::atomic<int64_t>, 4> placement_counts_{};  // PlacementCheck's fields
+  int64_t kept_words() const { return (2 * M_ + 63) / 64; }
   std::mutex global_;                                // guards entry_ and max_level_
   std::unique_ptr<WalkCodes> codes_;                 // null: searches walk on the rows
   int64_t cap(int level) const { return level == 0 ? 2 * M_ : M_; }
