@@ -89,8 +89,53 @@ def faiss_selector_params(faiss, mask, **kw):
     the parameters are used (the selector holds a raw pointer into it)."""
     bits = np.packbits(mask, bitorder="little")
     sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
-    cls = faiss.SearchParametersHNSW if "efSearch" in kw else faiss.SearchParameters
+    cls = (faiss.SearchParametersHNSW if "efSearch" in kw
+           else faiss.SearchParametersIVF if "nprobe" in kw else faiss.SearchParameters)
     return cls(sel=sel, **kw), bits, sel
+
+
+# IVF probes tried, cheapest first (as EF_SWEEP: steps of 1.25-2x).
+NPROBE_SWEEP = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def ivf_lists(n):
+    """List counts tried for FAISS IVF: 256 and 1,024 at 200,000 rows (FAISS suggests 4 to 16
+    sqrt(n)); fewer for small smoke-test sets (FAISS wants 39 training rows a list)."""
+    return tuple(sorted({max(1, min(lists, n // 39)) for lists in (256, 1024)}))
+
+
+def build_faiss_ivf(faiss, x, tag=""):
+    """IndexIVFFlat (inner product) over x for each of ivf_lists(len(x)); prints the times."""
+    out = []
+    for lists in ivf_lists(len(x)):
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], lists, faiss.METRIC_INNER_PRODUCT)
+        t = time.perf_counter()
+        ivf.train(x)
+        ivf.add(x)
+        print(f"[{tag}] faiss IVF{lists},Flat train + add {time.perf_counter() - t:.1f} s")
+        out.append(ivf)
+    return out
+
+
+def cheapest_faiss_ivf(faiss, ivfs, q, k, mask, want):
+    """The fastest (index, nprobe) reaching TARGET_RECALL: for each index the smallest such
+    nprobe, timed once; (ivf, nprobe, recall, params, keep-alive), or the best recall tried."""
+    best, fallback = None, None
+    for ivf in ivfs:
+        for nprobe in (p for p in NPROBE_SWEEP if p <= ivf.nlist):
+            params, bits, sel = faiss_selector_params(faiss, mask, nprobe=nprobe)
+            t = time.perf_counter()
+            got = ivf.search(q, k, params=params)[1]
+            took = time.perf_counter() - t
+            rec = recall(got, want)
+            entry = (ivf, nprobe, rec, params, (bits, sel))
+            if fallback is None or rec > fallback[2]:
+                fallback = entry
+            if rec >= TARGET_RECALL:
+                if best is None or took < best[0]:
+                    best = (took, entry)
+                break
+    return best[1] if best is not None else fallback
 
 
 def hnswlib_search(index, q, k, mask):

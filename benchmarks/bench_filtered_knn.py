@@ -6,12 +6,15 @@ skewed 8-value label whose values pass about 1 %, 10 % and 50 % of the rows, and
 AFFECTKIT_KNN_NQ queries (1,000 full, else 100), k = 10, cosine metric (inner product on
 unit vectors). Each group is one selectivity; impls:
     affectkit    EmbeddingIndex.search(where={"label": v}) in auto mode (the planner picks)
-    affectkit-exact / affectkit-approx   the same search forced onto one path
+    affectkit-exact / -approx / -partition   the same search forced onto one path (the
+                 index has its k-means partitions built, see EmbeddingIndex.build_partitions)
     numpy        gather the passing rows, one matrix product, argpartition (exact)
     torch        the stock PyTorch path: full matrix product, masked_fill, topk (exact)
     faiss-flat   IndexFlatIP + IDSelectorBitmap (exact), when faiss-cpu is installed
     faiss-hnsw   IndexHNSWFlat(M=32) + IDSelectorBitmap at the smallest efSearch in
                  16..1024 that reaches recall 0.95 (or its best), when faiss-cpu is installed
+    faiss-ivf    IndexIVFFlat with 256 or 1,024 lists + IDSelectorBitmap: the faster of the two
+                 at its smallest nprobe reaching recall 0.95, when faiss-cpu is installed
     hnswlib      hnswlib M=16 efC=100 with its filter (a Python callable per visited node) at
                  the smallest ef in 16..1024 reaching recall 0.95 on 200 of the queries (or its
                  best), when hnswlib is installed
@@ -39,7 +42,16 @@ import numpy as np
 import pytest
 import torch
 
-from _knn_baselines import EF_SWEEP, build_hnswlib, hnswlib_or_none, hnswlib_search, skip_without, sweep_ef
+from _knn_baselines import (
+    EF_SWEEP,
+    build_faiss_ivf,
+    build_hnswlib,
+    cheapest_faiss_ivf,
+    hnswlib_or_none,
+    hnswlib_search,
+    skip_without,
+    sweep_ef,
+)
 from affectkit.index import EmbeddingIndex
 
 FULL = os.environ.get("AFFECTKIT_KNN_FULL") == "1"
@@ -79,6 +91,9 @@ def data():
     index.build_graph()
     build_s = time.perf_counter() - t
     print(f"\n[filtered_knn] N={N} D={D} NQ={NQ}: affectkit graph build {build_s:.1f} s")
+    t = time.perf_counter()
+    index.build_partitions()
+    print(f"[filtered_knn] affectkit partitions ({index.partition_count}) build {time.perf_counter() - t:.1f} s")
     exact = {sel: index.search(q, K, where={"label": lab}, mode="exact")[1] for sel, lab in SELECTIVITY_LABEL.items()}
     faiss_state = None
     faiss = _faiss()
@@ -90,7 +105,7 @@ def data():
         t = time.perf_counter()
         hnsw.add(x)
         print(f"[filtered_knn] faiss HNSW build {time.perf_counter() - t:.1f} s")
-        faiss_state = (faiss, flat, hnsw)
+        faiss_state = (faiss, flat, hnsw, build_faiss_ivf(faiss, x, tag="filtered_knn"))
     return x, q, labels, index, exact, faiss_state
 
 
@@ -109,10 +124,10 @@ def bench_affectkit_auto(bench, benchmark, data, sel):
     assert ids.shape == (NQ, K)
 
 
-@pytest.mark.parametrize("mode", ["exact", "approx"])
+@pytest.mark.parametrize("mode", ["exact", "approx", "partition"])
 @pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))
 def bench_affectkit_forced(bench, benchmark, data, sel, mode):
-    """Both paths at every selectivity: the evidence the planner's crossover rests on."""
+    """Every path at every selectivity: the evidence the planner's crossovers rest on."""
     x, q, labels, index, exact, _ = data
     _, ids = bench(f"filtered_knn sel={sel} N={N}", f"affectkit-{mode}", index.search, q, K,
                    {"label": SELECTIVITY_LABEL[sel]}, mode)
@@ -153,7 +168,7 @@ def bench_faiss_flat(bench, benchmark, data, sel):
     x, q, labels, index, exact, fs = data
     if fs is None:
         pytest.skip("faiss-cpu is not installed (optional: pip install faiss-cpu)")
-    faiss, flat, _ = fs
+    faiss, flat, *_ = fs
     mask = labels == SELECTIVITY_LABEL[sel]
     bits = np.packbits(mask, bitorder="little")  # must outlive the selector, which keeps a raw pointer
     sel_obj = faiss.IDSelectorBitmap(N, faiss.swig_ptr(bits))
@@ -168,7 +183,7 @@ def bench_faiss_hnsw(bench, benchmark, data, sel):
     x, q, labels, index, exact, fs = data
     if fs is None:
         pytest.skip("faiss-cpu is not installed (optional: pip install faiss-cpu)")
-    faiss, _, hnsw = fs
+    faiss, _, hnsw, _ = fs
     mask = labels == SELECTIVITY_LABEL[sel]
     bits = np.packbits(mask, bitorder="little")
     sel_obj = faiss.IDSelectorBitmap(N, faiss.swig_ptr(bits))
@@ -183,6 +198,19 @@ def bench_faiss_hnsw(bench, benchmark, data, sel):
     bench(f"filtered_knn sel={sel} N={N}", "faiss-hnsw", lambda: hnsw.search(q, K, params=params))
     benchmark.extra_info["efSearch"] = ef
     _report(benchmark, f"faiss-hnsw(ef={ef})", sel, rec)
+
+
+@pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))
+def bench_faiss_ivf(bench, benchmark, data, sel):
+    x, q, labels, index, exact, fs = data
+    if fs is None:
+        pytest.skip("faiss-cpu is not installed (optional: pip install faiss-cpu)")
+    faiss, _, _, ivfs = fs
+    ivf, nprobe, rec, params, _keep = cheapest_faiss_ivf(faiss, ivfs, q, K, labels == SELECTIVITY_LABEL[sel],
+                                                         exact[sel])
+    bench(f"filtered_knn sel={sel} N={N}", "faiss-ivf", lambda: ivf.search(q, K, params=params))
+    benchmark.extra_info["nlist"], benchmark.extra_info["nprobe"] = ivf.nlist, nprobe
+    _report(benchmark, f"faiss-ivf{ivf.nlist}(nprobe={nprobe})", sel, rec)
 
 
 @pytest.fixture(scope="module")

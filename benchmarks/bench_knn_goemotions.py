@@ -13,12 +13,14 @@ Each group is one filter `any_of("emotions", [label])`, labels picked by selecti
 neutral (32.8 % of the training texts), admiration (9.5 %), anger (3.6 %), grief (0.18 %).
 Impls (recall@10 against the exact answer in extra_info["recall"], printed):
     affectkit          EmbeddingIndex.search in auto mode (the planner picks)
-    affectkit-exact / affectkit-approx   the same search forced onto one path
+    affectkit-exact / -approx / -partition   the same search forced onto one path (the float32
+                       index has its k-means partitions built)
     affectkit-fp16     auto mode on EmbeddingIndex(dtype=float16) (half the bytes per row)
     numpy              gather the passing rows, one matrix product, argpartition (exact)
     torch              the stock PyTorch path: full matrix product, masked_fill, topk (exact)
     faiss-flat         IndexFlatIP + IDSelectorBitmap (exact)              } when faiss-cpu
     faiss-hnsw         IndexHNSWFlat(M=32) + IDSelectorBitmap, cheapest efSearch reaching 0.95 }
+    faiss-ivf          IndexIVFFlat (256 or 1,024 lists) + IDSelectorBitmap, fastest reaching 0.95 }
     hnswlib            hnswlib M=16 with its filter callable, cheapest ef reaching 0.95 (when installed)
 Per-query masks (bench_op_per_query_masks): a different random mask per query at 0.5 %, 3 % and
 10 % of the rows, affectkit.ops.filtered_knn against torch's masked matrix product + topk.
@@ -40,7 +42,9 @@ import torch
 
 from _knn_baselines import (
     build_faiss,
+    build_faiss_ivf,
     build_hnswlib,
+    cheapest_faiss_ivf,
     faiss_or_none,
     faiss_selector_params,
     hnswlib_or_none,
@@ -107,10 +111,13 @@ def data():
         print(f"[{TAG}] affectkit {dtype} graph build (M={index.graph_params['M']}, efC=100) "
               f"{time.perf_counter() - t:.1f} s")
         indexes[dtype] = index
+    t = time.perf_counter()
+    indexes["float32"].build_partitions()
+    print(f"[{TAG}] affectkit partitions ({indexes['float32'].partition_count}) build {time.perf_counter() - t:.1f} s")
     exact = {sel: indexes["float32"].search(q, K, where=_where(sel), mode="exact")[1] for sel in SELECTIVITY_LABEL}
 
     faiss = faiss_or_none()
-    faiss_state = (faiss, *build_faiss(faiss, x, tag=TAG)) if faiss is not None else None
+    faiss_state = (faiss, *build_faiss(faiss, x, tag=TAG), build_faiss_ivf(faiss, x, tag=TAG)) if faiss else None
     hnswlib = hnswlib_or_none()
     hnswlib_index = build_hnswlib(hnswlib, x, tag=TAG) if hnswlib is not None else None
     return x, q, masks, indexes, exact, faiss_state, hnswlib_index
@@ -137,7 +144,7 @@ def bench_affectkit_auto(bench, benchmark, data, sel):
     _report(benchmark, f"affectkit({plan['mode']})", sel, recall(ids, exact[sel]))
 
 
-@pytest.mark.parametrize("mode", ["exact", "approx"])
+@pytest.mark.parametrize("mode", ["exact", "approx", "partition"])
 @pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))
 def bench_affectkit_forced(bench, benchmark, data, sel, mode):
     x, q, masks, indexes, exact, *_ = data
@@ -206,7 +213,7 @@ def bench_faiss_flat(bench, benchmark, data, sel):
     x, q, masks, indexes, exact, fs, _ = data
     if fs is None:
         skip_without("faiss-cpu")
-    faiss, flat, _ = fs
+    faiss, flat, *_ = fs
     params, bits, _sel = faiss_selector_params(faiss, masks[sel])
     _, ids = bench(_group(sel), "faiss-flat", lambda: flat.search(q, K, params=params))
     _report(benchmark, "faiss-flat", sel, recall(ids, exact[sel]))
@@ -217,7 +224,7 @@ def bench_faiss_hnsw(bench, benchmark, data, sel):
     x, q, masks, indexes, exact, fs, _ = data
     if fs is None:
         skip_without("faiss-cpu")
-    faiss, _, hnsw = fs
+    faiss, _, hnsw, _ = fs
     keep = []
 
     def at(ef):
@@ -230,6 +237,18 @@ def bench_faiss_hnsw(bench, benchmark, data, sel):
     bench(_group(sel), "faiss-hnsw", lambda: hnsw.search(q, K, params=params))
     benchmark.extra_info["ef"] = ef
     _report(benchmark, f"faiss-hnsw(ef={ef})", sel, rec)
+
+
+@pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))
+def bench_faiss_ivf(bench, benchmark, data, sel):
+    x, q, masks, indexes, exact, fs, _ = data
+    if fs is None:
+        skip_without("faiss-cpu")
+    faiss, _, _, ivfs = fs
+    ivf, nprobe, rec, params, _keep = cheapest_faiss_ivf(faiss, ivfs, q, K, masks[sel], exact[sel])
+    bench(_group(sel), "faiss-ivf", lambda: ivf.search(q, K, params=params))
+    benchmark.extra_info["nlist"], benchmark.extra_info["nprobe"] = ivf.nlist, nprobe
+    _report(benchmark, f"faiss-ivf{ivf.nlist}(nprobe={nprobe})", sel, rec)
 
 
 @pytest.mark.parametrize("sel", list(SELECTIVITY_LABEL))

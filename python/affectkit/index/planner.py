@@ -40,7 +40,7 @@ class Plan:
 
 @dataclass
 class PlannerSettings:
-    exact_max_rows: int = 2_000      # always exact at or below this many passing rows
+    exact_max_rows: int = 2_000      # at or below this many passing rows, never the graph
     graph_min_rows: int = 20_000     # below this many live rows a graph is never worth it
     # Scanned distance vs graph cost unit (ef * M / s), as a speed ratio. 12 since the walk
     # reads 8-bit codes: 2.4 ns a scanned row and 12-28 ns a unit on 200,000 x 384 and on
@@ -96,18 +96,25 @@ def choose(requested: str, estimated_selectivity: float, matching_rows: int, liv
         if partitions is None:  # the index builds them first
             probes = 0
         return plan("partition", "mode='partition' requested")
+    # Rules that keep the graph out: a small index, or few passing rows (its walk through the
+    # rejected rows costs more than scanning them). Partitions, when built, still compete.
     if live_rows < settings.graph_min_rows:
-        return plan("exact", f"{live_rows} live rows < graph_min_rows={settings.graph_min_rows}")
-    for rows, source in ((est_rows, "estimated"), (matching_rows, "counted")):
-        if rows <= settings.exact_max_rows:
-            if source == "estimated" and matching_rows > settings.exact_max_rows:
-                continue  # the statistics were too optimistic: decide on the count
-            return plan("exact", f"{source} {rows} passing rows <= exact_max_rows={settings.exact_max_rows}")
-    costs = {"exact": matching_rows / settings.exact_speedup, "approx": ef * settings.M / sel}
+        no_graph = f"{live_rows} live rows < graph_min_rows={settings.graph_min_rows}"
+    elif matching_rows <= settings.exact_max_rows:
+        source, rows = ("estimated", est_rows) if est_rows <= settings.exact_max_rows else ("counted", matching_rows)
+        no_graph = f"{source} {rows} passing rows <= exact_max_rows={settings.exact_max_rows}"
+    else:
+        no_graph = None
+    if no_graph is not None and partitions is None:
+        return plan("exact", no_graph)
+    costs = {"exact": matching_rows / settings.exact_speedup}
+    if no_graph is None:
+        costs["approx"] = ef * settings.M / sel
     if partitions is not None:
         costs["partition"] = (partitions.count / settings.exact_speedup
                               + settings.candidate_cost * probes / partitions.count * matching_rows)
     best = min(costs, key=costs.get)  # ties keep the order above: exact first
     names = {"exact": "scan", "approx": "graph", "partition": f"partition ({probes} probes)"}
     others = ", ".join(f"{names[m]} cost {c:.0f}" for m, c in costs.items() if m != best)
-    return plan(best, f"{names[best]} cost {costs[best]:.0f} <= {others} at selectivity {sel:.3f}")
+    reason = f"{names[best]} cost {costs[best]:.0f} <= {others} at selectivity {sel:.3f}"
+    return plan(best, reason if no_graph is None else f"{reason} (no graph: {no_graph})")
