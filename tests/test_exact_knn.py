@@ -197,6 +197,74 @@ def test_candidate_lists_and_row_ids(gen):
     assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
 
 
+def _groups_filter(gen, n, nq, groups, max_rows, max_groups, shared_group, no_groups):
+    """Random row groups (ascending rows, overlapping, group 0 empty) and each query's distinct
+    groups: up to max_groups random ones plus `shared_group`, none for query `no_groups`.
+    Returns the exact_knn keywords (tensors kept in the dict) and the (nq, n) allowed mask."""
+    rows = [torch.sort(torch.randperm(n, generator=gen)[: int(torch.randint(0, max_rows + 1, (1,), generator=gen))])[0]
+            for _ in range(groups)]
+    rows[0] = torch.empty(0, dtype=torch.int64)
+    per_query = []
+    for qi in range(nq):
+        gs = torch.randperm(groups, generator=gen)[: int(torch.randint(0, max_groups + 1, (1,), generator=gen))]
+        if shared_group not in gs.tolist():
+            gs = torch.cat([gs, torch.tensor([shared_group])])
+        per_query.append(torch.empty(0, dtype=torch.int64) if qi == no_groups else gs)
+    mask = torch.zeros(nq, n, dtype=torch.bool)
+    for qi, gs in enumerate(per_query):
+        for g in gs.tolist():
+            mask[qi, rows[g]] = True
+    kw = {"group_offsets": torch.tensor([0] + [len(r) for r in rows]).cumsum(0), "group_rows": torch.cat(rows),
+          "query_group_offsets": torch.tensor([0] + [len(g) for g in per_query]).cumsum(0),
+          "query_groups": torch.cat(per_query)}
+    return kw, mask
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 7, 40, 129])
+@pytest.mark.parametrize("ids", ["rows", "rising", "shuffled"])
+def test_row_groups_match_the_reference(metric, k, ids, gen):
+    """Each query may return the rows of its groups (partitions): each group's queries meet its
+    rows in the shared-row-list kernel and the lists merge per query (a row in two of a query's
+    groups counts once). Every query shares group 5 (300 queries: past a 256-query block);
+    query 3 lists no group."""
+    q, x = int_vectors(300, 19, gen), int_vectors(700, 19, gen)
+    kw, mask = _groups_filter(gen, 700, 300, 23, 90, 4, shared_group=5, no_groups=3)
+    row_ids = {"rows": None, "rising": torch.arange(700) * 3 + 11,
+               "shuffled": torch.randperm(700, generator=gen) * 1_000_003}[ids]
+    extra = {} if row_ids is None else {"row_ids": ptr(row_ids)}
+    d, i = _raw(q, x, k, metric, groups=23, **{name: ptr(v) for name, v in kw.items()}, **extra)
+    want_d, want_i = reference(q, x, mask, k, metric, row_ids=row_ids)
+    assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
+
+
+def test_row_groups_are_checked(gen):
+    q, x = int_vectors(2, 3, gen), int_vectors(10, 3, gen)
+    t = torch.tensor
+
+    def run(group_offsets, group_rows, query_group_offsets, query_groups, groups=2, **more):
+        arrays = [t(a) for a in (group_offsets, group_rows, query_group_offsets, query_groups)]  # alive for the call
+        return _raw(q, x, 1, "l2", groups=groups, group_offsets=ptr(arrays[0]), group_rows=ptr(arrays[1]),
+                    query_group_offsets=ptr(arrays[2]), query_groups=ptr(arrays[3]), **more)
+
+    run([0, 2, 3], [1, 4, 9], [0, 1, 2], [0, 1])  # valid
+    with pytest.raises(ValueError, match="group_rows: expected strictly ascending rows"):
+        run([0, 2, 3], [4, 1, 9], [0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match=r"group_rows: expected strictly ascending rows in \[0, 9\]"):
+        run([0, 2, 3], [1, 10, 9], [0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="query_groups: expected distinct groups"):
+        run([0, 2, 3], [1, 4, 9], [0, 2, 2], [1, 1])
+    with pytest.raises(ValueError, match=r"query_groups: expected distinct groups in \[0, 1\]"):
+        run([0, 2, 3], [1, 4, 9], [0, 1, 2], [0, 2])
+    with pytest.raises(ValueError, match="group_offsets: expected non-decreasing"):
+        run([0, 3, 2], [1, 4, 9], [0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="query_group_offsets: expected filter.query_group_offsets.0. = 0"):
+        run([0, 2, 3], [1, 4, 9], [1, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="at most one of a mask, candidate lists and row groups"):
+        mask = torch.ones(10, dtype=torch.uint8)
+        run([0, 2, 3], [1, 4, 9], [0, 1, 2], [0, 1], mask=ptr(mask))
+
+
 @pytest.mark.parametrize("k", [1, 10, 128, 129])
 def test_list_lengths_on_both_sides_of_the_vector_lanes(k, gen):
     # Lists of up to 128 hits live in vector lanes (one lane per query), longer ones in heaps;
@@ -278,7 +346,7 @@ def test_cpp_boundary_validation(gen):
     with pytest.raises(ValueError, match=r"cand_rows: expected values in \[0, 3\]"):
         _raw(q, x, 1, "l2", cand_offsets=ptr(offsets), cand_rows=ptr(rows))
     mask = torch.ones(4, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="both"):
+    with pytest.raises(ValueError, match="at most one of a mask, candidate lists and row groups"):
         _raw(q, x, 1, "l2", mask=ptr(mask), cand_offsets=ptr(offsets), cand_rows=ptr(rows))
 
 

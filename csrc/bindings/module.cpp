@@ -322,12 +322,19 @@ PYBIND11_MODULE(_C, m) {
       [](int device, int dtype, uintptr_t queries, int64_t nq, uintptr_t database, int64_t n,
          int64_t d, int metric, int64_t k, uintptr_t mask, bool mask_per_query,
          uintptr_t cand_offsets, uintptr_t cand_rows, uintptr_t row_ids, uintptr_t db_sqnorms,
-         uintptr_t out_dist, uintptr_t out_ids, uintptr_t stream, int db_dtype) {
+         uintptr_t out_dist, uintptr_t out_ids, uintptr_t stream, int db_dtype, int64_t groups,
+         uintptr_t group_offsets, uintptr_t group_rows, uintptr_t query_group_offsets,
+         uintptr_t query_groups) {
         knn::Filter filter;
         filter.mask = cptr<uint8_t>(mask);
         filter.mask_per_query = mask_per_query;
         filter.cand_offsets = cptr<int64_t>(cand_offsets);
         filter.cand_rows = cptr<int64_t>(cand_rows);
+        filter.groups = groups;
+        filter.group_offsets = cptr<int64_t>(group_offsets);
+        filter.group_rows = cptr<int64_t>(group_rows);
+        filter.query_group_offsets = cptr<int64_t>(query_group_offsets);
+        filter.query_groups = cptr<int64_t>(query_groups);
         const DType qt = dtype_from_code(dtype, "dtype");
         knn::exact_search(device_from_code(device, "device"), qt, cptr<void>(queries), nq,
                           cptr<void>(database),
@@ -341,12 +348,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("mask") = 0, py::arg("mask_per_query") = false, py::arg("cand_offsets") = 0,
       py::arg("cand_rows") = 0, py::arg("row_ids") = 0, py::arg("db_sqnorms") = 0,
       py::arg("out_dist") = 0, py::arg("out_ids") = 0, py::arg("stream") = 0,
-      py::arg("db_dtype") = -1, py::call_guard<py::gil_scoped_release>(),
+      py::arg("db_dtype") = -1, py::arg("groups") = 0, py::arg("group_offsets") = 0,
+      py::arg("group_rows") = 0, py::arg("query_group_offsets") = 0, py::arg("query_groups") = 0,
+      py::call_guard<py::gil_scoped_release>(),
       "Exact filtered k-NN: for each query the k allowed rows with the smallest distance "
       "(metric 0 ip: -<q,x>, 1 l2: squared, 2 cosine: 1-<q,x> on unit vectors); ties to the "
-      "smaller id; padded with id -1 and +inf. Filter: a byte mask (n,) or (nq, n), or CSR "
-      "candidate rows per query. db_dtype: -1 (the queries' dtype) or, on the CPU, float16 rows "
-      "with float32 queries (scored in float32).");
+      "smaller id; padded with id -1 and +inf. Filter: a byte mask (n,) or (nq, n), CSR "
+      "candidate rows per query, or row groups (CSR group_offsets/group_rows, ascending rows) "
+      "with CSR query_group_offsets/query_groups naming each query's distinct groups. "
+      "db_dtype: -1 (the queries' dtype) or, on the CPU, float16 rows with float32 queries "
+      "(scored in float32).");
 
   py::class_<knn::HnswGraph>(m, "HnswGraph",
                              "HNSW-style graph over float32 or float16 rows owned by the caller; filtered "

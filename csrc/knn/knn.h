@@ -29,6 +29,17 @@ struct Filter {
   // cand_rows[cand_offsets[i] : cand_offsets[i + 1]] (each in [0, n); duplicates are ignored).
   const int64_t* cand_offsets = nullptr;  // (nq + 1,)
   const int64_t* cand_rows = nullptr;
+  // Per-query lists as unions of shared groups of rows (k-means partitions): group g holds
+  // the rows group_rows[group_offsets[g] : group_offsets[g + 1]] (strictly ascending), and
+  // query i may return the rows of the distinct groups
+  // query_groups[query_group_offsets[i] : query_group_offsets[i + 1]]. Each group's rows are
+  // scored against all of its queries at once (the shared-row-list kernel), so a row is read
+  // once per group rather than once per query. Exclusive with `mask` and `cand_offsets`.
+  int64_t groups = 0;
+  const int64_t* group_offsets = nullptr;        // (groups + 1,)
+  const int64_t* group_rows = nullptr;
+  const int64_t* query_group_offsets = nullptr;  // (nq + 1,)
+  const int64_t* query_groups = nullptr;
 };
 
 // Checks float32 rows (n, d) for NaN and inf and, when dst is not null, writes them scaled to

@@ -14,12 +14,17 @@ from . import storage
 from .attributes import AttributeTable
 from .device_mirror import MAX_CUDA_K, DeviceMirror, parse_device
 from .filters import Filter, as_filter
-from .partitions import Partitions, default_partitions
+from .partitions import Partitions, as_lists, default_partitions
 from .planner import Plan, PlannerSettings, choose
 
 METRICS = {"ip": 0, "l2": 1, "cosine": 2}
 MODES = ("auto", "exact", "approx", "partition")
 STORAGE_DTYPES = ("float32", "float16")
+# Partition searches score each partition's passing rows against all of its queries at once
+# from this many passing rows a partition on average (a strip of the C++ kernel), else each
+# query's rows on their own: on 200,000 clustered rows (447 partitions) the groups took 4.0
+# against 3.3 ms at 1 % (4 rows a partition), 6.9 against 8.2 at 10 % and 21 against 31 at 50 %.
+GROUP_MIN_ROWS = 12
 
 
 class _ReadWriteLock:
@@ -455,12 +460,20 @@ class EmbeddingIndex:
         out_i = np.empty((nq, k), dtype=np.int64)
         if nq == 0:
             return out_d, out_i
-        offsets, rows, _ = self._partitions.candidates(q, mask, n, k, max(1, probes))
+        p = self._partitions.probe(q, mask, n, k, max(1, probes))
+        if p["group_rows"].size >= GROUP_MIN_ROWS * self._partitions.count:
+            # Each partition's rows meet all of its queries in the shared-row-list kernel.
+            scan = {"groups": self._partitions.count, "group_offsets": p["group_offsets"].ctypes.data,
+                    "group_rows": _addr(p["group_rows"]), "query_group_offsets": p["query_group_offsets"].ctypes.data,
+                    "query_groups": _addr(p["query_groups"])}
+        else:  # a few rows a partition: each query scores its own rows
+            offsets, rows = as_lists(p)
+            scan = {"cand_offsets": offsets.ctypes.data, "cand_rows": _addr(rows)}
         vec, norms, ids = self._vectors[:n], self._sqnorms[:n], self._ids[:n]
         _C.exact_knn(_C.DEVICE_CPU, _C.DTYPE_CODES["float32"], q.ctypes.data, nq, _addr(vec), n, self.dim,
-                     METRICS[self.metric], k, cand_offsets=offsets.ctypes.data, cand_rows=_addr(rows),
-                     row_ids=_addr(ids), db_sqnorms=_addr(norms), out_dist=out_d.ctypes.data,
-                     out_ids=out_i.ctypes.data, db_dtype=_C.DTYPE_CODES[self.dtype.name])
+                     METRICS[self.metric], k, row_ids=_addr(ids), db_sqnorms=_addr(norms),
+                     out_dist=out_d.ctypes.data, out_ids=out_i.ctypes.data,
+                     db_dtype=_C.DTYPE_CODES[self.dtype.name], **scan)
         return out_d, out_i
 
     def _search_graph(self, q, k, n, mask, ef):

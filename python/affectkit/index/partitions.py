@@ -54,6 +54,16 @@ def _knn(queries: np.ndarray, db: np.ndarray, k: int, metric: str, cand=None):
     return out_d, out_i
 
 
+def as_lists(p: dict):
+    """A probe's rows as per-query candidate lists (CSR offsets, rows) for the C++ scan."""
+    starts, ends = p["group_offsets"][p["query_groups"]], p["group_offsets"][p["query_groups"] + 1]
+    lens = ends - starts
+    seg_end = np.cumsum(lens)
+    rows = p["group_rows"][np.repeat(starts - (seg_end - lens), lens) + np.arange(int(lens.sum()))]
+    offsets = np.concatenate([[0], seg_end[p["query_group_offsets"][1:] - 1]])  # every query probes >= 1
+    return np.ascontiguousarray(offsets, dtype=np.int64), np.ascontiguousarray(rows, dtype=np.int64)
+
+
 def _assign_metric(metric: str) -> str:
     # Unit rows (cosine) and inner products both go to the centroid of largest inner product.
     return "l2" if metric == "l2" else "ip"
@@ -148,9 +158,11 @@ class Partitions:
         expected = self.coverage[bands].mean(axis=0)
         return int(np.argmax(expected >= RECALL - 1e-6)) + 1 if expected[-1] >= RECALL - 1e-6 else self.count
 
-    def candidates(self, queries: np.ndarray, mask: np.ndarray | None, n: int, k: int, probes: int):
-        """Per-query candidate rows (CSR offsets, rows): the passing rows < n of each query's
-        `probes` nearest partitions, and of further ones until k passing rows are held."""
+    def probe(self, queries: np.ndarray, mask: np.ndarray | None, n: int, k: int, probes: int) -> dict:
+        """What a search scans: each query's `probes` nearest partitions, and further ones until
+        they hold k passing rows (up to 4 probes). As row groups for the C++ scan: the passing
+        rows < n of every partition (group_offsets, group_rows: ascending within a partition)
+        and each query's partitions in probe order (query_group_offsets, query_groups)."""
         nq = queries.shape[0]
         if self._by_partition is None or self._by_partition.size != self.rows:  # rows by partition
             self._by_partition = np.argsort(self.assignment, kind="stable")
@@ -160,7 +172,6 @@ class Partitions:
         if mask is not None:
             passing = passing[mask[passing]]
         sizes = np.bincount(self.assignment[passing], minlength=self.count)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
         how = _assign_metric(self.metric)
         probes = min(probes, self.count)
         reach = min(self.count, 4 * probes)  # partitions a query may go on to
@@ -173,17 +184,18 @@ class Partitions:
         short = np.flatnonzero(sizes[first].sum(axis=1) < k) if reach > probes else np.zeros(0, dtype=np.int64)
         if short.size:
             near[short] = _knn(np.ascontiguousarray(queries[short]), self.centroids, reach, how)[1]
-        held = np.cumsum(sizes[near], axis=1)
-        enough = held >= k
-        more = np.where(enough.any(axis=1), np.argmax(enough, axis=1) + 1, reach)
-        used = np.maximum(probes, more)  # partitions probed per query
-        lens = np.where(np.arange(reach)[None, :] < used[:, None], sizes[near], 0).ravel()
-        seg_start = starts[near].ravel()
-        seg_end = np.cumsum(lens)
-        total = int(seg_end[-1]) if lens.size else 0
-        rows = passing[np.repeat(seg_start - (seg_end - lens), lens) + np.arange(total)]
-        offsets = np.concatenate([[0], seg_end[reach - 1 :: reach]]).astype(np.int64)
-        return np.ascontiguousarray(offsets), np.ascontiguousarray(rows, dtype=np.int64), float(used.mean())
+        enough = np.cumsum(sizes[near], axis=1) >= k
+        used = np.maximum(probes, np.where(enough.any(axis=1), np.argmax(enough, axis=1) + 1, reach))
+        return {"group_offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                "group_rows": np.ascontiguousarray(passing, dtype=np.int64),
+                "query_group_offsets": np.concatenate([[0], np.cumsum(used)]).astype(np.int64),
+                "query_groups": np.ascontiguousarray(near[np.arange(reach)[None, :] < used[:, None]]),
+                "mean_probes": float(used.mean()) if nq else 0.0}
+
+    def candidates(self, queries: np.ndarray, mask: np.ndarray | None, n: int, k: int, probes: int):
+        """probe()'s rows as per-query candidate lists (CSR offsets, rows), and the mean probes."""
+        p = self.probe(queries, mask, n, k, probes)
+        return (*as_lists(p), p["mean_probes"])
 
     # ---- saving -------------------------------------------------------------------------------
     def state(self) -> dict:

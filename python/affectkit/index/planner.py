@@ -8,11 +8,11 @@ Cost model (per query, in units of one d-dimensional distance):
              walks through filtered-out nodes without collecting them; ef(s) shrinks for
              selective filters (see PlannerSettings.ef_for);
     partitions ~ the centroids at scan speed, plus the passing rows of the probed partitions
-             (probes / partitions of them), each scored on its own from where it is stored:
-             `candidate_cost` graph units a row (200,000 x 384 rows, 2 threads: ~30 ns a unit
-             at 10 % and 24 %, where a graph unit took ~26 ns at 50 %). The probes come from
-             the partitions' calibration (partitions.py), so on data without cluster structure
-             this path comes out expensive and is not taken.
+             (probes / partitions of them), at `candidate_cost` graph units a row: each
+             partition's rows meet all of its queries at once, ~26-34 ns a (query, row) pair
+             on 200,000 x 384 rows with 2 threads, where a graph unit took ~27 ns at 50 %.
+             The probes come from the partitions' calibration (partitions.py), so on data
+             without cluster structure this path comes out expensive and is not taken.
 The estimate comes from the attribute statistics (value counts, histograms, per-label
 frequencies, independence across AND-ed conditions); the exact count of passing rows,
 which the index knows once the filter's bitmask is built, then confirms the choice.
@@ -50,7 +50,7 @@ class PlannerSettings:
     exact_speedup: float = 12.0
     ef: int = 32
     M: int = 32
-    candidate_cost: float = 2.2  # a row scored from a per-query candidate list, in graph units
+    candidate_cost: float = 1.2  # a (query, row) pair of a partition scan, in graph units
 
     def ef_for(self, selectivity: float) -> int:
         """Beam width for a filter passing `selectivity` of the rows.
