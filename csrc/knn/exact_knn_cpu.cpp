@@ -172,6 +172,20 @@ template <typename T>
 struct RowListWork {  // per thread
   std::vector<T> qt, xt, row, xn, kd;
   std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>> kp;
+
+  // Room for a block of kQueryBlock queries of d values, a tile of rows, and lists of up to
+  // lane_k hits in the lanes (0: the lists keep heaps instead).
+  RowListWork(int64_t d, int64_t lane_k) {
+    constexpr int64_t kMaxLanes = 64 / sizeof(T);
+    const int64_t lanes = (kQueryBlock + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
+    d = std::max<int64_t>(d, 1);
+    qt.resize(static_cast<size_t>(lanes * d));
+    xt.resize(static_cast<size_t>(kRowTile * d));
+    row.resize(static_cast<size_t>(d));
+    xn.resize(kRowTile);
+    kd.resize(static_cast<size_t>(lanes * lane_k));
+    kp.resize(static_cast<size_t>(lanes * lane_k));
+  }
 };
 
 // The item body, compiled once per instruction set: GCC lowers vector comparisons lane by
@@ -248,20 +262,10 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
                              qnorm, ids_follow_positions, chunk_rows, partial.data(),
                              partial_size.data()};
   const int level = kernel_level();
-  constexpr int64_t kMaxLanes = 64 / sizeof(T);
 
 #pragma omp parallel
   {
-    RowListWork<T> ws;
-    const int64_t groups = (kQueryBlock + kMaxLanes - 1) / kMaxLanes;
-    ws.qt.resize(static_cast<size_t>(groups * kMaxLanes * std::max<int64_t>(d, 1)));
-    ws.xt.resize(static_cast<size_t>(kRowTile * std::max<int64_t>(d, 1)));
-    ws.row.resize(static_cast<size_t>(std::max<int64_t>(d, 1)));
-    ws.xn.resize(kRowTile);
-    if (keff <= kLaneMaxK) {
-      ws.kd.resize(static_cast<size_t>(groups * kMaxLanes * keff));
-      ws.kp.resize(static_cast<size_t>(groups * kMaxLanes * keff));
-    }
+    RowListWork<T> ws(d, keff <= kLaneMaxK ? keff : 0);
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t qb = 0; qb < nqb; ++qb)
       for (int64_t c = 0; c < nchunks; ++c) row_list_item(level, job, qb, c, ws);
@@ -323,20 +327,11 @@ void search_groups(const T* queries, int64_t nq, const S* db, int64_t n, int64_t
     for (int64_t qb = 0; qb * kQueryBlock < gq_offsets[g + 1] - gq_offsets[g]; ++qb) items.push_back(g * blocks_max + qb);
   }
   const int level = kernel_level();
-  constexpr int64_t kMaxLanes = 64 / sizeof(T);
 
 #pragma omp parallel
   {
-    RowListWork<T> ws;
-    const int64_t groups_of_lanes = (kQueryBlock + kMaxLanes - 1) / kMaxLanes;
-    ws.qt.resize(static_cast<size_t>(groups_of_lanes * kMaxLanes * std::max<int64_t>(d, 1)));
-    ws.xt.resize(static_cast<size_t>(kRowTile * std::max<int64_t>(d, 1)));
-    ws.row.resize(static_cast<size_t>(std::max<int64_t>(d, 1)));
-    ws.xn.resize(kRowTile);
     // A group's lists hold min(k, its rows): in the lanes whenever that is at most kLaneMaxK.
-    const int64_t lane_k = std::min(k, kLaneMaxK);
-    ws.kd.resize(static_cast<size_t>(groups_of_lanes * kMaxLanes * lane_k));
-    ws.kp.resize(static_cast<size_t>(groups_of_lanes * kMaxLanes * lane_k));
+    RowListWork<T> ws(d, std::min(k, kLaneMaxK));
     std::vector<T> gathered(static_cast<size_t>(kQueryBlock * std::max<int64_t>(d, 1))), gathered_norms(kQueryBlock);
 #pragma omp for schedule(dynamic, 1)
     for (size_t it = 0; it < items.size(); ++it) {
