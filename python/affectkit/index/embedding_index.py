@@ -458,7 +458,9 @@ class EmbeddingIndex:
         nq = q.shape[0]
         out_d = np.empty((nq, k), dtype=np.float32)
         out_i = np.empty((nq, k), dtype=np.int64)
-        if nq == 0:
+        if nq == 0 or n == 0:  # (an empty index has no partitions: all padding)
+            out_d.fill(np.inf)
+            out_i.fill(-1)
             return out_d, out_i
         p = self._partitions.probe(q, mask, n, k, max(1, probes))
         if p["group_rows"].size >= GROUP_MIN_ROWS * self._partitions.count:
