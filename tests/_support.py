@@ -1,5 +1,7 @@
 """Helpers shared by the test modules."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,24 @@ def numpy_rng(gen) -> np.random.Generator:
     """A numpy generator drawn from a test's `gen`: fresh every run, replayed by
     AFFECTKIT_TEST_SEED (the run's seed, see conftest.py)."""
     return np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def run_threads(*targets):
+    """Run each callable in a thread of its own, all at once; re-raise the first exception."""
+    errors = []
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(e)
+        return run
+
+    threads = [threading.Thread(target=guarded(fn)) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

@@ -1,7 +1,6 @@
 """affectkit.index.EmbeddingIndex: filters, ids, removal, persistence, threads, planner."""
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -18,6 +17,8 @@ from affectkit.index import (
     isin,
     row_mask,
 )
+
+from _support import run_threads
 
 LABELS = ["joy", "anger", "sadness", "fear", "neutral"]
 TAGS = ["a", "b", "c", "d", "e"]
@@ -360,40 +361,23 @@ def test_concurrent_searches_and_writes(rng):
     index, x, attrs, ids = filled_index(rng, n=2000, d=16, integer=False)
     q = rng.standard_normal((20, 16)).astype(np.float32)
     want = index.search(q, 10, where={"label": ["joy", "fear"]})
-    errors = []
 
     def reader():
-        try:
-            for _ in range(15):
-                got = index.search(q, 10, where={"label": ["joy", "fear"]})
-                assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
-        except Exception as e:  # noqa: BLE001 - collected for the main thread
-            errors.append(e)
+        for _ in range(15):
+            got = index.search(q, 10, where={"label": ["joy", "fear"]})
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
 
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(*[reader] * 4)
 
     # Writers racing readers: every result must be a valid answer for some state of the index.
     far = np.full((50, 16), 1e3, np.float32)  # added rows never rank near the queries
 
     def writer():
-        try:
-            for j in range(10):
-                index.add(far, {"label": ["joy"] * 50})
-                index.remove(index.search(far[:1], 50, where={"label": "joy"}, mode="exact")[1][0])
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        for j in range(10):
+            index.add(far, {"label": ["joy"] * 50})
+            index.remove(index.search(far[:1], 50, where={"label": "joy"}, mode="exact")[1][0])
 
-    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(*[reader] * 3, writer)
     assert len(index) == 2000
 
 

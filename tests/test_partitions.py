@@ -6,6 +6,8 @@ import pytest
 from affectkit.index import EmbeddingIndex, IndexFormatError, PlannerSettings
 from affectkit.index.partitions import BANDS, Partitions
 
+from _support import run_threads
+
 
 @pytest.fixture
 def rng(gen):
@@ -180,3 +182,27 @@ def test_partition_arguments_are_checked(rng):
     assert index._partitions.count == 50
     d, i = index.search(np.zeros((2, 8), np.float32) + 1, 60, mode="partition")
     assert (i[:, 50:] == -1).all() and np.isinf(d[:, 50:]).all() and (i[:, :50] >= 0).all()
+
+
+def test_partition_searches_race_writers_safely(rng):
+    """Partition searches in threads while rows are added and removed: the added rows join
+    their partitions under the write lock, and every answer is the one before the writes
+    (the added rows are far from every query, and removed again)."""
+    x, q = clustered(rng, 3000, 16, 20)
+    index = EmbeddingIndex(16, "l2", partitions=20)
+    index.add(x, {"u": rng.random(3000)})
+    index.build_partitions()
+    want = index.search(q, 5, where={"u": (0, 0.5)}, mode="partition")
+    far = np.full((40, 16), 1e3, np.float32)
+
+    def reader():
+        for _ in range(20):
+            got = index.search(q, 5, where={"u": (0, 0.5)}, mode="partition")
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+
+    def writer():
+        for _ in range(8):
+            index.remove(index.add(far, {"u": np.zeros(40)}))
+
+    run_threads(reader, reader, reader, writer)
+    assert len(index) == 3000 and index.partition_rows <= index._n
