@@ -82,9 +82,9 @@ void exact_search(Device device, DType dtype, const void* queries, int64_t nq,
 // are closer than every unexplored candidate. By default the walk scores 8-bit codes of the
 // rows (walk_codes.h: a quarter of float32's bytes, which is what a walk waits for) and the
 // beam it ends with is scored again on the rows.
-// Construction inserts rows in parallel (OpenMP, one lock per node, as in hnswlib); levels
-// are drawn from a seeded generator, so the structure depends only on the seed and on the
-// interleaving of the threads.
+// Construction inserts rows in parallel (OpenMP; a lock per node guards writes to its links,
+// which walks read word by word without it); levels are drawn from a seeded generator, so
+// the structure depends only on the seed and on the interleaving of the threads.
 class WalkCodes;  // walk_codes.h
 
 class HnswGraph {
