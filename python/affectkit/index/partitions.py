@@ -1,7 +1,8 @@
 """Partitions: a k-means split of the stored rows (an inverted file) for filtered search.
 
 A search scores the queries against the centroids, probes each query's nearest partitions,
-and scans exactly the passing rows they hold (per-query candidate lists in the C++ scan). Its
+and scans exactly the passing rows they hold (in the C++ scan, each partition's rows against
+all of its queries at once; `probe` gives them as row groups, `as_lists` per query). Its
 cost follows the passing rows in the probed partitions, not the walk a graph needs through
 rows the filter rejects, so on clustered data it wins where a selective filter makes the
 graph walk long and the full scan is still large (200,000 clustered 384-d rows at 10 %:
@@ -37,7 +38,7 @@ def default_partitions(n: int) -> int:
     return int(min(4096, max(1, round(np.sqrt(max(n, 1))))))
 
 
-def _knn(queries: np.ndarray, db: np.ndarray, k: int, metric: str, cand=None):
+def _knn(queries: np.ndarray, db: np.ndarray, k: int, metric: str):
     """Exact k nearest rows of db (float32 or float16) for float32 queries: (dist, rows)."""
     nq = queries.shape[0]
     k = max(1, min(k, db.shape[0]))
@@ -45,13 +46,9 @@ def _knn(queries: np.ndarray, db: np.ndarray, k: int, metric: str, cand=None):
     out_i = np.empty((nq, k), dtype=np.int64)
     if nq == 0 or db.shape[0] == 0:
         return out_d, np.full((nq, k), -1, dtype=np.int64)
-    extra = {}
-    if cand is not None:
-        offsets, rows = cand
-        extra = {"cand_offsets": offsets.ctypes.data, "cand_rows": rows.ctypes.data if rows.size else 0}
     _C.exact_knn(_C.DEVICE_CPU, _C.DTYPE_CODES["float32"], queries.ctypes.data, nq, db.ctypes.data, db.shape[0],
                  db.shape[1], _METRIC_CODES[metric], k, out_dist=out_d.ctypes.data, out_ids=out_i.ctypes.data,
-                 db_dtype=_C.DTYPE_CODES[db.dtype.name], **extra)
+                 db_dtype=_C.DTYPE_CODES[db.dtype.name])
     return out_d, out_i
 
 

@@ -92,9 +92,7 @@ def choose(requested: str, estimated_selectivity: float, matching_rows: int, liv
         return plan("exact", "mode='exact' requested")
     if requested == "approx":
         return plan("approx", "mode='approx' requested")
-    if requested == "partition":
-        if partitions is None:  # the index builds them first
-            probes = 0
+    if requested == "partition":  # (without partitions, probes stay 0: the index builds them first)
         return plan("partition", "mode='partition' requested")
     # Rules that keep the graph out: a small index, or few passing rows (its walk through the
     # rejected rows costs more than scanning them). Partitions, when built, still compete.
