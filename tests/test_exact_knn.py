@@ -265,9 +265,10 @@ def test_row_groups_are_checked(gen):
         run([0, 2, 3], [1, 4, 9], [0, 1, 2], [0, 1], mask=ptr(mask))
 
 
-@pytest.mark.parametrize("k", [1, 10, 128, 129])
+@pytest.mark.parametrize("k", [1, 10, 32, 33, 64, 65, 129])
 def test_list_lengths_on_both_sides_of_the_vector_lanes(k, gen):
-    # Lists of up to 128 hits live in vector lanes (one lane per query), longer ones in heaps;
+    # Lists of up to 64 hits (32 with SSE2) live in vector lanes (one lane per query), longer
+    # ones in buffers (test_knn_long_lists.py drives those harder);
     # 37 queries leave a partly filled lane group at every vector width.
     q, x = int_vectors(37, 19, gen), int_vectors(389, 19, gen)
     shared = torch.rand(389, generator=gen) < 0.6
@@ -283,7 +284,7 @@ def test_list_lengths_on_both_sides_of_the_vector_lanes(k, gen):
 def test_ties_go_to_the_smaller_user_id_whatever_the_row_order(k, gen):
     # Rows repeat 6 base vectors, so every distance ties 40 ways. Ids that rise with the row
     # (gaps allowed) break ties in vector form; shuffled ids compare ids lane by lane; k = 150
-    # takes the heaps.
+    # takes the buffers.
     base = int_vectors(6, 9, gen)
     x = base.repeat(40, 1)
     q = int_vectors(21, 9, gen)
@@ -297,10 +298,10 @@ def test_ties_go_to_the_smaller_user_id_whatever_the_row_order(k, gen):
             assert torch.equal(i, want_i) and torch.equal(d.double(), want_d)
 
 
-@pytest.mark.parametrize("k", [100, 130])
+@pytest.mark.parametrize("k", [30, 100, 130])
 def test_a_lone_late_row_enters_wherever_it_sits_in_a_strip(k):
     # Distances grow with the row, so once the lists are full no row can enter, but for one
-    # close row placed at every offset of a 12-row strip (lanes for k = 100, heaps for 130).
+    # close row placed at every offset of a 12-row strip (lanes for k = 30, buffers for 100, 130).
     x = (1000 + torch.arange(264, dtype=torch.float32))[:, None]
     q = torch.zeros(3, 1)
     for close in range(240, 264):
@@ -312,11 +313,11 @@ def test_a_lone_late_row_enters_wherever_it_sits_in_a_strip(k):
 
 def test_rows_at_infinite_distance_come_before_padding(gen):
     # A row so far away that its squared distance overflows to +inf is still a match: it is
-    # returned (with +inf) ahead of the -1 padding, for lists in lanes and in heaps alike.
+    # returned (with +inf) ahead of the -1 padding, for lists in lanes and in buffers alike.
     x = int_vectors(140, 4, gen)
     x[13] = 1e30
     q = int_vectors(5, 4, gen)
-    for k in (145, 150):  # 140 rows: lanes for k <= 128, heaps past it
+    for k in (145, 150):  # lanes for 20 rows (k = 25, 30), buffers for 140
         for rows in (20, 140):
             d, i = _raw(q, x[:rows], k - 140 + rows, "l2")
             assert (i[:, rows - 1] == 13).all() and torch.isinf(d[:, rows - 1]).all()

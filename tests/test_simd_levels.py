@@ -21,6 +21,7 @@ FAMILIES = {
     "graph": ("test_graph_ops.py",
               "matches_reference or gradients or float32 or write_every or pool or cheb or without"),
     "knn": ("test_exact_knn.py", "not cuda"),
+    "knn_long_lists": ("test_knn_long_lists.py", "not cuda"),
     "walk_codes": ("test_walk_codes.py", "code_distances or walking"),
 }
 

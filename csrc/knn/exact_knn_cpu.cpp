@@ -46,11 +46,14 @@ constexpr int64_t kRowTile = 96;     // rows per tile (packed: kRowTile * d stay
 constexpr int64_t kMinChunkRows = 4 * kRowTile;
 constexpr int64_t kMaxChunkRows = int64_t(1) << 30;
 // Lists of at most this many hits (and at most 8 per lane of the vector width) live in the
-// lanes (query_lanes.inc); longer ones keep a heap per query. The lanes' first rows each pass
-// the network over k levels, so their cost grows as k^2; at k = 40 to 100 the AVX-512 lanes
-// still beat the heaps (grief, 77 rows: 0.98 against 1.39 ms at k = 40; anger, 1,567 rows:
-// 7.4 against 8.2-8.7 ms).
-constexpr int64_t kLaneMaxK = 128;
+// lanes (query_lanes.inc); longer ones append to a buffer per query (TopKBuffer). The lanes'
+// first rows each pass the network over k levels, so their cost grows as k^2. Against the
+// buffer (1,000 queries, AVX-512, 2 threads), at 1,567 rows: k = 40 6.1 against 6.4 ms,
+// k = 64 9.1 against 8.3, k = 100 13.2 against 11.6, k = 128 17.3 against 12.0; at 77 rows
+// the lanes still win at 64 (1.85 against 2.08 ms). Against the heaps the buffer replaced,
+// the lanes had won up to 128. Per-query candidate lists keep a heap up to the same k:
+// there a buffer lost at k = 10 to 64 (2 % of 50,000 rows a query: 16.3 against 19.5 ms at 10).
+constexpr int64_t kLaneMaxK = 64;
 // A row entering at most 3/8 of the lanes' lists goes into each alone (lane_insert), not
 // through the network: 6 of 16 lanes ran the grief and anger scans (77 and 1,567 rows) at
 // k = 10 to 100 as fast as 2 or 4 did, or faster (within this machine's noise).
@@ -172,6 +175,7 @@ template <typename T>
 struct RowListWork {  // per thread
   std::vector<T> qt, xt, row, xn, kd;
   std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>> kp;
+  std::vector<Hit<T>> long_lists;  // 2 k hits a query for lists too long for the lanes
 
   // Room for a block of kQueryBlock queries of d values, a tile of rows, and lists of up to
   // lane_k hits in the lanes (0: the lists keep heaps instead).
@@ -271,17 +275,17 @@ void search_row_list(const T* queries, int64_t nq, const S* db, int64_t n, int64
       for (int64_t c = 0; c < nchunks; ++c) row_list_item(level, job, qb, c, ws);
   }
 
-  // Merge the chunks of each query in chunk order.
+  // Merge the chunks of each query.
   std::vector<Hit<T>> merged_storage;
 #pragma omp parallel for schedule(static) firstprivate(merged_storage)
   for (int64_t qi = 0; qi < nq; ++qi) {
-    merged_storage.resize(keff);
-    TopK<T> heap(merged_storage.data(), keff);
+    merged_storage.resize(2 * keff);
+    TopKBuffer<T> merged(merged_storage.data(), keff);
     for (int64_t c = 0; c < nchunks; ++c) {
       const Hit<T>* h = &partial[(c * nq + qi) * keff];
-      for (int64_t i = 0; i < partial_size[c * nq + qi]; ++i) heap.push(h[i].dist, h[i].id);
+      for (int64_t i = 0; i < partial_size[c * nq + qi]; ++i) merged.push(h[i].dist, h[i].id);
     }
-    heap.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
+    merged.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
   }
 }
 
@@ -358,21 +362,16 @@ void search_groups(const T* queries, int64_t nq, const S* db, int64_t n, int64_t
   std::vector<Hit<T>> merged_storage;
 #pragma omp parallel for schedule(static) firstprivate(merged_storage)
   for (int64_t qi = 0; qi < nq; ++qi) {
-    merged_storage.resize(k);
-    TopK<T> heap(merged_storage.data(), k);
+    merged_storage.resize(2 * k);
+    // A row in two of the query's groups (groups may overlap; partitions do not) once.
+    TopKBuffer<T> merged(merged_storage.data(), k, /*unique_ids=*/true);
     for (int64_t e = f.query_group_offsets[qi]; e < f.query_group_offsets[qi + 1]; ++e) {
       const int64_t g = f.query_groups[e], slot = entry_slot[e];
       const int64_t keff = std::min(k, f.group_offsets[g + 1] - f.group_offsets[g]);
       const Hit<T>* h = &partial[gq_offsets[g] * k + slot * keff];
-      for (int64_t i = 0; i < partial_size[gq_offsets[g] + slot]; ++i) {
-        if (!heap.may_enter(h[i].dist)) continue;
-        // A row in two of the query's groups (groups may overlap; partitions do not) once.
-        bool dup = false;
-        for (int64_t j = 0; j < heap.size() && !dup; ++j) dup = heap.data()[j].id == h[i].id;
-        if (!dup) heap.push(h[i].dist, h[i].id);
-      }
+      for (int64_t i = 0; i < partial_size[gq_offsets[g] + slot]; ++i) merged.push(h[i].dist, h[i].id);
     }
-    heap.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
+    merged.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
   }
 }
 
@@ -427,19 +426,22 @@ inline void prefetch_row(const S* row, int64_t d) {
 // first). The rows are not shared between queries, so this reads every candidate row from
 // memory: it wins only while the lists are short (see kDenseFromCached).
 // ---------------------------------------------------------------------------------------
-template <typename T, typename S>
-void search_per_query_lists(const T* queries, int64_t nq, const S* db, int64_t d,
-                            Metric metric, int64_t k, const int64_t* offsets,
-                            const int64_t* cand, const int64_t* row_ids, const T* xnorm,
-                            const T* qnorm, T* out_dist, int64_t* out_ids) {
+template <typename List, typename T, typename S>
+void search_per_query_lists_with(const T* queries, int64_t nq, const S* db, int64_t d, Metric metric, int64_t k,
+                                 const int64_t* offsets, const int64_t* cand, const int64_t* row_ids,
+                                 const T* xnorm, const T* qnorm, T* out_dist, int64_t* out_ids) {
+  constexpr bool kHeap = std::is_same_v<List, TopK<T>>;
   const int level = kernel_level();
 #pragma omp parallel
   {
-    std::vector<Hit<T>> storage(static_cast<size_t>(k));
+    std::vector<Hit<T>> storage(static_cast<size_t>(kHeap ? k : 2 * k));
     std::vector<T> converted(std::is_same_v<S, T> ? 0 : 4 * std::max<int64_t>(d, 1));
 #pragma omp for schedule(dynamic, 4)
     for (int64_t qi = 0; qi < nq; ++qi) {
-      TopK<T> heap(storage.data(), k);
+      List heap = [&] {
+        if constexpr (kHeap) return TopK<T>(storage.data(), k);
+        else return TopKBuffer<T>(storage.data(), k, /*unique_ids=*/true);
+      }();
       const int64_t b = offsets[qi], e = offsets[qi + 1];
       const T qn = qnorm ? qnorm[qi] : T(0);
       for (int64_t i = b; i < std::min(e, b + kPrefetchRows); ++i) prefetch_row(db + cand[i] * d, d);
@@ -466,16 +468,31 @@ void search_per_query_lists(const T* queries, int64_t nq, const S* db, int64_t d
           const T dist = to_distance(s[r], metric, qn, xnorm ? xnorm[row] : T(0));
           if (!heap.may_enter(dist)) continue;
           const int64_t id = row_ids ? row_ids[row] : row;
-          // A row listed twice must not appear twice: skip exact repeats already kept.
+          // A row listed twice must not appear twice (the buffer drops repeats as it cuts).
           bool dup = false;
-          for (int64_t h = 0; h < heap.size(); ++h)
-            if (heap.data()[h].id == id && heap.data()[h].dist == dist) dup = true;
+          if constexpr (kHeap)
+            for (int64_t h = 0; h < heap.size(); ++h)
+              if (heap.data()[h].id == id && heap.data()[h].dist == dist) dup = true;
           if (!dup) heap.push(dist, id);
         }
       }
       heap.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
     }
   }
+}
+
+template <typename T, typename S>
+void search_per_query_lists(const T* queries, int64_t nq, const S* db, int64_t d,
+                            Metric metric, int64_t k, const int64_t* offsets,
+                            const int64_t* cand, const int64_t* row_ids, const T* xnorm,
+                            const T* qnorm, T* out_dist, int64_t* out_ids) {
+  // Short lists keep a heap, checked for a repeat of the row at each push; long ones a buffer.
+  if (k <= kLaneMaxK)
+    search_per_query_lists_with<TopK<T>>(queries, nq, db, d, metric, k, offsets, cand, row_ids, xnorm, qnorm,
+                                         out_dist, out_ids);
+  else
+    search_per_query_lists_with<TopKBuffer<T>>(queries, nq, db, d, metric, k, offsets, cand, row_ids, xnorm,
+                                               qnorm, out_dist, out_ids);
 }
 
 template <typename T, typename S>
