@@ -178,7 +178,7 @@ struct RowListWork {  // per thread
   std::vector<Hit<T>> long_lists;  // 2 k hits a query for lists too long for the lanes
 
   // Room for a block of kQueryBlock queries of d values, a tile of rows, and lists of up to
-  // lane_k hits in the lanes (0: the lists keep heaps instead).
+  // lane_k hits in the lanes (0: the lists are buffers, sized when first needed).
   RowListWork(int64_t d, int64_t lane_k) {
     constexpr int64_t kMaxLanes = 64 / sizeof(T);
     const int64_t lanes = (kQueryBlock + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
@@ -438,7 +438,7 @@ void search_per_query_lists_with(const T* queries, int64_t nq, const S* db, int6
     std::vector<T> converted(std::is_same_v<S, T> ? 0 : 4 * std::max<int64_t>(d, 1));
 #pragma omp for schedule(dynamic, 4)
     for (int64_t qi = 0; qi < nq; ++qi) {
-      List heap = [&] {
+      List list = [&] {
         if constexpr (kHeap) return TopK<T>(storage.data(), k);
         else return TopKBuffer<T>(storage.data(), k, /*unique_ids=*/true);
       }();
@@ -466,17 +466,17 @@ void search_per_query_lists_with(const T* queries, int64_t nq, const S* db, int6
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t row = cand[i + r];
           const T dist = to_distance(s[r], metric, qn, xnorm ? xnorm[row] : T(0));
-          if (!heap.may_enter(dist)) continue;
+          if (!list.may_enter(dist)) continue;
           const int64_t id = row_ids ? row_ids[row] : row;
           // A row listed twice must not appear twice (the buffer drops repeats as it cuts).
           bool dup = false;
           if constexpr (kHeap)
-            for (int64_t h = 0; h < heap.size(); ++h)
-              if (heap.data()[h].id == id && heap.data()[h].dist == dist) dup = true;
-          if (!dup) heap.push(dist, id);
+            for (int64_t h = 0; h < list.size(); ++h)
+              if (list.data()[h].id == id && list.data()[h].dist == dist) dup = true;
+          if (!dup) list.push(dist, id);
         }
       }
-      heap.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
+      list.write_sorted(out_dist + qi * k, out_ids + qi * k, k);
     }
   }
 }
