@@ -175,7 +175,7 @@ template <typename T>
 struct RowListWork {  // per thread
   std::vector<T> qt, xt, row, xn, kd;
   std::vector<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>> kp;
-  std::vector<Hit<T>> long_lists;  // 2 k hits a query for lists too long for the lanes
+  std::vector<Hit<T>> long_lists;  // up to 2 k hits a query for lists too long for the lanes
 
   // Room for a block of kQueryBlock queries of d values, a tile of rows, and lists of up to
   // lane_k hits in the lanes (0: the lists are buffers, sized when first needed).

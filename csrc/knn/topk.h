@@ -103,7 +103,7 @@ class TopK {
 template <typename T>
 class TopKBuffer {
  public:
-  // storage holds 2 * k hits.
+  // storage holds 2 * k hits, or at least as many as will be offered (no cut comes sooner).
   TopKBuffer(Hit<T>* storage, int64_t k, bool unique_ids = false)
       : h_(storage), k_(k), unique_ids_(unique_ids),
         bound_(k > 0 ? std::numeric_limits<T>::infinity() : std::numeric_limits<T>::quiet_NaN()) {}
