@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for the README's commands:
 #   scripts/dev.sh run     set up .venv, build affectkit, run the main job
-#   scripts/dev.sh test    set up .venv, build affectkit, run the C++ and Python test suites
+#   scripts/dev.sh test    set up .venv, build affectkit, run the C++ (also cross-built for
+#                          aarch64, under qemu-user) and Python test suites
 #   scripts/dev.sh bench   set up .venv, build affectkit, run the benchmarks for real
 # Environment: PYTHON (interpreter for the venv, default python3), AFFECTKIT_VENV (default
 # .venv), AFFECTKIT_TORCH (pip spec, default torch==2.13.0), AFFECTKIT_TORCH_INDEX (a wheel
@@ -61,6 +62,8 @@ case "${1:-}" in
   test)
     setup
     cpp_tests
+    # The C++ core cross-built for aarch64, its tests under qemu-user (tools permitting).
+    bash scripts/cross_check.sh "$VENV/bin/cmake"
     # Benchmarks run once each as smoke tests; exit code 5 (no tests) fails under set -e.
     "$VPY" -m pytest --benchmark-disable "${@:2}"
     ;;

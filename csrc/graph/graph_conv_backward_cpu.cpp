@@ -349,7 +349,7 @@ AK_INLINE void backward_range_impl(const BackwardArgs<T>& a, int64_t s0, int64_t
   // With grad_x and grad_W both wanted (and not grad_A), M = A^T gp serves both: cheaper
   // unless the features are few enough that grouping makes the A products nearly free.
   // Small graphs with few features take the transposed-tile grad_x on AVX-512 or AVX2 (float).
-  constexpr bool tiles = (VB == 64 || VB == 32) && std::is_same_v<T, float>;
+  [[maybe_unused]] constexpr bool tiles = (VB == 64 || VB == 32) && std::is_same_v<T, float>;  // x86 only
   bool small = false;
 #ifdef AK_GRAPH_AVX512_TILES
   if constexpr (tiles) small = has_w && N <= 64 && F >= 1 && F <= 16;

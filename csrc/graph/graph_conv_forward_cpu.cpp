@@ -242,7 +242,7 @@ AK_INLINE void forward_range_impl(const ForwardArgs<T>& a, int64_t s0, int64_t s
   const int64_t Fp = round_up(F, L), Fop = round_up(Fo, L);
   const bool has_w = a.w != nullptr, a_first = Fp <= Fop;
   // Small graphs with few features take the transposed-tile forward on AVX-512 or AVX2 (float).
-  constexpr bool tiles = (VB == 64 || VB == 32) && std::is_same_v<T, float>;
+  [[maybe_unused]] constexpr bool tiles = (VB == 64 || VB == 32) && std::is_same_v<T, float>;  // x86 only
   bool small_fwd = false;
 #ifdef AK_GRAPH_AVX512_TILES
   if constexpr (tiles) small_fwd = has_w && F >= 1 && F <= 16 && N <= 64;
