@@ -524,6 +524,12 @@ def test_planner_switches_with_selectivity(graph_index, monkeypatch):
     assert recall(index.search(q, 10, where={"u": (0, 0.9)})[1], exact) >= 0.95
     assert np.array_equal(index.search(q, 10, where={"u": (0, 0.02)})[1],
                           index.search(q, 10, where={"u": (0, 0.02)}, mode="exact")[1])
+    # The graph's beam is never narrower than k: a long list makes the walk dear (100x the beam,
+    # 10x the cost), and the scan wins where it lost at k = 10.
+    half = {"u": (0, 0.5)}
+    assert index.explain(half)["mode"] == "approx"
+    wide = index.explain(half, k=2000)
+    assert wide["mode"] == "exact" and "graph cost" in wide["reason"], wide["reason"]
 
 
 def test_graph_boundary_validation(gen):
