@@ -102,6 +102,18 @@ def test_calibration_follows_the_data(rng):
     assert many.probes_for(10, 1.0) > few.probes_for(10, 1.0)
 
 
+def test_ranks_past_the_calibration_widen_the_probes():
+    """Ranks beyond the last calibrated band (k / s > BANDS[-1]) take probes in proportion to
+    the farthest rank: counted as in the last band, k = 300 at 1 % had recall 0.74."""
+    coverage = np.zeros((len(BANDS), 400), dtype=np.float32)
+    coverage[:, 4:] = 1.0  # every calibrated neighbour within 5 probes
+    parts = Partitions("l2", np.zeros((400, 2), np.float32), np.zeros(0, np.int32), coverage)
+    assert parts.probes_for(10, 0.01) == 5  # ranks up to 1,000: calibrated
+    assert parts.probes_for(30, 0.01) == 5  # up to 3,000: the last band
+    assert parts.probes_for(60, 0.01) == 10  # up to 6,000: twice as far
+    assert parts.probes_for(300, 0.01) == 50 and parts.probes_for(3000, 0.01) == 400  # at most all
+
+
 def test_planner_weighs_partitions_by_their_calibration(rng):
     x, q = clustered(rng, 8000, 32, 100, clusters=40, spread=0.2)
     attrs = {"u": rng.random(8000)}
