@@ -157,6 +157,40 @@ def test_every_mask_kind(kind, gen):
     _check_against_reference(gen, q, k, v, attn_mask=mask, kv_lengths=kv_lengths, causal=True, scale=0.3)
 
 
+@pytest.mark.parametrize("Lq", [1, 2, 4, 66])
+@pytest.mark.parametrize("Lk", [1, 70, 300])
+def test_few_query_rows_match_reference(Lq, Lk, gen):
+    """Tiles of at most 4 query rows (decoding; the last 2 rows of Lq = 66) take the key-major
+    forward: no mask, every mask kind, causal with lengths, features that are and are not
+    whole vectors, float32 and float64."""
+    B, H = 2, 3
+    for (D, Dv), dtype in zip(((13, 5), (64, 64)), (torch.float32, torch.float64)):
+        q, k, v = _inputs(gen, B, H, Lq, Lk, D, Dv, dtype=dtype)
+        bool_mask = torch.rand(B, H, Lq, Lk, generator=gen) > 0.4
+        bool_mask[0, 1, 0] = False  # a fully masked row
+        add_mask = torch.randn(B, 1, 1, Lk, generator=gen)
+        kv_lengths = torch.randint(0, Lk + 1, (B,), generator=gen)
+        q_lengths = torch.randint(0, Lq + 1, (B,), generator=gen)
+        for kw in ({}, {"attn_mask": bool_mask}, {"attn_mask": add_mask, "scale": 0.3},
+                   {"kv_lengths": kv_lengths, "q_lengths": q_lengths, "causal": True},
+                   {"causal": True, "attn_mask": bool_mask}):
+            _check_against_reference(gen, q, k, v, **kw)
+
+
+def test_few_query_rows_dropout_is_that_of_the_weights(gen):
+    # The key-major forward drops the probabilities the weights kernel reports: out = W v.
+    q, k, v = _inputs(gen, 2, 1, 2, 90, 16, 16, dtype=torch.float64)
+    kw = dict(dropout_p=0.3, kv_lengths=torch.tensor([90, 40]))
+    torch.manual_seed(3)
+    out, w = ops.cross_modal_attention(q, k, v, need_weights=True, **kw)
+    assert rel_error(out[:, 0], w @ v[:, 0]) <= 1e-12
+    assert 0.55 < ((w > 0).sum() / (2 * (90 + 40))).item() < 0.85  # about 1 - p of the visible kept
+    kw["causal"] = True
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: (torch.manual_seed(5), ops.cross_modal_attention(a, b, c, **kw))[1], (qq, kk, vv))
+
+
 def test_fully_masked_rows_give_zeros_and_zero_grads(gen):
     q, k, v = _inputs(gen, 2, 2, 9, 11, 8, 8)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

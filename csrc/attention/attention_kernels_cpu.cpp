@@ -547,6 +547,125 @@ AFFECTKIT_INLINE void softmax_tile(T* st, int64_t nk, int64_t npad, T* mrun, T* 
   }
 }
 
+// Tiles of at most this many query rows (decoding: one query against a long memory) take
+// the key-major forward below: the query-lane tile used 1 of 16 lanes and read K by scalar
+// broadcasts from 6 key rows, 0.61-0.73x SDPA at Lq = 1, Lk = 8,192, D = 64 (RESULTS.md).
+constexpr int64_t kFewRows = 4;
+
+// The sum of a vector's lanes, halving the width each step (lane by lane through memory, a
+// 64-byte vector took 16 scalar adds after a store and was slower than the AVX2 copy).
+template <typename T, int VB>
+AFFECTKIT_INLINE T hsum(typename Vec<T, VB>::type v) {
+  if constexpr (VB > 16) {
+    typename Vec<T, VB / 2>::type lo, hi;
+    std::memcpy(&lo, &v, VB / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + VB / 2, VB / 2);
+    return hsum<T, VB / 2>(lo + hi);
+  } else {
+    T lanes[Vec<T, VB>::n];
+    std::memcpy(lanes, &v, sizeof(lanes));
+    T sum = T(0);
+    for (int l = 0; l < Vec<T, VB>::n; ++l) sum += lanes[l];
+    return sum;
+  }
+}
+
+// <a, b_r> for R rows b_r = b + r * ldb over D values, vectors along the features (R chains
+// share each load of a), the tail one by one.
+template <typename T, int VB, int R>
+AFFECTKIT_INLINE void dot_rows(const T* __restrict a, const T* __restrict b, int64_t ldb, int64_t D, T* out) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int n = Vec<T, VB>::n;
+  V acc[R] = {};
+  int64_t d = 0;
+  for (; d + n <= D; d += n) {
+    const V x = load_vec<T, VB>(a + d);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] += x * load_vec<T, VB>(b + r * ldb + d);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    T sum = hsum<T, VB>(acc[r]);
+    for (int64_t e = d; e < D; ++e) sum += a[e] * b[r * ldb + e];
+    out[r] = sum;
+  }
+}
+
+// o[0, Dv) = o * alpha + sum_j p[j] V[j] for nk rows of V (row stride ldv); o holds Dvp >= Dv.
+template <typename T, int VB>
+AFFECTKIT_INLINE void accumulate_rows(T* __restrict o, int64_t Dv, T alpha, const T* __restrict p, int64_t nk,
+                                      const T* __restrict vrows, int64_t ldv) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int n = Vec<T, VB>::n;
+  int64_t d = 0;
+  for (; d + n <= Dv; d += n) {
+    V acc = load_vec<T, VB>(o + d) * alpha;
+    for (int64_t j = 0; j < nk; ++j) acc += p[j] * load_vec<T, VB>(vrows + j * ldv + d);
+    store_vec<T, VB>(o + d, acc, false);
+  }
+  for (; d < Dv; ++d) {
+    T acc = o[d] * alpha;
+    for (int64_t j = 0; j < nk; ++j) acc += p[j] * vrows[j * ldv + d];
+    o[d] = acc;
+  }
+}
+
+// forward_task for a tile of mv <= kFewRows query rows, key-major: per key tile, each row's
+// scores are dot products with the K rows (which stay in L1 for the tile's other rows), the
+// online softmax runs along the keys, and O += P V along the features. Same results as the
+// query-lane tile up to rounding: scale, masks, key limits and dropout as there, l summed
+// before dropout, and rows without a visible key (or past q_length) zeros with lse = +inf.
+template <typename T, int VB>
+AFFECTKIT_INLINE void forward_few_rows(const Problem& p, const Params<T>& pr, const View& q, const View& k,
+                                       const View& v, const Mask& mask, const MutView& out, const MutView& lse,
+                                       int64_t b, int64_t h, const Seq& sq, int64_t i0, int64_t mv, int64_t present,
+                                       ForwardScratch<T>& w) {
+  const int64_t D = p.D, Dv = p.Dv, Dvp = round_up(Dv, kCW);
+  const int64_t ld = round_up(std::min(kBK, p.Lk), kCW);  // score row stride (w.st holds kFewRows rows)
+  T *st = w.st.data(), *o = w.o.data(), *mrun = w.m.data(), *lrun = w.l.data();
+  int64_t kend = 0, kends[kFewRows];
+  for (int64_t r = 0; r < mv; ++r) {
+    kends[r] = key_end(p, sq, i0 + r);
+    kend = std::max(kend, kends[r]);
+    mrun[r] = neg_inf<T>();
+    lrun[r] = T(0);
+    std::fill(o + r * Dvp, o + (r + 1) * Dvp, T(0));
+    if (pr.threshold > 0) w.keys[r] = dropout_row_key(p.seed, b, h, i0 + r);
+  }
+  for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+    const int64_t nk = std::min<int64_t>(kBK, kend - j0);
+    const T* krows = row_ptr<T>(k, b, h, sq.k0 + j0);
+    const T* vrows = row_ptr<T>(v, b, h, sq.k0 + j0);
+    for (int64_t r = 0; r < mv; ++r) {
+      if (j0 >= kends[r]) continue;  // no key of this tile is visible to the row
+      T* s = st + r * ld;
+      const T* qrow = row_ptr<T>(q, b, h, sq.q0 + i0 + r);
+      int64_t j = 0;
+      for (; j + 4 <= nk; j += 4) dot_rows<T, VB, 4>(qrow, krows + j * k.sr, k.sr, D, s + j);
+      for (; j < nk; ++j) dot_rows<T, VB, 1>(qrow, krows + j * k.sr, k.sr, D, s + j);
+      finish_scores<T>(s, nk, j0, kends[r], pr.scale, mask, mask_row(mask, b, h, i0 + r));
+      T tmax = neg_inf<T>();
+      for (int64_t j = 0; j < nk; ++j) tmax = std::max(tmax, s[j]);
+      if (tmax == neg_inf<T>()) continue;  // all masked here
+      const T m_new = std::max(mrun[r], tmax);
+      const T alpha = exp_fast(mrun[r] - m_new);  // 0 while nothing was visible
+      const int64_t ncols = round_up(nk, kCW);
+      std::fill(s + nk, s + ncols, neg_inf<T>());  // exp_row works on whole kCW blocks
+      lrun[r] = lrun[r] * alpha + exp_row<T>(s, ncols, m_new);
+      mrun[r] = m_new;
+      if (pr.threshold > 0) apply_dropout<T>(s, nk, j0, w.keys[r], pr.threshold, pr.inv_keep);
+      accumulate_rows<T, VB>(o + r * Dvp, Dv, alpha, s, nk, vrows, v.sr);
+    }
+  }
+  for (int64_t r = 0; r < present; ++r) {
+    T* dst = row_ptr<T>(out, b, h, sq.q0 + i0 + r);
+    const bool any = r < mv && lrun[r] > T(0);
+    *row_ptr<T>(lse, b, h, sq.q0 + i0 + r) = any ? mrun[r] + log_fast(lrun[r]) : std::numeric_limits<T>::infinity();
+    const T inv = any ? T(1) / lrun[r] : T(0);
+    for (int64_t c = 0; c < Dv; ++c) dst[c] = any ? o[r * Dvp + c] * inv : T(0);
+  }
+}
+
 template <typename T, int VB>
 AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const View& q,
                                         const View& k, const View& v, const Mask& mask,
@@ -558,6 +677,7 @@ AFFECTKIT_INLINE void forward_task(const Problem& p, const Params<T>& pr, const 
   const int64_t present = clamp64(sq.qrows - i0, 0, kBQ);
   const int64_t mv = clamp64(sq.qlen - i0, 0, kBQ);
   if (present == 0) return;
+  if (mv > 0 && mv <= kFewRows) return forward_few_rows<T, VB>(p, pr, q, k, v, mask, out, lse, b, h, sq, i0, mv, present, w);
   const int64_t npad = round_up(mv, Vec<T, VB>::n);  // query lanes, padded to whole vectors
   const int64_t kend = mv > 0 ? key_end(p, sq, i0 + mv - 1) : 0;
   T *qt = w.qt.data(), *st = w.st.data(), *o = w.o.data(), *ot = w.ot.data(), *mrun = w.m.data();
