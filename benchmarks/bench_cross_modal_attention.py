@@ -34,6 +34,9 @@ SHAPES = {  # B, H, Lq, Lk, D
     "mult_32x8x50x375_d32": (32, 8, 50, 375, 32),
     "mult_d6_64x8x33x33": (64, 8, 33, 33, 6),
     "mult_d6_32x8x50x375": (32, 8, 50, 375, 6),
+    # One query against a long memory (streaming decoding): bound by reading K and V once,
+    # 2 * 2 * 4 * 8,192 * 64 * 4 B = 33.6 MB, ~0.85 ms at the two cores' ~40 GB/s.
+    "decode_2x4x1x8192_d64": (2, 4, 1, 8192, 64),
 }
 
 
